@@ -1,0 +1,182 @@
+//! Building the gateway from one typed `Config` and running it. Tests call `Gateway::build`
+//! and `start` with port 0 against a fresh database; `main` does the same via the CLI.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::audit::{self, Agent, AuditEvent, AuditLog, EventKind};
+use crate::config::Config;
+use crate::crypto::{key_file, Kek};
+use crate::error::{Error, Result};
+use crate::http::{self, AppState};
+use crate::keystore::KeyStore;
+use crate::store::accounts::Accounts;
+use crate::store::resources::ResourceStore;
+use crate::store::Database;
+use crate::tls;
+
+/// A gateway with its stores open and migrated, not yet listening.
+pub struct Gateway {
+    pub state: AppState,
+    tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// A gateway serving on `addr`.
+pub struct RunningGateway {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    shutdown: watch::Sender<bool>,
+    server: JoinHandle<std::io::Result<()>>,
+    sequencer: JoinHandle<()>,
+}
+
+impl Gateway {
+    /// Opens everything the configuration names: data directory, keys, database, key store,
+    /// audit log and TLS. Fails with an error naming the setting at fault.
+    pub async fn build(config: Config) -> Result<Gateway> {
+        config.validate()?;
+        tls::install_crypto_provider();
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.data_dir)
+            .map_err(|e| Error::io(&config.data_dir, e))?;
+
+        let (kek_bytes, kek_created) = key_file::load_or_generate(&config.kek_path(), 32)?;
+        let kek = Kek::from_bytes(&kek_bytes)?;
+        let (seed, signing_created) =
+            key_file::load_or_generate(&config.audit_signing_key_path(), 32)?;
+        let seed: [u8; 32] = seed
+            .as_slice()
+            .try_into()
+            .map_err(|_| Error::Crypto("audit signing key must be 32 bytes"))?;
+        let signing_key = SigningKey::from_bytes(&seed);
+
+        let url = config.database_url();
+        let timeout = Duration::from_secs(config.database.connect_timeout_secs);
+        let db = Database::connect(&url, config.database.max_connections, timeout).await?;
+        db.migrate().await?;
+        let keys = KeyStore::open(&config, &url, kek).await?;
+
+        let audit = AuditLog::new(
+            db.clone(),
+            signing_key,
+            &config.audit.origin,
+            config.audit.checkpoint_every_leaves,
+            Duration::from_secs(config.audit.checkpoint_interval_secs),
+        )?;
+        let tls = if config.insecure_http {
+            None
+        } else {
+            Some(tls::load_server_config(&config.tls, &config.data_dir)?)
+        };
+
+        record_start(&db, &config, kek_created, signing_created).await?;
+
+        let resources = ResourceStore::new(db.clone(), keys.clone(), config.store.max_resource_bytes);
+        let accounts = Accounts::new(db.clone(), config.sessions.clone())?;
+        let state = AppState {
+            tls: tls.is_some(),
+            config: Arc::new(config),
+            db,
+            keys,
+            resources,
+            accounts,
+            audit,
+            metrics: Arc::default(),
+        };
+        Ok(Gateway { state, tls })
+    }
+
+    /// Binds the configured address (port 0 picks one) and serves until `stop`.
+    pub async fn start(self) -> Result<RunningGateway> {
+        let listen = self.state.config.listen;
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|e| Error::config("listen", format!("cannot bind {listen}: {e}")))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::config("listen", e.to_string()))?;
+        let (shutdown, mut on_shutdown) = watch::channel(false);
+        let sequencer = tokio::spawn(self.state.audit.clone().run_sequencer(shutdown.subscribe()));
+        let router = http::router(self.state.clone());
+        let server = tokio::spawn(tls::serve(listener, self.tls.clone(), router, async move {
+            let _ = on_shutdown.changed().await;
+        }));
+        tracing::info!(%addr, tls = self.tls.is_some(), "phr-gateway listening");
+        Ok(RunningGateway {
+            addr,
+            state: self.state,
+            shutdown,
+            server,
+            sequencer,
+        })
+    }
+}
+
+impl RunningGateway {
+    /// Stops accepting, lets requests in flight finish, sequences the last audit leaves.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.server.await;
+        let _ = self.sequencer.await;
+        self.state.keys.close().await;
+        self.state.db.close().await;
+    }
+
+    /// Serves until Ctrl-C or SIGTERM, then stops.
+    pub async fn run_until_signal(self) -> Result<()> {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        self.stop().await;
+        Ok(())
+    }
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = ctrl_c.await;
+}
+
+/// Audits the start, any generated key, and every weakened security setting.
+async fn record_start(db: &Database, config: &Config, kek_created: bool, signing_created: bool) -> Result<()> {
+    let mut tx = db.begin().await?;
+    audit::record(&mut tx, &AuditEvent::new(EventKind::ApplicationStart, Agent::system())).await?;
+    if kek_created {
+        let event = AuditEvent::new(EventKind::SecurityConfiguration, Agent::system())
+            .detail("key-encryption key generated");
+        audit::record(&mut tx, &event).await?;
+    }
+    if signing_created {
+        let event = AuditEvent::new(EventKind::SecurityConfiguration, Agent::system())
+            .detail("audit signing key generated");
+        audit::record(&mut tx, &event).await?;
+    }
+    for setting in config.weakened_settings() {
+        tracing::warn!(setting, "security setting weakened by explicit flag");
+        let event = AuditEvent::new(EventKind::SecurityConfiguration, Agent::system())
+            .detail(format!("security setting weakened: {setting}"));
+        audit::record(&mut tx, &event).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}

@@ -1,0 +1,311 @@
+//! Audit events as FHIR R4 `AuditEvent` resources following the IHE Basic Audit Log Patterns
+//! (BALP). They carry no PHI: patients and actors appear by opaque gateway ids, resources by
+//! id, never names or clinical content.
+
+use std::net::IpAddr;
+
+use serde_json::{json, Value};
+use time::OffsetDateTime;
+
+const DCM: &str = "http://dicom.nema.org/resources/ontology/DCM";
+const EVENT_TYPE: &str = "http://terminology.hl7.org/CodeSystem/audit-event-type";
+const RESTFUL: &str = "http://hl7.org/fhir/restful-interaction";
+const GATEWAY_EVENTS: &str = "urn:phr-gateway:audit-event";
+const ACCOUNT_IDS: &str = "urn:phr-gateway:account";
+const CLIENT_IDS: &str = "urn:phr-gateway:client";
+
+/// What happened, mapped to the BALP/DICOM type and subtype codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    ApplicationStart,
+    Login,
+    Logout,
+    /// A security setting was weakened or the configuration changed.
+    SecurityConfiguration,
+    DataKeyCreated,
+    DataKeyDestroyed,
+    Create,
+    Update,
+    Read,
+    Search,
+    Export,
+}
+
+impl EventKind {
+    fn type_coding(self) -> Value {
+        match self {
+            EventKind::ApplicationStart => coding(DCM, "110100", "Application Activity"),
+            EventKind::Login | EventKind::Logout => coding(DCM, "110114", "User Authentication"),
+            EventKind::SecurityConfiguration
+            | EventKind::DataKeyCreated
+            | EventKind::DataKeyDestroyed => coding(DCM, "110113", "Security Alert"),
+            EventKind::Export => coding(DCM, "110106", "Export"),
+            EventKind::Create | EventKind::Update | EventKind::Read | EventKind::Search => {
+                coding(EVENT_TYPE, "rest", "RESTful Operation")
+            }
+        }
+    }
+
+    fn subtype_coding(self) -> Value {
+        match self {
+            EventKind::ApplicationStart => coding(DCM, "110120", "Application Start"),
+            EventKind::Login => coding(DCM, "110122", "Login"),
+            EventKind::Logout => coding(DCM, "110123", "Logout"),
+            EventKind::SecurityConfiguration => coding(DCM, "110129", "Security Configuration"),
+            EventKind::DataKeyCreated => coding(GATEWAY_EVENTS, "data-key-created", "Data key created"),
+            EventKind::DataKeyDestroyed => {
+                coding(GATEWAY_EVENTS, "data-key-destroyed", "Data key destroyed")
+            }
+            EventKind::Create => coding(RESTFUL, "create", "create"),
+            EventKind::Update => coding(RESTFUL, "update", "update"),
+            EventKind::Read => coding(RESTFUL, "read", "read"),
+            EventKind::Search => coding(RESTFUL, "search-type", "search type"),
+            EventKind::Export => coding(GATEWAY_EVENTS, "export", "Export"),
+        }
+    }
+
+    fn action(self) -> &'static str {
+        match self {
+            EventKind::Create | EventKind::DataKeyCreated => "C",
+            EventKind::Update => "U",
+            EventKind::DataKeyDestroyed => "D",
+            EventKind::Read | EventKind::Export => "R",
+            EventKind::Search => "E",
+            EventKind::ApplicationStart
+            | EventKind::Login
+            | EventKind::Logout
+            | EventKind::SecurityConfiguration => "E",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    MinorFailure,
+    SeriousFailure,
+}
+
+impl Outcome {
+    fn code(self) -> &'static str {
+        match self {
+            Outcome::Success => "0",
+            Outcome::MinorFailure => "4",
+            Outcome::SeriousFailure => "8",
+        }
+    }
+}
+
+/// Who acted. Ids are the gateway's opaque ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Actor {
+    /// A signed-in account (patient or operator).
+    Account { id: String, role: AccountRole },
+    /// An OAuth client acting for a recipient.
+    Client { id: String },
+    /// The gateway itself (start-up, background jobs, CLI).
+    System,
+    /// Not (yet) authenticated: a failed login names no account.
+    Anonymous,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccountRole {
+    Patient,
+    Operator,
+}
+
+/// Who acted, from where, and under which token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Agent {
+    pub actor: Actor,
+    pub address: Option<IpAddr>,
+    pub token_jti: Option<String>,
+}
+
+impl Agent {
+    pub fn system() -> Self {
+        Agent {
+            actor: Actor::System,
+            address: None,
+            token_jti: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditEvent {
+    pub kind: EventKind,
+    pub outcome: Outcome,
+    pub recorded: OffsetDateTime,
+    pub agent: Agent,
+    /// The patient whose data is concerned (opaque gateway id).
+    pub patient: Option<String>,
+    /// Resources concerned, as `Type/id`.
+    pub resources: Vec<String>,
+    /// A short, PHI-free note (e.g. "wrong password", "insecure_http").
+    pub detail: Option<String>,
+}
+
+impl AuditEvent {
+    pub fn new(kind: EventKind, agent: Agent) -> Self {
+        AuditEvent {
+            kind,
+            outcome: Outcome::Success,
+            recorded: OffsetDateTime::now_utc(),
+            agent,
+            patient: None,
+            resources: Vec::new(),
+            detail: None,
+        }
+    }
+
+    pub fn outcome(mut self, outcome: Outcome) -> Self {
+        self.outcome = outcome;
+        self
+    }
+
+    pub fn patient(mut self, patient_id: impl Into<String>) -> Self {
+        self.patient = Some(patient_id.into());
+        self
+    }
+
+    pub fn resource(mut self, reference: impl Into<String>) -> Self {
+        self.resources.push(reference.into());
+        self
+    }
+
+    pub fn detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    /// The leaf bytes: compact JSON of the FHIR AuditEvent.
+    pub fn to_leaf(&self) -> Vec<u8> {
+        let recorded = self
+            .recorded
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        let mut event = json!({
+            "resourceType": "AuditEvent",
+            "type": self.kind.type_coding(),
+            "subtype": [self.kind.subtype_coding()],
+            "action": self.kind.action(),
+            "recorded": recorded,
+            "outcome": self.outcome.code(),
+            "agent": [self.agent_json()],
+            "source": {
+                "observer": {"display": "phr-gateway"},
+                "type": [coding("http://terminology.hl7.org/CodeSystem/security-source-type", "4", "Application Server")]
+            }
+        });
+        if let Some(detail) = &self.detail {
+            event["outcomeDesc"] = Value::String(detail.clone());
+        }
+        let mut entities = Vec::new();
+        if let Some(patient) = &self.patient {
+            entities.push(json!({
+                "what": {"reference": format!("Patient/{patient}")},
+                "type": coding("http://terminology.hl7.org/CodeSystem/audit-entity-type", "1", "Person"),
+                "role": coding("http://terminology.hl7.org/CodeSystem/object-role", "1", "Patient")
+            }));
+        }
+        for reference in &self.resources {
+            entities.push(json!({
+                "what": {"reference": reference},
+                "type": coding("http://terminology.hl7.org/CodeSystem/audit-entity-type", "2", "System Object"),
+                "role": coding("http://terminology.hl7.org/CodeSystem/object-role", "4", "Domain Resource")
+            }));
+        }
+        if !entities.is_empty() {
+            event["entity"] = Value::Array(entities);
+        }
+        serde_json::to_vec(&event).unwrap_or_default()
+    }
+
+    fn agent_json(&self) -> Value {
+        let (who, agent_type) = match &self.agent.actor {
+            Actor::Account { id, role } => (
+                json!({"identifier": {"system": ACCOUNT_IDS, "value": id}}),
+                match role {
+                    AccountRole::Patient => coding("http://terminology.hl7.org/CodeSystem/v3-RoleClass", "PAT", "patient"),
+                    AccountRole::Operator => coding("http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "IRCP", "information recipient"),
+                },
+            ),
+            Actor::Client { id } => (
+                json!({"identifier": {"system": CLIENT_IDS, "value": id}}),
+                coding("http://dicom.nema.org/resources/ontology/DCM", "110153", "Source Role ID"),
+            ),
+            Actor::System => (
+                json!({"display": "phr-gateway"}),
+                coding(DCM, "110150", "Application"),
+            ),
+            Actor::Anonymous => (
+                json!({"display": "unauthenticated"}),
+                coding(DCM, "110151", "Application Launcher"),
+            ),
+        };
+        let mut agent = json!({
+            "type": {"coding": [agent_type]},
+            "who": who,
+            "requestor": true
+        });
+        if let Some(jti) = &self.agent.token_jti {
+            agent["policy"] = json!([format!("urn:ietf:params:oauth:jti:{jti}")]);
+        }
+        if let Some(address) = self.agent.address {
+            agent["network"] = json!({"address": address.to_string(), "type": "2"});
+        }
+        agent
+    }
+}
+
+fn coding(system: &str, code: &str, display: &str) -> Value {
+    json!({"system": system, "code": code, "display": display})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leaf_is_a_balp_shaped_audit_event_without_phi() {
+        let event = AuditEvent::new(
+            EventKind::Read,
+            Agent {
+                actor: Actor::Client { id: "c1".into() },
+                address: Some("192.0.2.1".parse().unwrap()),
+                token_jti: Some("jti-1".into()),
+            },
+        )
+        .patient("p-opaque")
+        .resource("Observation/o1");
+        let leaf: Value = serde_json::from_slice(&event.to_leaf()).unwrap();
+        assert_eq!(leaf["resourceType"], "AuditEvent");
+        assert_eq!(leaf["type"]["code"], "rest");
+        assert_eq!(leaf["subtype"][0]["code"], "read");
+        assert_eq!(leaf["action"], "R");
+        assert_eq!(leaf["outcome"], "0");
+        assert_eq!(leaf["agent"][0]["policy"][0], "urn:ietf:params:oauth:jti:jti-1");
+        assert_eq!(leaf["agent"][0]["network"]["address"], "192.0.2.1");
+        assert_eq!(leaf["entity"][0]["what"]["reference"], "Patient/p-opaque");
+        assert_eq!(leaf["entity"][0]["role"]["code"], "1");
+        assert_eq!(leaf["entity"][1]["what"]["reference"], "Observation/o1");
+    }
+
+    #[test]
+    fn failed_login_is_a_minor_failure_by_nobody() {
+        let event = AuditEvent::new(EventKind::Login, Agent {
+            actor: Actor::Anonymous,
+            address: None,
+            token_jti: None,
+        })
+        .outcome(Outcome::MinorFailure)
+        .detail("wrong password");
+        let leaf: Value = serde_json::from_slice(&event.to_leaf()).unwrap();
+        assert_eq!(leaf["type"]["code"], "110114");
+        assert_eq!(leaf["subtype"][0]["code"], "110122");
+        assert_eq!(leaf["outcome"], "4");
+        assert!(leaf.get("entity").is_none());
+    }
+}

@@ -1,0 +1,295 @@
+//! Writing leaves and sequencing them into the tree.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+use sqlx::{AnyConnection, Row};
+use tokio::sync::Notify;
+
+use super::checkpoint::{Checkpoint, NoteSigner, NoteVerifier};
+use super::event::AuditEvent;
+use super::merkle::{self, CompactRange, Hash};
+use crate::error::{Error, Result};
+use crate::store::{now_millis, Database, Engine};
+
+/// Leaves sequenced per statement; bounds the memory and lock time of one pass.
+const SEQUENCE_BATCH: i64 = 5000;
+
+/// Writes one leaf inside the caller's transaction, so it commits or rolls back with the
+/// change it records.
+pub async fn record(conn: &mut AnyConnection, event: &AuditEvent) -> Result<()> {
+    let body = event.to_leaf();
+    let leaf_hash = merkle::leaf_hash(&body);
+    sqlx::query("INSERT INTO audit_leaves (recorded_at, body, leaf_hash) VALUES ($1, $2, $3)")
+        .bind(now_millis())
+        .bind(body)
+        .bind(leaf_hash.to_vec())
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+#[derive(Clone)]
+pub struct AuditLog {
+    db: Database,
+    signer: Arc<NoteSigner>,
+    origin: String,
+    every_leaves: u64,
+    interval: Duration,
+    wake: Arc<Notify>,
+}
+
+/// What one sequencer pass did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SequenceOutcome {
+    pub sequenced: u64,
+    pub tree_size: u64,
+    pub checkpoint: Option<Checkpoint>,
+}
+
+struct SequencerState {
+    range: CompactRange,
+    checkpoint_size: u64,
+    checkpoint_at: i64,
+}
+
+impl AuditLog {
+    pub fn new(
+        db: Database,
+        signing_key: SigningKey,
+        origin: &str,
+        every_leaves: u64,
+        interval: Duration,
+    ) -> Result<Self> {
+        // C2SP: the checkpoint's key name is its origin line.
+        let signer = NoteSigner::new(origin, signing_key).map_err(|e| Error::Audit(e.to_string()))?;
+        Ok(AuditLog {
+            db,
+            signer: Arc::new(signer),
+            origin: origin.to_string(),
+            every_leaves,
+            interval,
+            wake: Arc::new(Notify::new()),
+        })
+    }
+
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    pub fn verifier(&self) -> NoteVerifier {
+        self.signer.verifier()
+    }
+
+    /// The verifier key in the signed-note `name+hash+key` form, to keep off-site.
+    pub fn verifier_key(&self) -> String {
+        self.signer.verifier_key()
+    }
+
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
+    /// Records an event that goes with no other change (a read, a failed login).
+    pub async fn record_now(&self, event: &AuditEvent) -> Result<()> {
+        let mut tx = self.db.begin().await?;
+        record(&mut tx, event).await?;
+        tx.commit().await?;
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Nudges the background sequencer after a commit.
+    pub fn notify(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Assigns tree indices to committed leaves in commit order and writes a signed
+    /// checkpoint when enough leaves or time have passed (or `force_checkpoint`).
+    pub async fn sequence(&self, force_checkpoint: bool) -> Result<SequenceOutcome> {
+        let mut total = 0u64;
+        loop {
+            let outcome = self.sequence_batch(force_checkpoint).await?;
+            total += outcome.sequenced;
+            if outcome.sequenced < SEQUENCE_BATCH as u64 {
+                return Ok(SequenceOutcome {
+                    sequenced: total,
+                    ..outcome
+                });
+            }
+        }
+    }
+
+    async fn sequence_batch(&self, force_checkpoint: bool) -> Result<SequenceOutcome> {
+        let mut tx = self.db.begin().await?;
+        let mut state = load_state(&mut tx, self.db.engine()).await?;
+        let base = state.range.size();
+        // One statement picks and numbers the batch, so the set we hash is exactly the set
+        // we numbered even while other transactions commit.
+        let rows = sqlx::query(
+            "UPDATE audit_leaves SET tree_index = s.idx
+             FROM (SELECT id, $1 + ROW_NUMBER() OVER (ORDER BY id) - 1 AS idx
+                   FROM audit_leaves WHERE tree_index IS NULL ORDER BY id LIMIT $2) AS s
+             WHERE audit_leaves.id = s.id
+             RETURNING audit_leaves.tree_index, audit_leaves.leaf_hash",
+        )
+        .bind(base as i64)
+        .bind(SEQUENCE_BATCH)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut leaves = Vec::with_capacity(rows.len());
+        for row in rows {
+            let index: i64 = row.try_get(0)?;
+            let hash: Vec<u8> = row.try_get(1)?;
+            leaves.push((index, to_hash(&hash)?));
+        }
+        leaves.sort_unstable_by_key(|(index, _)| *index);
+        for (expected, (index, hash)) in (base as i64..).zip(&leaves) {
+            if *index != expected {
+                return Err(Error::Audit(format!(
+                    "sequencer numbered leaf {index}, expected {expected}"
+                )));
+            }
+            state.range.append(*hash);
+        }
+        let now = now_millis();
+        let new_leaves = state.range.size() - state.checkpoint_size;
+        let due = new_leaves >= self.every_leaves
+            || (new_leaves > 0 && now - state.checkpoint_at >= self.interval.as_millis() as i64)
+            || (force_checkpoint && new_leaves > 0);
+        let mut checkpoint = None;
+        if due {
+            let cp = Checkpoint {
+                origin: self.origin.clone(),
+                size: state.range.size(),
+                root: state.range.root(),
+            };
+            let note = self.signer.sign(&cp.body());
+            sqlx::query(
+                "INSERT INTO audit_checkpoints (tree_size, root, note, created_at)
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (tree_size) DO NOTHING",
+            )
+            .bind(cp.size as i64)
+            .bind(cp.root.to_vec())
+            .bind(note)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            state.checkpoint_size = cp.size;
+            state.checkpoint_at = now;
+            checkpoint = Some(cp);
+        }
+        sqlx::query(
+            "UPDATE audit_sequencer SET tree_size = $1, compact_range = $2,
+                 checkpoint_size = $3, checkpoint_at = $4 WHERE id = 1",
+        )
+        .bind(state.range.size() as i64)
+        .bind(state.range.to_bytes())
+        .bind(state.checkpoint_size as i64)
+        .bind(state.checkpoint_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(SequenceOutcome {
+            sequenced: leaves.len() as u64,
+            tree_size: state.range.size(),
+            checkpoint,
+        })
+    }
+
+    /// The newest signed checkpoint note, if any.
+    pub async fn latest_checkpoint(&self) -> Result<Option<String>> {
+        let row = sqlx::query("SELECT note FROM audit_checkpoints ORDER BY tree_size DESC LIMIT 1")
+            .fetch_optional(self.db.read_pool())
+            .await?;
+        Ok(match row {
+            Some(row) => Some(row.try_get(0)?),
+            None => None,
+        })
+    }
+
+    /// Runs the sequencer until `shutdown` fires: on every nudge, and at least once per
+    /// checkpoint interval so quiet periods still get checkpointed.
+    pub async fn run_sequencer(self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let tick = self.interval.min(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(tick) => {}
+                _ = shutdown.changed() => {
+                    let _ = self.sequence(true).await;
+                    return;
+                }
+            }
+            // Let a burst of commits gather into one pass.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if let Err(e) = self.sequence(false).await {
+                tracing::error!(error = %e, "audit sequencer pass failed");
+            }
+        }
+    }
+}
+
+async fn load_state(conn: &mut AnyConnection, engine: Engine) -> Result<SequencerState> {
+    // On PostgreSQL the row lock makes this the only sequencer across processes; SQLite has
+    // one writer anyway.
+    let select = match engine {
+        Engine::Postgres => {
+            "SELECT compact_range, checkpoint_size, checkpoint_at FROM audit_sequencer WHERE id = 1 FOR UPDATE"
+        }
+        Engine::Sqlite => {
+            "SELECT compact_range, checkpoint_size, checkpoint_at FROM audit_sequencer WHERE id = 1"
+        }
+    };
+    let row = sqlx::query(select).fetch_optional(&mut *conn).await?;
+    match row {
+        Some(row) => {
+            let bytes: Vec<u8> = row.try_get(0)?;
+            let range = CompactRange::from_bytes(&bytes)
+                .map_err(|e| Error::Audit(format!("sequencer state: {e}")))?;
+            Ok(SequencerState {
+                range,
+                checkpoint_size: row.try_get::<i64, _>(1)? as u64,
+                checkpoint_at: row.try_get(2)?,
+            })
+        }
+        None => {
+            let range = CompactRange::new();
+            sqlx::query(
+                "INSERT INTO audit_sequencer (id, tree_size, compact_range, checkpoint_size, checkpoint_at)
+                 VALUES (1, 0, $1, 0, $2) ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(range.to_bytes())
+            .bind(now_millis())
+            .execute(&mut *conn)
+            .await?;
+            if engine == Engine::Postgres {
+                // Lost a race to create the row: lock the winner's.
+                let row = sqlx::query(
+                    "SELECT compact_range, checkpoint_size, checkpoint_at FROM audit_sequencer WHERE id = 1 FOR UPDATE",
+                )
+                .fetch_one(&mut *conn)
+                .await?;
+                let bytes: Vec<u8> = row.try_get(0)?;
+                return Ok(SequencerState {
+                    range: CompactRange::from_bytes(&bytes)
+                        .map_err(|e| Error::Audit(format!("sequencer state: {e}")))?,
+                    checkpoint_size: row.try_get::<i64, _>(1)? as u64,
+                    checkpoint_at: row.try_get(2)?,
+                });
+            }
+            Ok(SequencerState {
+                range,
+                checkpoint_size: 0,
+                checkpoint_at: now_millis(),
+            })
+        }
+    }
+}
+
+pub(crate) fn to_hash(bytes: &[u8]) -> Result<Hash> {
+    bytes
+        .try_into()
+        .map_err(|_| Error::Audit(format!("stored hash has {} bytes, not 32", bytes.len())))
+}

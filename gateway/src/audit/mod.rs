@@ -1,0 +1,15 @@
+//! The tamper-evident audit log: FHIR AuditEvent leaves (BALP) in an RFC 6962 Merkle tree
+//! with Ed25519-signed checkpoints in the C2SP tlog-checkpoint format.
+//!
+//! Leaves are written in the transaction of the change they record (`record`), with no tree
+//! index yet; one sequencer (`AuditLog::sequence`) assigns indices in commit order and signs
+//! checkpoints, so several writers and processes stay consistent.
+
+pub mod checkpoint;
+pub mod event;
+pub mod log;
+pub mod merkle;
+pub mod verify;
+
+pub use event::{AccountRole, Actor, Agent, AuditEvent, EventKind, Outcome};
+pub use log::{record, AuditLog};

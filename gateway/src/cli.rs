@@ -1,0 +1,233 @@
+//! The `phr-gateway` command line. Flags are the top configuration layer.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use futures::TryStreamExt;
+use sqlx::Row;
+
+use crate::app::Gateway;
+use crate::audit::verify::{verify, VerifyError};
+use crate::config::{Config, DatabaseFlags, FlagOverrides};
+use crate::error::{Error, Result};
+
+#[derive(Debug, Parser)]
+#[command(name = "phr-gateway", version, about = "PHR data-exchange gateway")]
+pub struct Cli {
+    /// Configuration file (TOML). Environment variables PHR_* override it; flags override both.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Data directory (default ./data).
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    /// postgres://… for the scale-out store; default is SQLite in the data directory.
+    #[arg(long, global = true)]
+    database_url: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the gateway over HTTPS.
+    Serve {
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Serve plain HTTP (loopback only). Weakens security; logged and audited.
+        #[arg(long)]
+        insecure_http: bool,
+    },
+    /// Serve with demo accounts and simulated data, printing how to try it.
+    Demo {
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Print the OpenAPI document generated from the code.
+    Openapi {
+        /// Write to this file instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// The tamper-evident audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Recompute the Merkle tree and check every signed checkpoint.
+    Verify {
+        /// A checkpoint saved or shipped earlier: prove the log is an append-only extension.
+        #[arg(long)]
+        trusted_checkpoint: Option<PathBuf>,
+    },
+    /// Sequence pending leaves, sign a checkpoint, and print it (save it off-site).
+    Checkpoint,
+    /// Write AuditEvents recorded since a time (RFC 3339) as NDJSON.
+    Export {
+        #[arg(long)]
+        since: String,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Print the checkpoint verifier key (signed-note format).
+    VerifierKey,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    let mut flags = FlagOverrides {
+        data_dir: cli.data_dir.clone(),
+        database: cli.database_url.clone().map(|url| DatabaseFlags { url }),
+        ..Default::default()
+    };
+    match cli.command {
+        Command::Openapi { out } => {
+            let doc = crate::http::openapi::document();
+            match out {
+                Some(path) => std::fs::write(&path, doc).map_err(|e| Error::io(&path, e))?,
+                None => print!("{doc}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve {
+            listen,
+            insecure_http,
+        } => {
+            flags.listen = listen;
+            flags.insecure_http = insecure_http;
+            let config = Config::load(cli.config.as_deref(), &flags)?;
+            crate::telemetry::init(&config.log);
+            let running = Gateway::build(config).await?.start().await?;
+            running.run_until_signal().await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { listen } => {
+            flags.listen = listen;
+            let config = Config::load(cli.config.as_deref(), &flags)?;
+            crate::telemetry::init(&config.log);
+            let gateway = Gateway::build(config).await?;
+            let credentials = crate::demo::seed(&gateway.state).await?;
+            let running = gateway.start().await?;
+            crate::demo::print_welcome(running.addr, &credentials);
+            running.run_until_signal().await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit { command } => {
+            let config = Config::load(cli.config.as_deref(), &flags)?;
+            audit_command(config, command).await
+        }
+    }
+}
+
+async fn audit_command(mut config: Config, command: AuditCommand) -> Result<ExitCode> {
+    // The CLI never serves, so it needs no certificate.
+    config.insecure_http = true;
+    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    let gateway = Gateway::build(config).await?;
+    let audit = gateway.state.audit.clone();
+    let result = match command {
+        AuditCommand::VerifierKey => {
+            println!("{}", audit.verifier_key());
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Checkpoint => {
+            audit.sequence(true).await?;
+            match audit.latest_checkpoint().await? {
+                Some(note) => {
+                    print!("{note}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                None => Err(Error::Audit("the log is empty".into())),
+            }
+        }
+        AuditCommand::Verify { trusted_checkpoint } => {
+            // Start-up itself appended leaves; number them so verify sees the whole log.
+            audit.sequence(true).await?;
+            let trusted = match &trusted_checkpoint {
+                Some(path) => Some(std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?),
+                None => None,
+            };
+            match verify(audit.database(), &audit.verifier(), audit.origin(), trusted.as_deref()).await {
+                Ok(report) => {
+                    println!(
+                        "audit log OK: {} leaves, {} checkpoints verified (latest at size {}){}",
+                        report.tree_size,
+                        report.checkpoints_checked,
+                        report.latest_checkpoint.unwrap_or(0),
+                        match report.trusted_size {
+                            Some(size) => format!(", consistent with trusted checkpoint at size {size}"),
+                            None => String::new(),
+                        }
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(VerifyError::Tamper(t)) => {
+                    eprintln!("audit log FAILED verification: {t}");
+                    Ok(ExitCode::from(3))
+                }
+                Err(VerifyError::Store(e)) => Err(e),
+            }
+        }
+        AuditCommand::Export { since, out } => {
+            let since_ms = parse_time(&since)?;
+            let mut writer: Box<dyn Write> = match &out {
+                Some(path) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(path).map_err(|e| Error::io(path, e))?,
+                )),
+                None => Box::new(std::io::BufWriter::new(std::io::stdout())),
+            };
+            let mut rows = sqlx::query(
+                "SELECT body FROM audit_leaves WHERE recorded_at >= $1 ORDER BY tree_index, id",
+            )
+            .bind(since_ms)
+            .fetch(audit.database().read_pool());
+            let mut count = 0u64;
+            let target = out.clone().unwrap_or_else(|| PathBuf::from("stdout"));
+            while let Some(row) = rows.try_next().await? {
+                let body: Vec<u8> = row.try_get(0)?;
+                writer
+                    .write_all(&body)
+                    .and_then(|_| writer.write_all(b"\n"))
+                    .map_err(|e| Error::io(&target, e))?;
+                count += 1;
+            }
+            writer.flush().map_err(|e| Error::io(&target, e))?;
+            eprintln!("exported {count} audit events");
+            Ok(ExitCode::SUCCESS)
+        }
+    };
+    // Keep the CLI's own start-up leaves sequenced before leaving.
+    let _ = audit.sequence(false).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), gateway.state.db.close()).await;
+    result
+}
+
+fn parse_time(text: &str) -> Result<i64> {
+    let time = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| Error::config("--since", format!("not an RFC 3339 time ({e})")))?;
+    Ok((time.unix_timestamp_nanos() / 1_000_000) as i64)
+}

@@ -1,0 +1,456 @@
+//! One typed configuration, layered: defaults < config file (`--config`) < `PHR_*` environment
+//! variables (nested keys with `__`, e.g. `PHR_TLS__MIN_VERSION=1.3`) < command-line flags.
+//! Unknown keys are refused and every value is validated before anything starts.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::tls::TlsConfig;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the SQLite databases, generated keys and the dev certificate live.
+    pub data_dir: PathBuf,
+    /// Address to listen on; port 0 picks a free port (tests).
+    pub listen: SocketAddr,
+    /// Serve plain HTTP instead of HTTPS. Refused on non-loopback addresses; logged as a
+    /// security event.
+    pub insecure_http: bool,
+    /// Load balancers whose `X-Forwarded-For` is believed (addresses or CIDR ranges).
+    pub trusted_proxies: Vec<IpNet>,
+    pub database: DatabaseConfig,
+    pub keys: KeysConfig,
+    pub tls: TlsConfig,
+    pub audit: AuditConfig,
+    pub http: HttpConfig,
+    pub store: StoreConfig,
+    pub sessions: SessionConfig,
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            insecure_http: false,
+            trusted_proxies: Vec::new(),
+            database: DatabaseConfig::default(),
+            keys: KeysConfig::default(),
+            tls: TlsConfig::default(),
+            audit: AuditConfig::default(),
+            http: HttpConfig::default(),
+            store: StoreConfig::default(),
+            sessions: SessionConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `sqlite://…` or `postgres://…`; unset means SQLite at `<data_dir>/gateway.db`.
+    pub url: Option<String>,
+    /// The key store. Unset: SQLite at `<data_dir>/keys.db` next to a SQLite database, or the
+    /// schema `key_store_schema` of the same PostgreSQL database.
+    pub key_store_url: Option<String>,
+    pub key_store_schema: String,
+    pub max_connections: u32,
+    pub connect_timeout_secs: u64,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: None,
+            key_store_url: None,
+            key_store_schema: "phr_keys".into(),
+            max_connections: 8,
+            connect_timeout_secs: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeysConfig {
+    /// Key-encryption key (32 random bytes, hex). Unset: `<data_dir>/keys/kek.key`,
+    /// generated at first start with mode 0600.
+    pub kek_file: Option<PathBuf>,
+    /// Ed25519 seed signing audit checkpoints. Unset: `<data_dir>/keys/audit-signing.key`.
+    pub audit_signing_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// The checkpoint origin line: a name unique to this log.
+    pub origin: String,
+    /// Write a checkpoint after this many new leaves…
+    pub checkpoint_every_leaves: u64,
+    /// …or after this many seconds with new leaves, whichever comes first.
+    pub checkpoint_interval_secs: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            origin: "phr-gateway.localhost/audit".into(),
+            checkpoint_every_leaves: 1000,
+            checkpoint_interval_secs: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Largest request body accepted, in bytes.
+    pub body_limit_bytes: usize,
+    /// Seconds a request may take before it is cut off.
+    pub request_timeout_secs: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            body_limit_bytes: 4 * 1024 * 1024,
+            request_timeout_secs: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Largest single resource accepted or decrypted, in bytes.
+    pub max_resource_bytes: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            max_resource_bytes: 8 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    pub idle_timeout_secs: u64,
+    pub absolute_timeout_secs: u64,
+    /// Failed logins on one account before it is locked.
+    pub max_failed_logins: u32,
+    /// First lockout; it doubles with each further lockout, up to a day.
+    pub lockout_secs: u64,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            idle_timeout_secs: 15 * 60,
+            absolute_timeout_secs: 8 * 60 * 60,
+            max_failed_logins: 5,
+            lockout_secs: 5 * 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `phr_gateway=debug,info`.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Json,
+            filter: "info".into(),
+        }
+    }
+}
+
+/// Values given as command-line flags: the top layer.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FlagOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_http: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database: Option<DatabaseFlags>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DatabaseFlags {
+    pub url: String,
+}
+
+impl Config {
+    /// Layers defaults, the optional file, `PHR_*` variables and flags, then validates.
+    pub fn load(file: Option<&Path>, flags: &FlagOverrides) -> Result<Config> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(Error::config(
+                    "--config",
+                    format!("{} does not exist", file.display()),
+                ));
+            }
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment = figment
+            .merge(Env::prefixed("PHR_").split("__"))
+            .merge(Serialized::defaults(flags));
+        let config: Config = figment.extract().map_err(figment_error)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value that serde's types cannot express; names the key at fault.
+    pub fn validate(&self) -> Result<()> {
+        if self.insecure_http && !is_loopback(self.listen.ip()) {
+            return Err(Error::config(
+                "insecure_http",
+                format!(
+                    "plain HTTP is only allowed on a loopback address, not {}",
+                    self.listen.ip()
+                ),
+            ));
+        }
+        for (key, url) in [
+            ("database.url", &self.database.url),
+            ("database.key_store_url", &self.database.key_store_url),
+        ] {
+            if let Some(url) = url {
+                if !(url.starts_with("sqlite:")
+                    || url.starts_with("postgres://")
+                    || url.starts_with("postgresql://"))
+                {
+                    return Err(Error::config(
+                        key,
+                        "must start with sqlite:, postgres:// or postgresql://",
+                    ));
+                }
+            }
+        }
+        let schema = &self.database.key_store_schema;
+        if schema.is_empty()
+            || !schema
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
+            return Err(Error::config(
+                "database.key_store_schema",
+                "must be a non-empty lower-case identifier ([a-z0-9_])",
+            ));
+        }
+        if self.database.max_connections == 0 {
+            return Err(Error::config("database.max_connections", "must be at least 1"));
+        }
+        positive("audit.checkpoint_every_leaves", self.audit.checkpoint_every_leaves)?;
+        positive("audit.checkpoint_interval_secs", self.audit.checkpoint_interval_secs)?;
+        if self.audit.origin.trim().is_empty() || self.audit.origin.contains('\n') {
+            return Err(Error::config("audit.origin", "must be one non-empty line"));
+        }
+        positive("http.body_limit_bytes", self.http.body_limit_bytes as u64)?;
+        positive("http.request_timeout_secs", self.http.request_timeout_secs)?;
+        positive("store.max_resource_bytes", self.store.max_resource_bytes as u64)?;
+        positive("sessions.idle_timeout_secs", self.sessions.idle_timeout_secs)?;
+        positive("sessions.max_failed_logins", self.sessions.max_failed_logins as u64)?;
+        if self.sessions.absolute_timeout_secs < self.sessions.idle_timeout_secs {
+            return Err(Error::config(
+                "sessions.absolute_timeout_secs",
+                "must not be shorter than sessions.idle_timeout_secs",
+            ));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.filter)
+            .map_err(|e| Error::config("log.filter", e.to_string()))?;
+        self.tls
+            .validate()
+            .map_err(|reason| Error::config("tls", reason))?;
+        Ok(())
+    }
+
+    pub fn database_url(&self) -> String {
+        self.database.url.clone().unwrap_or_else(|| {
+            format!(
+                "sqlite://{}?mode=rwc",
+                self.data_dir.join("gateway.db").display()
+            )
+        })
+    }
+
+    pub fn kek_path(&self) -> PathBuf {
+        self.keys
+            .kek_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("keys").join("kek.key"))
+    }
+
+    pub fn audit_signing_key_path(&self) -> PathBuf {
+        self.keys
+            .audit_signing_key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("keys").join("audit-signing.key"))
+    }
+
+    /// Settings that weaken a secure default; each is logged and audited at start.
+    pub fn weakened_settings(&self) -> Vec<&'static str> {
+        let mut weakened = Vec::new();
+        if self.insecure_http {
+            weakened.push("insecure_http");
+        }
+        weakened
+    }
+}
+
+fn positive(key: &str, value: u64) -> Result<()> {
+    if value == 0 {
+        return Err(Error::config(key, "must be greater than 0"));
+    }
+    Ok(())
+}
+
+fn is_loopback(ip: IpAddr) -> bool {
+    ip.is_loopback()
+}
+
+/// Turns figment's error into ours, keeping the dotted key path it names.
+fn figment_error(err: figment::Error) -> Error {
+    let key = if err.path.is_empty() {
+        err.metadata
+            .as_ref()
+            .map(|m| m.name.to_string())
+            .unwrap_or_else(|| "config".into())
+    } else {
+        err.path.join(".")
+    };
+    let source = err
+        .metadata
+        .as_ref()
+        .map(|m| format!(" (from {})", m.name))
+        .unwrap_or_default();
+    Error::config(key, format!("{}{source}", err.kind))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    fn load_in(jail: &Jail, file: Option<&str>) -> Result<Config> {
+        let path = file.map(|_| jail.directory().join("gateway.toml"));
+        Config::load(path.as_deref(), &FlagOverrides::default())
+    }
+
+    #[test]
+    fn layers_apply_in_order_defaults_file_env_flags() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "gateway.toml",
+                "data_dir = \"/file\"\nlisten = \"127.0.0.1:1000\"\n[tls]\nmin_version = \"1.3\"\n",
+            )?;
+            jail.set_env("PHR_LISTEN", "127.0.0.1:2000");
+            let path = jail.directory().join("gateway.toml");
+            let from_env = Config::load(Some(&path), &FlagOverrides::default()).unwrap();
+            assert_eq!(from_env.data_dir, PathBuf::from("/file"));
+            assert_eq!(from_env.listen.port(), 2000);
+            assert_eq!(from_env.tls.min_version, crate::tls::TlsVersion::V1_3);
+            assert_eq!(from_env.sessions, SessionConfig::default());
+
+            let flags = FlagOverrides {
+                listen: Some("127.0.0.1:3000".parse().unwrap()),
+                ..Default::default()
+            };
+            let from_flags = Config::load(Some(&path), &flags).unwrap();
+            assert_eq!(from_flags.listen.port(), 3000);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn nested_env_keys_use_double_underscore() {
+        Jail::expect_with(|jail| {
+            jail.set_env("PHR_SESSIONS__IDLE_TIMEOUT_SECS", "60");
+            let config = load_in(jail, None).unwrap();
+            assert_eq!(config.sessions.idle_timeout_secs, 60);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let cases: &[(&str, &str)] = &[
+            ("unknown_key = 1\n", "unknown_key"),
+            ("[tls]\nmin_version = \"1.1\"\n", "tls.min_version"),
+            ("[sessions]\nidle_timeout_secs = \"soon\"\n", "sessions.idle_timeout_secs"),
+            ("[sessions]\nidle_timeout_secs = 0\n", "sessions.idle_timeout_secs"),
+            ("[database]\nurl = \"mysql://x\"\n", "database.url"),
+            ("[database]\nsurprise = true\n", "database"),
+            ("listen = \"0.0.0.0:80\"\ninsecure_http = true\n", "insecure_http"),
+            ("[log]\nfilter = \"[[[\"\n", "log.filter"),
+            ("this is not toml", "gateway.toml"),
+        ];
+        for (file, key) in cases {
+            Jail::expect_with(|jail| {
+                jail.create_file("gateway.toml", file)?;
+                let err = load_in(jail, Some(file)).unwrap_err().to_string();
+                assert!(err.contains(key), "{file:?}: {err} should name {key}");
+                Ok(())
+            });
+        }
+    }
+
+    #[test]
+    fn bad_env_value_names_the_key() {
+        Jail::expect_with(|jail| {
+            jail.set_env("PHR_HTTP__BODY_LIMIT_BYTES", "lots");
+            let err = load_in(jail, None).unwrap_err().to_string();
+            assert!(err.contains("http.body_limit_bytes"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn missing_config_file_is_an_error() {
+        let err = Config::load(
+            Some(Path::new("/nonexistent/gateway.toml")),
+            &FlagOverrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("--config"), "{err}");
+    }
+
+    #[test]
+    fn defaults_are_secure() {
+        let config = Config::default();
+        config.validate().unwrap();
+        assert!(!config.insecure_http);
+        assert!(config.weakened_settings().is_empty());
+        assert!(config.listen.ip().is_loopback());
+    }
+}

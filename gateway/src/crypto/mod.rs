@@ -1,0 +1,7 @@
+//! Encryption at rest: per-patient data keys wrapped by a key-encryption key (envelope
+//! encryption, AES-256-GCM from RustCrypto), and the key files generated at first start.
+
+pub mod envelope;
+pub mod key_file;
+
+pub use envelope::{DataKey, Kek};

@@ -1,0 +1,115 @@
+//! `phr-gateway demo`: a demo patient with simulated hospital data and a demo operator, so a
+//! newcomer sees the whole flow. Later issues grow it (simulated portal, pulls, consents).
+
+use std::net::SocketAddr;
+
+use rand::distributions::{Alphanumeric, DistString};
+use serde_json::json;
+
+use crate::audit::{AccountRole, Agent};
+use crate::error::{Error, Result};
+use crate::http::AppState;
+use crate::store::resources::{NewResource, SourceIdentity};
+
+pub const DEMO_PATIENT_ID: &str = "demo-patient-0001";
+const DEMO_SOURCE: &str = "demo-hospital";
+
+pub struct DemoCredentials {
+    pub patient: (String, String),
+    pub operator: (String, String),
+}
+
+/// Seeds (idempotently) the demo accounts and data; passwords are new on every start.
+pub async fn seed(state: &AppState) -> Result<DemoCredentials> {
+    let patient_password = Alphanumeric.sample_string(&mut rand::thread_rng(), 20);
+    let operator_password = Alphanumeric.sample_string(&mut rand::thread_rng(), 20);
+    state.resources.ensure_patient(DEMO_PATIENT_ID).await?;
+    for (role, username, password, patient) in [
+        (AccountRole::Patient, "demo-patient", &patient_password, Some(DEMO_PATIENT_ID)),
+        (AccountRole::Operator, "demo-operator", &operator_password, None),
+    ] {
+        match state.accounts.create(role, username, password, patient).await {
+            Ok(_) => {}
+            Err(Error::Invalid(reason)) if reason.contains("taken") => {
+                state.accounts.set_password(username, password).await?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    for (resource_type, source_id, body) in demo_resources() {
+        let new = NewResource {
+            patient_id: DEMO_PATIENT_ID.into(),
+            category: category_of(resource_type).into(),
+            source: SourceIdentity {
+                source: DEMO_SOURCE.into(),
+                resource_type: resource_type.into(),
+                source_resource_id: source_id.into(),
+                version_id: Some("1".into()),
+            },
+            body: serde_json::to_vec(&body).map_err(|e| Error::Invalid(e.to_string()))?,
+        };
+        state.resources.put(&Agent::system(), new).await?;
+    }
+    state.audit.notify();
+    Ok(DemoCredentials {
+        patient: ("demo-patient".into(), patient_password),
+        operator: ("demo-operator".into(), operator_password),
+    })
+}
+
+fn category_of(resource_type: &str) -> &'static str {
+    match resource_type {
+        "Patient" => "demographics",
+        _ => "checkup",
+    }
+}
+
+fn demo_resources() -> Vec<(&'static str, &'static str, serde_json::Value)> {
+    let observation = |id: &str, loinc: &str, display: &str, value: f64, unit: &str| {
+        json!({
+            "resourceType": "Observation",
+            "id": id,
+            "meta": {"versionId": "1", "profile": ["http://jpfhir.jp/fhir/core/StructureDefinition/JP_Observation_Common"]},
+            "status": "final",
+            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "exam"}]}],
+            "code": {"coding": [{"system": "http://loinc.org", "code": loinc, "display": display}]},
+            "subject": {"reference": "Patient/p1"},
+            "effectiveDateTime": "2026-04-10",
+            "valueQuantity": {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit}
+        })
+    };
+    vec![
+        ("Patient", "p1", json!({
+            "resourceType": "Patient",
+            "id": "p1",
+            "meta": {"versionId": "1", "profile": ["http://jpfhir.jp/fhir/core/StructureDefinition/JP_Patient"]},
+            "name": [{"use": "official", "text": "デモ 花子", "family": "デモ", "given": ["花子"]}],
+            "gender": "female",
+            "birthDate": "1980-05-01"
+        })),
+        ("Observation", "o-height", observation("o-height", "8302-2", "Body height", 158.2, "cm")),
+        ("Observation", "o-weight", observation("o-weight", "29463-7", "Body weight", 55.4, "kg")),
+        ("Observation", "o-sbp", observation("o-sbp", "8480-6", "Systolic blood pressure", 118.0, "mm[Hg]")),
+        ("Observation", "o-hba1c", observation("o-hba1c", "4548-4", "Hemoglobin A1c", 5.4, "%")),
+    ]
+}
+
+pub fn print_welcome(addr: SocketAddr, credentials: &DemoCredentials) {
+    let base = format!("https://localhost:{}", addr.port());
+    println!(
+        "\nphr-gateway demo is running at {base} (self-signed dev certificate: use curl -k)\n\n\
+         Demo patient:  {} / {}\n\
+         Demo operator: {} / {}\n\n\
+         Try:\n  curl -k {base}/healthz\n  \
+         TOKEN=$(curl -sk {base}/auth/login -H 'content-type: application/json' \\\n      \
+         -d '{{\"username\":\"{}\",\"password\":\"{}\"}}' | sed -E 's/.*\"token\":\"([^\"]+)\".*/\\1/')\n  \
+         curl -k {base}/patient/resources -H \"authorization: Bearer $TOKEN\"\n\n\
+         Stop with Ctrl-C, then check the audit log: cargo run -p phr-gateway -- audit verify\n",
+        credentials.patient.0,
+        credentials.patient.1,
+        credentials.operator.0,
+        credentials.operator.1,
+        credentials.patient.0,
+        credentials.patient.1,
+    );
+}

@@ -1,0 +1,104 @@
+//! Sign-in and sign-out for patient and operator accounts. Sessions are bearer tokens,
+//! also set as a `__Host-` cookie (Secure, HttpOnly, SameSite=Strict) for browsers.
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::error::ApiError;
+use super::session::{AuthSession, SESSION_COOKIE};
+use super::{AppState, ClientAddr};
+use crate::audit::AccountRole;
+use crate::store::millis_to_rfc3339;
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    pub username: String,
+    pub password: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SessionInfo {
+    /// The bearer token; shown once, only its hash is stored. Empty when echoing a session.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub token: String,
+    pub account_id: String,
+    /// `patient` or `operator`.
+    pub role: &'static str,
+    pub expires_at: String,
+}
+
+fn role_name(role: AccountRole) -> &'static str {
+    match role {
+        AccountRole::Patient => "patient",
+        AccountRole::Operator => "operator",
+    }
+}
+
+/// Signs in with username and password.
+#[utoipa::path(post, path = "/auth/login", tag = "auth", request_body = LoginRequest,
+    responses(
+        (status = 200, description = "Signed in", body = SessionInfo),
+        (status = 401, description = "Wrong username or password", content_type = "application/problem+json"),
+        (status = 429, description = "Too many failures; see Retry-After", content_type = "application/problem+json")))]
+pub async fn login(
+    State(state): State<AppState>,
+    Extension(ClientAddr(address)): Extension<ClientAddr>,
+    Json(request): Json<LoginRequest>,
+) -> Result<Response, ApiError> {
+    let (session, token) = state
+        .accounts
+        .login(&request.username, &request.password, address)
+        .await?;
+    state.audit.notify();
+    let max_age = state.config.sessions.absolute_timeout_secs;
+    let cookie = format!(
+        "{SESSION_COOKIE}={token}; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age={max_age}"
+    );
+    let mut headers = HeaderMap::new();
+    if let Ok(value) = HeaderValue::from_str(&cookie) {
+        headers.insert(header::SET_COOKIE, value);
+    }
+    let body = SessionInfo {
+        token,
+        account_id: session.account.id.clone(),
+        role: role_name(session.account.role),
+        expires_at: millis_to_rfc3339(session.expires_at),
+    };
+    Ok((headers, Json(body)).into_response())
+}
+
+/// Ends the current session.
+#[utoipa::path(post, path = "/auth/logout", tag = "auth",
+    responses((status = 204, description = "Signed out"),
+        (status = 401, description = "Not signed in", content_type = "application/problem+json")))]
+pub async fn logout(State(state): State<AppState>, auth: AuthSession) -> Result<Response, ApiError> {
+    state
+        .accounts
+        .logout(&auth.session, &auth.token, auth.address)
+        .await?;
+    state.audit.notify();
+    let cookie = format!("{SESSION_COOKIE}=; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age=0");
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    if let Ok(value) = HeaderValue::from_str(&cookie) {
+        response.headers_mut().insert(header::SET_COOKIE, value);
+    }
+    Ok(response)
+}
+
+/// Who is signed in.
+#[utoipa::path(get, path = "/auth/session", tag = "auth",
+    responses((status = 200, description = "The current session", body = SessionInfo),
+        (status = 401, description = "Not signed in", content_type = "application/problem+json")))]
+pub async fn session(auth: AuthSession) -> Json<SessionInfo> {
+    Json(SessionInfo {
+        token: String::new(),
+        account_id: auth.session.account.id.clone(),
+        role: role_name(auth.session.account.role),
+        expires_at: millis_to_rfc3339(auth.session.expires_at),
+    })
+}

@@ -1,0 +1,33 @@
+//! The OpenAPI document, generated from the handlers' annotations. `phr-gateway openapi`
+//! writes it to `openapi/openapi.json`; a test fails when the committed file drifts.
+
+use utoipa::OpenApi;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "phr-gateway", description = "PHR data-exchange gateway: pulls on the patient's instruction, discloses under consent.", version = "0.1.0"),
+    paths(
+        super::health::healthz,
+        super::health::readyz,
+        super::metrics::metrics,
+        super::auth::login,
+        super::auth::logout,
+        super::auth::session,
+        super::patient::resources,
+        super::operator::audit_checkpoint,
+    ),
+    tags(
+        (name = "health", description = "Probes"),
+        (name = "auth", description = "Sign-in for patients and operators"),
+        (name = "patient", description = "The patient's own data"),
+        (name = "operator", description = "Operator endpoints (operator session required)"),
+    )
+)]
+pub struct ApiDoc;
+
+/// The document as committed: pretty JSON with a trailing newline.
+pub fn document() -> String {
+    let mut json = ApiDoc::openapi().to_pretty_json().unwrap_or_default();
+    json.push('\n');
+    json
+}

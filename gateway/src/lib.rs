@@ -1,0 +1,22 @@
+//! phr-gateway: a PHR data-exchange gateway for Japan.
+//!
+//! It pulls medical and checkup data on the patient's instruction, keeps it encrypted per
+//! patient, and discloses it only under the patient's live consent, with every access in a
+//! tamper-evident audit log. `main` is a thin shell over `cli`.
+
+pub mod app;
+pub mod audit;
+pub mod cli;
+pub mod config;
+pub mod crypto;
+pub mod demo;
+pub mod error;
+pub mod http;
+pub mod keystore;
+pub mod store;
+pub mod telemetry;
+pub mod tls;
+
+pub use app::{Gateway, RunningGateway};
+pub use config::Config;
+pub use error::{Error, Result};

@@ -1,0 +1,448 @@
+//! Patient and operator accounts (Argon2id password hashes) and their sessions, with idle
+//! and absolute timeouts. Failed logins lock the account with a doubling lockout and are
+//! audited; a per-address limit slows guessing across accounts.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use base64::Engine as _;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use sqlx::Row;
+
+use super::{now_millis, Database};
+use crate::audit::{self, AccountRole, Actor, Agent, AuditEvent, EventKind, Outcome};
+use crate::config::SessionConfig;
+use crate::error::{Error, Result};
+
+/// Failed logins from one address per minute before it is slowed down.
+const ADDRESS_FAILURES_PER_MINUTE: u32 = 20;
+const MAX_LOCKOUT_SECS: u64 = 24 * 60 * 60;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    pub id: String,
+    pub role: AccountRole,
+    pub username: String,
+    pub patient_id: Option<String>,
+}
+
+/// A signed-in session, as the HTTP layer sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub account: Account,
+    /// Opaque id of the session (a prefix of its token hash), safe to log and audit.
+    pub session_id: String,
+    pub expires_at: i64,
+}
+
+#[derive(Clone)]
+pub struct Accounts {
+    db: Database,
+    policy: SessionConfig,
+    failures_by_address: Arc<Mutex<HashMap<IpAddr, (i64, u32)>>>,
+    /// Verified against when the username is unknown, so timing does not reveal accounts.
+    dummy_hash: Arc<String>,
+}
+
+impl Accounts {
+    pub fn new(db: Database, policy: SessionConfig) -> Result<Self> {
+        let dummy_hash = hash_password("not-a-real-password")?;
+        Ok(Accounts {
+            db,
+            policy,
+            failures_by_address: Arc::default(),
+            dummy_hash: Arc::new(dummy_hash),
+        })
+    }
+
+    pub async fn create(
+        &self,
+        role: AccountRole,
+        username: &str,
+        password: &str,
+        patient_id: Option<&str>,
+    ) -> Result<Account> {
+        if username.trim().is_empty() || username.len() > 128 {
+            return Err(Error::Invalid("username must be 1 to 128 characters".into()));
+        }
+        if password.chars().count() < 12 {
+            return Err(Error::Invalid("password must be at least 12 characters".into()));
+        }
+        if (role == AccountRole::Patient) != patient_id.is_some() {
+            return Err(Error::Invalid(
+                "a patient account needs a patient id; an operator account has none".into(),
+            ));
+        }
+        let password = password.to_string();
+        let hash = tokio::task::spawn_blocking(move || hash_password(&password))
+            .await
+            .map_err(|_| Error::Crypto("password hashing task failed"))??;
+        let account = Account {
+            id: uuid::Uuid::new_v4().to_string(),
+            role,
+            username: username.to_string(),
+            patient_id: patient_id.map(str::to_string),
+        };
+        let now = now_millis();
+        let mut tx = self.db.begin().await?;
+        if let Some(patient_id) = patient_id {
+            sqlx::query("INSERT INTO patients (id, created_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING")
+                .bind(patient_id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let inserted = sqlx::query(
+            "INSERT INTO accounts (id, kind, username, password_hash, patient_id, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (username) DO NOTHING",
+        )
+        .bind(&account.id)
+        .bind(role_name(role))
+        .bind(&account.username)
+        .bind(hash)
+        .bind(account.patient_id.clone())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            return Err(Error::Invalid(format!("username {username:?} is taken")));
+        }
+        let event = AuditEvent::new(EventKind::SecurityConfiguration, Agent::system())
+            .detail(format!("account created: {} {}", role_name(role), account.id));
+        audit::record(&mut tx, &event).await?;
+        tx.commit().await?;
+        Ok(account)
+    }
+
+    /// Replaces an account's password and ends its sessions. Audited.
+    pub async fn set_password(&self, username: &str, password: &str) -> Result<()> {
+        if password.chars().count() < 12 {
+            return Err(Error::Invalid("password must be at least 12 characters".into()));
+        }
+        let password = password.to_string();
+        let hash = tokio::task::spawn_blocking(move || hash_password(&password))
+            .await
+            .map_err(|_| Error::Crypto("password hashing task failed"))??;
+        let mut tx = self.db.begin().await?;
+        let row = sqlx::query("UPDATE accounts SET password_hash = $1, failed_logins = 0, lockouts = 0, locked_until = NULL WHERE username = $2 RETURNING id")
+            .bind(hash)
+            .bind(username)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("account {username:?}")))?;
+        let id: String = row.try_get(0)?;
+        sqlx::query("UPDATE sessions SET ended_at = $1 WHERE account_id = $2 AND ended_at IS NULL")
+            .bind(now_millis())
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+        let event = AuditEvent::new(EventKind::SecurityConfiguration, Agent::system())
+            .detail(format!("password set for account {id}"));
+        audit::record(&mut tx, &event).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Checks the password and opens a session. Returns the session and its bearer token
+    /// (shown once; only its hash is stored).
+    pub async fn login(
+        &self,
+        username: &str,
+        password: &str,
+        address: Option<IpAddr>,
+    ) -> Result<(Session, String)> {
+        let now = now_millis();
+        if let Some(address) = address {
+            self.check_address(address, now)?;
+        }
+        let row = sqlx::query(
+            "SELECT id, kind, username, patient_id, password_hash, failed_logins, lockouts, locked_until
+             FROM accounts WHERE username = $1",
+        )
+        .bind(username)
+        .fetch_optional(self.db.read_pool())
+        .await?;
+        let Some(row) = row else {
+            let dummy = self.dummy_hash.clone();
+            let password = password.to_string();
+            let _ = tokio::task::spawn_blocking(move || verify_password(&password, &dummy)).await;
+            self.note_address_failure(address, now);
+            self.audit_failed_login(None, address, "unknown account").await?;
+            return Err(Error::Unauthenticated("wrong username or password"));
+        };
+        let account = Account {
+            id: row.try_get(0)?,
+            role: parse_role(&row.try_get::<String, _>(1)?)?,
+            username: row.try_get(2)?,
+            patient_id: row.try_get(3)?,
+        };
+        let hash: String = row.try_get(4)?;
+        let failed: i64 = row.try_get(5)?;
+        let lockouts: i64 = row.try_get(6)?;
+        let locked_until: Option<i64> = row.try_get(7)?;
+        if let Some(until) = locked_until.filter(|until| *until > now) {
+            self.audit_failed_login(Some(&account), address, "account locked")
+                .await?;
+            return Err(Error::RateLimited {
+                retry_after_secs: ((until - now) / 1000).max(1) as u64,
+            });
+        }
+
+        let candidate = password.to_string();
+        let ok = tokio::task::spawn_blocking(move || verify_password(&candidate, &hash))
+            .await
+            .map_err(|_| Error::Crypto("password verification task failed"))?;
+        if !ok {
+            self.note_address_failure(address, now);
+            let failed = failed + 1;
+            let mut tx = self.db.begin().await?;
+            if failed >= i64::from(self.policy.max_failed_logins) {
+                let lockouts = lockouts + 1;
+                let secs = lockout_secs(self.policy.lockout_secs, lockouts as u32);
+                sqlx::query("UPDATE accounts SET failed_logins = 0, lockouts = $1, locked_until = $2 WHERE id = $3")
+                    .bind(lockouts)
+                    .bind(now + secs as i64 * 1000)
+                    .bind(&account.id)
+                    .execute(&mut *tx)
+                    .await?;
+            } else {
+                sqlx::query("UPDATE accounts SET failed_logins = $1 WHERE id = $2")
+                    .bind(failed)
+                    .bind(&account.id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            audit::record(&mut tx, &failed_login(Some(&account), address, "wrong password")).await?;
+            tx.commit().await?;
+            return Err(Error::Unauthenticated("wrong username or password"));
+        }
+
+        let token = new_token();
+        let token_hash = hash_token(&token);
+        let expires_at = now + self.policy.absolute_timeout_secs as i64 * 1000;
+        let mut tx = self.db.begin().await?;
+        sqlx::query("UPDATE accounts SET failed_logins = 0, lockouts = 0, locked_until = NULL WHERE id = $1")
+            .bind(&account.id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO sessions (token_hash, account_id, created_at, last_seen_at, expires_at)
+             VALUES ($1, $2, $3, $3, $4)",
+        )
+        .bind(token_hash.to_vec())
+        .bind(&account.id)
+        .bind(now)
+        .bind(expires_at)
+        .execute(&mut *tx)
+        .await?;
+        let event = AuditEvent::new(EventKind::Login, agent_of(&account, address))
+            .detail(format!("session {}", session_id(&token_hash)));
+        audit::record(&mut tx, &event).await?;
+        tx.commit().await?;
+        Ok((
+            Session {
+                account,
+                session_id: session_id(&token_hash),
+                expires_at,
+            },
+            token,
+        ))
+    }
+
+    /// Resolves a bearer token to its live session, enforcing the idle and absolute timeouts.
+    pub async fn authenticate(&self, token: &str) -> Result<Session> {
+        let token_hash = hash_token(token);
+        let row = sqlx::query(
+            "SELECT a.id, a.kind, a.username, a.patient_id, s.last_seen_at, s.expires_at, s.ended_at
+             FROM sessions s JOIN accounts a ON a.id = s.account_id WHERE s.token_hash = $1",
+        )
+        .bind(token_hash.to_vec())
+        .fetch_optional(self.db.read_pool())
+        .await?
+        .ok_or(Error::Unauthenticated("unknown or expired session"))?;
+        let now = now_millis();
+        let last_seen: i64 = row.try_get(4)?;
+        let expires_at: i64 = row.try_get(5)?;
+        let ended_at: Option<i64> = row.try_get(6)?;
+        if ended_at.is_some() || now >= expires_at {
+            return Err(Error::Unauthenticated("unknown or expired session"));
+        }
+        if now - last_seen >= self.policy.idle_timeout_secs as i64 * 1000 {
+            return Err(Error::Unauthenticated("session ended after inactivity"));
+        }
+        // Refreshing at most every few seconds keeps reads from becoming writes.
+        if now - last_seen > 5_000 {
+            sqlx::query("UPDATE sessions SET last_seen_at = $1 WHERE token_hash = $2")
+                .bind(now)
+                .bind(token_hash.to_vec())
+                .execute(self.db.write_pool())
+                .await?;
+        }
+        Ok(Session {
+            account: Account {
+                id: row.try_get(0)?,
+                role: parse_role(&row.try_get::<String, _>(1)?)?,
+                username: row.try_get(2)?,
+                patient_id: row.try_get(3)?,
+            },
+            session_id: session_id(&token_hash),
+            expires_at,
+        })
+    }
+
+    pub async fn logout(&self, session: &Session, token: &str, address: Option<IpAddr>) -> Result<()> {
+        let mut tx = self.db.begin().await?;
+        sqlx::query("UPDATE sessions SET ended_at = $1 WHERE token_hash = $2 AND ended_at IS NULL")
+            .bind(now_millis())
+            .bind(hash_token(token).to_vec())
+            .execute(&mut *tx)
+            .await?;
+        let event = AuditEvent::new(EventKind::Logout, agent_of(&session.account, address))
+            .detail(format!("session {}", session.session_id));
+        audit::record(&mut tx, &event).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    fn check_address(&self, address: IpAddr, now: i64) -> Result<()> {
+        let Ok(map) = self.failures_by_address.lock() else {
+            return Ok(());
+        };
+        if let Some((window_start, count)) = map.get(&address) {
+            if now - window_start < 60_000 && *count >= ADDRESS_FAILURES_PER_MINUTE {
+                return Err(Error::RateLimited {
+                    retry_after_secs: ((60_000 - (now - window_start)) / 1000).max(1) as u64,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn note_address_failure(&self, address: Option<IpAddr>, now: i64) {
+        let (Some(address), Ok(mut map)) = (address, self.failures_by_address.lock()) else {
+            return;
+        };
+        let entry = map.entry(address).or_insert((now, 0));
+        if now - entry.0 >= 60_000 {
+            *entry = (now, 0);
+        }
+        entry.1 += 1;
+    }
+
+    async fn audit_failed_login(
+        &self,
+        account: Option<&Account>,
+        address: Option<IpAddr>,
+        reason: &str,
+    ) -> Result<()> {
+        let mut tx = self.db.begin().await?;
+        audit::record(&mut tx, &failed_login(account, address, reason)).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+fn failed_login(account: Option<&Account>, address: Option<IpAddr>, reason: &str) -> AuditEvent {
+    let agent = match account {
+        Some(account) => agent_of(account, address),
+        None => Agent {
+            actor: Actor::Anonymous,
+            address,
+            token_jti: None,
+        },
+    };
+    AuditEvent::new(EventKind::Login, agent)
+        .outcome(Outcome::MinorFailure)
+        .detail(reason)
+}
+
+pub fn agent_of(account: &Account, address: Option<IpAddr>) -> Agent {
+    Agent {
+        actor: Actor::Account {
+            id: account.id.clone(),
+            role: account.role,
+        },
+        address,
+        token_jti: None,
+    }
+}
+
+/// The lockout after the n-th lockout: doubling from the configured base, capped at a day.
+pub fn lockout_secs(base: u64, lockouts: u32) -> u64 {
+    let factor = 1u64.checked_shl(lockouts.saturating_sub(1)).unwrap_or(u64::MAX);
+    base.saturating_mul(factor).min(MAX_LOCKOUT_SECS)
+}
+
+fn role_name(role: AccountRole) -> &'static str {
+    match role {
+        AccountRole::Patient => "patient",
+        AccountRole::Operator => "operator",
+    }
+}
+
+fn parse_role(kind: &str) -> Result<AccountRole> {
+    match kind {
+        "patient" => Ok(AccountRole::Patient),
+        "operator" => Ok(AccountRole::Operator),
+        other => Err(Error::Invalid(format!("unknown account kind {other:?}"))),
+    }
+}
+
+fn hash_password(password: &str) -> Result<String> {
+    let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|_| Error::Crypto("password hashing failed"))
+}
+
+fn verify_password(password: &str, hash: &str) -> bool {
+    PasswordHash::new(hash)
+        .map(|parsed| {
+            Argon2::default()
+                .verify_password(password.as_bytes(), &parsed)
+                .is_ok()
+        })
+        .unwrap_or(false)
+}
+
+fn new_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn hash_token(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+fn session_id(token_hash: &[u8; 32]) -> String {
+    hex::encode(&token_hash[..8])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lockout_doubles_and_caps_at_a_day() {
+        let cases = [(300, 1, 300), (300, 2, 600), (300, 3, 1200), (300, 10, 86_400), (300, 200, 86_400), (0, 5, 0)];
+        for (base, n, expected) in cases {
+            assert_eq!(lockout_secs(base, n), expected, "base {base} lockout {n}");
+        }
+    }
+
+    #[test]
+    fn password_hashes_are_argon2id_and_verify() {
+        let hash = hash_password("correct horse battery").unwrap();
+        assert!(hash.starts_with("$argon2id$"));
+        assert!(verify_password("correct horse battery", &hash));
+        assert!(!verify_password("wrong", &hash));
+        assert!(!verify_password("x", "not a hash"));
+    }
+}

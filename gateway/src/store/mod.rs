@@ -1,0 +1,246 @@
+//! Persistence on two engines through sqlx's `Any` driver: SQLite (the embedded default, WAL)
+//! and PostgreSQL (the scale-out store). One schema, migrated at start for either engine.
+//!
+//! SQLite allows one writer at a time, so writes go through a single-connection pool (no
+//! `SQLITE_BUSY` between our own writers) while reads use a wider pool; on PostgreSQL both
+//! are the same pool.
+
+pub mod accounts;
+pub mod resources;
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::migrate::Migrator;
+use sqlx::{Any, AnyPool, Executor, Transaction};
+
+use crate::error::{Error, Result};
+
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Sqlite,
+    Postgres,
+}
+
+impl Engine {
+    pub fn of_url(url: &str) -> Result<Engine> {
+        if url.starts_with("sqlite:") {
+            Ok(Engine::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Engine::Postgres)
+        } else {
+            Err(Error::config(
+                "database.url",
+                "must start with sqlite:, postgres:// or postgresql://",
+            ))
+        }
+    }
+}
+
+impl fmt::Display for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Engine::Sqlite => "sqlite",
+            Engine::Postgres => "postgres",
+        })
+    }
+}
+
+/// How a pool prepares each new connection.
+#[derive(Debug, Clone)]
+pub(crate) enum SessionSetup {
+    Main,
+    /// The key store: on SQLite deleted bytes are overwritten; on PostgreSQL its own schema.
+    KeyStore { schema: String },
+}
+
+#[derive(Clone)]
+pub struct Database {
+    engine: Engine,
+    read: AnyPool,
+    write: AnyPool,
+    faults: FaultPoints,
+}
+
+impl Database {
+    pub async fn connect(url: &str, max_connections: u32, timeout: Duration) -> Result<Self> {
+        Self::connect_with(url, max_connections, timeout, SessionSetup::Main).await
+    }
+
+    pub(crate) async fn connect_with(
+        url: &str,
+        max_connections: u32,
+        timeout: Duration,
+        setup: SessionSetup,
+    ) -> Result<Self> {
+        sqlx::any::install_default_drivers();
+        let engine = Engine::of_url(url)?;
+        let options = AnyConnectOptions::from_str(url)
+            .map_err(|e| Error::config("database.url", e.to_string()))?;
+        if let (Engine::Postgres, SessionSetup::KeyStore { schema }) = (engine, &setup) {
+            // The schema must exist before connections set it as their search path.
+            let pool = AnyPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(timeout)
+                .connect_with(options.clone())
+                .await?;
+            pool.execute(format!("CREATE SCHEMA IF NOT EXISTS {schema}").as_str())
+                .await?;
+            pool.close().await;
+        }
+        let pool_options = |max: u32| {
+            let setup = setup.clone();
+            AnyPoolOptions::new()
+                .max_connections(max)
+                .acquire_timeout(timeout)
+                .after_connect(move |conn, _meta| {
+                    let statements = session_statements(engine, &setup);
+                    Box::pin(async move {
+                        for statement in statements {
+                            conn.execute(statement.as_str()).await?;
+                        }
+                        Ok(())
+                    })
+                })
+        };
+        let (read, write) = match engine {
+            Engine::Sqlite => {
+                let write = pool_options(1).connect_with(options.clone()).await?;
+                let read = pool_options(max_connections.max(2))
+                    .connect_with(options)
+                    .await?;
+                (read, write)
+            }
+            Engine::Postgres => {
+                let pool = pool_options(max_connections)
+                    .connect_with(options)
+                    .await?;
+                (pool.clone(), pool)
+            }
+        };
+        Ok(Database {
+            engine,
+            read,
+            write,
+            faults: FaultPoints::default(),
+        })
+    }
+
+    /// Applies the main schema's migrations for this engine.
+    pub async fn migrate(&self) -> Result<()> {
+        let migrator = match self.engine {
+            Engine::Sqlite => &SQLITE_MIGRATIONS,
+            Engine::Postgres => &POSTGRES_MIGRATIONS,
+        };
+        migrator.run(&self.write).await?;
+        Ok(())
+    }
+
+    pub(crate) async fn migrate_with(&self, migrator: &Migrator) -> Result<()> {
+        migrator.run(&self.write).await?;
+        Ok(())
+    }
+
+    pub fn engine(&self) -> Engine {
+        self.engine
+    }
+
+    pub fn read_pool(&self) -> &AnyPool {
+        &self.read
+    }
+
+    pub fn write_pool(&self) -> &AnyPool {
+        &self.write
+    }
+
+    /// Starts a write transaction.
+    pub async fn begin(&self) -> Result<Transaction<'static, Any>> {
+        Ok(self.write.begin().await?)
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        self.read.execute("SELECT 1").await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.write.close().await;
+        self.read.close().await;
+    }
+
+    /// Test hook: the next time the named point is reached, it fails. Lets tests prove a
+    /// transaction leaves nothing half-written.
+    pub fn inject_fault(&self, point: &'static str) {
+        self.faults.arm(point);
+    }
+
+    pub(crate) fn fault_point(&self, point: &'static str) -> Result<()> {
+        self.faults.check(point)
+    }
+}
+
+fn session_statements(engine: Engine, setup: &SessionSetup) -> Vec<String> {
+    match (engine, setup) {
+        (Engine::Sqlite, setup) => {
+            let mut statements = vec![
+                "PRAGMA journal_mode = WAL".to_string(),
+                "PRAGMA synchronous = FULL".to_string(),
+                "PRAGMA foreign_keys = ON".to_string(),
+                "PRAGMA busy_timeout = 10000".to_string(),
+            ];
+            if matches!(setup, SessionSetup::KeyStore { .. }) {
+                statements.push("PRAGMA secure_delete = ON".to_string());
+            }
+            statements
+        }
+        (Engine::Postgres, SessionSetup::KeyStore { schema }) => {
+            vec![format!("SET search_path TO {schema}")]
+        }
+        (Engine::Postgres, SessionSetup::Main) => Vec::new(),
+    }
+}
+
+#[derive(Clone, Default)]
+struct FaultPoints(Arc<Mutex<Vec<&'static str>>>);
+
+impl FaultPoints {
+    fn arm(&self, point: &'static str) {
+        if let Ok(mut armed) = self.0.lock() {
+            armed.push(point);
+        }
+    }
+
+    fn check(&self, point: &'static str) -> Result<()> {
+        let Ok(mut armed) = self.0.lock() else {
+            return Ok(());
+        };
+        if let Some(i) = armed.iter().position(|p| *p == point) {
+            armed.remove(i);
+            return Err(Error::InjectedFault(point));
+        }
+        Ok(())
+    }
+}
+
+/// Unix time in milliseconds, the store's one time representation.
+pub fn now_millis() -> i64 {
+    let now = time::OffsetDateTime::now_utc();
+    (now.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+pub fn millis_to_rfc3339(millis: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(millis as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
