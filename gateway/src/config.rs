@@ -340,20 +340,18 @@ fn is_loopback(ip: IpAddr) -> bool {
 
 /// Turns figment's error into ours, keeping the dotted key path it names.
 fn figment_error(err: figment::Error) -> Error {
+    // Where the bad value came from: a file path, `PHR_…` variables, or flags.
+    let origin = err.metadata.as_ref().map(|m| match &m.source {
+        Some(source) => format!("{} {source}", m.name),
+        None => m.name.to_string(),
+    });
     let key = if err.path.is_empty() {
-        err.metadata
-            .as_ref()
-            .map(|m| m.name.to_string())
-            .unwrap_or_else(|| "config".into())
+        origin.clone().unwrap_or_else(|| "config".into())
     } else {
         err.path.join(".")
     };
-    let source = err
-        .metadata
-        .as_ref()
-        .map(|m| format!(" (from {})", m.name))
-        .unwrap_or_default();
-    Error::config(key, format!("{}{source}", err.kind))
+    let from = origin.map(|o| format!(" (from {o})")).unwrap_or_default();
+    Error::config(key, format!("{}{from}", err.kind))
 }
 
 #[cfg(test)]

@@ -29,12 +29,16 @@ use rustls::{RootCertStore, ServerConfig, SupportedProtocolVersion};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::task::{JoinError, JoinSet};
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 /// How long a client may take to finish the TLS handshake. Without a bound, a client that
 /// opens a socket and then trickles bytes (slowloris) would pin a task and a file descriptor.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long shutdown waits for open connections to finish before cutting them off.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a client may take to send a complete HTTP/1 request head, for the same reason.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -228,7 +232,10 @@ pub enum TlsError {
         key_path.display(),
         cert_path.display()
     )]
-    KeyMismatch { cert_path: PathBuf, key_path: PathBuf },
+    KeyMismatch {
+        cert_path: PathBuf,
+        key_path: PathBuf,
+    },
 
     #[error(
         "private key file {} has mode {mode:04o}, which lets group or others read it; \
@@ -331,19 +338,18 @@ pub fn load_server_config(
             &provider,
         )?),
     };
-    let mut server_config =
-        builder
-            .with_single_cert(cert_chain, key)
-            .map_err(|err| match err {
-                rustls::Error::InconsistentKeys(_) => TlsError::KeyMismatch {
-                    cert_path: cert_path.clone(),
-                    key_path: key_path.clone(),
-                },
-                other => TlsError::InvalidCertificate {
-                    path: cert_path.clone(),
-                    reason: other.to_string(),
-                },
-            })?;
+    let mut server_config = builder
+        .with_single_cert(cert_chain, key)
+        .map_err(|err| match err {
+            rustls::Error::InconsistentKeys(_) => TlsError::KeyMismatch {
+                cert_path: cert_path.clone(),
+                key_path: key_path.clone(),
+            },
+            other => TlsError::InvalidCertificate {
+                path: cert_path.clone(),
+                reason: other.to_string(),
+            },
+        })?;
     // Offer HTTP/2 first; the connection layer serves either.
     server_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(server_config))
@@ -372,7 +378,8 @@ fn client_verifier(
             path: ca_path.to_path_buf(),
         });
     }
-    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider));
+    let builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider));
     let builder = match client_auth {
         ClientAuth::Required => builder,
         ClientAuth::Optional => builder.allow_unauthenticated(),
@@ -477,9 +484,10 @@ fn generate_dev_certificate() -> Result<(String, String), TlsError> {
         rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(generation_error)?;
     let names: Vec<String> = DEV_CERT_NAMES.iter().map(|name| name.to_string()).collect();
     let mut params = rcgen::CertificateParams::new(names).map_err(generation_error)?;
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "phr-gateway development certificate");
+    params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        "phr-gateway development certificate",
+    );
     params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
     let cert = params.self_signed(&key_pair).map_err(generation_error)?;
     Ok((cert.pem(), key_pair.serialize_pem()))
@@ -560,7 +568,25 @@ impl ConnectionInfo {
     }
 }
 
-/// Serves `router` on `listener` until `shutdown` completes.
+/// Timeouts of [`serve_with_options`]; [`serve`] uses the defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServeOptions {
+    /// Longest a client may take to complete the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Longest shutdown waits for open connections before closing them forcibly.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            drain_timeout: DRAIN_TIMEOUT,
+        }
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown` completes, with [`ServeOptions::default`].
 ///
 /// With `tls`, each connection first completes a TLS handshake (bounded by
 /// [`HANDSHAKE_TIMEOUT`]); with `tls = None` it is plain HTTP, and the caller decides whether
@@ -568,35 +594,43 @@ impl ConnectionInfo {
 /// [`ConnectionInfo`] and `ConnectInfo<SocketAddr>` in its extensions. Failed handshakes and
 /// accept errors are logged and never end the loop.
 ///
-/// When `shutdown` completes the listener is closed, idle connections are closed, busy ones
-/// finish their in-flight requests (HTTP/2 gets GOAWAY), and this returns once every
-/// connection has ended. Wrap the call in `tokio::time::timeout` to bound that wait.
+/// When `shutdown` completes, the listener is closed, idle connections are closed, busy ones
+/// finish their in-flight requests (HTTP/2 clients get GOAWAY), and this returns once every
+/// connection has ended, or after [`DRAIN_TIMEOUT`] with the stragglers cut off.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<Arc<ServerConfig>>,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    serve_with_handshake_timeout(listener, tls, router, shutdown, HANDSHAKE_TIMEOUT).await
+    serve_with_options(listener, tls, router, shutdown, ServeOptions::default()).await
 }
 
-async fn serve_with_handshake_timeout(
+/// [`serve`] with explicit timeouts.
+pub async fn serve_with_options(
     listener: TcpListener,
     tls: Option<Arc<ServerConfig>>,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    handshake_timeout: Duration,
+    options: ServeOptions,
 ) -> io::Result<()> {
     let acceptor = tls.map(TlsAcceptor::from);
-    // Every connection task holds a receiver: a send tells them to wind down, and
-    // `closed()` on the sender resolves once the last of them has finished.
+    // A send on this channel tells every connection task to wind down gracefully.
     let (shutdown_sender, shutdown_receiver) = watch::channel(());
+    // Tracks connection tasks so shutdown can wait for them, and abort them after the drain
+    // timeout (an HTTP/2 client that never acknowledges GOAWAY would otherwise hold us).
+    let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
 
     loop {
         let accepted = tokio::select! {
             biased;
             () = &mut shutdown => break,
+            // Reap finished tasks as we go so the set does not grow with every connection.
+            Some(finished) = connections.join_next() => {
+                log_connection_panic(finished);
+                continue;
+            }
             accepted = listener.accept() => accepted,
         };
         let (tcp, remote_addr) = match accepted {
@@ -614,21 +648,42 @@ async fn serve_with_handshake_timeout(
         if let Err(err) = tcp.set_nodelay(true) {
             tracing::debug!(%remote_addr, error = %err, "cannot set TCP_NODELAY");
         }
-        tokio::spawn(handle_connection(
+        connections.spawn(handle_connection(
             tcp,
             remote_addr,
             acceptor.clone(),
             router.clone(),
-            handshake_timeout,
+            options.handshake_timeout,
             shutdown_receiver.clone(),
         ));
     }
 
     drop(listener);
-    drop(shutdown_receiver);
     shutdown_sender.send_replace(());
-    shutdown_sender.closed().await;
+    let drain = async {
+        while let Some(finished) = connections.join_next().await {
+            log_connection_panic(finished);
+        }
+    };
+    if tokio::time::timeout(options.drain_timeout, drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open_connections = connections.len(),
+            "connections still open after the drain timeout; closing them"
+        );
+        connections.shutdown().await;
+    }
     Ok(())
+}
+
+fn log_connection_panic(finished: Result<(), JoinError>) {
+    if let Err(err) = finished {
+        if err.is_panic() {
+            tracing::error!(error = %err, "a connection task panicked");
+        }
+    }
 }
 
 /// Accept errors that concern one client only; the listener itself is fine.
@@ -757,6 +812,13 @@ mod tests {
                 ),
             )
             .route(
+                "/hang",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    "too late"
+                }),
+            )
+            .route(
                 "/slow",
                 get(|| async {
                     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -773,12 +835,12 @@ mod tests {
 
     impl TestServer {
         async fn start(tls: Option<Arc<ServerConfig>>) -> TestServer {
-            TestServer::start_with_handshake_timeout(tls, HANDSHAKE_TIMEOUT).await
+            TestServer::start_with_options(tls, ServeOptions::default()).await
         }
 
-        async fn start_with_handshake_timeout(
+        async fn start_with_options(
             tls: Option<Arc<ServerConfig>>,
-            handshake_timeout: Duration,
+            options: ServeOptions,
         ) -> TestServer {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
@@ -786,12 +848,12 @@ mod tests {
             let shutdown = async move {
                 let _ = stopped.await;
             };
-            let task = tokio::spawn(serve_with_handshake_timeout(
+            let task = tokio::spawn(serve_with_options(
                 listener,
                 tls,
                 test_router(),
                 shutdown,
-                handshake_timeout,
+                options,
             ));
             TestServer {
                 addr,
@@ -816,7 +878,11 @@ mod tests {
     /// plus that certificate for the client to trust.
     fn server_with_dev_cert(
         config: &TlsConfig,
-    ) -> (tempfile::TempDir, Arc<ServerConfig>, CertificateDer<'static>) {
+    ) -> (
+        tempfile::TempDir,
+        Arc<ServerConfig>,
+        CertificateDer<'static>,
+    ) {
         let data_dir = tempfile::tempdir().unwrap();
         let server_config = load_server_config(config, data_dir.path()).unwrap();
         let cert = read_certificates(&data_dir.path().join("tls").join(DEV_CERT_FILE))
@@ -1204,7 +1270,11 @@ mod tests {
     fn mtls_server(
         client_auth: ClientAuth,
         pki: &TestPki,
-    ) -> (tempfile::TempDir, Arc<ServerConfig>, CertificateDer<'static>) {
+    ) -> (
+        tempfile::TempDir,
+        Arc<ServerConfig>,
+        CertificateDer<'static>,
+    ) {
         let ca_dir = tempfile::tempdir().unwrap();
         let ca_path = ca_dir.path().join("client-ca.pem");
         std::fs::write(&ca_path, &pki.ca_pem).unwrap();
@@ -1245,7 +1315,10 @@ mod tests {
         let wrong_ca = client_config(
             &[&rustls::version::TLS13],
             &server_cert,
-            Some((stranger.client_cert.clone(), stranger.client_key.clone_key())),
+            Some((
+                stranger.client_cert.clone(),
+                stranger.client_key.clone_key(),
+            )),
         );
         assert!(
             connection_is_refused(server.addr, wrong_ca).await,
@@ -1403,9 +1476,7 @@ mod tests {
 
         // Environment providers hand over "1.3" as a float (f32 in figment).
         let from_f32: Result<TlsVersion, serde::de::value::Error> =
-            serde::Deserialize::deserialize(serde::de::IntoDeserializer::into_deserializer(
-                1.3f32,
-            ));
+            serde::Deserialize::deserialize(serde::de::IntoDeserializer::into_deserializer(1.3f32));
         assert_eq!(from_f32.unwrap(), TlsVersion::V1_3);
         let from_f64: TlsConfig = serde_json::from_str(r#"{"min_version":1.2}"#).unwrap();
         assert_eq!(from_f64.min_version, TlsVersion::V1_2);
@@ -1436,11 +1507,11 @@ mod tests {
     #[tokio::test]
     async fn stalled_handshakes_are_dropped_and_the_loop_goes_on() {
         let (_dir, server_config, cert) = server_with_dev_cert(&TlsConfig::default());
-        let server = TestServer::start_with_handshake_timeout(
-            Some(server_config),
-            Duration::from_millis(200),
-        )
-        .await;
+        let options = ServeOptions {
+            handshake_timeout: Duration::from_millis(200),
+            ..ServeOptions::default()
+        };
+        let server = TestServer::start_with_options(Some(server_config), options).await;
 
         // A client that connects and never says anything is disconnected.
         let mut silent = TcpStream::connect(server.addr).await.unwrap();
@@ -1489,6 +1560,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn shutdown_cuts_off_connections_after_the_drain_timeout() {
+        let (_dir, server_config, cert) = server_with_dev_cert(&TlsConfig::default());
+        let options = ServeOptions {
+            drain_timeout: Duration::from_millis(300),
+            ..ServeOptions::default()
+        };
+        let server = TestServer::start_with_options(Some(server_config), options).await;
+
+        let config = client_config(&[&rustls::version::TLS13], &cert, None);
+        let mut stream = tls_connect(server.addr, config).await.unwrap();
+        let hanging = tokio::spawn(async move { http1_get(&mut stream, "/hang").await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        let started = tokio::time::Instant::now();
+        server.stop().await;
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        let outcome = hanging.await.unwrap();
+        assert!(outcome.is_err(), "{outcome:?}");
+    }
+
+    #[tokio::test]
     async fn http2_is_served_when_negotiated() {
         let (_dir, server_config, cert) = server_with_dev_cert(&TlsConfig::default());
         let server = TestServer::start(Some(server_config)).await;
@@ -1532,6 +1628,9 @@ mod tests {
         .await
         .expect("no HTTP/2 response");
         assert_eq!(body, (true, b"TLSv1.3".to_vec()));
+        // This hand-rolled client would never answer the server's GOAWAY ping; hang up so
+        // shutdown need not wait out the drain timeout.
+        drop(stream);
         server.stop().await;
     }
 }

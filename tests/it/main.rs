@@ -1,1 +1,11 @@
+//! End-to-end tests: the real gateway in-process, on a fresh SQLite or PostgreSQL database.
+//! Every storage test runs on both engines (`both_engines!`).
 
+mod helpers;
+
+mod audit;
+mod config;
+mod http;
+mod openapi;
+mod resources;
+mod security;

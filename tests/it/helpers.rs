@@ -1,0 +1,227 @@
+//! The test harness: fresh databases per test on either engine, and `spawn_app`, which
+//! starts the real server on port 0 and hands back a client that trusts its dev certificate.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use phr_gateway::config::Config;
+use phr_gateway::{Gateway, RunningGateway};
+use sqlx::Executor;
+
+pub use phr_gateway::store::Engine;
+
+/// Where the PostgreSQL test server is; each test gets its own database in it.
+pub fn postgres_admin_url() -> String {
+    std::env::var("PHR_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// Generates the tests `<name>::sqlite` and `<name>::postgres` from `async fn <name>(Engine)`.
+#[macro_export]
+macro_rules! both_engines {
+    ($($name:ident),+ $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    super::$name(crate::helpers::Engine::Sqlite).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    super::$name(crate::helpers::Engine::Postgres).await
+                }
+            }
+        )+
+    };
+}
+
+/// One test's private database and data directory, removed when dropped.
+pub struct TestEnv {
+    pub engine: Engine,
+    pub dir: tempfile::TempDir,
+    pub database_url: Option<String>,
+    pg_database: Option<String>,
+}
+
+impl TestEnv {
+    pub async fn new(engine: Engine) -> TestEnv {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (database_url, pg_database) = match engine {
+            Engine::Sqlite => (None, None),
+            Engine::Postgres => {
+                let name = format!("phr_t_{}", uuid::Uuid::new_v4().simple());
+                let admin = postgres_admin_pool().await;
+                admin
+                    .execute(format!("CREATE DATABASE {name}").as_str())
+                    .await
+                    .expect("create test database (is PostgreSQL running on 127.0.0.1:5432?)");
+                admin.close().await;
+                let base = postgres_admin_url();
+                let url = match base.rfind('/') {
+                    Some(i) => format!("{}/{name}", &base[..i]),
+                    None => panic!("bad PHR_TEST_POSTGRES_URL"),
+                };
+                (Some(url), Some(name))
+            }
+        };
+        TestEnv {
+            engine,
+            dir,
+            database_url,
+            pg_database,
+        }
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A configuration for this environment: port 0, fast checkpoints.
+    pub fn config(&self) -> Config {
+        let mut config = Config::default();
+        config.data_dir = self.dir.path().join("data");
+        config.listen = "127.0.0.1:0".parse().expect("addr");
+        config.database.url = self.database_url.clone();
+        config.audit.checkpoint_every_leaves = 10;
+        config.audit.checkpoint_interval_secs = 1;
+        config.log.format = phr_gateway::config::LogFormat::Pretty;
+        config
+    }
+
+    pub fn keys_db(&self) -> PathBuf {
+        self.dir.path().join("data").join("keys.db")
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let Some(name) = self.pg_database.take() else {
+            return;
+        };
+        // Drop runs outside async code; a short-lived runtime on its own thread does it.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                return;
+            };
+            rt.block_on(async move {
+                let admin = postgres_admin_pool().await;
+                let _ = admin
+                    .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+                    .await;
+                admin.close().await;
+            });
+        })
+        .join();
+    }
+}
+
+async fn postgres_admin_pool() -> sqlx::AnyPool {
+    sqlx::any::install_default_drivers();
+    sqlx::any::AnyPoolOptions::new()
+        .max_connections(1)
+        .connect(&postgres_admin_url())
+        .await
+        .expect("connect to PostgreSQL (is it running on 127.0.0.1:5432?)")
+}
+
+/// The real server, running, and a client for it.
+pub struct TestApp {
+    pub env: TestEnv,
+    pub gateway: Option<RunningGateway>,
+    pub base: String,
+    pub client: reqwest::Client,
+}
+
+impl TestApp {
+    pub fn gateway(&self) -> &RunningGateway {
+        self.gateway.as_ref().expect("running")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub async fn stop(mut self) -> TestEnv {
+        if let Some(gateway) = self.gateway.take() {
+            gateway.stop().await;
+        }
+        let env = std::mem::replace(
+            &mut self.env,
+            TestEnv {
+                engine: Engine::Sqlite,
+                dir: tempfile::tempdir().expect("tempdir"),
+                database_url: None,
+                pg_database: None,
+            },
+        );
+        env
+    }
+
+    /// Creates an account and signs it in; returns the bearer token.
+    pub async fn sign_in(&self, role: phr_gateway::audit::AccountRole, username: &str, patient: Option<&str>) -> String {
+        let password = "correct horse battery staple";
+        self.gateway()
+            .state
+            .accounts
+            .create(role, username, password, patient)
+            .await
+            .expect("create account");
+        let response = self
+            .client
+            .post(self.url("/auth/login"))
+            .json(&serde_json::json!({"username": username, "password": password}))
+            .send()
+            .await
+            .expect("login");
+        assert_eq!(response.status(), 200);
+        let body: serde_json::Value = response.json().await.expect("json");
+        body["token"].as_str().expect("token").to_string()
+    }
+}
+
+pub async fn spawn_app(engine: Engine) -> TestApp {
+    spawn_app_with(TestEnv::new(engine).await, |_| {}).await
+}
+
+pub async fn spawn_app_with(env: TestEnv, adjust: impl FnOnce(&mut Config)) -> TestApp {
+    let mut config = env.config();
+    adjust(&mut config);
+    let data_dir = config.data_dir.clone();
+    let gateway = Gateway::build(config)
+        .await
+        .expect("build gateway")
+        .start()
+        .await
+        .expect("start gateway");
+    let port = gateway.addr.port();
+    let client = client_trusting(&data_dir.join("tls").join("dev-cert.pem"), None);
+    TestApp {
+        env,
+        gateway: Some(gateway),
+        base: format!("https://localhost:{port}"),
+        client,
+    }
+}
+
+/// An HTTPS client that trusts only the given certificate.
+pub fn client_trusting(cert: &Path, versions: Option<&'static [&'static rustls::SupportedProtocolVersion]>) -> reqwest::Client {
+    phr_gateway::tls::install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(cert).expect("read dev cert");
+    for der in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(der.expect("pem")).expect("add root");
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ));
+    let builder = match versions {
+        Some(v) => builder.with_protocol_versions(v),
+        None => builder.with_safe_default_protocol_versions(),
+    }
+    .expect("versions");
+    let tls = builder.with_root_certificates(roots).with_no_client_auth();
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .build()
+        .expect("client")
+}
