@@ -7,8 +7,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use futures::TryStreamExt;
-use sqlx::Row;
 
 use crate::app::Gateway;
 use crate::audit::verify::{verify, VerifyError};
@@ -200,22 +198,7 @@ async fn audit_command(mut config: Config, command: AuditCommand) -> Result<Exit
                 )),
                 None => Box::new(std::io::BufWriter::new(std::io::stdout())),
             };
-            let mut rows = sqlx::query(
-                "SELECT body FROM audit_leaves WHERE recorded_at >= $1 ORDER BY tree_index, id",
-            )
-            .bind(since_ms)
-            .fetch(audit.database().read_pool());
-            let mut count = 0u64;
-            let target = out.clone().unwrap_or_else(|| PathBuf::from("stdout"));
-            while let Some(row) = rows.try_next().await? {
-                let body: Vec<u8> = row.try_get(0)?;
-                writer
-                    .write_all(&body)
-                    .and_then(|_| writer.write_all(b"\n"))
-                    .map_err(|e| Error::io(&target, e))?;
-                count += 1;
-            }
-            writer.flush().map_err(|e| Error::io(&target, e))?;
+            let count = crate::audit::export::export_since(audit.database(), since_ms, &mut writer).await?;
             eprintln!("exported {count} audit events");
             Ok(ExitCode::SUCCESS)
         }

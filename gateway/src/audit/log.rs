@@ -145,6 +145,8 @@ impl AuditLog {
             leaves.push((index, to_hash(&hash)?));
         }
         leaves.sort_unstable_by_key(|(index, _)| *index);
+        let now = now_millis();
+        let mut checkpoints = Vec::new();
         for (expected, (index, hash)) in (base as i64..).zip(&leaves) {
             if *index != expected {
                 return Err(Error::Audit(format!(
@@ -152,19 +154,21 @@ impl AuditLog {
                 )));
             }
             state.range.append(*hash);
+            // Every N leaves exactly, even inside one large batch.
+            if state.range.size() - state.checkpoint_size >= self.every_leaves {
+                checkpoints.push(self.checkpoint_of(&state.range));
+                state.checkpoint_size = state.range.size();
+                state.checkpoint_at = now;
+            }
         }
-        let now = now_millis();
         let new_leaves = state.range.size() - state.checkpoint_size;
-        let due = new_leaves >= self.every_leaves
-            || (new_leaves > 0 && now - state.checkpoint_at >= self.interval.as_millis() as i64)
-            || (force_checkpoint && new_leaves > 0);
-        let mut checkpoint = None;
-        if due {
-            let cp = Checkpoint {
-                origin: self.origin.clone(),
-                size: state.range.size(),
-                root: state.range.root(),
-            };
+        let interval_passed = now - state.checkpoint_at >= self.interval.as_millis() as i64;
+        if new_leaves > 0 && (interval_passed || force_checkpoint) {
+            checkpoints.push(self.checkpoint_of(&state.range));
+            state.checkpoint_size = state.range.size();
+            state.checkpoint_at = now;
+        }
+        for cp in &checkpoints {
             let note = self.signer.sign(&cp.body());
             sqlx::query(
                 "INSERT INTO audit_checkpoints (tree_size, root, note, created_at)
@@ -176,9 +180,6 @@ impl AuditLog {
             .bind(now)
             .execute(&mut *tx)
             .await?;
-            state.checkpoint_size = cp.size;
-            state.checkpoint_at = now;
-            checkpoint = Some(cp);
         }
         sqlx::query(
             "UPDATE audit_sequencer SET tree_size = $1, compact_range = $2,
@@ -194,8 +195,50 @@ impl AuditLog {
         Ok(SequenceOutcome {
             sequenced: leaves.len() as u64,
             tree_size: state.range.size(),
-            checkpoint,
+            checkpoint: checkpoints.pop(),
         })
+    }
+
+    fn checkpoint_of(&self, range: &CompactRange) -> Checkpoint {
+        Checkpoint {
+            origin: self.origin.clone(),
+            size: range.size(),
+            root: range.root(),
+        }
+    }
+
+    /// Hashes of the first `size` sequenced leaves, in order.
+    async fn leaf_hashes(&self, size: u64) -> Result<Vec<Hash>> {
+        let rows = sqlx::query(
+            "SELECT leaf_hash FROM audit_leaves WHERE tree_index IS NOT NULL AND tree_index < $1
+             ORDER BY tree_index",
+        )
+        .bind(size as i64)
+        .fetch_all(self.db.read_pool())
+        .await?;
+        let hashes = rows
+            .iter()
+            .map(|row| to_hash(&row.try_get::<Vec<u8>, _>(0)?))
+            .collect::<Result<Vec<_>>>()?;
+        if hashes.len() as u64 != size {
+            return Err(Error::Audit(format!(
+                "the log has {} sequenced leaves, not {size}",
+                hashes.len()
+            )));
+        }
+        Ok(hashes)
+    }
+
+    /// An RFC 6962 inclusion proof of leaf `index` in the tree of `size` leaves.
+    pub async fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>> {
+        let hashes = self.leaf_hashes(size).await?;
+        merkle::inclusion_proof(&hashes, index).map_err(|e| Error::Audit(e.to_string()))
+    }
+
+    /// An RFC 6962 consistency proof from the tree of `old_size` leaves to `new_size`.
+    pub async fn consistency_proof(&self, old_size: u64, new_size: u64) -> Result<Vec<Hash>> {
+        let hashes = self.leaf_hashes(new_size).await?;
+        merkle::consistency_proof(&hashes, old_size).map_err(|e| Error::Audit(e.to_string()))
     }
 
     /// The newest signed checkpoint note, if any.
