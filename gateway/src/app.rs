@@ -80,7 +80,8 @@ impl Gateway {
 
         record_start(&db, &config, kek_created, signing_created).await?;
 
-        let resources = ResourceStore::new(db.clone(), keys.clone(), config.store.max_resource_bytes);
+        let resources =
+            ResourceStore::new(db.clone(), keys.clone(), config.store.max_resource_bytes);
         let accounts = Accounts::new(db.clone(), config.sessions.clone())?;
         let state = AppState {
             tls: tls.is_some(),
@@ -158,9 +159,18 @@ async fn wait_for_signal() {
 }
 
 /// Audits the start, any generated key, and every weakened security setting.
-async fn record_start(db: &Database, config: &Config, kek_created: bool, signing_created: bool) -> Result<()> {
+async fn record_start(
+    db: &Database,
+    config: &Config,
+    kek_created: bool,
+    signing_created: bool,
+) -> Result<()> {
     let mut tx = db.begin().await?;
-    audit::record(&mut tx, &AuditEvent::new(EventKind::ApplicationStart, Agent::system())).await?;
+    audit::record(
+        &mut tx,
+        &AuditEvent::new(EventKind::ApplicationStart, Agent::system()),
+    )
+    .await?;
     if kek_created {
         let event = AuditEvent::new(EventKind::SecurityConfiguration, Agent::system())
             .detail("key-encryption key generated");

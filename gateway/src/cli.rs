@@ -80,7 +80,10 @@ enum AuditCommand {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -169,7 +172,14 @@ async fn audit_command(mut config: Config, command: AuditCommand) -> Result<Exit
                 Some(path) => Some(std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?),
                 None => None,
             };
-            match verify(audit.database(), &audit.verifier(), audit.origin(), trusted.as_deref()).await {
+            match verify(
+                audit.database(),
+                &audit.verifier(),
+                audit.origin(),
+                trusted.as_deref(),
+            )
+            .await
+            {
                 Ok(report) => {
                     println!(
                         "audit log OK: {} leaves, {} checkpoints verified (latest at size {}){}",
@@ -177,7 +187,8 @@ async fn audit_command(mut config: Config, command: AuditCommand) -> Result<Exit
                         report.checkpoints_checked,
                         report.latest_checkpoint.unwrap_or(0),
                         match report.trusted_size {
-                            Some(size) => format!(", consistent with trusted checkpoint at size {size}"),
+                            Some(size) =>
+                                format!(", consistent with trusted checkpoint at size {size}"),
                             None => String::new(),
                         }
                     );
@@ -198,7 +209,8 @@ async fn audit_command(mut config: Config, command: AuditCommand) -> Result<Exit
                 )),
                 None => Box::new(std::io::BufWriter::new(std::io::stdout())),
             };
-            let count = crate::audit::export::export_since(audit.database(), since_ms, &mut writer).await?;
+            let count =
+                crate::audit::export::export_since(audit.database(), since_ms, &mut writer).await?;
             eprintln!("exported {count} audit events");
             Ok(ExitCode::SUCCESS)
         }

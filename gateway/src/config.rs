@@ -268,18 +268,36 @@ impl Config {
             ));
         }
         if self.database.max_connections == 0 {
-            return Err(Error::config("database.max_connections", "must be at least 1"));
+            return Err(Error::config(
+                "database.max_connections",
+                "must be at least 1",
+            ));
         }
-        positive("audit.checkpoint_every_leaves", self.audit.checkpoint_every_leaves)?;
-        positive("audit.checkpoint_interval_secs", self.audit.checkpoint_interval_secs)?;
+        positive(
+            "audit.checkpoint_every_leaves",
+            self.audit.checkpoint_every_leaves,
+        )?;
+        positive(
+            "audit.checkpoint_interval_secs",
+            self.audit.checkpoint_interval_secs,
+        )?;
         if self.audit.origin.trim().is_empty() || self.audit.origin.contains('\n') {
             return Err(Error::config("audit.origin", "must be one non-empty line"));
         }
         positive("http.body_limit_bytes", self.http.body_limit_bytes as u64)?;
         positive("http.request_timeout_secs", self.http.request_timeout_secs)?;
-        positive("store.max_resource_bytes", self.store.max_resource_bytes as u64)?;
-        positive("sessions.idle_timeout_secs", self.sessions.idle_timeout_secs)?;
-        positive("sessions.max_failed_logins", self.sessions.max_failed_logins as u64)?;
+        positive(
+            "store.max_resource_bytes",
+            self.store.max_resource_bytes as u64,
+        )?;
+        positive(
+            "sessions.idle_timeout_secs",
+            self.sessions.idle_timeout_secs,
+        )?;
+        positive(
+            "sessions.max_failed_logins",
+            self.sessions.max_failed_logins as u64,
+        )?;
         if self.sessions.absolute_timeout_secs < self.sessions.idle_timeout_secs {
             return Err(Error::config(
                 "sessions.absolute_timeout_secs",
@@ -404,11 +422,20 @@ mod tests {
         let cases: &[(&str, &str)] = &[
             ("unknown_key = 1\n", "unknown_key"),
             ("[tls]\nmin_version = \"1.1\"\n", "tls.min_version"),
-            ("[sessions]\nidle_timeout_secs = \"soon\"\n", "sessions.idle_timeout_secs"),
-            ("[sessions]\nidle_timeout_secs = 0\n", "sessions.idle_timeout_secs"),
+            (
+                "[sessions]\nidle_timeout_secs = \"soon\"\n",
+                "sessions.idle_timeout_secs",
+            ),
+            (
+                "[sessions]\nidle_timeout_secs = 0\n",
+                "sessions.idle_timeout_secs",
+            ),
             ("[database]\nurl = \"mysql://x\"\n", "database.url"),
             ("[database]\nsurprise = true\n", "database"),
-            ("listen = \"0.0.0.0:80\"\ninsecure_http = true\n", "insecure_http"),
+            (
+                "listen = \"0.0.0.0:80\"\ninsecure_http = true\n",
+                "insecure_http",
+            ),
             ("[log]\nfilter = \"[[[\"\n", "log.filter"),
             ("this is not toml", "gateway.toml"),
         ];

@@ -25,10 +25,24 @@ pub async fn seed(state: &AppState) -> Result<DemoCredentials> {
     let operator_password = Alphanumeric.sample_string(&mut rand::thread_rng(), 20);
     state.resources.ensure_patient(DEMO_PATIENT_ID).await?;
     for (role, username, password, patient) in [
-        (AccountRole::Patient, "demo-patient", &patient_password, Some(DEMO_PATIENT_ID)),
-        (AccountRole::Operator, "demo-operator", &operator_password, None),
+        (
+            AccountRole::Patient,
+            "demo-patient",
+            &patient_password,
+            Some(DEMO_PATIENT_ID),
+        ),
+        (
+            AccountRole::Operator,
+            "demo-operator",
+            &operator_password,
+            None,
+        ),
     ] {
-        match state.accounts.create(role, username, password, patient).await {
+        match state
+            .accounts
+            .create(role, username, password, patient)
+            .await
+        {
             Ok(_) => {}
             Err(Error::Invalid(reason)) if reason.contains("taken") => {
                 state.accounts.set_password(username, password).await?;
@@ -79,18 +93,44 @@ fn demo_resources() -> Vec<(&'static str, &'static str, serde_json::Value)> {
         })
     };
     vec![
-        ("Patient", "p1", json!({
-            "resourceType": "Patient",
-            "id": "p1",
-            "meta": {"versionId": "1", "profile": ["http://jpfhir.jp/fhir/core/StructureDefinition/JP_Patient"]},
-            "name": [{"use": "official", "text": "デモ 花子", "family": "デモ", "given": ["花子"]}],
-            "gender": "female",
-            "birthDate": "1980-05-01"
-        })),
-        ("Observation", "o-height", observation("o-height", "8302-2", "Body height", 158.2, "cm")),
-        ("Observation", "o-weight", observation("o-weight", "29463-7", "Body weight", 55.4, "kg")),
-        ("Observation", "o-sbp", observation("o-sbp", "8480-6", "Systolic blood pressure", 118.0, "mm[Hg]")),
-        ("Observation", "o-hba1c", observation("o-hba1c", "4548-4", "Hemoglobin A1c", 5.4, "%")),
+        (
+            "Patient",
+            "p1",
+            json!({
+                "resourceType": "Patient",
+                "id": "p1",
+                "meta": {"versionId": "1", "profile": ["http://jpfhir.jp/fhir/core/StructureDefinition/JP_Patient"]},
+                "name": [{"use": "official", "text": "デモ 花子", "family": "デモ", "given": ["花子"]}],
+                "gender": "female",
+                "birthDate": "1980-05-01"
+            }),
+        ),
+        (
+            "Observation",
+            "o-height",
+            observation("o-height", "8302-2", "Body height", 158.2, "cm"),
+        ),
+        (
+            "Observation",
+            "o-weight",
+            observation("o-weight", "29463-7", "Body weight", 55.4, "kg"),
+        ),
+        (
+            "Observation",
+            "o-sbp",
+            observation(
+                "o-sbp",
+                "8480-6",
+                "Systolic blood pressure",
+                118.0,
+                "mm[Hg]",
+            ),
+        ),
+        (
+            "Observation",
+            "o-hba1c",
+            observation("o-hba1c", "4548-4", "Hemoglobin A1c", 5.4, "%"),
+        ),
     ]
 }
 

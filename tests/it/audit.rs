@@ -29,7 +29,12 @@ async fn gateway_with_leaves(env: &TestEnv, n: usize) -> Gateway {
         let event = AuditEvent::new(EventKind::Read, Agent::system())
             .patient(format!("p{i}"))
             .resource(format!("Observation/o{i}"));
-        gateway.state.audit.record_now(&event).await.expect("record");
+        gateway
+            .state
+            .audit
+            .record_now(&event)
+            .await
+            .expect("record");
     }
     gateway.state.audit.sequence(true).await.expect("sequence");
     gateway
@@ -92,7 +97,10 @@ async fn flipped_byte_names_the_leaf(engine: Engine) {
         .execute(gateway.state.db.write_pool())
         .await
         .expect("tamper");
-    assert_eq!(tamper(run_verify(&gateway, None).await), Tamper::LeafChanged { index: 7 });
+    assert_eq!(
+        tamper(run_verify(&gateway, None).await),
+        Tamper::LeafChanged { index: 7 }
+    );
 
     // The stored leaf hash is covered too.
     let env2 = TestEnv::new(engine).await;
@@ -109,7 +117,10 @@ async fn flipped_byte_names_the_leaf(engine: Engine) {
         .execute(gateway2.state.db.write_pool())
         .await
         .expect("tamper");
-    assert_eq!(tamper(run_verify(&gateway2, None).await), Tamper::LeafChanged { index: 3 });
+    assert_eq!(
+        tamper(run_verify(&gateway2, None).await),
+        Tamper::LeafChanged { index: 3 }
+    );
 }
 
 async fn deleted_leaf_is_detected(engine: Engine) {
@@ -125,10 +136,17 @@ async fn deleted_leaf_is_detected(engine: Engine) {
     let env2 = TestEnv::new(engine).await;
     let gateway2 = gateway_with_leaves(&env2, 12).await;
     let size = run_verify(&gateway2, None).await.expect("clean").tree_size;
-    exec(&gateway2, &format!("DELETE FROM audit_leaves WHERE tree_index = {}", size - 1)).await;
+    exec(
+        &gateway2,
+        &format!("DELETE FROM audit_leaves WHERE tree_index = {}", size - 1),
+    )
+    .await;
     assert_eq!(
         tamper(run_verify(&gateway2, None).await),
-        Tamper::Truncated { size, log_size: size - 1 }
+        Tamper::Truncated {
+            size,
+            log_size: size - 1
+        }
     );
 }
 
@@ -137,9 +155,21 @@ async fn reordered_leaves_are_detected(engine: Engine) {
     let gateway = gateway_with_leaves(&env, 12).await;
     // Swap two whole rows' positions (body and hash move together, so each row is
     // self-consistent): only the signed checkpoint can tell.
-    exec(&gateway, "UPDATE audit_leaves SET tree_index = -1 WHERE tree_index = 2").await;
-    exec(&gateway, "UPDATE audit_leaves SET tree_index = 2 WHERE tree_index = 9").await;
-    exec(&gateway, "UPDATE audit_leaves SET tree_index = 9 WHERE tree_index = -1").await;
+    exec(
+        &gateway,
+        "UPDATE audit_leaves SET tree_index = -1 WHERE tree_index = 2",
+    )
+    .await;
+    exec(
+        &gateway,
+        "UPDATE audit_leaves SET tree_index = 2 WHERE tree_index = 9",
+    )
+    .await;
+    exec(
+        &gateway,
+        "UPDATE audit_leaves SET tree_index = 9 WHERE tree_index = -1",
+    )
+    .await;
     match tamper(run_verify(&gateway, None).await) {
         Tamper::CheckpointRoot { size, from } => assert!(from <= 2 && size > 9, "{from}..{size}"),
         other => panic!("expected a checkpoint mismatch, got {other}"),
@@ -149,10 +179,11 @@ async fn reordered_leaves_are_detected(engine: Engine) {
 async fn bad_checkpoint_signature_is_detected(engine: Engine) {
     let env = TestEnv::new(engine).await;
     let gateway = gateway_with_leaves(&env, 12).await;
-    let row = sqlx::query("SELECT tree_size, note FROM audit_checkpoints ORDER BY tree_size LIMIT 1")
-        .fetch_one(gateway.state.db.read_pool())
-        .await
-        .expect("checkpoint");
+    let row =
+        sqlx::query("SELECT tree_size, note FROM audit_checkpoints ORDER BY tree_size LIMIT 1")
+            .fetch_one(gateway.state.db.read_pool())
+            .await
+            .expect("checkpoint");
     let size: i64 = row.get(0);
     let note: String = row.get(1);
     // Change one character of the base64 signature.
@@ -174,7 +205,13 @@ async fn bad_checkpoint_signature_is_detected(engine: Engine) {
 async fn rewrite_resigned_with_local_key_is_caught_by_trusted_checkpoint(engine: Engine) {
     let env = TestEnv::new(engine).await;
     let gateway = gateway_with_leaves(&env, 12).await;
-    let trusted = gateway.state.audit.latest_checkpoint().await.expect("cp").expect("some");
+    let trusted = gateway
+        .state
+        .audit
+        .latest_checkpoint()
+        .await
+        .expect("cp")
+        .expect("some");
 
     // Legitimate growth stays consistent with the trusted checkpoint.
     for _ in 0..5 {
@@ -186,16 +223,27 @@ async fn rewrite_resigned_with_local_key_is_caught_by_trusted_checkpoint(engine:
             .expect("record");
     }
     gateway.state.audit.sequence(true).await.expect("sequence");
-    let report = run_verify(&gateway, Some(&trusted)).await.expect("consistent");
-    let trusted_size = Checkpoint::parse_body(&gateway.state.audit.verifier().verify(&trusted).expect("sig"))
-        .expect("body")
-        .size;
+    let report = run_verify(&gateway, Some(&trusted))
+        .await
+        .expect("consistent");
+    let trusted_size = Checkpoint::parse_body(
+        &gateway
+            .state
+            .audit
+            .verifier()
+            .verify(&trusted)
+            .expect("sig"),
+    )
+    .expect("body")
+    .size;
     assert_eq!(report.trusted_size, Some(trusted_size));
 
     // An attacker with the database and the local signing key rewrites leaf 3 and re-signs
     // the whole log with the gateway's own sequencer.
     let mut body = leaf_body(&gateway, 3).await;
-    let text = String::from_utf8(body.clone()).expect("utf8").replace("\"R\"", "\"D\"");
+    let text = String::from_utf8(body.clone())
+        .expect("utf8")
+        .replace("\"R\"", "\"D\"");
     assert_ne!(text.as_bytes(), body.as_slice());
     body = text.into_bytes();
     sqlx::query("UPDATE audit_leaves SET body = $1, leaf_hash = $2 WHERE tree_index = 3")
@@ -210,7 +258,9 @@ async fn rewrite_resigned_with_local_key_is_caught_by_trusted_checkpoint(engine:
     gateway.state.audit.sequence(true).await.expect("re-sign");
 
     // Locally the forged log is self-consistent…
-    run_verify(&gateway, None).await.expect("re-signed log verifies on its own");
+    run_verify(&gateway, None)
+        .await
+        .expect("re-signed log verifies on its own");
     // …but not against the checkpoint saved earlier.
     assert_eq!(
         tamper(run_verify(&gateway, Some(&trusted)).await),
@@ -218,7 +268,10 @@ async fn rewrite_resigned_with_local_key_is_caught_by_trusted_checkpoint(engine:
     );
     // A trusted checkpoint that is itself forged is refused.
     let forged = trusted.replace(&trusted_size.to_string(), &(trusted_size + 1).to_string());
-    assert!(matches!(tamper(run_verify(&gateway, Some(&forged)).await), Tamper::TrustedUnreadable(_)));
+    assert!(matches!(
+        tamper(run_verify(&gateway, Some(&forged)).await),
+        Tamper::TrustedUnreadable(_)
+    ));
 }
 
 async fn proofs_verify_against_signed_checkpoints(engine: Engine) {
@@ -234,13 +287,17 @@ async fn proofs_verify_against_signed_checkpoints(engine: Engine) {
         let wrong = merkle::leaf_hash(b"not in the log");
         assert!(merkle::verify_inclusion(index, cp.size, &wrong, &proof, &cp.root).is_err());
     }
-    let older = sqlx::query("SELECT tree_size, root FROM audit_checkpoints ORDER BY tree_size LIMIT 1")
-        .fetch_one(gateway.state.db.read_pool())
-        .await
-        .expect("older");
+    let older =
+        sqlx::query("SELECT tree_size, root FROM audit_checkpoints ORDER BY tree_size LIMIT 1")
+            .fetch_one(gateway.state.db.read_pool())
+            .await
+            .expect("older");
     let old_size = older.get::<i64, _>(0) as u64;
     let old_root: [u8; 32] = older.get::<Vec<u8>, _>(1).try_into().expect("32");
-    let proof = audit.consistency_proof(old_size, cp.size).await.expect("consistency");
+    let proof = audit
+        .consistency_proof(old_size, cp.size)
+        .await
+        .expect("consistency");
     merkle::verify_consistency(old_size, cp.size, &old_root, &cp.root, &proof).expect("consistent");
     assert!(audit.inclusion_proof(0, cp.size + 100).await.is_err());
 }
@@ -253,7 +310,8 @@ async fn concurrent_writers_get_one_consistent_sequence(engine: Engine) {
         let audit = gateway.state.audit.clone();
         tasks.push(tokio::spawn(async move {
             for i in 0..25 {
-                let event = AuditEvent::new(EventKind::Read, Agent::system()).patient(format!("w{w}-{i}"));
+                let event =
+                    AuditEvent::new(EventKind::Read, Agent::system()).patient(format!("w{w}-{i}"));
                 audit.record_now(&event).await.expect("record");
                 if i % 10 == 0 {
                     audit.sequence(false).await.expect("sequence while writing");
@@ -277,7 +335,12 @@ async fn export_writes_leaves_since_a_time(engine: Engine) {
     let since = phr_gateway::store::now_millis();
     for i in 0..3 {
         let event = AuditEvent::new(EventKind::Export, Agent::system()).patient(format!("late{i}"));
-        gateway.state.audit.record_now(&event).await.expect("record");
+        gateway
+            .state
+            .audit
+            .record_now(&event)
+            .await
+            .expect("record");
     }
     let mut out = Vec::new();
     let count = phr_gateway::audit::export::export_since(&gateway.state.db, since, &mut out)
@@ -290,5 +353,7 @@ async fn export_writes_leaves_since_a_time(engine: Engine) {
         .map(|l| serde_json::from_slice(l).expect("json line"))
         .collect();
     assert_eq!(lines.len(), 3);
-    assert!(lines.iter().all(|l| l["resourceType"] == "AuditEvent" && l["type"]["code"] == "110106"));
+    assert!(lines
+        .iter()
+        .all(|l| l["resourceType"] == "AuditEvent" && l["type"]["code"] == "110106"));
 }

@@ -24,11 +24,11 @@ macro_rules! both_engines {
             mod $name {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn sqlite() {
-                    super::$name(crate::helpers::Engine::Sqlite).await
+                    super::$name($crate::helpers::Engine::Sqlite).await
                 }
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn postgres() {
-                    super::$name(crate::helpers::Engine::Postgres).await
+                    super::$name($crate::helpers::Engine::Postgres).await
                 }
             }
         )+
@@ -37,7 +37,6 @@ macro_rules! both_engines {
 
 /// One test's private database and data directory, removed when dropped.
 pub struct TestEnv {
-    pub engine: Engine,
     pub dir: tempfile::TempDir,
     pub database_url: Option<String>,
     pg_database: Option<String>,
@@ -65,7 +64,6 @@ impl TestEnv {
             }
         };
         TestEnv {
-            engine,
             dir,
             database_url,
             pg_database,
@@ -78,9 +76,11 @@ impl TestEnv {
 
     /// A configuration for this environment: port 0, fast checkpoints.
     pub fn config(&self) -> Config {
-        let mut config = Config::default();
-        config.data_dir = self.dir.path().join("data");
-        config.listen = "127.0.0.1:0".parse().expect("addr");
+        let mut config = Config {
+            data_dir: self.dir.path().join("data"),
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            ..Config::default()
+        };
         config.database.url = self.database_url.clone();
         config.audit.checkpoint_every_leaves = 10;
         config.audit.checkpoint_interval_secs = 1;
@@ -100,7 +100,10 @@ impl Drop for TestEnv {
         };
         // Drop runs outside async code; a short-lived runtime on its own thread does it.
         let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
                 return;
             };
             rt.block_on(async move {
@@ -126,7 +129,8 @@ async fn postgres_admin_pool() -> sqlx::AnyPool {
 
 /// The real server, running, and a client for it.
 pub struct TestApp {
-    pub env: TestEnv,
+    /// Keeps the test's database and data directory alive as long as the app.
+    _env: TestEnv,
     pub gateway: Option<RunningGateway>,
     pub base: String,
     pub client: reqwest::Client,
@@ -141,24 +145,20 @@ impl TestApp {
         format!("{}{}", self.base, path)
     }
 
-    pub async fn stop(mut self) -> TestEnv {
+    /// Stops the server gracefully; the test's database goes with `self`.
+    pub async fn stop(mut self) {
         if let Some(gateway) = self.gateway.take() {
             gateway.stop().await;
         }
-        let env = std::mem::replace(
-            &mut self.env,
-            TestEnv {
-                engine: Engine::Sqlite,
-                dir: tempfile::tempdir().expect("tempdir"),
-                database_url: None,
-                pg_database: None,
-            },
-        );
-        env
     }
 
     /// Creates an account and signs it in; returns the bearer token.
-    pub async fn sign_in(&self, role: phr_gateway::audit::AccountRole, username: &str, patient: Option<&str>) -> String {
+    pub async fn sign_in(
+        &self,
+        role: phr_gateway::audit::AccountRole,
+        username: &str,
+        patient: Option<&str>,
+    ) -> String {
         let password = "correct horse battery staple";
         self.gateway()
             .state
@@ -187,6 +187,7 @@ pub async fn spawn_app_with(env: TestEnv, adjust: impl FnOnce(&mut Config)) -> T
     let mut config = env.config();
     adjust(&mut config);
     let data_dir = config.data_dir.clone();
+    let plain = config.insecure_http;
     let gateway = Gateway::build(config)
         .await
         .expect("build gateway")
@@ -194,17 +195,24 @@ pub async fn spawn_app_with(env: TestEnv, adjust: impl FnOnce(&mut Config)) -> T
         .await
         .expect("start gateway");
     let port = gateway.addr.port();
-    let client = client_trusting(&data_dir.join("tls").join("dev-cert.pem"), None);
+    let (client, base) = if plain {
+        (reqwest::Client::new(), format!("http://127.0.0.1:{port}"))
+    } else {
+        (
+            client_trusting(&data_dir.join("tls").join("dev-cert.pem")),
+            format!("https://localhost:{port}"),
+        )
+    };
     TestApp {
-        env,
+        _env: env,
         gateway: Some(gateway),
-        base: format!("https://localhost:{port}"),
+        base,
         client,
     }
 }
 
 /// An HTTPS client that trusts only the given certificate.
-pub fn client_trusting(cert: &Path, versions: Option<&'static [&'static rustls::SupportedProtocolVersion]>) -> reqwest::Client {
+pub fn client_trusting(cert: &Path) -> reqwest::Client {
     phr_gateway::tls::install_crypto_provider();
     let mut roots = rustls::RootCertStore::empty();
     let pem = std::fs::read(cert).expect("read dev cert");
@@ -214,14 +222,21 @@ pub fn client_trusting(cert: &Path, versions: Option<&'static [&'static rustls::
     let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ));
-    let builder = match versions {
-        Some(v) => builder.with_protocol_versions(v),
-        None => builder.with_safe_default_protocol_versions(),
-    }
-    .expect("versions");
-    let tls = builder.with_root_certificates(roots).with_no_client_auth();
+    let tls = builder
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .build()
         .expect("client")
+}
+
+/// Builds a gateway that must fail; returns the error message.
+pub async fn build_error(config: Config) -> String {
+    match Gateway::build(config).await {
+        Ok(_) => panic!("the gateway started but should have refused"),
+        Err(e) => e.to_string(),
+    }
 }

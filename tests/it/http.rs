@@ -20,7 +20,12 @@ both_engines!(
 );
 
 async fn leaves_matching(app: &TestApp, needle: &str) -> usize {
-    app.gateway().state.audit.sequence(false).await.expect("sequence");
+    app.gateway()
+        .state
+        .audit
+        .sequence(false)
+        .await
+        .expect("sequence");
     let rows = sqlx::query("SELECT body FROM audit_leaves")
         .fetch_all(app.gateway().state.db.read_pool())
         .await
@@ -50,22 +55,44 @@ async fn health_and_readiness_over_tls(engine: Engine) {
         .expect("healthz");
     assert_eq!(response.status(), 200);
     let headers = response.headers().clone();
-    assert_eq!(headers["x-request-id"], "req-123", "request ids are propagated");
-    assert!(headers["strict-transport-security"].to_str().expect("hsts").contains("max-age="));
+    assert_eq!(
+        headers["x-request-id"], "req-123",
+        "request ids are propagated"
+    );
+    assert!(headers["strict-transport-security"]
+        .to_str()
+        .expect("hsts")
+        .contains("max-age="));
     assert_eq!(headers["x-content-type-options"], "nosniff");
-    assert!(headers["content-security-policy"].to_str().expect("csp").contains("frame-ancestors 'none'"));
-    assert_eq!(response.json::<serde_json::Value>().await.expect("json")["status"], "ok");
+    assert!(headers["content-security-policy"]
+        .to_str()
+        .expect("csp")
+        .contains("frame-ancestors 'none'"));
+    assert_eq!(
+        response.json::<serde_json::Value>().await.expect("json")["status"],
+        "ok"
+    );
 
-    let ready = app.client.get(app.url("/readyz")).send().await.expect("readyz");
+    let ready = app
+        .client
+        .get(app.url("/readyz"))
+        .send()
+        .await
+        .expect("readyz");
     assert_eq!(ready.status(), 200);
     let generated = app.client.get(app.url("/nope")).send().await.expect("404");
-    assert!(generated.headers().contains_key("x-request-id"), "a request id is generated");
+    assert!(
+        generated.headers().contains_key("x-request-id"),
+        "a request id is generated"
+    );
     app.stop().await;
 }
 
 async fn login_session_and_logout(engine: Engine) {
     let app = spawn_app(engine).await;
-    let token = app.sign_in(AccountRole::Patient, "hanako", Some("patient-1")).await;
+    let token = app
+        .sign_in(AccountRole::Patient, "hanako", Some("patient-1"))
+        .await;
 
     let me = app
         .client
@@ -77,18 +104,32 @@ async fn login_session_and_logout(engine: Engine) {
     assert_eq!(me.status(), 200);
     let body: serde_json::Value = me.json().await.expect("json");
     assert_eq!(body["role"], "patient");
-    assert!(body.get("token").is_none(), "the token is only shown at login");
+    assert!(
+        body.get("token").is_none(),
+        "the token is only shown at login"
+    );
 
     // The cookie works as well as the bearer token, and is locked down.
     let login = app
         .client
         .post(app.url("/auth/login"))
-        .json(&serde_json::json!({"username": "hanako", "password": "correct horse battery staple"}))
+        .json(
+            &serde_json::json!({"username": "hanako", "password": "correct horse battery staple"}),
+        )
         .send()
         .await
         .expect("login");
-    let cookie = login.headers()[header::SET_COOKIE].to_str().expect("cookie").to_string();
-    for attribute in ["__Host-phr_session=", "Secure", "HttpOnly", "SameSite=Strict", "Path=/"] {
+    let cookie = login.headers()[header::SET_COOKIE]
+        .to_str()
+        .expect("cookie")
+        .to_string();
+    for attribute in [
+        "__Host-phr_session=",
+        "Secure",
+        "HttpOnly",
+        "SameSite=Strict",
+        "Path=/",
+    ] {
         assert!(cookie.contains(attribute), "{cookie} lacks {attribute}");
     }
     let pair = cookie.split(';').next().expect("pair").to_string();
@@ -117,8 +158,15 @@ async fn login_session_and_logout(engine: Engine) {
         .await
         .expect("after logout");
     assert_problem(&after, StatusCode::UNAUTHORIZED);
-    assert!(leaves_matching(&app, "\"code\":\"110122\"").await >= 2, "logins audited");
-    assert_eq!(leaves_matching(&app, "\"code\":\"110123\"").await, 1, "logout audited");
+    assert!(
+        leaves_matching(&app, "\"code\":\"110122\"").await >= 2,
+        "logins audited"
+    );
+    assert_eq!(
+        leaves_matching(&app, "\"code\":\"110123\"").await,
+        1,
+        "logout audited"
+    );
     app.stop().await;
 }
 
@@ -127,7 +175,12 @@ async fn failed_logins_are_audited_and_lock_the_account(engine: Engine) {
     app.gateway()
         .state
         .accounts
-        .create(AccountRole::Operator, "ops", "correct horse battery staple", None)
+        .create(
+            AccountRole::Operator,
+            "ops",
+            "correct horse battery staple",
+            None,
+        )
         .await
         .expect("account");
     let attempt = |password: &'static str| {
@@ -141,7 +194,9 @@ async fn failed_logins_are_audited_and_lock_the_account(engine: Engine) {
         assert_problem(&response, StatusCode::UNAUTHORIZED);
     }
     // Locked now: even the right password is refused, with Retry-After.
-    let locked = attempt("correct horse battery staple").await.expect("locked");
+    let locked = attempt("correct horse battery staple")
+        .await
+        .expect("locked");
     assert_problem(&locked, StatusCode::TOO_MANY_REQUESTS);
     let retry: u64 = locked.headers()[header::RETRY_AFTER]
         .to_str()
@@ -165,19 +220,43 @@ async fn failed_logins_are_audited_and_lock_the_account(engine: Engine) {
 
 async fn operator_endpoints_need_an_operator(engine: Engine) {
     let app = spawn_app(engine).await;
-    let patient = app.sign_in(AccountRole::Patient, "pat", Some("patient-9")).await;
+    let patient = app
+        .sign_in(AccountRole::Patient, "pat", Some("patient-9"))
+        .await;
     let operator = app.sign_in(AccountRole::Operator, "op", None).await;
-    let anonymous = app.client.get(app.url("/metrics")).send().await.expect("anon");
+    let anonymous = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("anon");
     assert_problem(&anonymous, StatusCode::UNAUTHORIZED);
-    let as_patient = app.client.get(app.url("/metrics")).bearer_auth(&patient).send().await.expect("patient");
+    let as_patient = app
+        .client
+        .get(app.url("/metrics"))
+        .bearer_auth(&patient)
+        .send()
+        .await
+        .expect("patient");
     assert_problem(&as_patient, StatusCode::FORBIDDEN);
-    let as_operator = app.client.get(app.url("/metrics")).bearer_auth(&operator).send().await.expect("op");
+    let as_operator = app
+        .client
+        .get(app.url("/metrics"))
+        .bearer_auth(&operator)
+        .send()
+        .await
+        .expect("op");
     assert_eq!(as_operator.status(), 200);
     let text = as_operator.text().await.expect("text");
     assert!(text.contains("phr_gateway_http_requests_total"), "{text}");
     assert!(text.contains("phr_gateway_audit_tree_size"));
 
-    app.gateway().state.audit.sequence(true).await.expect("checkpoint");
+    app.gateway()
+        .state
+        .audit
+        .sequence(true)
+        .await
+        .expect("checkpoint");
     let checkpoint = app
         .client
         .get(app.url("/operator/audit/checkpoint"))
@@ -201,9 +280,19 @@ async fn operator_endpoints_need_an_operator(engine: Engine) {
 
 async fn patient_stream_returns_own_resources_and_is_audited(engine: Engine) {
     let app = spawn_app(engine).await;
-    let token = app.sign_in(AccountRole::Patient, "demo", Some(phr_gateway::demo::DEMO_PATIENT_ID)).await;
-    let other = app.sign_in(AccountRole::Patient, "other", Some("someone-else")).await;
-    phr_gateway::demo::seed(&app.gateway().state).await.expect("seed demo data");
+    let token = app
+        .sign_in(
+            AccountRole::Patient,
+            "demo",
+            Some(phr_gateway::demo::DEMO_PATIENT_ID),
+        )
+        .await;
+    let other = app
+        .sign_in(AccountRole::Patient, "other", Some("someone-else"))
+        .await;
+    phr_gateway::demo::seed(&app.gateway().state)
+        .await
+        .expect("seed demo data");
     let response = app
         .client
         .get(app.url("/patient/resources"))
@@ -212,7 +301,10 @@ async fn patient_stream_returns_own_resources_and_is_audited(engine: Engine) {
         .await
         .expect("stream");
     assert_eq!(response.status(), 200);
-    assert_eq!(response.headers()[header::CONTENT_TYPE], "application/fhir+ndjson");
+    assert_eq!(
+        response.headers()[header::CONTENT_TYPE],
+        "application/fhir+ndjson"
+    );
     let text = response.text().await.expect("body");
     let lines: Vec<serde_json::Value> = text
         .lines()
@@ -220,7 +312,11 @@ async fn patient_stream_returns_own_resources_and_is_audited(engine: Engine) {
         .collect();
     assert_eq!(lines.len(), 5);
     assert!(lines.iter().any(|l| l["resourceType"] == "Patient"));
-    assert_eq!(leaves_matching(&app, "search-type").await, 1, "the read is audited");
+    assert_eq!(
+        leaves_matching(&app, "search-type").await,
+        1,
+        "the read is audited"
+    );
 
     // Someone else's session sees none of it (no data key yet: their record is empty).
     let theirs = app
@@ -238,7 +334,10 @@ async fn patient_stream_returns_own_resources_and_is_audited(engine: Engine) {
     app.gateway()
         .state
         .resources
-        .shred_patient(&phr_gateway::audit::Agent::system(), phr_gateway::demo::DEMO_PATIENT_ID)
+        .shred_patient(
+            &phr_gateway::audit::Agent::system(),
+            phr_gateway::demo::DEMO_PATIENT_ID,
+        )
         .await
         .expect("shred");
     let gone = app
@@ -258,12 +357,42 @@ async fn bad_input_gets_clear_errors_never_500(engine: Engine) {
     let login = app.url("/auth/login");
     let json = "application/json";
     let cases: Vec<(&str, Vec<u8>, &str, StatusCode)> = vec![
-        ("malformed JSON", b"{\"username\":".to_vec(), json, StatusCode::BAD_REQUEST),
-        ("non-UTF-8", vec![b'{', b'"', 0xff, 0xfe, b'"', b'}'], json, StatusCode::BAD_REQUEST),
-        ("wrong shape", b"{\"username\": 5}".to_vec(), json, StatusCode::UNPROCESSABLE_ENTITY),
-        ("unknown field", b"{\"username\":\"a\",\"password\":\"b\",\"admin\":true}".to_vec(), json, StatusCode::UNPROCESSABLE_ENTITY),
-        ("not JSON at all", b"username=a".to_vec(), "application/x-www-form-urlencoded", StatusCode::UNSUPPORTED_MEDIA_TYPE),
-        ("oversized", vec![b' '; 10_000], json, StatusCode::PAYLOAD_TOO_LARGE),
+        (
+            "malformed JSON",
+            b"{\"username\":".to_vec(),
+            json,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "non-UTF-8",
+            vec![b'{', b'"', 0xff, 0xfe, b'"', b'}'],
+            json,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "wrong shape",
+            b"{\"username\": 5}".to_vec(),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "unknown field",
+            b"{\"username\":\"a\",\"password\":\"b\",\"admin\":true}".to_vec(),
+            json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "not JSON at all",
+            b"username=a".to_vec(),
+            "application/x-www-form-urlencoded",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            "oversized",
+            vec![b' '; 10_000],
+            json,
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
     ];
     for (name, body, content_type, status) in cases {
         let response = app
@@ -275,14 +404,31 @@ async fn bad_input_gets_clear_errors_never_500(engine: Engine) {
             .await
             .expect(name);
         assert_eq!(response.status(), status, "{name}");
-        assert_eq!(response.headers()[header::CONTENT_TYPE], "application/problem+json", "{name}");
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "application/problem+json",
+            "{name}"
+        );
         let problem: serde_json::Value = response.json().await.expect(name);
         assert_eq!(problem["status"], status.as_u16(), "{name}");
-        assert!(!problem["detail"].as_str().unwrap_or("").is_empty(), "{name}");
+        assert!(
+            !problem["detail"].as_str().unwrap_or("").is_empty(),
+            "{name}"
+        );
     }
-    let not_found = app.client.get(app.url("/no/such/path")).send().await.expect("404");
+    let not_found = app
+        .client
+        .get(app.url("/no/such/path"))
+        .send()
+        .await
+        .expect("404");
     assert_problem(&not_found, StatusCode::NOT_FOUND);
-    let wrong_method = app.client.delete(app.url("/healthz")).send().await.expect("405");
+    let wrong_method = app
+        .client
+        .delete(app.url("/healthz"))
+        .send()
+        .await
+        .expect("405");
     assert_problem(&wrong_method, StatusCode::METHOD_NOT_ALLOWED);
     let bad_token = app
         .client
@@ -297,9 +443,17 @@ async fn bad_input_gets_clear_errors_never_500(engine: Engine) {
     assert_problem(&bad_token, StatusCode::UNAUTHORIZED);
 
     // FHIR paths answer with OperationOutcome.
-    let fhir = app.client.get(app.url("/fhir/Patient/x")).send().await.expect("fhir");
+    let fhir = app
+        .client
+        .get(app.url("/fhir/Patient/x"))
+        .send()
+        .await
+        .expect("fhir");
     assert_eq!(fhir.status(), 404);
-    assert_eq!(fhir.headers()[header::CONTENT_TYPE], "application/fhir+json");
+    assert_eq!(
+        fhir.headers()[header::CONTENT_TYPE],
+        "application/fhir+json"
+    );
     let outcome: serde_json::Value = fhir.json().await.expect("json");
     assert_eq!(outcome["resourceType"], "OperationOutcome");
     let fhir_big = app
@@ -316,7 +470,12 @@ async fn bad_input_gets_clear_errors_never_500(engine: Engine) {
     assert_eq!(outcome["issue"][0]["code"], "too-costly");
 
     // The server is still healthy after all that.
-    let health = app.client.get(app.url("/healthz")).send().await.expect("health");
+    let health = app
+        .client
+        .get(app.url("/healthz"))
+        .send()
+        .await
+        .expect("health");
     assert_eq!(health.status(), 200);
     app.stop().await;
 }
@@ -324,13 +483,30 @@ async fn bad_input_gets_clear_errors_never_500(engine: Engine) {
 async fn idle_sessions_expire(engine: Engine) {
     let env = TestEnv::new(engine).await;
     let app = spawn_app_with(env, |c| c.sessions.idle_timeout_secs = 1).await;
-    let token = app.sign_in(AccountRole::Patient, "sleepy", Some("p-sleepy")).await;
-    let fresh = app.client.get(app.url("/auth/session")).bearer_auth(&token).send().await.expect("fresh");
+    let token = app
+        .sign_in(AccountRole::Patient, "sleepy", Some("p-sleepy"))
+        .await;
+    let fresh = app
+        .client
+        .get(app.url("/auth/session"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("fresh");
     assert_eq!(fresh.status(), 200);
     tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
-    let idle = app.client.get(app.url("/auth/session")).bearer_auth(&token).send().await.expect("idle");
+    let idle = app
+        .client
+        .get(app.url("/auth/session"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("idle");
     assert_problem(&idle, StatusCode::UNAUTHORIZED);
     let detail: serde_json::Value = idle.json().await.expect("json");
-    assert!(detail["detail"].as_str().expect("detail").contains("inactivity"));
+    assert!(detail["detail"]
+        .as_str()
+        .expect("detail")
+        .contains("inactivity"));
     app.stop().await;
 }

@@ -30,7 +30,13 @@ fn observation(source_id: &str, marker: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-fn new_resource(patient: &str, source: &str, id: &str, version: Option<&str>, body: Vec<u8>) -> NewResource {
+fn new_resource(
+    patient: &str,
+    source: &str,
+    id: &str,
+    version: Option<&str>,
+    body: Vec<u8>,
+) -> NewResource {
     NewResource {
         patient_id: patient.into(),
         category: "checkup".into(),
@@ -59,7 +65,10 @@ async fn writes_are_idempotent_and_versioned(engine: Engine) {
     let agent = Agent::system();
     let v1 = observation("obs-1", "first");
     let (meta1, outcome) = store
-        .put(&agent, new_resource("p1", "hospital-a", "obs-1", Some("1"), v1.clone()))
+        .put(
+            &agent,
+            new_resource("p1", "hospital-a", "obs-1", Some("1"), v1.clone()),
+        )
         .await
         .expect("put v1");
     assert_eq!(outcome, WriteOutcome::Created);
@@ -69,25 +78,42 @@ async fn writes_are_idempotent_and_versioned(engine: Engine) {
 
     let leaves_before = count(&gateway, "audit_leaves").await;
     let (again, outcome) = store
-        .put(&agent, new_resource("p1", "hospital-a", "obs-1", Some("1"), v1.clone()))
+        .put(
+            &agent,
+            new_resource("p1", "hospital-a", "obs-1", Some("1"), v1.clone()),
+        )
         .await
         .expect("put v1 again");
     assert_eq!(outcome, WriteOutcome::Unchanged);
     assert_eq!(again.id, meta1.id);
     assert_eq!(count(&gateway, "resource_versions").await, 1);
-    assert_eq!(count(&gateway, "audit_leaves").await, leaves_before, "a no-op writes nothing");
+    assert_eq!(
+        count(&gateway, "audit_leaves").await,
+        leaves_before,
+        "a no-op writes nothing"
+    );
 
     let v2 = observation("obs-1", "corrected");
     let (meta2, outcome) = store
-        .put(&agent, new_resource("p1", "hospital-a", "obs-1", Some("2"), v2.clone()))
+        .put(
+            &agent,
+            new_resource("p1", "hospital-a", "obs-1", Some("2"), v2.clone()),
+        )
         .await
         .expect("put v2");
     assert_eq!(outcome, WriteOutcome::NewVersion);
     assert_eq!((meta2.id.as_str(), meta2.version), (meta1.id.as_str(), 2));
-    assert_eq!(count(&gateway, "audit_leaves").await, leaves_before + 1, "each write is audited");
+    assert_eq!(
+        count(&gateway, "audit_leaves").await,
+        leaves_before + 1,
+        "each write is audited"
+    );
 
     let current = store.read("p1", &meta1.id).await.expect("read");
-    assert_eq!(current.body, v2, "the body comes back byte for byte as received");
+    assert_eq!(
+        current.body, v2,
+        "the body comes back byte for byte as received"
+    );
     assert_eq!(current.meta.version, 2);
     let history = store.history("p1", &meta1.id).await.expect("history");
     assert_eq!(history.len(), 2);
@@ -96,8 +122,14 @@ async fn writes_are_idempotent_and_versioned(engine: Engine) {
     assert_eq!(history[0].meta.source_version, "version:1");
 
     // Another patient cannot reach it by id.
-    assert!(matches!(store.read("p2", &meta1.id).await, Err(Error::NotFound(_))));
-    assert!(matches!(store.read("p1", "no-such-id").await, Err(Error::NotFound(_))));
+    assert!(matches!(
+        store.read("p2", &meta1.id).await,
+        Err(Error::NotFound(_))
+    ));
+    assert!(matches!(
+        store.read("p1", "no-such-id").await,
+        Err(Error::NotFound(_))
+    ));
 }
 
 async fn content_digest_is_the_key_without_version_id(engine: Engine) {
@@ -109,9 +141,18 @@ async fn content_digest_is_the_key_without_version_id(engine: Engine) {
     let put = |body: Vec<u8>| store.put(&agent, new_resource("p1", "portal", "o", None, body));
     let (first, outcome) = put(body.clone()).await.expect("put");
     assert_eq!(outcome, WriteOutcome::Created);
-    assert_eq!(first.source_version, format!("sha256:{}", hex::encode(Sha256::digest(&body))));
-    assert_eq!(put(body.clone()).await.expect("again").1, WriteOutcome::Unchanged);
-    assert_eq!(put(observation("o", "b")).await.expect("changed").1, WriteOutcome::NewVersion);
+    assert_eq!(
+        first.source_version,
+        format!("sha256:{}", hex::encode(Sha256::digest(&body)))
+    );
+    assert_eq!(
+        put(body.clone()).await.expect("again").1,
+        WriteOutcome::Unchanged
+    );
+    assert_eq!(
+        put(observation("o", "b")).await.expect("changed").1,
+        WriteOutcome::NewVersion
+    );
 }
 
 async fn two_sources_never_collide(engine: Engine) {
@@ -120,11 +161,29 @@ async fn two_sources_never_collide(engine: Engine) {
     let store = &gateway.state.resources;
     let agent = Agent::system();
     let (a, _) = store
-        .put(&agent, new_resource("p1", "hospital-a", "1", Some("1"), observation("1", "from a")))
+        .put(
+            &agent,
+            new_resource(
+                "p1",
+                "hospital-a",
+                "1",
+                Some("1"),
+                observation("1", "from a"),
+            ),
+        )
         .await
         .expect("a");
     let (b, outcome) = store
-        .put(&agent, new_resource("p1", "hospital-b", "1", Some("1"), observation("1", "from b")))
+        .put(
+            &agent,
+            new_resource(
+                "p1",
+                "hospital-b",
+                "1",
+                Some("1"),
+                observation("1", "from b"),
+            ),
+        )
         .await
         .expect("b");
     assert_eq!(outcome, WriteOutcome::Created);
@@ -140,7 +199,16 @@ async fn streaming_read_returns_every_current_resource(engine: Engine) {
     for i in 0..60 {
         let id = format!("o{i}");
         store
-            .put(&agent, new_resource("p1", "h", &id, Some("1"), observation(&id, &format!("v1-{i}"))))
+            .put(
+                &agent,
+                new_resource(
+                    "p1",
+                    "h",
+                    &id,
+                    Some("1"),
+                    observation(&id, &format!("v1-{i}")),
+                ),
+            )
             .await
             .expect("put");
     }
@@ -148,18 +216,33 @@ async fn streaming_read_returns_every_current_resource(engine: Engine) {
     for i in 0..10 {
         let id = format!("o{i}");
         store
-            .put(&agent, new_resource("p1", "h", &id, Some("2"), observation(&id, &format!("v2-{i}"))))
+            .put(
+                &agent,
+                new_resource(
+                    "p1",
+                    "h",
+                    &id,
+                    Some("2"),
+                    observation(&id, &format!("v2-{i}")),
+                ),
+            )
             .await
             .expect("put v2");
     }
     store
-        .put(&agent, new_resource("p2", "h", "other", Some("1"), observation("other", "p2")))
+        .put(
+            &agent,
+            new_resource("p2", "h", "other", Some("1"), observation("other", "p2")),
+        )
         .await
         .expect("other patient");
     let stream = store.stream_current("p1").await.expect("stream");
     let all: Vec<_> = stream.try_collect().await.expect("collect");
     assert_eq!(all.len(), 60);
-    let texts: Vec<String> = all.iter().map(|r| String::from_utf8(r.body.clone()).expect("utf8")).collect();
+    let texts: Vec<String> = all
+        .iter()
+        .map(|r| String::from_utf8(r.body.clone()).expect("utf8"))
+        .collect();
     assert_eq!(texts.iter().filter(|t| t.contains("v2-")).count(), 10);
     assert!(texts.iter().all(|t| !t.contains("\"p2\"")));
     assert!(all.iter().all(|r| r.meta.patient_id == "p1"));
@@ -172,7 +255,10 @@ async fn bodies_are_encrypted_at_rest(engine: Engine) {
     gateway
         .state
         .resources
-        .put(&Agent::system(), new_resource("p1", "h", "o1", Some("1"), observation("o1", marker)))
+        .put(
+            &Agent::system(),
+            new_resource("p1", "h", "o1", Some("1"), observation("o1", marker)),
+        )
         .await
         .expect("put");
     let rows = sqlx::query("SELECT body FROM resource_versions")
@@ -181,14 +267,20 @@ async fn bodies_are_encrypted_at_rest(engine: Engine) {
         .expect("select");
     for row in rows {
         let stored: Vec<u8> = row.get(0);
-        assert!(!contains(&stored, marker.as_bytes()), "body stored in clear");
+        assert!(
+            !contains(&stored, marker.as_bytes()),
+            "body stored in clear"
+        );
         assert!(!contains(&stored, b"Observation"));
     }
     if engine == Engine::Sqlite {
         let dir = env.config().data_dir;
         for file in ["gateway.db", "gateway.db-wal"] {
             if let Ok(bytes) = std::fs::read(dir.join(file)) {
-                assert!(!contains(&bytes, marker.as_bytes()), "{file} holds the plaintext");
+                assert!(
+                    !contains(&bytes, marker.as_bytes()),
+                    "{file} holds the plaintext"
+                );
             }
         }
     }
@@ -200,20 +292,31 @@ async fn crypto_shredding_makes_data_unreadable(engine: Engine) {
     let store = &gateway.state.resources;
     let agent = Agent::system();
     let (meta, _) = store
-        .put(&agent, new_resource("p1", "h", "o1", Some("1"), observation("o1", "secret")))
+        .put(
+            &agent,
+            new_resource("p1", "h", "o1", Some("1"), observation("o1", "secret")),
+        )
         .await
         .expect("put");
     store
-        .put(&agent, new_resource("p2", "h", "o1", Some("1"), observation("o1", "other")))
+        .put(
+            &agent,
+            new_resource("p2", "h", "o1", Some("1"), observation("o1", "other")),
+        )
         .await
         .expect("put other");
 
     // The wrapped key as the key store holds it, read past the gateway's API.
-    let wrapped = wrapped_key(&env, engine, "p1").await.expect("key exists before shredding");
+    let wrapped = wrapped_key(&env, engine, "p1")
+        .await
+        .expect("key exists before shredding");
     assert!(wrapped.len() >= 32);
     if engine == Engine::Sqlite {
         let file_and_wal = key_store_bytes(&env);
-        assert!(contains(&file_and_wal, &wrapped), "sanity: the key is in the key store files");
+        assert!(
+            contains(&file_and_wal, &wrapped),
+            "sanity: the key is in the key store files"
+        );
     }
 
     assert!(store.shred_patient(&agent, "p1").await.expect("shred"));
@@ -227,15 +330,33 @@ async fn crypto_shredding_makes_data_unreadable(engine: Engine) {
     }
     // The ciphertext is still in the main database, but nothing can decrypt it.
     assert_eq!(count(&gateway, "resource_versions").await, 2);
-    assert!(matches!(store.read("p1", &meta.id).await, Err(Error::KeyMissing(_))));
-    assert!(matches!(store.stream_current("p1").await, Err(Error::KeyMissing(_))));
-    assert!(matches!(store.history("p1", &meta.id).await, Err(Error::KeyMissing(_))));
+    assert!(matches!(
+        store.read("p1", &meta.id).await,
+        Err(Error::KeyMissing(_))
+    ));
+    assert!(matches!(
+        store.stream_current("p1").await,
+        Err(Error::KeyMissing(_))
+    ));
+    assert!(matches!(
+        store.history("p1", &meta.id).await,
+        Err(Error::KeyMissing(_))
+    ));
     // Other patients are untouched.
-    let others: Vec<_> = store.stream_current("p2").await.expect("p2").try_collect().await.expect("p2 rows");
+    let others: Vec<_> = store
+        .stream_current("p2")
+        .await
+        .expect("p2")
+        .try_collect()
+        .await
+        .expect("p2 rows");
     assert_eq!(others.len(), 1);
     // A write for the shredded patient makes a new key; the old data stays unreadable.
     store
-        .put(&agent, new_resource("p1", "h", "o2", Some("1"), observation("o2", "new")))
+        .put(
+            &agent,
+            new_resource("p1", "h", "o2", Some("1"), observation("o2", "new")),
+        )
         .await
         .expect("new data after shredding");
     assert!(store.read("p1", &meta.id).await.is_err());
@@ -248,7 +369,10 @@ async fn failed_write_leaves_nothing_half_written(engine: Engine) {
     let agent = Agent::system();
     // Make the patient's key exist first, so only the write itself is under test.
     store
-        .put(&agent, new_resource("p1", "h", "seed", Some("1"), observation("seed", "s")))
+        .put(
+            &agent,
+            new_resource("p1", "h", "seed", Some("1"), observation("seed", "s")),
+        )
         .await
         .expect("seed");
     for point in [
@@ -264,22 +388,37 @@ async fn failed_write_leaves_nothing_half_written(engine: Engine) {
             );
             gateway.state.db.inject_fault(point);
             let result = store
-                .put(&agent, new_resource("p1", "h", id, Some(version), observation(id, "x")))
+                .put(
+                    &agent,
+                    new_resource("p1", "h", id, Some(version), observation(id, "x")),
+                )
                 .await;
-            assert!(matches!(result, Err(Error::InjectedFault(p)) if p == point), "{point}: {result:?}");
+            assert!(
+                matches!(result, Err(Error::InjectedFault(p)) if p == point),
+                "{point}: {result:?}"
+            );
             let after = (
                 count(&gateway, "resources").await,
                 count(&gateway, "resource_versions").await,
                 count(&gateway, "audit_leaves").await,
             );
             assert_eq!(before, after, "{point} ({id}): something was half-written");
-            let current = store.read("p1", &store_id(&gateway, "seed").await).await.expect("seed");
-            assert_eq!(current.meta.version, 1, "{point}: the old version stays current");
+            let current = store
+                .read("p1", &store_id(&gateway, "seed").await)
+                .await
+                .expect("seed");
+            assert_eq!(
+                current.meta.version, 1,
+                "{point}: the old version stays current"
+            );
         }
     }
     // And once the fault is gone, the same write goes through.
     let (_, outcome) = store
-        .put(&agent, new_resource("p1", "h", "seed", Some("2"), observation("seed", "x")))
+        .put(
+            &agent,
+            new_resource("p1", "h", "seed", Some("2"), observation("seed", "x")),
+        )
         .await
         .expect("retry");
     assert_eq!(outcome, WriteOutcome::NewVersion);
@@ -299,9 +438,14 @@ async fn bad_resources_are_refused_and_nothing_is_written(engine: Engine) {
         ("no type", br#"{"id":"x"}"#.to_vec()),
         ("oversized", observation("o", &"x".repeat(4096))),
     ];
-    let before = (count(&gateway, "resources").await, count(&gateway, "audit_leaves").await);
+    let before = (
+        count(&gateway, "resources").await,
+        count(&gateway, "audit_leaves").await,
+    );
     for (name, body) in cases {
-        let result = store.put(&agent, new_resource("p1", "h", "o", Some("1"), body)).await;
+        let result = store
+            .put(&agent, new_resource("p1", "h", "o", Some("1"), body))
+            .await;
         assert!(
             matches!(result, Err(Error::Invalid(_)) | Err(Error::TooLarge { .. })),
             "{name}: {result:?}"
@@ -309,8 +453,14 @@ async fn bad_resources_are_refused_and_nothing_is_written(engine: Engine) {
     }
     let mut empty_source = new_resource("p1", "", "o", Some("1"), observation("o", "x"));
     empty_source.source.source.clear();
-    assert!(matches!(store.put(&agent, empty_source).await, Err(Error::Invalid(_))));
-    let after = (count(&gateway, "resources").await, count(&gateway, "audit_leaves").await);
+    assert!(matches!(
+        store.put(&agent, empty_source).await,
+        Err(Error::Invalid(_))
+    ));
+    let after = (
+        count(&gateway, "resources").await,
+        count(&gateway, "audit_leaves").await,
+    );
     assert_eq!(before, after);
 }
 
@@ -339,11 +489,13 @@ async fn wrapped_key(env: &TestEnv, engine: Engine, patient: &str) -> Option<Vec
         .connect(&url)
         .await
         .expect("connect to key store");
-    let row = sqlx::query(&format!("SELECT wrapped_key FROM {table} WHERE patient_id = $1"))
-        .bind(patient)
-        .fetch_optional(&pool)
-        .await
-        .expect("select key");
+    let row = sqlx::query(&format!(
+        "SELECT wrapped_key FROM {table} WHERE patient_id = $1"
+    ))
+    .bind(patient)
+    .fetch_optional(&pool)
+    .await
+    .expect("select key");
     pool.close().await;
     row.map(|r| r.get(0))
 }

@@ -52,7 +52,9 @@ impl EventKind {
             EventKind::Login => coding(DCM, "110122", "Login"),
             EventKind::Logout => coding(DCM, "110123", "Logout"),
             EventKind::SecurityConfiguration => coding(DCM, "110129", "Security Configuration"),
-            EventKind::DataKeyCreated => coding(GATEWAY_EVENTS, "data-key-created", "Data key created"),
+            EventKind::DataKeyCreated => {
+                coding(GATEWAY_EVENTS, "data-key-created", "Data key created")
+            }
             EventKind::DataKeyDestroyed => {
                 coding(GATEWAY_EVENTS, "data-key-destroyed", "Data key destroyed")
             }
@@ -228,13 +230,25 @@ impl AuditEvent {
             Actor::Account { id, role } => (
                 json!({"identifier": {"system": ACCOUNT_IDS, "value": id}}),
                 match role {
-                    AccountRole::Patient => coding("http://terminology.hl7.org/CodeSystem/v3-RoleClass", "PAT", "patient"),
-                    AccountRole::Operator => coding("http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "IRCP", "information recipient"),
+                    AccountRole::Patient => coding(
+                        "http://terminology.hl7.org/CodeSystem/v3-RoleClass",
+                        "PAT",
+                        "patient",
+                    ),
+                    AccountRole::Operator => coding(
+                        "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                        "IRCP",
+                        "information recipient",
+                    ),
                 },
             ),
             Actor::Client { id } => (
                 json!({"identifier": {"system": CLIENT_IDS, "value": id}}),
-                coding("http://dicom.nema.org/resources/ontology/DCM", "110153", "Source Role ID"),
+                coding(
+                    "http://dicom.nema.org/resources/ontology/DCM",
+                    "110153",
+                    "Source Role ID",
+                ),
             ),
             Actor::System => (
                 json!({"display": "phr-gateway"}),
@@ -286,7 +300,10 @@ mod tests {
         assert_eq!(leaf["subtype"][0]["code"], "read");
         assert_eq!(leaf["action"], "R");
         assert_eq!(leaf["outcome"], "0");
-        assert_eq!(leaf["agent"][0]["policy"][0], "urn:ietf:params:oauth:jti:jti-1");
+        assert_eq!(
+            leaf["agent"][0]["policy"][0],
+            "urn:ietf:params:oauth:jti:jti-1"
+        );
         assert_eq!(leaf["agent"][0]["network"]["address"], "192.0.2.1");
         assert_eq!(leaf["entity"][0]["what"]["reference"], "Patient/p-opaque");
         assert_eq!(leaf["entity"][0]["role"]["code"], "1");
@@ -295,11 +312,14 @@ mod tests {
 
     #[test]
     fn failed_login_is_a_minor_failure_by_nobody() {
-        let event = AuditEvent::new(EventKind::Login, Agent {
-            actor: Actor::Anonymous,
-            address: None,
-            token_jti: None,
-        })
+        let event = AuditEvent::new(
+            EventKind::Login,
+            Agent {
+                actor: Actor::Anonymous,
+                address: None,
+                token_jti: None,
+            },
+        )
         .outcome(Outcome::MinorFailure)
         .detail("wrong password");
         let leaf: Value = serde_json::from_slice(&event.to_leaf()).unwrap();

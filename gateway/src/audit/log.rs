@@ -63,7 +63,8 @@ impl AuditLog {
         interval: Duration,
     ) -> Result<Self> {
         // C2SP: the checkpoint's key name is its origin line.
-        let signer = NoteSigner::new(origin, signing_key).map_err(|e| Error::Audit(e.to_string()))?;
+        let signer =
+            NoteSigner::new(origin, signing_key).map_err(|e| Error::Audit(e.to_string()))?;
         Ok(AuditLog {
             db,
             signer: Arc::new(signer),

@@ -41,7 +41,9 @@ pub enum Tamper {
         "checkpoint at size {size} does not match the leaves: a leaf in {from}..{size} was changed, removed or reordered"
     )]
     CheckpointRoot { size: u64, from: u64 },
-    #[error("checkpoint at size {size} is beyond the log's {log_size} leaves: leaves were deleted")]
+    #[error(
+        "checkpoint at size {size} is beyond the log's {log_size} leaves: leaves were deleted"
+    )]
     Truncated { size: u64, log_size: u64 },
     #[error("trusted checkpoint: {0}")]
     TrustedUnreadable(String),
@@ -97,9 +99,10 @@ pub async fn verify(
     };
 
     let mut checkpoints = Vec::new();
-    let rows = sqlx::query("SELECT tree_size, root, note FROM audit_checkpoints ORDER BY tree_size")
-        .fetch_all(db.read_pool())
-        .await?;
+    let rows =
+        sqlx::query("SELECT tree_size, root, note FROM audit_checkpoints ORDER BY tree_size")
+            .fetch_all(db.read_pool())
+            .await?;
     for row in rows {
         checkpoints.push(StoredCheckpoint {
             size: row.try_get::<i64, _>(0)? as u64,

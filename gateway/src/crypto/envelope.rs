@@ -43,7 +43,11 @@ impl Kek {
     }
 
     pub fn unwrap_data_key(&self, patient_id: &str, wrapped: &[u8]) -> Result<DataKey> {
-        let raw = Zeroizing::new(open(&self.cipher, wrap_aad(patient_id).as_bytes(), wrapped)?);
+        let raw = Zeroizing::new(open(
+            &self.cipher,
+            wrap_aad(patient_id).as_bytes(),
+            wrapped,
+        )?);
         DataKey::from_bytes(&raw)
     }
 }

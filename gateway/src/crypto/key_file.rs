@@ -79,7 +79,11 @@ mod tests {
         assert!(created);
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let dir_mode = fs::metadata(path.parent().unwrap()).unwrap().permissions().mode() & 0o777;
+        let dir_mode = fs::metadata(path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(dir_mode, 0o700);
         let (second, created) = load_or_generate(&path, 32).unwrap();
         assert!(!created);
@@ -96,7 +100,10 @@ mod tests {
         assert!(err.contains("0644") && err.contains("chmod 600"), "{err}");
 
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
-        assert!(load(&path, 16).unwrap_err().to_string().contains("expected 16 bytes"));
+        assert!(load(&path, 16)
+            .unwrap_err()
+            .to_string()
+            .contains("expected 16 bytes"));
         fs::write(&path, "zz-not-hex").unwrap();
         assert!(load(&path, 32).unwrap_err().to_string().contains("hex"));
     }

@@ -76,7 +76,10 @@ pub async fn login(
 #[utoipa::path(post, path = "/auth/logout", tag = "auth",
     responses((status = 204, description = "Signed out"),
         (status = 401, description = "Not signed in", content_type = "application/problem+json")))]
-pub async fn logout(State(state): State<AppState>, auth: AuthSession) -> Result<Response, ApiError> {
+pub async fn logout(
+    State(state): State<AppState>,
+    auth: AuthSession,
+) -> Result<Response, ApiError> {
     state
         .accounts
         .logout(&auth.session, &auth.token, auth.address)

@@ -38,7 +38,10 @@ mod tests {
 
     #[test]
     fn forwarded_for_is_believed_only_from_trusted_proxies() {
-        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap(), "192.0.2.1/32".parse().unwrap()];
+        let trusted: Vec<IpNet> = vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "192.0.2.1/32".parse().unwrap(),
+        ];
         let cases: &[(&str, Option<&str>, &str)] = &[
             // Untrusted peer: its header is ignored.
             ("203.0.113.9", Some("1.2.3.4"), "203.0.113.9"),

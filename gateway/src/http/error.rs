@@ -87,7 +87,12 @@ fn problem(status: StatusCode, detail: &str) -> Response {
         "status": status.as_u16(),
         "detail": detail,
     });
-    (status, [(header::CONTENT_TYPE, PROBLEM_JSON)], body.to_string()).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, PROBLEM_JSON)],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 /// FHIR `OperationOutcome` with the issue code that fits the status.
@@ -102,12 +107,21 @@ pub fn operation_outcome(status: StatusCode, detail: &str) -> Response {
         s if s.is_server_error() => "exception",
         _ => "invalid",
     };
-    let severity = if status.is_server_error() { "fatal" } else { "error" };
+    let severity = if status.is_server_error() {
+        "fatal"
+    } else {
+        "error"
+    };
     let body = json!({
         "resourceType": "OperationOutcome",
         "issue": [{"severity": severity, "code": code, "diagnostics": detail}]
     });
-    (status, [(header::CONTENT_TYPE, FHIR_JSON)], body.to_string()).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, FHIR_JSON)],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 /// Largest error body read back when converting it.
@@ -131,7 +145,10 @@ pub async fn render_errors(request: Request, next: Next) -> Response {
         return response;
     }
     let (parts, body) = response.into_parts();
-    let bytes = match http_body_util::Limited::new(body, MAX_ERROR_BODY).collect().await {
+    let bytes = match http_body_util::Limited::new(body, MAX_ERROR_BODY)
+        .collect()
+        .await
+    {
         Ok(collected) => collected.to_bytes(),
         Err(_) => Default::default(),
     };

@@ -7,5 +7,8 @@ use axum::response::Response;
 use super::error::operation_outcome;
 
 pub async fn not_supported() -> Response {
-    operation_outcome(StatusCode::NOT_FOUND, "this FHIR interaction is not supported yet")
+    operation_outcome(
+        StatusCode::NOT_FOUND,
+        "this FHIR interaction is not supported yet",
+    )
 }

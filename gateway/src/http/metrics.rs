@@ -31,11 +31,23 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("phr_gateway");
         let requests = Family::<RequestLabels, Counter>::default();
-        registry.register("http_requests", "HTTP requests by method and status", requests.clone());
+        registry.register(
+            "http_requests",
+            "HTTP requests by method and status",
+            requests.clone(),
+        );
         let audit_tree_size = Gauge::default();
-        registry.register("audit_tree_size", "Leaves sequenced into the audit tree", audit_tree_size.clone());
+        registry.register(
+            "audit_tree_size",
+            "Leaves sequenced into the audit tree",
+            audit_tree_size.clone(),
+        );
         let audit_unsequenced = Gauge::default();
-        registry.register("audit_unsequenced", "Audit leaves waiting for the sequencer", audit_unsequenced.clone());
+        registry.register(
+            "audit_unsequenced",
+            "Audit leaves waiting for the sequencer",
+            audit_unsequenced.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -62,7 +74,10 @@ impl Metrics {
         (status = 200, description = "Prometheus text format", content_type = "text/plain"),
         (status = 401, description = "Not signed in", content_type = "application/problem+json"),
         (status = 403, description = "Not an operator", content_type = "application/problem+json")))]
-pub async fn metrics(State(state): State<AppState>, _operator: OperatorSession) -> Result<Response, ApiError> {
+pub async fn metrics(
+    State(state): State<AppState>,
+    _operator: OperatorSession,
+) -> Result<Response, ApiError> {
     let row = sqlx::query(
         "SELECT (SELECT COUNT(*) FROM audit_leaves WHERE tree_index IS NOT NULL),
                 (SELECT COUNT(*) FROM audit_leaves WHERE tree_index IS NULL)",
@@ -78,7 +93,10 @@ pub async fn metrics(State(state): State<AppState>, _operator: OperatorSession) 
     encode(&mut text, &state.metrics.registry)
         .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "metrics encoding failed"))?;
     Ok((
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         text,
     )
         .into_response())

@@ -93,7 +93,11 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Decides the client address, counts the request, and adds the security headers.
-async fn request_context(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+async fn request_context(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let peer = request
         .extensions()
         .get::<ConnectionInfo>()
@@ -102,7 +106,8 @@ async fn request_context(State(state): State<AppState>, mut request: Request, ne
         .headers()
         .get("x-forwarded-for")
         .and_then(|v| v.to_str().ok());
-    let client = peer.map(|peer| client_ip::client_ip(peer, forwarded, &state.config.trusted_proxies));
+    let client =
+        peer.map(|peer| client_ip::client_ip(peer, forwarded, &state.config.trusted_proxies));
     request.extensions_mut().insert(ClientAddr(client));
     let method = request.method().clone();
     let mut response = next.run(request).await;

@@ -20,7 +20,12 @@ pub async fn audit_checkpoint(
     _operator: OperatorSession,
 ) -> Result<Response, ApiError> {
     match state.audit.latest_checkpoint().await? {
-        Some(note) => Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], note).into_response()),
-        None => Err(ApiError::new(StatusCode::NOT_FOUND, "no checkpoint has been written yet")),
+        Some(note) => {
+            Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], note).into_response())
+        }
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no checkpoint has been written yet",
+        )),
     }
 }

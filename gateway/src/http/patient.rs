@@ -18,7 +18,10 @@ use crate::audit::{AuditEvent, EventKind};
         (status = 200, description = "NDJSON, one FHIR resource per line", content_type = "application/fhir+ndjson"),
         (status = 401, description = "Not signed in", content_type = "application/problem+json"),
         (status = 410, description = "The patient's data was erased", content_type = "application/problem+json")))]
-pub async fn resources(State(state): State<AppState>, patient: PatientSession) -> Result<Response, ApiError> {
+pub async fn resources(
+    State(state): State<AppState>,
+    patient: PatientSession,
+) -> Result<Response, ApiError> {
     let stream = state.resources.stream_current(&patient.patient_id).await?;
     // BALP PatientQuery: recorded before the first byte leaves.
     let event = AuditEvent::new(EventKind::Search, patient.auth.agent())
@@ -37,5 +40,9 @@ pub async fn resources(State(state): State<AppState>, patient: PatientSession) -
             std::io::Error::other("stream broke off")
         })
     });
-    Ok(([(header::CONTENT_TYPE, "application/fhir+ndjson")], Body::from_stream(lines)).into_response())
+    Ok((
+        [(header::CONTENT_TYPE, "application/fhir+ndjson")],
+        Body::from_stream(lines),
+    )
+        .into_response())
 }

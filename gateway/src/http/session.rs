@@ -80,7 +80,10 @@ impl FromRequestParts<AppState> for PatientSession {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let auth = AuthSession::from_request_parts(parts, state).await?;
-        match (auth.session.account.role, auth.session.account.patient_id.clone()) {
+        match (
+            auth.session.account.role,
+            auth.session.account.patient_id.clone(),
+        ) {
             (AccountRole::Patient, Some(patient_id)) => Ok(PatientSession { auth, patient_id }),
             _ => Err(Error::Forbidden("patients only").into()),
         }

@@ -67,10 +67,14 @@ impl Accounts {
         patient_id: Option<&str>,
     ) -> Result<Account> {
         if username.trim().is_empty() || username.len() > 128 {
-            return Err(Error::Invalid("username must be 1 to 128 characters".into()));
+            return Err(Error::Invalid(
+                "username must be 1 to 128 characters".into(),
+            ));
         }
         if password.chars().count() < 12 {
-            return Err(Error::Invalid("password must be at least 12 characters".into()));
+            return Err(Error::Invalid(
+                "password must be at least 12 characters".into(),
+            ));
         }
         if (role == AccountRole::Patient) != patient_id.is_some() {
             return Err(Error::Invalid(
@@ -90,11 +94,13 @@ impl Accounts {
         let now = now_millis();
         let mut tx = self.db.begin().await?;
         if let Some(patient_id) = patient_id {
-            sqlx::query("INSERT INTO patients (id, created_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING")
-                .bind(patient_id)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "INSERT INTO patients (id, created_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(patient_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
         }
         let inserted = sqlx::query(
             "INSERT INTO accounts (id, kind, username, password_hash, patient_id, created_at)
@@ -112,8 +118,9 @@ impl Accounts {
         if inserted == 0 {
             return Err(Error::Invalid(format!("username {username:?} is taken")));
         }
-        let event = AuditEvent::new(EventKind::SecurityConfiguration, Agent::system())
-            .detail(format!("account created: {} {}", role_name(role), account.id));
+        let event = AuditEvent::new(EventKind::SecurityConfiguration, Agent::system()).detail(
+            format!("account created: {} {}", role_name(role), account.id),
+        );
         audit::record(&mut tx, &event).await?;
         tx.commit().await?;
         Ok(account)
@@ -122,7 +129,9 @@ impl Accounts {
     /// Replaces an account's password and ends its sessions. Audited.
     pub async fn set_password(&self, username: &str, password: &str) -> Result<()> {
         if password.chars().count() < 12 {
-            return Err(Error::Invalid("password must be at least 12 characters".into()));
+            return Err(Error::Invalid(
+                "password must be at least 12 characters".into(),
+            ));
         }
         let password = password.to_string();
         let hash = tokio::task::spawn_blocking(move || hash_password(&password))
@@ -172,7 +181,8 @@ impl Accounts {
             let password = password.to_string();
             let _ = tokio::task::spawn_blocking(move || verify_password(&password, &dummy)).await;
             self.note_address_failure(address, now);
-            self.audit_failed_login(None, address, "unknown account").await?;
+            self.audit_failed_login(None, address, "unknown account")
+                .await?;
             return Err(Error::Unauthenticated("wrong username or password"));
         };
         let account = Account {
@@ -217,7 +227,11 @@ impl Accounts {
                     .execute(&mut *tx)
                     .await?;
             }
-            audit::record(&mut tx, &failed_login(Some(&account), address, "wrong password")).await?;
+            audit::record(
+                &mut tx,
+                &failed_login(Some(&account), address, "wrong password"),
+            )
+            .await?;
             tx.commit().await?;
             return Err(Error::Unauthenticated("wrong username or password"));
         }
@@ -295,7 +309,12 @@ impl Accounts {
         })
     }
 
-    pub async fn logout(&self, session: &Session, token: &str, address: Option<IpAddr>) -> Result<()> {
+    pub async fn logout(
+        &self,
+        session: &Session,
+        token: &str,
+        address: Option<IpAddr>,
+    ) -> Result<()> {
         let mut tx = self.db.begin().await?;
         sqlx::query("UPDATE sessions SET ended_at = $1 WHERE token_hash = $2 AND ended_at IS NULL")
             .bind(now_millis())
@@ -374,7 +393,9 @@ pub fn agent_of(account: &Account, address: Option<IpAddr>) -> Agent {
 
 /// The lockout after the n-th lockout: doubling from the configured base, capped at a day.
 pub fn lockout_secs(base: u64, lockouts: u32) -> u64 {
-    let factor = 1u64.checked_shl(lockouts.saturating_sub(1)).unwrap_or(u64::MAX);
+    let factor = 1u64
+        .checked_shl(lockouts.saturating_sub(1))
+        .unwrap_or(u64::MAX);
     base.saturating_mul(factor).min(MAX_LOCKOUT_SECS)
 }
 
@@ -431,7 +452,14 @@ mod tests {
 
     #[test]
     fn lockout_doubles_and_caps_at_a_day() {
-        let cases = [(300, 1, 300), (300, 2, 600), (300, 3, 1200), (300, 10, 86_400), (300, 200, 86_400), (0, 5, 0)];
+        let cases = [
+            (300, 1, 300),
+            (300, 2, 600),
+            (300, 3, 1200),
+            (300, 10, 86_400),
+            (300, 200, 86_400),
+            (0, 5, 0),
+        ];
         for (base, n, expected) in cases {
             assert_eq!(lockout_secs(base, n), expected, "base {base} lockout {n}");
         }

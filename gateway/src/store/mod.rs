@@ -58,7 +58,9 @@ impl fmt::Display for Engine {
 pub(crate) enum SessionSetup {
     Main,
     /// The key store: on SQLite deleted bytes are overwritten; on PostgreSQL its own schema.
-    KeyStore { schema: String },
+    KeyStore {
+        schema: String,
+    },
 }
 
 #[derive(Clone)]
@@ -119,9 +121,7 @@ impl Database {
                 (read, write)
             }
             Engine::Postgres => {
-                let pool = pool_options(max_connections)
-                    .connect_with(options)
-                    .await?;
+                let pool = pool_options(max_connections).connect_with(options).await?;
                 (pool.clone(), pool)
             }
         };

@@ -107,7 +107,11 @@ impl ResourceStore {
     /// Stores a resource idempotently: a source version seen before is `Unchanged`; a new
     /// version of a known source resource becomes its next version. The rows and the audit
     /// leaf commit together or not at all.
-    pub async fn put(&self, agent: &Agent, new: NewResource) -> Result<(ResourceMeta, WriteOutcome)> {
+    pub async fn put(
+        &self,
+        agent: &Agent,
+        new: NewResource,
+    ) -> Result<(ResourceMeta, WriteOutcome)> {
         self.check_new(&new)?;
         let digest: [u8; 32] = Sha256::digest(&new.body).into();
         let source_version = match &new.source.version_id {
@@ -209,7 +213,10 @@ impl ResourceStore {
         };
         let event = AuditEvent::new(kind, agent.clone())
             .patient(&new.patient_id)
-            .resource(format!("{}/{}/_history/{}", new.source.resource_type, id, version));
+            .resource(format!(
+                "{}/{}/_history/{}",
+                new.source.resource_type, id, version
+            ));
         audit::record(&mut tx, &event).await?;
         self.db.fault_point("resources.put.before_commit")?;
         tx.commit().await?;
@@ -233,12 +240,14 @@ impl ResourceStore {
 
     /// The current version of one resource, decrypted.
     pub async fn read(&self, patient_id: &str, id: &str) -> Result<StoredResource> {
-        let row = sqlx::query(&format!("{SELECT_CURRENT} WHERE r.id = $1 AND r.patient_id = $2"))
-            .bind(id)
-            .bind(patient_id)
-            .fetch_optional(self.db.read_pool())
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("resource {id}")))?;
+        let row = sqlx::query(&format!(
+            "{SELECT_CURRENT} WHERE r.id = $1 AND r.patient_id = $2"
+        ))
+        .bind(id)
+        .bind(patient_id)
+        .fetch_optional(self.db.read_pool())
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("resource {id}")))?;
         let key = self.keys.data_key(patient_id).await?;
         decode_row(&row, &key, self.max_resource_bytes)
     }
@@ -339,7 +348,9 @@ impl ResourceStore {
             ("source resource id", &new.source.source_resource_id),
         ] {
             if value.is_empty() || value.len() > 256 {
-                return Err(Error::Invalid(format!("{name} must be 1 to 256 characters")));
+                return Err(Error::Invalid(format!(
+                    "{name} must be 1 to 256 characters"
+                )));
             }
         }
         let json: serde_json::Value = serde_json::from_slice(&new.body)
