@@ -20,6 +20,7 @@ both_engines!(
     crypto_shredding_makes_data_unreadable,
     failed_write_leaves_nothing_half_written,
     bad_resources_are_refused_and_nothing_is_written,
+    batches_are_atomic_and_audited_once,
 );
 
 fn observation(source_id: &str, marker: &str) -> Vec<u8> {
@@ -513,4 +514,49 @@ fn key_store_bytes(env: &TestEnv) -> Vec<u8> {
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+async fn batches_are_atomic_and_audited_once(engine: Engine) {
+    let env = TestEnv::new(engine).await;
+    let gateway = Gateway::build(env.config()).await.expect("build");
+    let store = &gateway.state.resources;
+    let agent = Agent::system();
+    let batch = |ids: &[&str]| -> Vec<NewResource> {
+        ids.iter()
+            .map(|id| new_resource("p1", "h", id, Some("1"), observation(id, id)))
+            .collect()
+    };
+    // One bad member refuses the whole batch before anything is written.
+    let mut bad = batch(&["a", "b"]);
+    bad.push(new_resource("p1", "h", "c", Some("1"), b"{oops".to_vec()));
+    assert!(matches!(store.put_batch(&agent, bad).await, Err(Error::Invalid(_))));
+    assert_eq!(count(&gateway, "resources").await, 0);
+
+    // A failure at commit time keeps none of it.
+    gateway.state.db.inject_fault("resources.put.before_commit");
+    assert!(store.put_batch(&agent, batch(&["a", "b", "c"])).await.is_err());
+    assert_eq!(count(&gateway, "resources").await, 0);
+
+    let leaves = count(&gateway, "audit_leaves").await;
+    let written = store.put_batch(&agent, batch(&["a", "b", "c"])).await.expect("batch");
+    assert!(written.iter().all(|(_, o)| *o == WriteOutcome::Created));
+    assert_eq!(count(&gateway, "resources").await, 3);
+    assert_eq!(count(&gateway, "audit_leaves").await, leaves + 1, "one leaf per batch");
+    let leaf: Vec<u8> = sqlx::query("SELECT body FROM audit_leaves ORDER BY id DESC LIMIT 1")
+        .fetch_one(gateway.state.db.read_pool())
+        .await
+        .expect("leaf")
+        .get(0);
+    let leaf: serde_json::Value = serde_json::from_slice(&leaf).expect("json");
+    let entities = leaf["entity"].as_array().expect("entities");
+    assert_eq!(entities.len(), 4, "the patient and each resource written");
+    for (meta, _) in &written {
+        assert!(entities.iter().any(|e| e["what"]["reference"]
+            .as_str()
+            .is_some_and(|r| r.contains(&meta.id))));
+    }
+    // Re-sending the same batch writes nothing and audits nothing.
+    let again = store.put_batch(&agent, batch(&["a", "b", "c"])).await.expect("again");
+    assert!(again.iter().all(|(_, o)| *o == WriteOutcome::Unchanged));
+    assert_eq!(count(&gateway, "audit_leaves").await, leaves + 1);
 }

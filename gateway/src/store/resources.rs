@@ -2,10 +2,12 @@
 //! kept exactly as received, encrypted with the patient's data key; the source's identity
 //! (source, type, source id, versionId or content digest) is the idempotency key.
 
+use std::collections::HashMap;
+
 use futures::{Stream, TryStreamExt};
 use sha2::{Digest, Sha256};
 use sqlx::any::AnyRow;
-use sqlx::Row;
+use sqlx::{AnyConnection, Row};
 
 use super::{now_millis, Database};
 use crate::audit::{self, Agent, AuditEvent, EventKind};
@@ -70,7 +72,10 @@ pub struct ResourceStore {
     max_resource_bytes: usize,
 }
 
-const SELECT_CURRENT: &str = "SELECT r.id, v.version, r.patient_id, r.resource_type, r.category,
+/// The current version of every resource, joined to its body. Public so the benchmark can
+/// time the same rows without decryption.
+#[doc(hidden)]
+pub const SELECT_CURRENT: &str = "SELECT r.id, v.version, r.patient_id, r.resource_type, r.category,
         r.source, r.source_resource_id, v.source_version, v.last_updated, v.digest, v.body
      FROM resources r JOIN resource_versions v
        ON v.resource_id = r.id AND v.version = r.current_version";
@@ -107,24 +112,86 @@ impl ResourceStore {
     /// Stores a resource idempotently: a source version seen before is `Unchanged`; a new
     /// version of a known source resource becomes its next version. The rows and the audit
     /// leaf commit together or not at all.
-    pub async fn put(
+    pub async fn put(&self, agent: &Agent, new: NewResource) -> Result<(ResourceMeta, WriteOutcome)> {
+        let mut written = self.put_batch(agent, vec![new]).await?;
+        written
+            .pop()
+            .ok_or_else(|| Error::Invalid("nothing to write".into()))
+    }
+
+    /// Stores a batch in one transaction with one audit leaf naming every resource written
+    /// (pulls are audited per batch). Nothing of the batch is kept if any part fails.
+    pub async fn put_batch(
         &self,
         agent: &Agent,
+        batch: Vec<NewResource>,
+    ) -> Result<Vec<(ResourceMeta, WriteOutcome)>> {
+        for new in &batch {
+            self.check_new(new)?;
+        }
+        let mut keys: HashMap<String, DataKey> = HashMap::new();
+        for new in &batch {
+            if !keys.contains_key(&new.patient_id) {
+                let (key, created) = self.keys.data_key_or_create(&new.patient_id).await?;
+                if created {
+                    self.audit_key_created(&new.patient_id).await?;
+                }
+                keys.insert(new.patient_id.clone(), key);
+            }
+        }
+        let now = now_millis();
+        let mut tx = self.db.begin().await?;
+        let mut results = Vec::with_capacity(batch.len());
+        for new in batch {
+            let key = keys
+                .get(&new.patient_id)
+                .ok_or(Error::Crypto("data key vanished during the batch"))?;
+            results.push(self.put_in(&mut tx, key, new, now).await?);
+        }
+        let changed: Vec<&ResourceMeta> = results
+            .iter()
+            .filter(|(_, outcome)| *outcome != WriteOutcome::Unchanged)
+            .map(|(meta, _)| meta)
+            .collect();
+        if changed.is_empty() {
+            tx.rollback().await?;
+            return Ok(results);
+        }
+        self.db.fault_point("resources.put.before_audit")?;
+        let created = results
+            .iter()
+            .any(|(_, outcome)| *outcome == WriteOutcome::Created);
+        let kind = if created { EventKind::Create } else { EventKind::Update };
+        let mut patients: Vec<&str> = changed.iter().map(|m| m.patient_id.as_str()).collect();
+        patients.dedup();
+        let mut event = AuditEvent::new(kind, agent.clone());
+        if let [patient] = patients.as_slice() {
+            event = event.patient(*patient);
+        }
+        for meta in &changed {
+            event = event.resource(format!(
+                "{}/{}/_history/{}",
+                meta.resource_type, meta.id, meta.version
+            ));
+        }
+        audit::record(&mut tx, &event).await?;
+        self.db.fault_point("resources.put.before_commit")?;
+        tx.commit().await?;
+        Ok(results)
+    }
+
+    async fn put_in(
+        &self,
+        tx: &mut AnyConnection,
+        key: &DataKey,
         new: NewResource,
+        now: i64,
     ) -> Result<(ResourceMeta, WriteOutcome)> {
-        self.check_new(&new)?;
         let digest: [u8; 32] = Sha256::digest(&new.body).into();
         let source_version = match &new.source.version_id {
             Some(v) => format!("version:{v}"),
             None => format!("sha256:{}", hex::encode(digest)),
         };
-        let (key, key_created) = self.keys.data_key_or_create(&new.patient_id).await?;
-        if key_created {
-            self.audit_key_created(&new.patient_id).await?;
-        }
-        let now = now_millis();
-
-        let mut tx = self.db.begin().await?;
         let existing = sqlx::query(
             "SELECT id, current_version FROM resources
              WHERE patient_id = $1 AND source = $2 AND resource_type = $3 AND source_resource_id = $4",
@@ -141,25 +208,28 @@ impl ResourceStore {
                 let id: String = row.try_get(0)?;
                 let current: i64 = row.try_get(1)?;
                 let seen = sqlx::query(
-                    "SELECT version FROM resource_versions WHERE resource_id = $1 AND source_version = $2",
+                    "SELECT r.id, v.version, r.patient_id, r.resource_type, r.category,
+                         r.source, r.source_resource_id, v.source_version, v.last_updated, v.digest
+                     FROM resources r JOIN resource_versions v ON v.resource_id = r.id
+                     WHERE r.id = $1 AND v.source_version = $2",
                 )
                 .bind(&id)
                 .bind(&source_version)
                 .fetch_optional(&mut *tx)
                 .await?;
                 if let Some(seen) = seen {
-                    let version: i64 = seen.try_get(0)?;
-                    tx.rollback().await?;
-                    let meta = self.meta(&id, version).await?;
-                    return Ok((meta, WriteOutcome::Unchanged));
+                    return Ok((decode_meta(&seen)?, WriteOutcome::Unchanged));
                 }
-                sqlx::query("UPDATE resources SET current_version = $1, last_updated = $2, category = $3 WHERE id = $4")
-                    .bind(current + 1)
-                    .bind(now)
-                    .bind(&new.category)
-                    .bind(&id)
-                    .execute(&mut *tx)
-                    .await?;
+                sqlx::query(
+                    "UPDATE resources SET current_version = $1, last_updated = $2, category = $3
+                     WHERE id = $4",
+                )
+                .bind(current + 1)
+                .bind(now)
+                .bind(&new.category)
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
                 (id, current + 1, WriteOutcome::NewVersion)
             }
             None => {
@@ -205,22 +275,6 @@ impl ResourceStore {
         .bind(sealed)
         .execute(&mut *tx)
         .await?;
-        self.db.fault_point("resources.put.before_audit")?;
-
-        let kind = match outcome {
-            WriteOutcome::Created => EventKind::Create,
-            _ => EventKind::Update,
-        };
-        let event = AuditEvent::new(kind, agent.clone())
-            .patient(&new.patient_id)
-            .resource(format!(
-                "{}/{}/_history/{}",
-                new.source.resource_type, id, version
-            ));
-        audit::record(&mut tx, &event).await?;
-        self.db.fault_point("resources.put.before_commit")?;
-        tx.commit().await?;
-
         Ok((
             ResourceMeta {
                 id,
@@ -310,20 +364,6 @@ impl ResourceStore {
         audit::record(&mut tx, &event).await?;
         tx.commit().await?;
         Ok(destroyed)
-    }
-
-    async fn meta(&self, id: &str, version: i64) -> Result<ResourceMeta> {
-        let row = sqlx::query(
-            "SELECT r.id, v.version, r.patient_id, r.resource_type, r.category,
-                 r.source, r.source_resource_id, v.source_version, v.last_updated, v.digest
-             FROM resources r JOIN resource_versions v ON v.resource_id = r.id
-             WHERE r.id = $1 AND v.version = $2",
-        )
-        .bind(id)
-        .bind(version)
-        .fetch_one(self.db.read_pool())
-        .await?;
-        decode_meta(&row)
     }
 
     async fn audit_key_created(&self, patient_id: &str) -> Result<()> {
