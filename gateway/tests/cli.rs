@@ -21,9 +21,12 @@ fn text(bytes: &[u8]) -> String {
 }
 
 async fn sqlite(data_dir: &Path) -> sqlx::SqlitePool {
-    sqlx::SqlitePool::connect(&format!("sqlite://{}", data_dir.join("gateway.db").display()))
-        .await
-        .expect("open gateway.db")
+    sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        data_dir.join("gateway.db").display()
+    ))
+    .await
+    .expect("open gateway.db")
 }
 
 #[tokio::test]
@@ -55,7 +58,11 @@ async fn audit_verify_catches_a_changed_byte() {
 
     let bad = gateway(data, &["audit", "verify"]);
     assert_eq!(bad.status.code(), Some(3), "{}", text(&bad.stdout));
-    assert!(text(&bad.stderr).contains("leaf 1 was changed"), "{}", text(&bad.stderr));
+    assert!(
+        text(&bad.stderr).contains("leaf 1 was changed"),
+        "{}",
+        text(&bad.stderr)
+    );
 }
 
 #[tokio::test]
@@ -68,7 +75,15 @@ async fn audit_verify_catches_a_resigned_rewrite_with_a_trusted_checkpoint() {
     std::fs::write(&saved, &checkpoint.stdout).expect("save checkpoint");
     // More activity: each CLI start is itself audited.
     assert!(gateway(data, &["audit", "checkpoint"]).status.success());
-    let consistent = gateway(data, &["audit", "verify", "--trusted-checkpoint", saved.to_str().expect("path")]);
+    let consistent = gateway(
+        data,
+        &[
+            "audit",
+            "verify",
+            "--trusted-checkpoint",
+            saved.to_str().expect("path"),
+        ],
+    );
     assert!(consistent.status.success(), "{}", text(&consistent.stderr));
     assert!(text(&consistent.stdout).contains("consistent with trusted checkpoint"));
 
@@ -84,7 +99,11 @@ async fn audit_verify_catches_a_resigned_rewrite_with_a_trusted_checkpoint() {
     let mut hash_input = vec![0u8];
     hash_input.extend_from_slice(forged.as_bytes());
     let leaf_hash = <sha2::Sha256 as sha2::Digest>::digest(&hash_input).to_vec();
-    for sql in ["DELETE FROM audit_checkpoints", "DELETE FROM audit_sequencer", "UPDATE audit_leaves SET tree_index = NULL"] {
+    for sql in [
+        "DELETE FROM audit_checkpoints",
+        "DELETE FROM audit_sequencer",
+        "UPDATE audit_leaves SET tree_index = NULL",
+    ] {
         sqlx::query(sql).execute(&pool).await.expect(sql);
     }
     sqlx::query("UPDATE audit_leaves SET body = ?, leaf_hash = ? WHERE id = (SELECT MIN(id) FROM audit_leaves)")
@@ -94,13 +113,32 @@ async fn audit_verify_catches_a_resigned_rewrite_with_a_trusted_checkpoint() {
         .await
         .expect("forge");
     pool.close().await;
-    assert!(gateway(data, &["audit", "checkpoint"]).status.success(), "re-sign");
+    assert!(
+        gateway(data, &["audit", "checkpoint"]).status.success(),
+        "re-sign"
+    );
 
     let alone = gateway(data, &["audit", "verify"]);
-    assert!(alone.status.success(), "the forged log is self-consistent: {}", text(&alone.stderr));
-    let caught = gateway(data, &["audit", "verify", "--trusted-checkpoint", saved.to_str().expect("path")]);
+    assert!(
+        alone.status.success(),
+        "the forged log is self-consistent: {}",
+        text(&alone.stderr)
+    );
+    let caught = gateway(
+        data,
+        &[
+            "audit",
+            "verify",
+            "--trusted-checkpoint",
+            saved.to_str().expect("path"),
+        ],
+    );
     assert_eq!(caught.status.code(), Some(3));
-    assert!(text(&caught.stderr).contains("not an append-only extension"), "{}", text(&caught.stderr));
+    assert!(
+        text(&caught.stderr).contains("not an append-only extension"),
+        "{}",
+        text(&caught.stderr)
+    );
 }
 
 #[test]
@@ -110,7 +148,14 @@ fn audit_export_writes_ndjson_and_checks_its_time() {
     let out = dir.path().join("events.ndjson");
     let export = gateway(
         data,
-        &["audit", "export", "--since", "2000-01-01T00:00:00Z", "--out", out.to_str().expect("path")],
+        &[
+            "audit",
+            "export",
+            "--since",
+            "2000-01-01T00:00:00Z",
+            "--out",
+            out.to_str().expect("path"),
+        ],
     );
     assert!(export.status.success(), "{}", text(&export.stderr));
     let lines = std::fs::read_to_string(&out).expect("export file");
@@ -121,7 +166,11 @@ fn audit_export_writes_ndjson_and_checks_its_time() {
     }
     let bad = gateway(data, &["audit", "export", "--since", "yesterday"]);
     assert!(!bad.status.success());
-    assert!(text(&bad.stderr).contains("--since"), "{}", text(&bad.stderr));
+    assert!(
+        text(&bad.stderr).contains("--since"),
+        "{}",
+        text(&bad.stderr)
+    );
 }
 
 #[test]
@@ -133,9 +182,16 @@ fn bad_configuration_stops_start_naming_the_key() {
 
     let file = dir.path().join("gateway.toml");
     std::fs::write(&file, "[tls]\nmin_version = \"1.1\"\n").expect("write");
-    let bad = gateway(dir.path(), &["--config", file.to_str().expect("path"), "serve"]);
+    let bad = gateway(
+        dir.path(),
+        &["--config", file.to_str().expect("path"), "serve"],
+    );
     assert!(!bad.status.success());
-    assert!(text(&bad.stderr).contains("tls.min_version"), "{}", text(&bad.stderr));
+    assert!(
+        text(&bad.stderr).contains("tls.min_version"),
+        "{}",
+        text(&bad.stderr)
+    );
 
     let env = Command::new(env!("CARGO_BIN_EXE_phr-gateway"))
         .args(["--data-dir", dir.path().to_str().expect("path"), "serve"])
@@ -143,8 +199,15 @@ fn bad_configuration_stops_start_naming_the_key() {
         .output()
         .expect("run");
     assert!(!env.status.success());
-    assert!(text(&env.stderr).contains("sessions.idle_timeout_secs"), "{}", text(&env.stderr));
-    assert!(!dir.path().join("gateway.db").exists(), "nothing was opened");
+    assert!(
+        text(&env.stderr).contains("sessions.idle_timeout_secs"),
+        "{}",
+        text(&env.stderr)
+    );
+    assert!(
+        !dir.path().join("gateway.db").exists(),
+        "nothing was opened"
+    );
 }
 
 #[test]

@@ -529,19 +529,32 @@ async fn batches_are_atomic_and_audited_once(engine: Engine) {
     // One bad member refuses the whole batch before anything is written.
     let mut bad = batch(&["a", "b"]);
     bad.push(new_resource("p1", "h", "c", Some("1"), b"{oops".to_vec()));
-    assert!(matches!(store.put_batch(&agent, bad).await, Err(Error::Invalid(_))));
+    assert!(matches!(
+        store.put_batch(&agent, bad).await,
+        Err(Error::Invalid(_))
+    ));
     assert_eq!(count(&gateway, "resources").await, 0);
 
     // A failure at commit time keeps none of it.
     gateway.state.db.inject_fault("resources.put.before_commit");
-    assert!(store.put_batch(&agent, batch(&["a", "b", "c"])).await.is_err());
+    assert!(store
+        .put_batch(&agent, batch(&["a", "b", "c"]))
+        .await
+        .is_err());
     assert_eq!(count(&gateway, "resources").await, 0);
 
     let leaves = count(&gateway, "audit_leaves").await;
-    let written = store.put_batch(&agent, batch(&["a", "b", "c"])).await.expect("batch");
+    let written = store
+        .put_batch(&agent, batch(&["a", "b", "c"]))
+        .await
+        .expect("batch");
     assert!(written.iter().all(|(_, o)| *o == WriteOutcome::Created));
     assert_eq!(count(&gateway, "resources").await, 3);
-    assert_eq!(count(&gateway, "audit_leaves").await, leaves + 1, "one leaf per batch");
+    assert_eq!(
+        count(&gateway, "audit_leaves").await,
+        leaves + 1,
+        "one leaf per batch"
+    );
     let leaf: Vec<u8> = sqlx::query("SELECT body FROM audit_leaves ORDER BY id DESC LIMIT 1")
         .fetch_one(gateway.state.db.read_pool())
         .await
@@ -556,7 +569,10 @@ async fn batches_are_atomic_and_audited_once(engine: Engine) {
             .is_some_and(|r| r.contains(&meta.id))));
     }
     // Re-sending the same batch writes nothing and audits nothing.
-    let again = store.put_batch(&agent, batch(&["a", "b", "c"])).await.expect("again");
+    let again = store
+        .put_batch(&agent, batch(&["a", "b", "c"]))
+        .await
+        .expect("again");
     assert!(again.iter().all(|(_, o)| *o == WriteOutcome::Unchanged));
     assert_eq!(count(&gateway, "audit_leaves").await, leaves + 1);
 }

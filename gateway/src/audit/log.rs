@@ -19,14 +19,32 @@ const SEQUENCE_BATCH: i64 = 5000;
 /// Writes one leaf inside the caller's transaction, so it commits or rolls back with the
 /// change it records.
 pub async fn record(conn: &mut AnyConnection, event: &AuditEvent) -> Result<()> {
-    let body = event.to_leaf();
-    let leaf_hash = merkle::leaf_hash(&body);
-    sqlx::query("INSERT INTO audit_leaves (recorded_at, body, leaf_hash) VALUES ($1, $2, $3)")
-        .bind(now_millis())
-        .bind(body)
-        .bind(leaf_hash.to_vec())
-        .execute(conn)
-        .await?;
+    record_all(conn, std::slice::from_ref(event)).await
+}
+
+/// Leaves per INSERT statement; keeps within every engine's bind-parameter limit.
+const INSERT_CHUNK: usize = 200;
+
+/// Writes several leaves inside the caller's transaction with multi-row inserts.
+pub async fn record_all(conn: &mut AnyConnection, events: &[AuditEvent]) -> Result<()> {
+    let now = now_millis();
+    for chunk in events.chunks(INSERT_CHUNK) {
+        let mut sql =
+            String::from("INSERT INTO audit_leaves (recorded_at, body, leaf_hash) VALUES ");
+        for i in 0..chunk.len() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3));
+        }
+        let mut query = sqlx::query(&sql);
+        for event in chunk {
+            let body = event.to_leaf();
+            let leaf_hash = merkle::leaf_hash(&body);
+            query = query.bind(now).bind(body).bind(leaf_hash.to_vec());
+        }
+        query.execute(&mut *conn).await?;
+    }
     Ok(())
 }
 

@@ -13,4 +13,4 @@ pub mod merkle;
 pub mod verify;
 
 pub use event::{AccountRole, Actor, Agent, AuditEvent, EventKind, Outcome};
-pub use log::{record, AuditLog};
+pub use log::{record, record_all, AuditLog};

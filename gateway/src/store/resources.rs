@@ -75,7 +75,8 @@ pub struct ResourceStore {
 /// The current version of every resource, joined to its body. Public so the benchmark can
 /// time the same rows without decryption.
 #[doc(hidden)]
-pub const SELECT_CURRENT: &str = "SELECT r.id, v.version, r.patient_id, r.resource_type, r.category,
+pub const SELECT_CURRENT: &str =
+    "SELECT r.id, v.version, r.patient_id, r.resource_type, r.category,
         r.source, r.source_resource_id, v.source_version, v.last_updated, v.digest, v.body
      FROM resources r JOIN resource_versions v
        ON v.resource_id = r.id AND v.version = r.current_version";
@@ -112,7 +113,11 @@ impl ResourceStore {
     /// Stores a resource idempotently: a source version seen before is `Unchanged`; a new
     /// version of a known source resource becomes its next version. The rows and the audit
     /// leaf commit together or not at all.
-    pub async fn put(&self, agent: &Agent, new: NewResource) -> Result<(ResourceMeta, WriteOutcome)> {
+    pub async fn put(
+        &self,
+        agent: &Agent,
+        new: NewResource,
+    ) -> Result<(ResourceMeta, WriteOutcome)> {
         let mut written = self.put_batch(agent, vec![new]).await?;
         written
             .pop()
@@ -161,7 +166,11 @@ impl ResourceStore {
         let created = results
             .iter()
             .any(|(_, outcome)| *outcome == WriteOutcome::Created);
-        let kind = if created { EventKind::Create } else { EventKind::Update };
+        let kind = if created {
+            EventKind::Create
+        } else {
+            EventKind::Update
+        };
         let mut patients: Vec<&str> = changed.iter().map(|m| m.patient_id.as_str()).collect();
         patients.dedup();
         let mut event = AuditEvent::new(kind, agent.clone());

@@ -1,0 +1,103 @@
+//! Shared set-up for the bench binaries: a gateway on a fresh SQLite or PostgreSQL database.
+
+#![allow(dead_code)]
+
+use std::time::Instant;
+
+use phr_gateway::config::{Config, LogFormat};
+use phr_gateway::store::Engine;
+use phr_gateway::Gateway;
+use sqlx::Executor;
+
+pub struct BenchEnv {
+    pub engine: Engine,
+    _dir: tempfile::TempDir,
+    pub config: Config,
+    pg_database: Option<String>,
+}
+
+fn postgres_url() -> String {
+    std::env::var("PHR_BENCH_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+impl BenchEnv {
+    /// `None` when the engine is not reachable (PostgreSQL not running).
+    pub async fn new(engine: Engine) -> Option<BenchEnv> {
+        let dir = tempfile::tempdir().ok()?;
+        let mut config = Config {
+            data_dir: dir.path().join("data"),
+            listen: "127.0.0.1:0".parse().ok()?,
+            insecure_http: true,
+            ..Config::default()
+        };
+        config.log.format = LogFormat::Pretty;
+        let mut pg_database = None;
+        if engine == Engine::Postgres {
+            sqlx::any::install_default_drivers();
+            let admin = sqlx::AnyPool::connect(&postgres_url()).await.ok()?;
+            let name = format!("phr_bench_{}", uuid::Uuid::new_v4().simple());
+            admin
+                .execute(format!("CREATE DATABASE {name}").as_str())
+                .await
+                .ok()?;
+            admin.close().await;
+            let base = postgres_url();
+            let i = base.rfind('/')?;
+            config.database.url = Some(format!("{}/{name}", &base[..i]));
+            pg_database = Some(name);
+        }
+        Some(BenchEnv {
+            engine,
+            _dir: dir,
+            config,
+            pg_database,
+        })
+    }
+
+    pub async fn gateway(&self) -> Gateway {
+        match Gateway::build(self.config.clone()).await {
+            Ok(g) => g,
+            Err(e) => panic!("gateway: {e}"),
+        }
+    }
+
+    pub async fn cleanup(self) {
+        if let Some(name) = &self.pg_database {
+            if let Ok(admin) = sqlx::AnyPool::connect(&postgres_url()).await {
+                let _ = admin
+                    .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+                    .await;
+                admin.close().await;
+            }
+        }
+    }
+}
+
+/// Runs `f` and returns (result, seconds).
+pub async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, f64) {
+    let start = Instant::now();
+    let out = f.await;
+    (out, start.elapsed().as_secs_f64())
+}
+
+/// Peak resident memory of this process so far, in KiB (Linux).
+pub fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+pub fn engines() -> Vec<Engine> {
+    match std::env::var("PHR_BENCH_ENGINES").as_deref() {
+        Ok("sqlite") => vec![Engine::Sqlite],
+        Ok("postgres") => vec![Engine::Postgres],
+        _ => vec![Engine::Sqlite, Engine::Postgres],
+    }
+}
