@@ -17,6 +17,8 @@ both_engines!(
     patient_stream_returns_own_resources_and_is_audited,
     bad_input_gets_clear_errors_never_500,
     idle_sessions_expire,
+    absolute_timeout_ends_a_busy_session,
+    forwarded_for_is_believed_only_from_trusted_proxies,
 );
 
 async fn leaves_matching(app: &TestApp, needle: &str) -> usize {
@@ -509,4 +511,69 @@ async fn idle_sessions_expire(engine: Engine) {
         .expect("detail")
         .contains("inactivity"));
     app.stop().await;
+}
+
+async fn absolute_timeout_ends_a_busy_session(engine: Engine) {
+    let app = spawn_app(engine).await;
+    let token = app.sign_in(AccountRole::Operator, "busy", None).await;
+    let ok = app
+        .client
+        .get(app.url("/auth/session"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("ok");
+    assert_eq!(ok.status(), 200);
+    // Move the session's absolute end into the past, as if eight hours had gone by.
+    sqlx::query("UPDATE sessions SET expires_at = $1")
+        .bind(phr_gateway::store::now_millis() - 1)
+        .execute(app.gateway().state.db.write_pool())
+        .await
+        .expect("expire");
+    let ended = app
+        .client
+        .get(app.url("/auth/session"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("ended");
+    assert_problem(&ended, StatusCode::UNAUTHORIZED);
+    app.stop().await;
+}
+
+async fn forwarded_for_is_believed_only_from_trusted_proxies(engine: Engine) {
+    for (trusted, expected) in [(false, "127.0.0.1"), (true, "203.0.113.7")] {
+        let env = TestEnv::new(engine).await;
+        let app = spawn_app_with(env, |c| {
+            if trusted {
+                c.trusted_proxies = vec!["127.0.0.1/32".parse().expect("cidr")];
+            }
+        })
+        .await;
+        app.gateway()
+            .state
+            .accounts
+            .create(
+                AccountRole::Operator,
+                "op",
+                "correct horse battery staple",
+                None,
+            )
+            .await
+            .expect("account");
+        let response = app
+            .client
+            .post(app.url("/auth/login"))
+            .header("x-forwarded-for", "198.51.100.1, 203.0.113.7")
+            .json(
+                &serde_json::json!({"username": "op", "password": "correct horse battery staple"}),
+            )
+            .send()
+            .await
+            .expect("login");
+        assert_eq!(response.status(), 200);
+        let needle = format!("\"address\":\"{expected}\"");
+        assert_eq!(leaves_matching(&app, &needle).await, 1, "trusted={trusted}");
+        app.stop().await;
+    }
 }

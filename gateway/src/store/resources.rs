@@ -146,6 +146,15 @@ impl ResourceStore {
         }
         let now = now_millis();
         let mut tx = self.db.begin().await?;
+        for patient_id in keys.keys() {
+            sqlx::query(
+                "INSERT INTO patients (id, created_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(patient_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
         let mut results = Vec::with_capacity(batch.len());
         for new in batch {
             let key = keys
@@ -242,13 +251,6 @@ impl ResourceStore {
                 (id, current + 1, WriteOutcome::NewVersion)
             }
             None => {
-                sqlx::query(
-                    "INSERT INTO patients (id, created_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
-                )
-                .bind(&new.patient_id)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
                 let id = uuid::Uuid::new_v4().to_string();
                 sqlx::query(
                     "INSERT INTO resources (id, patient_id, resource_type, category, source,
