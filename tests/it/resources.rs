@@ -568,6 +568,30 @@ async fn batches_are_atomic_and_audited_once(engine: Engine) {
             .as_str()
             .is_some_and(|r| r.contains(&meta.id))));
     }
+    // Duplicates inside one batch: the same version once, a new version after it.
+    let dupes = vec![
+        new_resource("p1", "h", "d", Some("1"), observation("d", "one")),
+        new_resource("p1", "h", "d", Some("1"), observation("d", "one")),
+        new_resource("p1", "h", "d", Some("2"), observation("d", "two")),
+    ];
+    let written_dupes = store.put_batch(&agent, dupes).await.expect("dupes");
+    let outcomes: Vec<_> = written_dupes.iter().map(|(m, o)| (m.version, *o)).collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            (1, WriteOutcome::Created),
+            (1, WriteOutcome::Unchanged),
+            (2, WriteOutcome::NewVersion)
+        ]
+    );
+    let id = &written_dupes[0].0.id;
+    assert_eq!(
+        store.read("p1", id).await.expect("read").body,
+        observation("d", "two")
+    );
+    assert_eq!(store.history("p1", id).await.expect("history").len(), 2);
+    let leaves = leaves + 1;
+
     // Re-sending the same batch writes nothing and audits nothing.
     let again = store
         .put_batch(&agent, batch(&["a", "b", "c"]))

@@ -22,8 +22,9 @@ pub async fn record(conn: &mut AnyConnection, event: &AuditEvent) -> Result<()> 
     record_all(conn, std::slice::from_ref(event)).await
 }
 
-/// Leaves per INSERT statement; keeps within every engine's bind-parameter limit.
-const INSERT_CHUNK: usize = 200;
+/// Leaves per INSERT statement: small, because SQLite's parameter lookup grows
+/// quadratically with the number of parameters in a statement.
+const INSERT_CHUNK: usize = 64;
 
 /// Writes several leaves inside the caller's transaction with multi-row inserts.
 pub async fn record_all(conn: &mut AnyConnection, events: &[AuditEvent]) -> Result<()> {

@@ -125,7 +125,8 @@ impl ResourceStore {
     }
 
     /// Stores a batch in one transaction with one audit leaf naming every resource written
-    /// (pulls are audited per batch). Nothing of the batch is kept if any part fails.
+    /// (pulls are audited per batch). Nothing of the batch is kept if any part fails. The
+    /// work is set-based: a few statements per batch, not per resource.
     pub async fn put_batch(
         &self,
         agent: &Agent,
@@ -155,23 +156,66 @@ impl ResourceStore {
             .execute(&mut *tx)
             .await?;
         }
+
+        let digests: Vec<[u8; 32]> = batch
+            .iter()
+            .map(|new| Sha256::digest(&new.body).into())
+            .collect();
+        let mut known = find_existing(&mut tx, &batch).await?;
+        let mut seen = find_seen_versions(&mut tx, &batch, &digests, &known).await?;
         let mut results = Vec::with_capacity(batch.len());
-        for new in batch {
+        let mut rows: Vec<VersionRow> = Vec::new();
+        for (new, digest) in batch.into_iter().zip(digests) {
+            let source_version = source_version_of(&new, &digest);
+            let identity = Identity::of(&new);
+            let (id, version, outcome) = match known.get(&identity) {
+                Some((id, current)) => match seen.get(&(id.clone(), source_version.clone())) {
+                    Some(earlier) => {
+                        let meta = meta_of(
+                            &new,
+                            id,
+                            earlier.version,
+                            &source_version,
+                            earlier.last_updated,
+                            earlier.digest,
+                        );
+                        results.push((meta, WriteOutcome::Unchanged));
+                        continue;
+                    }
+                    None => (id.clone(), current + 1, WriteOutcome::NewVersion),
+                },
+                // Time-ordered ids keep index inserts at the right edge of the B-trees.
+                None => (uuid::Uuid::now_v7().to_string(), 1, WriteOutcome::Created),
+            };
+            known.insert(identity, (id.clone(), version));
+            seen.insert(
+                (id.clone(), source_version.clone()),
+                SeenVersion {
+                    version,
+                    last_updated: now,
+                    digest,
+                },
+            );
             let key = keys
                 .get(&new.patient_id)
                 .ok_or(Error::Crypto("data key vanished during the batch"))?;
-            results.push(self.put_in(&mut tx, key, new, now).await?);
+            let sealed = key.seal(&body_aad(&new.patient_id, &id, version), &new.body)?;
+            let meta = meta_of(&new, &id, version, &source_version, now, digest);
+            rows.push(VersionRow {
+                meta: meta.clone(),
+                sealed,
+            });
+            results.push((meta, outcome));
         }
-        let changed: Vec<&ResourceMeta> = results
-            .iter()
-            .filter(|(_, outcome)| *outcome != WriteOutcome::Unchanged)
-            .map(|(meta, _)| meta)
-            .collect();
-        if changed.is_empty() {
+        if rows.is_empty() {
             tx.rollback().await?;
             return Ok(results);
         }
+        upsert_resources(&mut tx, &rows).await?;
+        self.db.fault_point("resources.put.between_statements")?;
+        insert_versions(&mut tx, rows.iter()).await?;
         self.db.fault_point("resources.put.before_audit")?;
+
         let created = results
             .iter()
             .any(|(_, outcome)| *outcome == WriteOutcome::Created);
@@ -180,13 +224,15 @@ impl ResourceStore {
         } else {
             EventKind::Update
         };
-        let mut patients: Vec<&str> = changed.iter().map(|m| m.patient_id.as_str()).collect();
+        let mut patients: Vec<&str> = rows.iter().map(|r| r.meta.patient_id.as_str()).collect();
+        patients.sort_unstable();
         patients.dedup();
         let mut event = AuditEvent::new(kind, agent.clone());
         if let [patient] = patients.as_slice() {
             event = event.patient(*patient);
         }
-        for meta in &changed {
+        for row in &rows {
+            let meta = &row.meta;
             event = event.resource(format!(
                 "{}/{}/_history/{}",
                 meta.resource_type, meta.id, meta.version
@@ -196,111 +242,6 @@ impl ResourceStore {
         self.db.fault_point("resources.put.before_commit")?;
         tx.commit().await?;
         Ok(results)
-    }
-
-    async fn put_in(
-        &self,
-        tx: &mut AnyConnection,
-        key: &DataKey,
-        new: NewResource,
-        now: i64,
-    ) -> Result<(ResourceMeta, WriteOutcome)> {
-        let digest: [u8; 32] = Sha256::digest(&new.body).into();
-        let source_version = match &new.source.version_id {
-            Some(v) => format!("version:{v}"),
-            None => format!("sha256:{}", hex::encode(digest)),
-        };
-        let existing = sqlx::query(
-            "SELECT id, current_version FROM resources
-             WHERE patient_id = $1 AND source = $2 AND resource_type = $3 AND source_resource_id = $4",
-        )
-        .bind(&new.patient_id)
-        .bind(&new.source.source)
-        .bind(&new.source.resource_type)
-        .bind(&new.source.source_resource_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-
-        let (id, version, outcome) = match existing {
-            Some(row) => {
-                let id: String = row.try_get(0)?;
-                let current: i64 = row.try_get(1)?;
-                let seen = sqlx::query(
-                    "SELECT r.id, v.version, r.patient_id, r.resource_type, r.category,
-                         r.source, r.source_resource_id, v.source_version, v.last_updated, v.digest
-                     FROM resources r JOIN resource_versions v ON v.resource_id = r.id
-                     WHERE r.id = $1 AND v.source_version = $2",
-                )
-                .bind(&id)
-                .bind(&source_version)
-                .fetch_optional(&mut *tx)
-                .await?;
-                if let Some(seen) = seen {
-                    return Ok((decode_meta(&seen)?, WriteOutcome::Unchanged));
-                }
-                sqlx::query(
-                    "UPDATE resources SET current_version = $1, last_updated = $2, category = $3
-                     WHERE id = $4",
-                )
-                .bind(current + 1)
-                .bind(now)
-                .bind(&new.category)
-                .bind(&id)
-                .execute(&mut *tx)
-                .await?;
-                (id, current + 1, WriteOutcome::NewVersion)
-            }
-            None => {
-                let id = uuid::Uuid::new_v4().to_string();
-                sqlx::query(
-                    "INSERT INTO resources (id, patient_id, resource_type, category, source,
-                         source_resource_id, current_version, last_updated)
-                     VALUES ($1, $2, $3, $4, $5, $6, 1, $7)",
-                )
-                .bind(&id)
-                .bind(&new.patient_id)
-                .bind(&new.source.resource_type)
-                .bind(&new.category)
-                .bind(&new.source.source)
-                .bind(&new.source.source_resource_id)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-                (id, 1, WriteOutcome::Created)
-            }
-        };
-        self.db.fault_point("resources.put.between_statements")?;
-
-        let sealed = key.seal(&body_aad(&new.patient_id, &id, version), &new.body)?;
-        sqlx::query(
-            "INSERT INTO resource_versions (resource_id, version, patient_id, source_version,
-                 digest, last_updated, body)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(&id)
-        .bind(version)
-        .bind(&new.patient_id)
-        .bind(&source_version)
-        .bind(digest.to_vec())
-        .bind(now)
-        .bind(sealed)
-        .execute(&mut *tx)
-        .await?;
-        Ok((
-            ResourceMeta {
-                id,
-                version,
-                patient_id: new.patient_id,
-                resource_type: new.source.resource_type,
-                category: new.category,
-                source: new.source.source,
-                source_resource_id: new.source.source_resource_id,
-                source_version,
-                last_updated: now,
-                digest,
-            },
-            outcome,
-        ))
     }
 
     /// The current version of one resource, decrypted.
@@ -404,9 +345,15 @@ impl ResourceStore {
                 )));
             }
         }
-        let json: serde_json::Value = serde_json::from_slice(&new.body)
-            .map_err(|e| Error::Invalid(format!("body is not JSON: {e}")))?;
-        match json.get("resourceType").and_then(|t| t.as_str()) {
+        // Parses the whole document (so malformed JSON is refused) but keeps only its type.
+        #[derive(serde::Deserialize)]
+        struct Head {
+            #[serde(rename = "resourceType")]
+            resource_type: Option<String>,
+        }
+        let head: Head = serde_json::from_slice(&new.body)
+            .map_err(|e| Error::Invalid(format!("body is not a JSON object: {e}")))?;
+        match head.resource_type.as_deref() {
             Some(t) if t == new.source.resource_type => Ok(()),
             Some(t) => Err(Error::Invalid(format!(
                 "body is a {t}, expected {}",
@@ -415,6 +362,246 @@ impl ResourceStore {
             None => Err(Error::Invalid("body has no resourceType".into())),
         }
     }
+}
+
+/// What names one resource across its versions within a patient's record.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Identity {
+    patient_id: String,
+    source: String,
+    resource_type: String,
+    source_resource_id: String,
+}
+
+impl Identity {
+    fn of(new: &NewResource) -> Self {
+        Identity {
+            patient_id: new.patient_id.clone(),
+            source: new.source.source.clone(),
+            resource_type: new.source.resource_type.clone(),
+            source_resource_id: new.source.source_resource_id.clone(),
+        }
+    }
+}
+
+struct SeenVersion {
+    version: i64,
+    last_updated: i64,
+    digest: [u8; 32],
+}
+
+struct VersionRow {
+    meta: ResourceMeta,
+    sealed: Vec<u8>,
+}
+
+/// Bind parameters per multi-row statement. SQLite looks parameters up by name, which costs
+/// time quadratic in their number, so statements stay small; still far fewer round trips
+/// than one statement per row.
+const PARAMS_PER_STATEMENT: usize = 256;
+
+fn rows_per_statement(columns: usize) -> usize {
+    (PARAMS_PER_STATEMENT / columns).max(1)
+}
+
+fn source_version_of(new: &NewResource, digest: &[u8; 32]) -> String {
+    match &new.source.version_id {
+        Some(v) => format!("version:{v}"),
+        None => format!("sha256:{}", hex::encode(digest)),
+    }
+}
+
+fn meta_of(
+    new: &NewResource,
+    id: &str,
+    version: i64,
+    source_version: &str,
+    last_updated: i64,
+    digest: [u8; 32],
+) -> ResourceMeta {
+    ResourceMeta {
+        id: id.to_string(),
+        version,
+        patient_id: new.patient_id.clone(),
+        resource_type: new.source.resource_type.clone(),
+        category: new.category.clone(),
+        source: new.source.source.clone(),
+        source_resource_id: new.source.source_resource_id.clone(),
+        source_version: source_version.to_string(),
+        last_updated,
+        digest,
+    }
+}
+
+/// `($1, $2, …), (…)` placeholders for `rows` rows of `columns` values.
+fn placeholders(rows: usize, columns: usize) -> String {
+    let mut sql = String::with_capacity(rows * columns * 6);
+    for r in 0..rows {
+        if r > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for c in 0..columns {
+            if c > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('$');
+            sql.push_str(&(r * columns + c + 1).to_string());
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+/// The stored id and current version of every resource of the batch that exists already.
+async fn find_existing(
+    tx: &mut AnyConnection,
+    batch: &[NewResource],
+) -> Result<HashMap<Identity, (String, i64)>> {
+    let mut identities: Vec<Identity> = batch.iter().map(Identity::of).collect();
+    identities.sort_unstable();
+    identities.dedup();
+    let mut known = HashMap::new();
+    for chunk in identities.chunks(rows_per_statement(4)) {
+        let sql = format!(
+            // A join on VALUES (not `IN (VALUES …)`) so SQLite uses the unique index.
+            "SELECT r.id, r.current_version, r.patient_id, r.source, r.resource_type,
+                 r.source_resource_id
+             FROM (VALUES {}) AS v
+             JOIN resources r ON r.patient_id = v.column1 AND r.source = v.column2
+                 AND r.resource_type = v.column3 AND r.source_resource_id = v.column4",
+            placeholders(chunk.len(), 4)
+        );
+        let mut query = sqlx::query(&sql);
+        for identity in chunk {
+            query = query
+                .bind(&identity.patient_id)
+                .bind(&identity.source)
+                .bind(&identity.resource_type)
+                .bind(&identity.source_resource_id);
+        }
+        for row in query.fetch_all(&mut *tx).await? {
+            let identity = Identity {
+                patient_id: row.try_get(2)?,
+                source: row.try_get(3)?,
+                resource_type: row.try_get(4)?,
+                source_resource_id: row.try_get(5)?,
+            };
+            known.insert(identity, (row.try_get(0)?, row.try_get(1)?));
+        }
+    }
+    Ok(known)
+}
+
+/// Which of the batch's source versions are stored already, for existing resources.
+async fn find_seen_versions(
+    tx: &mut AnyConnection,
+    batch: &[NewResource],
+    digests: &[[u8; 32]],
+    known: &HashMap<Identity, (String, i64)>,
+) -> Result<HashMap<(String, String), SeenVersion>> {
+    let mut wanted: Vec<(String, String)> = batch
+        .iter()
+        .zip(digests)
+        .filter_map(|(new, digest)| {
+            let (id, _) = known.get(&Identity::of(new))?;
+            Some((id.clone(), source_version_of(new, digest)))
+        })
+        .collect();
+    wanted.sort_unstable();
+    wanted.dedup();
+    let mut seen = HashMap::new();
+    for chunk in wanted.chunks(rows_per_statement(2)) {
+        let sql = format!(
+            "SELECT rv.resource_id, rv.source_version, rv.version, rv.last_updated, rv.digest
+             FROM (VALUES {}) AS v
+             JOIN resource_versions rv ON rv.resource_id = v.column1
+                 AND rv.source_version = v.column2",
+            placeholders(chunk.len(), 2)
+        );
+        let mut query = sqlx::query(&sql);
+        for (id, source_version) in chunk {
+            query = query.bind(id).bind(source_version);
+        }
+        for row in query.fetch_all(&mut *tx).await? {
+            let digest: Vec<u8> = row.try_get(4)?;
+            seen.insert(
+                (row.try_get(0)?, row.try_get(1)?),
+                SeenVersion {
+                    version: row.try_get(2)?,
+                    last_updated: row.try_get(3)?,
+                    digest: digest
+                        .try_into()
+                        .map_err(|_| Error::Crypto("stored digest is not 32 bytes"))?,
+                },
+            );
+        }
+    }
+    Ok(seen)
+}
+
+/// Creates new resources and moves existing ones to the newest version written here.
+async fn upsert_resources(tx: &mut AnyConnection, rows: &[VersionRow]) -> Result<()> {
+    // Only the last version written per resource decides its current state.
+    let mut latest: HashMap<&str, &ResourceMeta> = HashMap::new();
+    for row in rows {
+        latest.insert(row.meta.id.as_str(), &row.meta);
+    }
+    let mut metas: Vec<&ResourceMeta> = latest.into_values().collect();
+    metas.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+    for chunk in metas.chunks(rows_per_statement(8)) {
+        let sql = format!(
+            "INSERT INTO resources (id, patient_id, resource_type, category, source,
+                 source_resource_id, current_version, last_updated)
+             VALUES {}
+             ON CONFLICT (id) DO UPDATE SET current_version = excluded.current_version,
+                 last_updated = excluded.last_updated, category = excluded.category",
+            placeholders(chunk.len(), 8)
+        );
+        let mut query = sqlx::query(&sql);
+        for meta in chunk {
+            query = query
+                .bind(&meta.id)
+                .bind(&meta.patient_id)
+                .bind(&meta.resource_type)
+                .bind(&meta.category)
+                .bind(&meta.source)
+                .bind(&meta.source_resource_id)
+                .bind(meta.version)
+                .bind(meta.last_updated);
+        }
+        query.execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
+async fn insert_versions(
+    tx: &mut AnyConnection,
+    rows: impl Iterator<Item = &VersionRow>,
+) -> Result<()> {
+    let rows: Vec<&VersionRow> = rows.collect();
+    for chunk in rows.chunks(rows_per_statement(7)) {
+        let sql = format!(
+            "INSERT INTO resource_versions (resource_id, version, patient_id, source_version,
+                 digest, last_updated, body)
+             VALUES {}",
+            placeholders(chunk.len(), 7)
+        );
+        let mut query = sqlx::query(&sql);
+        for row in chunk {
+            let meta = &row.meta;
+            query = query
+                .bind(&meta.id)
+                .bind(meta.version)
+                .bind(&meta.patient_id)
+                .bind(&meta.source_version)
+                .bind(meta.digest.to_vec())
+                .bind(meta.last_updated)
+                .bind(row.sealed.as_slice());
+        }
+        query.execute(&mut *tx).await?;
+    }
+    Ok(())
 }
 
 /// Binds a ciphertext to its row: moving it to another patient, resource or version breaks
