@@ -10,7 +10,7 @@ use futures::TryStreamExt;
 use phr_gateway::audit::Agent;
 use phr_gateway::store::resources::{NewResource, SourceIdentity, SELECT_CURRENT};
 use sqlx::Row;
-use support::{engines, peak_rss_kib, timed, BenchEnv};
+use support::{engines, rss_kib, timed, BenchEnv};
 
 const PATIENT: &str = "bench-patient";
 const BATCH: usize = 500;
@@ -83,7 +83,8 @@ async fn main() {
             (rows - singles) as f64 / secs
         );
 
-        let rss_before = peak_rss_kib();
+        let rss_before = rss_kib();
+        let mut rss_peak = rss_before;
         let mut best_stream = 0f64;
         let mut best_raw = 0f64;
         for _ in 0..3 {
@@ -118,7 +119,6 @@ async fn main() {
             assert_eq!(n, rows);
             best_raw = best_raw.max(n as f64 / secs);
         }
-        let rss_after = peak_rss_kib();
         println!("{engine}: streaming read (decrypt):      {best_stream:>9.0} resources/s");
         println!("{engine}: raw scan of the same rows:     {best_raw:>9.0} rows/s");
         println!(
@@ -126,8 +126,8 @@ async fn main() {
             best_raw / best_stream
         );
         println!(
-            "{engine}: peak RSS during reads grew by {} KiB (whole record ≈ {} KiB)",
-            rss_after.saturating_sub(rss_before),
+            "{engine}: resident memory while streaming grew by at most {} KiB (whole record ≈ {} KiB)",
+            rss_peak.saturating_sub(rss_before),
             rows * resource(0).body.len() / 1024
         );
         gateway.state.db.close().await;

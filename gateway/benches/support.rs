@@ -81,13 +81,13 @@ pub async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, f64) {
     (out, start.elapsed().as_secs_f64())
 }
 
-/// Peak resident memory of this process so far, in KiB (Linux).
-pub fn peak_rss_kib() -> u64 {
+/// Resident memory of this process now, in KiB (Linux).
+pub fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with("VmRSS:"))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse().ok())
         })

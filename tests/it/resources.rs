@@ -197,38 +197,16 @@ async fn streaming_read_returns_every_current_resource(engine: Engine) {
     let gateway = Gateway::build(env.config()).await.expect("build");
     let store = &gateway.state.resources;
     let agent = Agent::system();
-    for i in 0..60 {
-        let id = format!("o{i}");
-        store
-            .put(
-                &agent,
-                new_resource(
-                    "p1",
-                    "h",
-                    &id,
-                    Some("1"),
-                    observation(&id, &format!("v1-{i}")),
-                ),
-            )
-            .await
-            .expect("put");
-    }
-    // A second version of some; the stream must give only the current ones.
-    for i in 0..10 {
-        let id = format!("o{i}");
-        store
-            .put(
-                &agent,
-                new_resource(
-                    "p1",
-                    "h",
-                    &id,
-                    Some("2"),
-                    observation(&id, &format!("v2-{i}")),
-                ),
-            )
-            .await
-            .expect("put v2");
+    // Sixty resources, then a second version of ten: the stream gives only current ones.
+    for (range, version) in [(0..60, "1"), (0..10, "2")] {
+        for i in range {
+            let id = format!("o{i}");
+            let body = observation(&id, &format!("v{version}-{i}"));
+            store
+                .put(&agent, new_resource("p1", "h", &id, Some(version), body))
+                .await
+                .expect("put");
+        }
     }
     store
         .put(

@@ -13,7 +13,7 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
 
-use super::{now_millis, Database};
+use super::{insert_patient, now_millis, Database};
 use crate::audit::{self, AccountRole, Actor, Agent, AuditEvent, EventKind, Outcome};
 use crate::config::SessionConfig;
 use crate::error::{Error, Result};
@@ -94,13 +94,7 @@ impl Accounts {
         let now = now_millis();
         let mut tx = self.db.begin().await?;
         if let Some(patient_id) = patient_id {
-            sqlx::query(
-                "INSERT INTO patients (id, created_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
-            )
-            .bind(patient_id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+            insert_patient(&mut tx, patient_id, now).await?;
         }
         let inserted = sqlx::query(
             "INSERT INTO accounts (id, kind, username, password_hash, patient_id, created_at)

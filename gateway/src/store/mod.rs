@@ -229,6 +229,22 @@ impl FaultPoints {
     }
 }
 
+/// Records a patient (an opaque id) if it is new, inside the caller's transaction.
+pub(crate) async fn insert_patient(
+    conn: &mut sqlx::AnyConnection,
+    patient_id: &str,
+    now: i64,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO patients (id, created_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(patient_id)
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// Unix time in milliseconds, the store's one time representation.
 pub fn now_millis() -> i64 {
     let now = time::OffsetDateTime::now_utc();

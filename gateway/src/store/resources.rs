@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
-use super::{now_millis, Database};
+use super::{insert_patient, now_millis, Database};
 use crate::audit::{self, Agent, AuditEvent, EventKind};
 use crate::crypto::DataKey;
 use crate::error::{Error, Result};
@@ -100,14 +100,8 @@ impl ResourceStore {
 
     /// Creates the patient record (an opaque id) if it does not exist.
     pub async fn ensure_patient(&self, patient_id: &str) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO patients (id, created_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(patient_id)
-        .bind(now_millis())
-        .execute(self.db.write_pool())
-        .await?;
-        Ok(())
+        let mut conn = self.db.write_pool().acquire().await?;
+        insert_patient(&mut conn, patient_id, now_millis()).await
     }
 
     /// Stores a resource idempotently: a source version seen before is `Unchanged`; a new
@@ -148,13 +142,7 @@ impl ResourceStore {
         let now = now_millis();
         let mut tx = self.db.begin().await?;
         for patient_id in keys.keys() {
-            sqlx::query(
-                "INSERT INTO patients (id, created_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
-            )
-            .bind(patient_id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+            insert_patient(&mut tx, patient_id, now).await?;
         }
 
         let digests: Vec<[u8; 32]> = batch
