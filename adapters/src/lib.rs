@@ -1,4 +1,16 @@
 //! Sources the gateway pulls from on the patient's instruction (hospital FHIR R4 via SMART,
-//! the portal-style self-information API, 特定健診 CDA files) and their simulators.
+//! the portal-style self-information API, 特定健診 CDA files), their simulators, and the
+//! code-system normaliser.
 //!
-//! Filled by the pull issues. Never depends on the gateway crate.
+//! Never depends on the gateway crate: the gateway drives a `Source` and stores what it
+//! yields.
+
+pub mod error;
+pub mod source;
+
+pub use error::SourceError;
+pub use source::{
+    AuthorizationRequest, AuthorizationStart, Callback, Capabilities, LinkCredentials,
+    PendingAuthorization, Provenance, PullBatch, PullItem, PullRequest, PullStream,
+    PulledResource, Source,
+};
