@@ -5,12 +5,13 @@
 //! Never depends on the gateway crate: the gateway drives a `Source` and stores what it
 //! yields.
 
+pub mod codesystem;
 pub mod error;
 pub mod source;
 
 pub use error::SourceError;
 pub use source::{
     AuthorizationRequest, AuthorizationStart, Callback, Capabilities, LinkCredentials,
-    PendingAuthorization, Provenance, PullBatch, PullItem, PullRequest, PullStream,
-    PulledResource, Source,
+    PendingAuthorization, Provenance, PullBatch, PullItem, PullRequest, PullStream, PulledResource,
+    Source,
 };

@@ -139,7 +139,9 @@ pub enum PullItem {
         reason: String,
     },
     /// The source refused this type (e.g. 403): the pull goes on without it.
-    TypeNotGranted { resource_type: String },
+    TypeNotGranted {
+        resource_type: String,
+    },
 }
 
 /// A page of a pull. The gateway stores `items`, then persists `cursor` to resume from.

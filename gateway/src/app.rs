@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::os::unix::fs::DirBuilderExt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
@@ -17,6 +17,8 @@ use crate::crypto::{key_file, Kek};
 use crate::error::{Error, Result};
 use crate::http::{self, AppState};
 use crate::keystore::KeyStore;
+use crate::pull::{Instructions, JobQueue, SourceRegistry};
+use crate::receipts::ReceiptSigner;
 use crate::store::accounts::Accounts;
 use crate::store::resources::ResourceStore;
 use crate::store::Database;
@@ -35,12 +37,18 @@ pub struct RunningGateway {
     shutdown: watch::Sender<bool>,
     server: JoinHandle<std::io::Result<()>>,
     sequencer: JoinHandle<()>,
+    workers: Vec<JoinHandle<()>>,
 }
 
 impl Gateway {
     /// Opens everything the configuration names: data directory, keys, database, key store,
     /// audit log and TLS. Fails with an error naming the setting at fault.
     pub async fn build(config: Config) -> Result<Gateway> {
+        Self::build_with_sources(config, SourceRegistry::new()).await
+    }
+
+    /// `build`, with the sources this gateway can pull from.
+    pub async fn build_with_sources(config: Config, registry: SourceRegistry) -> Result<Gateway> {
         config.validate()?;
         tls::install_crypto_provider();
         std::fs::DirBuilder::new()
@@ -58,6 +66,12 @@ impl Gateway {
             .try_into()
             .map_err(|_| Error::Crypto("audit signing key must be 32 bytes"))?;
         let signing_key = SigningKey::from_bytes(&seed);
+        let (receipt_seed, receipt_created) =
+            key_file::load_or_generate(&config.receipt_signing_key_path(), 32)?;
+        let receipt_seed: [u8; 32] = receipt_seed
+            .as_slice()
+            .try_into()
+            .map_err(|_| Error::Crypto("receipt signing key must be 32 bytes"))?;
 
         let url = config.database_url();
         let timeout = Duration::from_secs(config.database.connect_timeout_secs);
@@ -78,11 +92,29 @@ impl Gateway {
             Some(tls::load_server_config(&config.tls, &config.data_dir)?)
         };
 
-        record_start(&db, &config, kek_created, signing_created).await?;
+        record_start(
+            &db,
+            &config,
+            kek_created || receipt_created,
+            signing_created,
+        )
+        .await?;
+        registry.sync(&db).await?;
 
+        let issuer = config
+            .public_url
+            .clone()
+            .unwrap_or_else(|| "https://localhost".into());
+        let receipts = Arc::new(ReceiptSigner::new(
+            &SigningKey::from_bytes(&receipt_seed),
+            &issuer,
+        )?);
         let resources =
             ResourceStore::new(db.clone(), keys.clone(), config.store.max_resource_bytes);
         let accounts = Accounts::new(db.clone(), config.sessions.clone())?;
+        let queue = JobQueue::new(db.clone());
+        let instructions =
+            Instructions::new(db.clone(), keys.clone(), receipts.clone(), queue.clone());
         let state = AppState {
             tls: tls.is_some(),
             config: Arc::new(config),
@@ -92,6 +124,11 @@ impl Gateway {
             accounts,
             audit,
             metrics: Arc::default(),
+            instructions,
+            queue,
+            registry: Arc::new(registry),
+            receipts,
+            public_url: Arc::new(OnceLock::new()),
         };
         Ok(Gateway { state, tls })
     }
@@ -106,7 +143,20 @@ impl Gateway {
             .local_addr()
             .map_err(|e| Error::config("listen", e.to_string()))?;
         let (shutdown, mut on_shutdown) = watch::channel(false);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let host = if self.tls.is_some() {
+            "localhost".to_string()
+        } else {
+            addr.ip().to_string()
+        };
+        let _ = self
+            .state
+            .public_url
+            .set(format!("{scheme}://{host}:{}", addr.port()));
         let sequencer = tokio::spawn(self.state.audit.clone().run_sequencer(shutdown.subscribe()));
+        let workers = (0..self.state.config.pull.workers)
+            .map(|_| tokio::spawn(self.state.pull_worker().run(shutdown.subscribe())))
+            .collect();
         let router = http::router(self.state.clone());
         let server = tokio::spawn(tls::serve(listener, self.tls.clone(), router, async move {
             let _ = on_shutdown.changed().await;
@@ -118,6 +168,7 @@ impl Gateway {
             shutdown,
             server,
             sequencer,
+            workers,
         })
     }
 }
@@ -127,6 +178,9 @@ impl RunningGateway {
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
         let _ = self.server.await;
+        for worker in self.workers {
+            let _ = worker.await;
+        }
         let _ = self.sequencer.await;
         self.state.keys.close().await;
         self.state.db.close().await;

@@ -32,7 +32,11 @@ pub struct Config {
     pub http: HttpConfig,
     pub store: StoreConfig,
     pub sessions: SessionConfig,
+    pub pull: PullConfig,
     pub log: LogConfig,
+    /// The gateway's external base URL (e.g. `https://phr.example.jp`): receipts' issuer and
+    /// the callback sources redirect to. Unset: `https://localhost:<port>`.
+    pub public_url: Option<String>,
 }
 
 impl Default for Config {
@@ -49,7 +53,9 @@ impl Default for Config {
             http: HttpConfig::default(),
             store: StoreConfig::default(),
             sessions: SessionConfig::default(),
+            pull: PullConfig::default(),
             log: LogConfig::default(),
+            public_url: None,
         }
     }
 }
@@ -87,6 +93,8 @@ pub struct KeysConfig {
     pub kek_file: Option<PathBuf>,
     /// Ed25519 seed signing audit checkpoints. Unset: `<data_dir>/keys/audit-signing.key`.
     pub audit_signing_key_file: Option<PathBuf>,
+    /// Ed25519 seed signing receipts (JWS). Unset: `<data_dir>/keys/receipt-signing.key`.
+    pub receipt_signing_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -161,6 +169,34 @@ impl Default for SessionConfig {
             absolute_timeout_secs: 8 * 60 * 60,
             max_failed_logins: 5,
             lockout_secs: 5 * 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PullConfig {
+    /// Pull workers in this process (0: this process only serves the API).
+    pub workers: u32,
+    /// How long a claimed job stays ours without renewal; a dead worker's job is claimed
+    /// again after this.
+    pub lease_secs: u64,
+    /// How often an idle worker looks for jobs.
+    pub poll_millis: u64,
+    /// After a successful pull, the next incremental pull of an active instruction.
+    pub refresh_interval_secs: u64,
+    /// Upper bound of the wait before retrying an unavailable source.
+    pub max_backoff_secs: u64,
+}
+
+impl Default for PullConfig {
+    fn default() -> Self {
+        PullConfig {
+            workers: 2,
+            lease_secs: 60,
+            poll_millis: 1000,
+            refresh_interval_secs: 24 * 60 * 60,
+            max_backoff_secs: 60 * 60,
         }
     }
 }
@@ -333,6 +369,13 @@ impl Config {
             .audit_signing_key_file
             .clone()
             .unwrap_or_else(|| self.data_dir.join("keys").join("audit-signing.key"))
+    }
+
+    pub fn receipt_signing_key_path(&self) -> PathBuf {
+        self.keys
+            .receipt_signing_key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("keys").join("receipt-signing.key"))
     }
 
     /// Settings that weaken a secure default; each is logged and audited at start.

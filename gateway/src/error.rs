@@ -52,6 +52,9 @@ pub enum Error {
     #[error("too many attempts; retry after {retry_after_secs} s")]
     RateLimited { retry_after_secs: u64 },
 
+    #[error(transparent)]
+    Source(#[from] phr_adapters::SourceError),
+
     #[error("audit log: {0}")]
     Audit(String),
 

@@ -13,6 +13,8 @@ pub mod demo;
 pub mod error;
 pub mod http;
 pub mod keystore;
+pub mod pull;
+pub mod receipts;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

@@ -129,7 +129,7 @@ async fn login_session_and_logout(engine: Engine) {
         "__Host-phr_session=",
         "Secure",
         "HttpOnly",
-        "SameSite=Strict",
+        "SameSite=Lax",
         "Path=/",
     ] {
         assert!(cookie.contains(attribute), "{cookie} lacks {attribute}");

@@ -29,6 +29,14 @@ pub enum EventKind {
     Read,
     Search,
     Export,
+    /// The patient instructed a pull, the source authorised it, or it was withdrawn.
+    PullInstructionGiven,
+    PullInstructionAuthorised,
+    PullInstructionWithdrawn,
+    /// A pulled item was refused (e.g. it belongs to another patient).
+    PullItemRejected,
+    /// Stored data was deleted at the patient's request.
+    DataDeleted,
 }
 
 impl EventKind {
@@ -40,6 +48,13 @@ impl EventKind {
             | EventKind::DataKeyCreated
             | EventKind::DataKeyDestroyed => coding(DCM, "110113", "Security Alert"),
             EventKind::Export => coding(DCM, "110106", "Export"),
+            EventKind::PullInstructionGiven
+            | EventKind::PullInstructionAuthorised
+            | EventKind::PullInstructionWithdrawn => {
+                coding(GATEWAY_EVENTS, "pull-instruction", "Pull instruction")
+            }
+            EventKind::PullItemRejected => coding(DCM, "110113", "Security Alert"),
+            EventKind::DataDeleted => coding(DCM, "110110", "Patient Record"),
             EventKind::Create | EventKind::Update | EventKind::Read | EventKind::Search => {
                 coding(EVENT_TYPE, "rest", "RESTful Operation")
             }
@@ -63,14 +78,26 @@ impl EventKind {
             EventKind::Read => coding(RESTFUL, "read", "read"),
             EventKind::Search => coding(RESTFUL, "search-type", "search type"),
             EventKind::Export => coding(GATEWAY_EVENTS, "export", "Export"),
+            EventKind::PullInstructionGiven => coding(GATEWAY_EVENTS, "given", "Given"),
+            EventKind::PullInstructionAuthorised => {
+                coding(GATEWAY_EVENTS, "authorised", "Authorised at the source")
+            }
+            EventKind::PullInstructionWithdrawn => coding(GATEWAY_EVENTS, "withdrawn", "Withdrawn"),
+            EventKind::PullItemRejected => {
+                coding(GATEWAY_EVENTS, "pull-item-rejected", "Pulled item rejected")
+            }
+            EventKind::DataDeleted => coding(RESTFUL, "delete", "delete"),
         }
     }
 
     fn action(self) -> &'static str {
         match self {
-            EventKind::Create | EventKind::DataKeyCreated => "C",
-            EventKind::Update => "U",
-            EventKind::DataKeyDestroyed => "D",
+            EventKind::Create | EventKind::DataKeyCreated | EventKind::PullInstructionGiven => "C",
+            EventKind::Update | EventKind::PullInstructionAuthorised => "U",
+            EventKind::DataKeyDestroyed
+            | EventKind::PullInstructionWithdrawn
+            | EventKind::DataDeleted => "D",
+            EventKind::PullItemRejected => "E",
             EventKind::Read | EventKind::Export => "R",
             EventKind::Search => "E",
             EventKind::ApplicationStart

@@ -1,5 +1,5 @@
 //! Sign-in and sign-out for patient and operator accounts. Sessions are bearer tokens,
-//! also set as a `__Host-` cookie (Secure, HttpOnly, SameSite=Strict) for browsers.
+//! also set as a `__Host-` cookie (Secure, HttpOnly, SameSite=Lax) for browsers.
 
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -57,7 +57,7 @@ pub async fn login(
     state.audit.notify();
     let max_age = state.config.sessions.absolute_timeout_secs;
     let cookie = format!(
-        "{SESSION_COOKIE}={token}; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age={max_age}"
+        "{SESSION_COOKIE}={token}; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age={max_age}"
     );
     let mut headers = HeaderMap::new();
     if let Ok(value) = HeaderValue::from_str(&cookie) {
@@ -85,7 +85,7 @@ pub async fn logout(
         .logout(&auth.session, &auth.token, auth.address)
         .await?;
     state.audit.notify();
-    let cookie = format!("{SESSION_COOKIE}=; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age=0");
+    let cookie = format!("{SESSION_COOKIE}=; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=0");
     let mut response = StatusCode::NO_CONTENT.into_response();
     if let Ok(value) = HeaderValue::from_str(&cookie) {
         response.headers_mut().insert(header::SET_COOKIE, value);

@@ -44,9 +44,20 @@ impl From<Error> for ApiError {
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::Database(_) | Error::Migration(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Source(e) => match e {
+                phr_adapters::SourceError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+                phr_adapters::SourceError::Authorization(_) => StatusCode::BAD_REQUEST,
+                phr_adapters::SourceError::Config(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                _ => StatusCode::BAD_GATEWAY,
+            },
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        let detail = if status.is_server_error() {
+        // A source's own failure is safe and useful to show: it names no internals of ours.
+        let detail = if matches!(err, Error::Source(_))
+            && status != StatusCode::INTERNAL_SERVER_ERROR
+        {
+            err.to_string()
+        } else if status.is_server_error() {
             // Internal details go to the log, not to the client.
             tracing::error!(error = %err, "request failed");
             match status {
@@ -62,6 +73,10 @@ impl From<Error> for ApiError {
             retry_after: match err {
                 Error::RateLimited { retry_after_secs } => Some(retry_after_secs),
                 Error::Database(_) => Some(5),
+                Error::Source(phr_adapters::SourceError::Unavailable {
+                    retry_after: Some(after),
+                    ..
+                }) => Some(after.as_secs().max(1)),
                 _ => None,
             },
         }

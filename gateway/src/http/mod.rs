@@ -9,10 +9,11 @@ pub mod metrics;
 pub mod openapi;
 pub mod operator;
 pub mod patient;
+pub mod pull;
 pub mod session;
 
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -30,6 +31,8 @@ use tower_http::trace::TraceLayer;
 use crate::audit::AuditLog;
 use crate::config::Config;
 use crate::keystore::KeyStore;
+use crate::pull::{Instructions, JobQueue, SourceRegistry};
+use crate::receipts::ReceiptSigner;
 use crate::store::accounts::Accounts;
 use crate::store::resources::ResourceStore;
 use crate::store::Database;
@@ -45,8 +48,46 @@ pub struct AppState {
     pub accounts: Accounts,
     pub audit: AuditLog,
     pub metrics: Arc<metrics::Metrics>,
+    pub instructions: Instructions,
+    pub queue: JobQueue,
+    pub registry: Arc<SourceRegistry>,
+    pub receipts: Arc<ReceiptSigner>,
     /// Whether connections are TLS (HSTS is only meaningful then).
     pub tls: bool,
+    /// The external base URL, known once the listener is bound (port 0 in tests).
+    pub public_url: Arc<OnceLock<String>>,
+}
+
+impl AppState {
+    /// A pull worker sharing this state's stores, with the configured timing.
+    pub fn pull_worker(&self) -> crate::pull::PullWorker {
+        let pull = &self.config.pull;
+        crate::pull::PullWorker {
+            id: crate::pull::PullWorker::worker_id(),
+            queue: self.queue.clone(),
+            instructions: self.instructions.clone(),
+            resources: self.resources.clone(),
+            registry: self.registry.clone(),
+            audit: self.audit.clone(),
+            settings: crate::pull::worker::WorkerSettings {
+                lease: Duration::from_secs(pull.lease_secs),
+                poll: Duration::from_millis(pull.poll_millis),
+                refresh_interval: Duration::from_secs(pull.refresh_interval_secs),
+                max_backoff: Duration::from_secs(pull.max_backoff_secs),
+            },
+        }
+    }
+
+    /// The gateway's external base URL, without a trailing slash.
+    pub fn public_url(&self) -> String {
+        if let Some(url) = &self.config.public_url {
+            return url.clone();
+        }
+        self.public_url
+            .get()
+            .cloned()
+            .unwrap_or_else(|| format!("https://localhost:{}", self.config.listen.port()))
+    }
 }
 
 /// The client's address as decided by `client_ip`, put into request extensions.
@@ -66,6 +107,12 @@ pub fn router(state: AppState) -> Router {
         .route("/auth/logout", post(auth::logout))
         .route("/auth/session", get(auth::session))
         .route("/patient/resources", get(patient::resources))
+        .route("/patient/sources", get(pull::sources))
+        .route("/patient/sources/callback", get(pull::callback))
+        .route("/patient/pull-instructions", get(pull::list).post(pull::give))
+        .route("/patient/pull-instructions/{id}", get(pull::detail))
+        .route("/patient/pull-instructions/{id}/withdraw", post(pull::withdraw))
+        .route("/.well-known/jwks.json", get(pull::jwks))
         .route("/operator/audit/checkpoint", get(operator::audit_checkpoint))
         .route("/fhir", get(fhir::not_supported))
         .route("/fhir/{*rest}", get(fhir::not_supported).post(fhir::not_supported))

@@ -15,12 +15,21 @@ use utoipa::OpenApi;
         super::auth::session,
         super::patient::resources,
         super::operator::audit_checkpoint,
+        super::pull::sources,
+        super::pull::give,
+        super::pull::callback,
+        super::pull::list,
+        super::pull::detail,
+        super::pull::withdraw,
+        super::pull::jwks,
     ),
     tags(
         (name = "health", description = "Probes"),
         (name = "auth", description = "Sign-in for patients and operators"),
         (name = "patient", description = "The patient's own data"),
         (name = "operator", description = "Operator endpoints (operator session required)"),
+        (name = "pull", description = "Pull instructions: fetching from sources on the patient's instruction"),
+        (name = "keys", description = "The gateway's public keys"),
     )
 )]
 pub struct ApiDoc;

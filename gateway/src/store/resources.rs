@@ -126,8 +126,18 @@ impl ResourceStore {
         agent: &Agent,
         batch: Vec<NewResource>,
     ) -> Result<Vec<(ResourceMeta, WriteOutcome)>> {
+        self.put_batch_with_detail(agent, batch, None).await
+    }
+
+    /// `put_batch` with a PHI-free note for the batch's audit leaf (e.g. the pull job).
+    pub async fn put_batch_with_detail(
+        &self,
+        agent: &Agent,
+        batch: Vec<NewResource>,
+        detail: Option<String>,
+    ) -> Result<Vec<(ResourceMeta, WriteOutcome)>> {
         for new in &batch {
-            self.check_new(new)?;
+            self.validate(new)?;
         }
         let mut keys: HashMap<String, DataKey> = HashMap::new();
         for new in &batch {
@@ -216,6 +226,9 @@ impl ResourceStore {
         patients.sort_unstable();
         patients.dedup();
         let mut event = AuditEvent::new(kind, agent.clone());
+        if let Some(detail) = detail {
+            event = event.detail(detail);
+        }
         if let [patient] = patients.as_slice() {
             event = event.patient(*patient);
         }
@@ -306,6 +319,39 @@ impl ResourceStore {
         Ok(destroyed)
     }
 
+    /// Deletes everything stored from one source for a patient (all versions), audited.
+    /// Used when the patient withdraws a pull instruction and also asks to delete its data.
+    pub async fn delete_from_source(
+        &self,
+        agent: &Agent,
+        patient_id: &str,
+        source: &str,
+    ) -> Result<u64> {
+        let mut tx = self.db.begin().await?;
+        sqlx::query(
+            "DELETE FROM resource_versions WHERE resource_id IN
+                 (SELECT id FROM resources WHERE patient_id = $1 AND source = $2)",
+        )
+        .bind(patient_id)
+        .bind(source)
+        .execute(&mut *tx)
+        .await?;
+        let deleted = sqlx::query("DELETE FROM resources WHERE patient_id = $1 AND source = $2")
+            .bind(patient_id)
+            .bind(source)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        let event = AuditEvent::new(EventKind::DataDeleted, agent.clone())
+            .patient(patient_id)
+            .detail(format!(
+                "{deleted} resource(s) from source {source} deleted at the patient's request"
+            ));
+        audit::record(&mut tx, &event).await?;
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
     async fn audit_key_created(&self, patient_id: &str) -> Result<()> {
         let event = AuditEvent::new(EventKind::DataKeyCreated, Agent::system()).patient(patient_id);
         let mut tx = self.db.begin().await?;
@@ -314,7 +360,9 @@ impl ResourceStore {
         Ok(())
     }
 
-    fn check_new(&self, new: &NewResource) -> Result<()> {
+    /// Checks a resource as `put` would, without writing: lets a caller set aside the bad
+    /// members of a batch instead of failing it.
+    pub fn validate(&self, new: &NewResource) -> Result<()> {
         if new.body.len() > self.max_resource_bytes {
             return Err(Error::TooLarge {
                 size: new.body.len(),

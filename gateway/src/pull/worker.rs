@@ -1,0 +1,419 @@
+//! The pull worker: claims a job, pulls from its source page by page, stores each page as
+//! one batch (one audit leaf), then moves the instruction's cursor. A crash between storing
+//! and moving the cursor only means the page is fetched again, and the idempotent store
+//! keeps it exactly once.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use phr_adapters::codesystem::normalize_json_bytes;
+use phr_adapters::{PullBatch, PullItem, PullRequest, SourceError};
+use phr_consent::DataCategory;
+use rand::Rng;
+use tokio::sync::watch;
+
+use super::instructions::{Instruction, InstructionStatus, Instructions};
+use super::queue::{BatchCounts, JobOutcome, JobQueue, PullJob};
+use super::registry::{mark_available, mark_unavailable, SourceInfo, SourceRegistry};
+use crate::audit::{self, Agent, AuditEvent, AuditLog, EventKind, Outcome};
+use crate::error::Result;
+use crate::store::now_millis;
+use crate::store::resources::{NewResource, ResourceStore, SourceIdentity, WriteOutcome};
+
+/// Timing of the worker; defaults suit production, tests shorten them.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    pub lease: Duration,
+    pub poll: Duration,
+    /// After a successful pull, the next incremental one is due this much later.
+    pub refresh_interval: Duration,
+    /// Upper bound of the backoff between retries of an unavailable source.
+    pub max_backoff: Duration,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        WorkerSettings {
+            lease: Duration::from_secs(60),
+            poll: Duration::from_secs(1),
+            refresh_interval: Duration::from_secs(24 * 60 * 60),
+            max_backoff: Duration::from_secs(60 * 60),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct PullWorker {
+    pub id: String,
+    pub queue: JobQueue,
+    pub instructions: Instructions,
+    pub resources: ResourceStore,
+    pub registry: Arc<SourceRegistry>,
+    pub audit: AuditLog,
+    pub settings: WorkerSettings,
+}
+
+/// How one claimed job ended, as far as this worker knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunResult {
+    Finished(JobOutcome),
+    /// Another worker holds the job now (our lease ran out) or it was cancelled.
+    LeaseLost,
+}
+
+impl PullWorker {
+    pub fn worker_id() -> String {
+        format!(
+            "worker-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        )
+    }
+
+    /// Claims and runs jobs until `shutdown`.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            match self.run_once().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "pull worker pass failed"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.settings.poll) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// Claims one ready job and runs it; `None` when nothing was ready.
+    pub async fn run_once(&self) -> Result<Option<(PullJob, RunResult)>> {
+        let Some(job) = self.queue.claim(&self.id, self.settings.lease).await? else {
+            return Ok(None);
+        };
+        let lost = Arc::new(AtomicBool::new(false));
+        let heartbeat = tokio::spawn(keep_lease(
+            self.queue.clone(),
+            job.id.clone(),
+            self.id.clone(),
+            self.settings.lease,
+            lost.clone(),
+        ));
+        let result = self.run_job(&job, &lost).await;
+        heartbeat.abort();
+        let result = match result {
+            Ok(result) => result,
+            Err(e) => RunResult::Finished(JobOutcome::Retry {
+                at: now_millis() + self.backoff(job.attempts).as_millis() as i64,
+                error: e.to_string(),
+            }),
+        };
+        if let RunResult::Finished(outcome) = &result {
+            self.queue.finish(&job.id, &self.id, outcome).await?;
+            if *outcome == JobOutcome::Done {
+                self.schedule_next(&job).await?;
+            }
+        }
+        self.audit.notify();
+        Ok(Some((job, result)))
+    }
+
+    async fn run_job(&self, job: &PullJob, lost: &AtomicBool) -> Result<RunResult> {
+        let instruction = self.instructions.get(&job.instruction_id).await?;
+        if instruction.status != InstructionStatus::Active {
+            return Ok(RunResult::Finished(JobOutcome::Cancelled));
+        }
+        let (info, source) = match self.registry.get(&job.source_id) {
+            Ok((info, source)) => (info.clone(), source),
+            Err(_) => {
+                return Ok(RunResult::Finished(JobOutcome::Failed {
+                    error: format!("source {} is no longer configured", job.source_id),
+                }))
+            }
+        };
+        let Some(credentials) = self.instructions.credentials(&instruction).await? else {
+            return Ok(RunResult::Finished(JobOutcome::Failed {
+                error: "the source link has no credentials".into(),
+            }));
+        };
+        let request = PullRequest {
+            instruction_id: instruction.id.clone(),
+            credentials,
+            cursor: self.instructions.cursor(&instruction.id).await?,
+            resource_types: instruction.resource_types(),
+        };
+        let mut stream = match source.pull(request).await {
+            Ok(stream) => stream,
+            Err(e) => return self.on_source_error(job, &instruction, &info, e).await,
+        };
+        while let Some(batch) = stream.next().await {
+            if lost.load(Ordering::SeqCst) {
+                return Ok(RunResult::LeaseLost);
+            }
+            match batch {
+                Ok(batch) => {
+                    if !self.store_batch(job, &instruction, &info, batch).await? {
+                        return Ok(RunResult::LeaseLost);
+                    }
+                }
+                Err(e) => return self.on_source_error(job, &instruction, &info, e).await,
+            }
+        }
+        mark_available(self.queue_db(), &info.id).await?;
+        Ok(RunResult::Finished(JobOutcome::Done))
+    }
+
+    /// Stores one page; `false` when the job is no longer ours (lease lost or withdrawn).
+    async fn store_batch(
+        &self,
+        job: &PullJob,
+        instruction: &Instruction,
+        source: &SourceInfo,
+        batch: PullBatch,
+    ) -> Result<bool> {
+        let mut accepted = Vec::new();
+        let mut refused: Vec<(Option<String>, Option<String>, String)> = Vec::new();
+        for item in batch.items {
+            match item {
+                PullItem::Resource(resource) => {
+                    let Some(category) = DataCategory::of_resource_type(&resource.resource_type)
+                    else {
+                        refused.push((
+                            Some(resource.resource_type),
+                            Some(resource.source_resource_id),
+                            "resource type not covered by any category".into(),
+                        ));
+                        continue;
+                    };
+                    // Only what the patient instructed is kept.
+                    if !instruction.categories.contains(&category) {
+                        refused.push((
+                            Some(resource.resource_type),
+                            Some(resource.source_resource_id),
+                            format!("category {} was not instructed", category.code()),
+                        ));
+                        continue;
+                    }
+                    // One canonical form for code systems (OID or URL as received).
+                    let body = match normalize_json_bytes(&resource.body) {
+                        Ok((normalized, _)) => normalized.into_owned(),
+                        Err(e) => {
+                            refused.push((
+                                Some(resource.resource_type),
+                                Some(resource.source_resource_id),
+                                format!("not JSON: {e}"),
+                            ));
+                            continue;
+                        }
+                    };
+                    let new = NewResource {
+                        patient_id: instruction.patient_id.clone(),
+                        category: category.code().into(),
+                        source: SourceIdentity {
+                            source: source.id.clone(),
+                            resource_type: resource.resource_type.clone(),
+                            source_resource_id: resource.source_resource_id.clone(),
+                            version_id: resource.version_id.clone(),
+                        },
+                        body,
+                    };
+                    match self.resources.validate(&new) {
+                        Ok(()) => accepted.push(new),
+                        Err(e) => refused.push((
+                            Some(resource.resource_type),
+                            Some(resource.source_resource_id),
+                            e.to_string(),
+                        )),
+                    }
+                }
+                PullItem::Rejected {
+                    resource_type,
+                    source_resource_id,
+                    reason,
+                } => {
+                    refused.push((resource_type, source_resource_id, reason));
+                }
+                PullItem::TypeNotGranted { resource_type } => {
+                    refused.push((
+                        Some(resource_type),
+                        None,
+                        "the source did not grant this type".into(),
+                    ));
+                }
+            }
+        }
+
+        let mut counts = BatchCounts::default();
+        if !accepted.is_empty() {
+            let agent = Agent::system();
+            let detail = format!(
+                "pull job {} from source {} (instruction {})",
+                job.id, source.id, instruction.id
+            );
+            let written = self
+                .resources
+                .put_batch_with_detail(&agent, accepted, Some(detail))
+                .await?;
+            for (_, outcome) in &written {
+                match outcome {
+                    WriteOutcome::Unchanged => counts.unchanged += 1,
+                    _ => counts.received += 1,
+                }
+            }
+        }
+        counts.rejected = refused.len() as i64;
+
+        let mut tx = self.queue_db().begin().await?;
+        if !self
+            .queue
+            .add_progress(&mut tx, &job.id, &self.id, counts)
+            .await?
+        {
+            return Ok(false);
+        }
+        for (resource_type, source_resource_id, reason) in &refused {
+            self.queue
+                .record_item_error(
+                    &mut tx,
+                    &job.id,
+                    resource_type.as_deref(),
+                    source_resource_id.as_deref(),
+                    reason,
+                )
+                .await?;
+        }
+        if !refused.is_empty() {
+            let mut event = AuditEvent::new(EventKind::PullItemRejected, Agent::system())
+                .outcome(Outcome::MinorFailure)
+                .patient(&instruction.patient_id)
+                .detail(format!(
+                    "pull job {}: {} item(s) refused: {}",
+                    job.id,
+                    refused.len(),
+                    summary(&refused)
+                ));
+            for (resource_type, source_resource_id, _) in refused.iter().take(50) {
+                if let (Some(t), Some(id)) = (resource_type, source_resource_id) {
+                    event = event.resource(format!("{}/{t}/{id}", source.id));
+                }
+            }
+            audit::record(&mut tx, &event).await?;
+        }
+        self.instructions
+            .advance(
+                &mut tx,
+                instruction,
+                &batch.cursor,
+                batch.refreshed_credentials.as_ref(),
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn on_source_error(
+        &self,
+        job: &PullJob,
+        instruction: &Instruction,
+        source: &SourceInfo,
+        error: SourceError,
+    ) -> Result<RunResult> {
+        let outcome = match &error {
+            SourceError::Unavailable {
+                reason,
+                retry_after,
+            } => {
+                mark_unavailable(self.queue_db(), &source.id, reason).await?;
+                let wait = retry_after
+                    .unwrap_or_default()
+                    .max(self.backoff(job.attempts));
+                JobOutcome::Retry {
+                    at: now_millis() + wait.as_millis() as i64,
+                    error: error.to_string(),
+                }
+            }
+            SourceError::Unauthorized(_) => {
+                // The link stopped working: the patient has to authorise again.
+                self.instructions
+                    .fail(
+                        &Agent::system(),
+                        instruction,
+                        &format!("link no longer works: {error}"),
+                    )
+                    .await?;
+                JobOutcome::Failed {
+                    error: error.to_string(),
+                }
+            }
+            _ => JobOutcome::Failed {
+                error: error.to_string(),
+            },
+        };
+        Ok(RunResult::Finished(outcome))
+    }
+
+    async fn schedule_next(&self, job: &PullJob) -> Result<()> {
+        let instruction = self.instructions.get(&job.instruction_id).await?;
+        if instruction.status != InstructionStatus::Active {
+            return Ok(());
+        }
+        let at = now_millis() + self.settings.refresh_interval.as_millis() as i64;
+        let mut conn = self.queue_db().write_pool().acquire().await?;
+        self.queue
+            .enqueue(
+                &mut conn,
+                &job.instruction_id,
+                &job.patient_id,
+                &job.source_id,
+                at,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Exponential with jitter, from 5 s, capped.
+    fn backoff(&self, attempts: i64) -> Duration {
+        let exp = attempts.clamp(1, 16) as u32 - 1;
+        let base = Duration::from_secs(5).saturating_mul(1u32 << exp.min(12));
+        let capped = base.min(self.settings.max_backoff);
+        let jitter = rand::thread_rng().gen_range(0.8..1.2);
+        capped.mul_f64(jitter)
+    }
+
+    fn queue_db(&self) -> &crate::store::Database {
+        self.resources.database()
+    }
+}
+
+fn summary(refused: &[(Option<String>, Option<String>, String)]) -> String {
+    let mut reasons: Vec<&str> = refused.iter().map(|(_, _, r)| r.as_str()).collect();
+    reasons.sort_unstable();
+    reasons.dedup();
+    reasons.truncate(5);
+    reasons.join("; ")
+}
+
+/// Renews the lease every third of its length; flags `lost` if the job is no longer ours.
+async fn keep_lease(
+    queue: JobQueue,
+    job_id: String,
+    worker: String,
+    lease: Duration,
+    lost: Arc<AtomicBool>,
+) {
+    loop {
+        tokio::time::sleep(lease / 3).await;
+        match queue.renew(&job_id, &worker, lease).await {
+            Ok(true) => {}
+            Ok(false) => {
+                lost.store(true, Ordering::SeqCst);
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, job = %job_id, "lease renewal failed"),
+        }
+    }
+}
