@@ -7,5 +7,6 @@ mod audit;
 mod config;
 mod http;
 mod openapi;
+mod pull_queue;
 mod resources;
 mod security;
