@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod operator;
 pub mod patient;
+pub mod portal;
 pub mod pull;
 pub mod session;
 
@@ -113,6 +114,12 @@ pub fn router(state: AppState) -> Router {
         .route("/patient/pull-instructions/{id}", get(pull::detail))
         .route("/patient/pull-instructions/{id}/withdraw", post(pull::withdraw))
         .route("/.well-known/jwks.json", get(pull::jwks))
+        .route("/portal", get(portal::home))
+        .route("/portal/style.css", get(portal::style))
+        .route("/portal/login", post(portal::login))
+        .route("/portal/logout", post(portal::logout))
+        .route("/portal/pull-instructions", post(portal::give))
+        .route("/portal/pull-instructions/{id}/withdraw", post(portal::withdraw))
         .route("/operator/audit/checkpoint", get(operator::audit_checkpoint))
         .route("/fhir", get(fhir::not_supported))
         .route("/fhir/{*rest}", get(fhir::not_supported).post(fhir::not_supported))

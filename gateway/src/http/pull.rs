@@ -218,8 +218,28 @@ pub struct LinkedInstruction {
         (status = 400, description = "Declined, unknown state or failed exchange", content_type = "application/problem+json")))]
 pub async fn callback(
     State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
     Query(query): Query<CallbackQuery>,
-) -> Result<Json<LinkedInstruction>, ApiError> {
+) -> Result<Response, ApiError> {
+    // A browser coming back from the source goes to the portal; API clients get JSON.
+    let browser = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("text/html"));
+    let linked = finish_link(&state, query).await;
+    match (linked, browser) {
+        (Ok(_), true) | (Err(_), true) => {
+            Ok(axum::response::Redirect::to("/portal").into_response())
+        }
+        (Ok(linked), false) => Ok(Json(linked).into_response()),
+        (Err(e), false) => Err(e),
+    }
+}
+
+async fn finish_link(
+    state: &AppState,
+    query: CallbackQuery,
+) -> Result<LinkedInstruction, ApiError> {
     let state_param = query
         .state
         .clone()
@@ -251,10 +271,10 @@ pub async fn callback(
             state.audit.notify();
             let mut active = instruction.clone();
             active.status = InstructionStatus::Active;
-            Ok(Json(LinkedInstruction {
+            Ok(LinkedInstruction {
                 instruction: InstructionView::of(&active, None),
                 receipt,
-            }))
+            })
         }
         Err(e) => {
             state
@@ -427,7 +447,19 @@ pub async fn withdraw(
     body: Option<Json<Withdraw>>,
 ) -> Result<Json<Withdrawn>, ApiError> {
     let request = body.map(|Json(b)| b).unwrap_or_default();
-    let instruction = own_instruction(&state, &patient, &id).await?;
+    Ok(Json(
+        withdraw_instruction(&state, &patient, &id, request).await?,
+    ))
+}
+
+/// Withdrawal, shared by the API and the portal.
+pub async fn withdraw_instruction(
+    state: &AppState,
+    patient: &PatientSession,
+    id: &str,
+    request: Withdraw,
+) -> Result<Withdrawn, ApiError> {
+    let instruction = own_instruction(state, patient, id).await?;
     let info: SourceInfo = state
         .registry
         .get(&instruction.source_id)
@@ -470,12 +502,12 @@ pub async fn withdraw(
     state.audit.notify();
     let mut withdrawn = instruction.clone();
     withdrawn.status = InstructionStatus::Withdrawn;
-    Ok(Json(Withdrawn {
+    Ok(Withdrawn {
         instruction: InstructionView::of(&withdrawn, None),
         receipt,
         revoked_at_source,
         deleted_resources,
-    }))
+    })
 }
 
 /// The gateway's public keys: receipt signatures (and client authentication at sources).

@@ -1,7 +1,7 @@
 //! Extractors for signed-in callers. Every operator endpoint takes `OperatorSession`, so
 //! adding MFA and break-glass rules later is one change here.
 
-use axum::extract::FromRequestParts;
+use axum::extract::{FromRequestParts, OptionalFromRequestParts};
 use axum::http::header;
 use axum::http::request::Parts;
 
@@ -86,6 +86,28 @@ impl FromRequestParts<AppState> for PatientSession {
         ) {
             (AccountRole::Patient, Some(patient_id)) => Ok(PatientSession { auth, patient_id }),
             _ => Err(Error::Forbidden("patients only").into()),
+        }
+    }
+}
+
+/// `Option<PatientSession>`: pages that show a sign-in form to visitors.
+impl OptionalFromRequestParts<AppState> for PatientSession {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Option<Self>, ApiError> {
+        match <PatientSession as FromRequestParts<AppState>>::from_request_parts(parts, state).await
+        {
+            Ok(session) => Ok(Some(session)),
+            Err(e)
+                if e.status == axum::http::StatusCode::UNAUTHORIZED
+                    || e.status == axum::http::StatusCode::FORBIDDEN =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
         }
     }
 }

@@ -12,6 +12,8 @@ use phr_adapters::codesystem::normalize_json_bytes;
 use phr_adapters::{PullBatch, PullItem, PullRequest, SourceError};
 use phr_consent::DataCategory;
 use rand::Rng;
+use serde_json::json;
+use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use super::instructions::{Instruction, InstructionStatus, Instructions};
@@ -19,8 +21,10 @@ use super::queue::{BatchCounts, JobOutcome, JobQueue, PullJob};
 use super::registry::{mark_available, mark_unavailable, SourceInfo, SourceRegistry};
 use crate::audit::{self, Agent, AuditEvent, AuditLog, EventKind, Outcome};
 use crate::error::Result;
-use crate::store::now_millis;
-use crate::store::resources::{NewResource, ResourceStore, SourceIdentity, WriteOutcome};
+use crate::store::resources::{
+    NewResource, ResourceMeta, ResourceStore, SourceIdentity, WriteOutcome,
+};
+use crate::store::{millis_to_rfc3339, now_millis};
 
 /// Timing of the worker; defaults suit production, tests shorten them.
 #[derive(Debug, Clone)]
@@ -264,6 +268,8 @@ impl PullWorker {
                     _ => counts.received += 1,
                 }
             }
+            self.store_provenance(job, instruction, source, &written)
+                .await?;
         }
         counts.rejected = refused.len() as i64;
 
@@ -313,6 +319,77 @@ impl PullWorker {
             .await?;
         tx.commit().await?;
         Ok(true)
+    }
+
+    /// One FHIR Provenance per stored page: which resources (versions) came from which
+    /// source, when, under which instruction. Nothing is written for a page of unchanged
+    /// resources, so a page fetched twice gets one Provenance.
+    async fn store_provenance(
+        &self,
+        job: &PullJob,
+        instruction: &Instruction,
+        source: &SourceInfo,
+        written: &[(ResourceMeta, WriteOutcome)],
+    ) -> Result<()> {
+        let targets: Vec<&ResourceMeta> = written
+            .iter()
+            .filter(|(_, outcome)| *outcome != WriteOutcome::Unchanged)
+            .map(|(meta, _)| meta)
+            .collect();
+        if targets.is_empty() {
+            return Ok(());
+        }
+        let mut digest = Sha256::new();
+        for meta in &targets {
+            digest.update(format!(
+                "{}/{}/{};",
+                meta.resource_type, meta.id, meta.version
+            ));
+        }
+        let provenance_id = hex::encode(&digest.finalize()[..16]);
+        let participant = "http://terminology.hl7.org/CodeSystem/provenance-participant-type";
+        let body = json!({
+            "resourceType": "Provenance",
+            "id": provenance_id,
+            "target": targets.iter().map(|m| json!({
+                "reference": format!("{}/{}/_history/{}", m.resource_type, m.id, m.version)
+            })).collect::<Vec<_>>(),
+            "recorded": millis_to_rfc3339(now_millis()),
+            "policy": [format!("urn:phr-gateway:pull-instruction:{}", instruction.id)],
+            "activity": {"coding": [{
+                "system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
+                "code": "CREATE"
+            }]},
+            "agent": [{
+                "type": {"coding": [{"system": participant, "code": "author"}]},
+                "who": {
+                    "identifier": {"system": "urn:phr-gateway:source", "value": source.id},
+                    "display": source.display_name
+                }
+            }, {
+                "type": {"coding": [{"system": participant, "code": "assembler"}]},
+                "who": {"display": "phr-gateway"},
+                "onBehalfOf": {"reference": format!("Patient/{}", instruction.patient_id)}
+            }],
+            "entity": [{
+                "role": "source",
+                "what": {"identifier": {"system": "urn:phr-gateway:pull-job", "value": job.id}}
+            }]
+        });
+        let provenance = NewResource {
+            patient_id: instruction.patient_id.clone(),
+            category: "provenance".into(),
+            source: SourceIdentity {
+                source: "phr-gateway".into(),
+                resource_type: "Provenance".into(),
+                source_resource_id: provenance_id,
+                version_id: Some("1".into()),
+            },
+            body: serde_json::to_vec(&body)
+                .map_err(|e| crate::error::Error::Invalid(e.to_string()))?,
+        };
+        self.resources.put(&Agent::system(), provenance).await?;
+        Ok(())
     }
 
     async fn on_source_error(

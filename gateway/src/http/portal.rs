@@ -1,0 +1,342 @@
+//! The patient portal: server-rendered pages (maud escapes everything it renders) to sign
+//! in, see pull instructions with their progress and source availability, give a new one
+//! (nothing pre-chosen) and withdraw one in a single action. Plain Japanese first, English
+//! beside it.
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::{Extension, Form};
+use maud::{html, Markup, DOCTYPE};
+use phr_adapters::AuthorizationRequest;
+use phr_consent::DataCategory;
+use serde::Deserialize;
+
+use super::error::ApiError;
+use super::session::{PatientSession, SESSION_COOKIE};
+use super::{AppState, ClientAddr};
+use crate::error::Error;
+use crate::pull::registry::unavailable_sources;
+use crate::pull::InstructionStatus;
+use crate::store::millis_to_rfc3339;
+
+const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:56rem;margin:2rem auto;padding:0 1rem;line-height:1.6}
+table{border-collapse:collapse;width:100%}th,td{border:1px solid #999;padding:.4rem;text-align:left;vertical-align:top}
+.en{color:#444;font-size:.9em}.warn{color:#8a1c00}button,.button{font-size:1rem;padding:.4rem 1rem}
+fieldset{margin:1rem 0}label{display:block}";
+
+pub async fn style() -> Response {
+    ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], STYLE).into_response()
+}
+
+fn page(title: &str, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="ja" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) }
+                link rel="stylesheet" href="/portal/style.css";
+            }
+            body { (body) }
+        }
+    }
+}
+
+fn html_response(status: StatusCode, markup: Markup) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        markup.into_string(),
+    )
+        .into_response()
+}
+
+fn login_page(message: Option<&str>) -> Markup {
+    page(
+        "サインイン / Sign in",
+        html! {
+            h1 { "サインイン " span.en { "Sign in" } }
+            @if let Some(message) = message { p.warn role="alert" { (message) } }
+            form method="post" action="/portal/login" {
+                label { "ユーザー名 " span.en { "Username" } input name="username" autocomplete="username" required; }
+                label { "パスワード " span.en { "Password" } input name="password" type="password" autocomplete="current-password" required; }
+                button type="submit" { "サインイン / Sign in" }
+            }
+        },
+    )
+}
+
+/// Form posts must come from our own pages (the cookie is SameSite=Lax; this also stops
+/// other sites' forms).
+fn same_origin(headers: &HeaderMap, state: &AppState) -> Result<(), ApiError> {
+    let origin = headers
+        .get(header::ORIGIN)
+        .or_else(|| headers.get(header::REFERER))
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if origin.starts_with(&state.public_url()) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "form posted from another site",
+        ))
+    }
+}
+
+/// The portal home: sign-in form, or the patient's instructions.
+pub async fn home(
+    State(state): State<AppState>,
+    patient: Option<PatientSession>,
+) -> Result<Response, ApiError> {
+    let Some(patient) = patient else {
+        return Ok(html_response(StatusCode::OK, login_page(None)));
+    };
+    let instructions = state.instructions.list(&patient.patient_id).await?;
+    let down = unavailable_sources(&state.db).await?;
+    let mut rows = Vec::new();
+    for instruction in &instructions {
+        let jobs = state.queue.progress(&instruction.id).await?;
+        let source_name = state
+            .registry
+            .get(&instruction.source_id)
+            .map(|(info, _)| info.display_name.clone())
+            .unwrap_or_else(|_| instruction.source_id.clone());
+        let unavailable = down
+            .iter()
+            .find(|d| d.source_id == instruction.source_id)
+            .map(|d| millis_to_rfc3339(d.since));
+        rows.push((instruction.clone(), source_name, jobs, unavailable));
+    }
+    let sources = state.registry.infos();
+    let markup = page(
+        "データ取得の指示 / Pull instructions",
+        html! {
+            h1 { "データ取得の指示 " span.en { "Your pull instructions" } }
+            p { "医療機関などからあなたのデータを取得するのは、あなたが指示したときだけです。指示はいつでも、このページからひとつの操作で取り消せます。" }
+            p.en { "We fetch your data from a hospital or the portal only when you tell us to. You can withdraw any instruction here in one action." }
+            @if rows.is_empty() {
+                p { "まだ指示はありません。 " span.en { "No instructions yet." } }
+            } @else {
+                table {
+                    thead { tr {
+                        th { "取得元 " span.en { "Source" } }
+                        th { "分類 " span.en { "Categories" } }
+                        th { "状態 " span.en { "Status" } }
+                        th { "進み具合 " span.en { "Progress" } }
+                        th { "操作 " span.en { "Action" } }
+                    } }
+                    tbody {
+                        @for (instruction, source_name, jobs, unavailable) in &rows {
+                            tr data-instruction=(instruction.id) {
+                                td { (source_name) }
+                                td { @for c in &instruction.categories { div { (c.label_ja()) } } }
+                                td class="status" { (status_label(instruction.status)) }
+                                td class="progress" {
+                                    @if let Some(job) = jobs.first() {
+                                        div { "取得 " (job.received) " 件、変更なし " (job.unchanged) " 件、除外 " (job.rejected) " 件" }
+                                        div.en { (job.status) ": " (job.received) " received, " (job.unchanged) " unchanged, " (job.rejected) " refused" }
+                                    }
+                                    @if let Some(since) = unavailable {
+                                        div.warn class="unavailable" { "取得元に接続できません（" (since) " から）。取得済みのデータはそのまま見られます。" }
+                                        div.en { "Source unavailable since " (since) ". Data already fetched is still here." }
+                                    }
+                                }
+                                td {
+                                    @if matches!(instruction.status, InstructionStatus::Active | InstructionStatus::Pending) {
+                                        form method="post" action={ "/portal/pull-instructions/" (instruction.id) "/withdraw" } {
+                                            label { input type="checkbox" name="delete_received" value="true"; " 取得済みのデータも削除する " span.en { "Also delete data already received" } }
+                                            button type="submit" class="withdraw" { "取り消す / Withdraw" }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            h2 { "新しい指示 " span.en { "New instruction" } }
+            form method="post" action="/portal/pull-instructions" {
+                label { "取得元 " span.en { "Source" }
+                    select name="source_id" required {
+                        option value="" selected disabled { "選んでください / Choose" }
+                        @for source in &sources { option value=(source.id) { (source.display_name) } }
+                    }
+                }
+                fieldset {
+                    legend { "取得する分類（必要なものだけ選んでください） " span.en { "Categories to fetch (choose only what you need)" } }
+                    @for category in DataCategory::ALL {
+                        label { input type="checkbox" name="category" value=(category.code()); " " (category.label_ja()) " " span.en { (category.label_en()) } }
+                    }
+                }
+                button type="submit" { "指示して認証へ進む / Instruct and continue" }
+            }
+            form method="post" action="/portal/logout" { button type="submit" { "サインアウト / Sign out" } }
+        },
+    );
+    Ok(html_response(StatusCode::OK, markup))
+}
+
+fn status_label(status: InstructionStatus) -> &'static str {
+    match status {
+        InstructionStatus::Pending => "認証待ち / Waiting for sign-in at the source",
+        InstructionStatus::Active => "取得中 / Active",
+        InstructionStatus::Withdrawn => "取り消し済み / Withdrawn",
+        InstructionStatus::Failed => "失敗 / Failed",
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct LoginForm {
+    pub username: String,
+    pub password: String,
+}
+
+pub async fn login(
+    State(state): State<AppState>,
+    Extension(ClientAddr(address)): Extension<ClientAddr>,
+    headers: HeaderMap,
+    Form(form): Form<LoginForm>,
+) -> Result<Response, ApiError> {
+    same_origin(&headers, &state)?;
+    match state
+        .accounts
+        .login(&form.username, &form.password, address)
+        .await
+    {
+        Ok((_, token)) => {
+            state.audit.notify();
+            let mut response = Redirect::to("/portal").into_response();
+            let cookie = format!(
+                "{SESSION_COOKIE}={token}; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age={}",
+                state.config.sessions.absolute_timeout_secs
+            );
+            if let Ok(value) = HeaderValue::from_str(&cookie) {
+                response.headers_mut().insert(header::SET_COOKIE, value);
+            }
+            Ok(response)
+        }
+        Err(Error::Unauthenticated(_)) => {
+            state.audit.notify();
+            Ok(html_response(
+                StatusCode::UNAUTHORIZED,
+                login_page(Some(
+                    "ユーザー名またはパスワードが違います。 / Wrong username or password.",
+                )),
+            ))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub async fn logout(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    patient: PatientSession,
+) -> Result<Response, ApiError> {
+    same_origin(&headers, &state)?;
+    state
+        .accounts
+        .logout(
+            &patient.auth.session,
+            &patient.auth.token,
+            patient.auth.address,
+        )
+        .await?;
+    state.audit.notify();
+    let mut response = Redirect::to("/portal").into_response();
+    let cookie = format!("{SESSION_COOKIE}=; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=0");
+    if let Ok(value) = HeaderValue::from_str(&cookie) {
+        response.headers_mut().insert(header::SET_COOKIE, value);
+    }
+    Ok(response)
+}
+
+/// The form sends `category` once per ticked box.
+fn form_values(body: &str, name: &str) -> Vec<String> {
+    form_urlencoded::parse(body.as_bytes())
+        .filter(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+        .collect()
+}
+
+pub async fn give(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    patient: PatientSession,
+    body: String,
+) -> Result<Response, ApiError> {
+    same_origin(&headers, &state)?;
+    let source_id = form_values(&body, "source_id").pop().unwrap_or_default();
+    let codes = form_values(&body, "category");
+    let (info, source) = state
+        .registry
+        .get(&source_id)
+        .map_err(|_| Error::Invalid("choose a source".into()))?;
+    let chosen: Vec<DataCategory> = codes
+        .iter()
+        .filter_map(|c| DataCategory::from_code(c))
+        .collect();
+    if chosen.is_empty() || chosen.len() != codes.len() {
+        return Err(Error::Invalid("choose at least one category".into()).into());
+    }
+    let instruction_id = uuid::Uuid::now_v7().to_string();
+    let start = source
+        .start_authorization(&AuthorizationRequest {
+            instruction_id: instruction_id.clone(),
+            resource_types: chosen
+                .iter()
+                .flat_map(|c| c.resource_types().iter().map(|t| t.to_string()))
+                .collect(),
+            redirect_uri: format!("{}/patient/sources/callback", state.public_url()),
+        })
+        .await
+        .map_err(Error::from)?;
+    state
+        .instructions
+        .give(
+            &patient.auth.agent(),
+            &instruction_id,
+            &patient.auth.session.account.id,
+            &patient.patient_id,
+            info,
+            &chosen,
+            &start.pending,
+        )
+        .await?;
+    state.audit.notify();
+    // A link, not a redirect: the patient sees where they are going before they leave.
+    let markup = page(
+        "認証へ / Continue at the source",
+        html! {
+            h1 { "指示を受け付けました " span.en { "Instruction received" } }
+            p { (info.display_name) " でサインインして、取得を許可してください。" }
+            p.en { "Sign in at " (info.display_name) " and allow the transfer." }
+            p { a.button id="continue" href=(start.authorize_url) { (info.display_name) " へ進む / Continue to " (info.display_name) } }
+            p { a href="/portal" { "戻る / Back" } }
+        },
+    );
+    Ok(html_response(StatusCode::OK, markup))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WithdrawForm {
+    pub delete_received: Option<String>,
+}
+
+pub async fn withdraw(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    patient: PatientSession,
+    Path(id): Path<String>,
+    Form(form): Form<WithdrawForm>,
+) -> Result<Response, ApiError> {
+    same_origin(&headers, &state)?;
+    let request = super::pull::Withdraw {
+        delete_received: form.delete_received.as_deref() == Some("true"),
+    };
+    super::pull::withdraw_instruction(&state, &patient, &id, request).await?;
+    Ok(Redirect::to("/portal").into_response())
+}
