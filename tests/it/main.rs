@@ -1,12 +1,14 @@
 //! End-to-end tests: the real gateway in-process, on a fresh SQLite or PostgreSQL database.
 //! Every storage test runs on both engines (`both_engines!`).
 
+mod browser;
 mod helpers;
 
 mod audit;
 mod config;
 mod http;
 mod openapi;
+mod portal;
 mod pull_queue;
 mod resources;
 mod security;

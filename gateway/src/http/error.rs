@@ -156,7 +156,8 @@ pub async fn render_errors(request: Request, next: Next) -> Response {
         .unwrap_or("")
         .to_string();
     let wanted = if fhir { FHIR_JSON } else { PROBLEM_JSON };
-    if content_type.starts_with(wanted) {
+    // Pages render their own errors for people (e.g. a failed sign-in form).
+    if content_type.starts_with(wanted) || content_type.starts_with("text/html") {
         return response;
     }
     let (parts, body) = response.into_parts();

@@ -172,7 +172,9 @@ async fn request_context(
     };
     set(headers, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
     set(headers, header::X_FRAME_OPTIONS, "DENY");
-    set(headers, header::REFERRER_POLICY, "no-referrer");
+    // `same-origin`, not `no-referrer`: the latter makes browsers send `Origin: null` on our
+    // own form posts, which the portal checks.
+    set(headers, header::REFERRER_POLICY, "same-origin");
     set(
         headers,
         header::CONTENT_SECURITY_POLICY,
