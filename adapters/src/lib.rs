@@ -7,6 +7,7 @@
 
 pub mod codesystem;
 pub mod error;
+pub mod fhir_r4;
 pub mod source;
 
 pub use error::SourceError;

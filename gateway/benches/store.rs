@@ -90,12 +90,16 @@ async fn main() {
         for _ in 0..3 {
             let (n, secs) = timed(async {
                 let stream = store.stream_current(PATIENT).await.expect("stream");
-                stream
-                    .try_fold(0usize, |n, r| async move {
-                        Ok(n + usize::from(!r.body.is_empty()))
-                    })
-                    .await
-                    .expect("read")
+                let mut stream = std::pin::pin!(stream);
+                let mut n = 0usize;
+                while let Some(r) = stream.try_next().await.expect("read") {
+                    n += usize::from(!r.body.is_empty());
+                    // Sample resident memory while the stream is open.
+                    if n % 5_000 == 0 {
+                        rss_peak = rss_peak.max(rss_kib());
+                    }
+                }
+                n
             })
             .await;
             assert_eq!(n, rows);

@@ -44,7 +44,9 @@ impl Gateway {
     /// Opens everything the configuration names: data directory, keys, database, key store,
     /// audit log and TLS. Fails with an error naming the setting at fault.
     pub async fn build(config: Config) -> Result<Gateway> {
-        Self::build_with_sources(config, SourceRegistry::new()).await
+        config.validate()?;
+        let registry = SourceRegistry::from_config(&config.sources)?;
+        Self::build_with_sources(config, registry).await
     }
 
     /// `build`, with the sources this gateway can pull from.

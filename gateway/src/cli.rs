@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use phr_adapters::fhir_r4::simulator::{HospitalSimulator, SimulatorConfig};
+
 use crate::app::Gateway;
 use crate::audit::verify::{verify, VerifyError};
 use crate::config::{Config, DatabaseFlags, FlagOverrides};
@@ -44,6 +46,11 @@ enum Command {
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
+    /// Run a simulator of an outside system (for demos and trials; loopback only).
+    Simulate {
+        #[command(subcommand)]
+        system: SimulatedSystem,
+    },
     /// Print the OpenAPI document generated from the code.
     Openapi {
         /// Write to this file instead of standard output.
@@ -54,6 +61,19 @@ enum Command {
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SimulatedSystem {
+    /// A hospital FHIR R4 server with a SMART authorisation server and patient login page.
+    Hospital {
+        #[arg(long, default_value = "127.0.0.1:8089")]
+        listen: SocketAddr,
+        #[arg(long, default_value_t = 10)]
+        patients: usize,
+        #[arg(long, default_value_t = 50)]
+        resources_per_patient: usize,
     },
 }
 
@@ -130,11 +150,38 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             flags.listen = listen;
             let config = Config::load(cli.config.as_deref(), &flags)?;
             crate::telemetry::init(&config.log);
-            let gateway = Gateway::build(config).await?;
-            let credentials = crate::demo::seed(&gateway.state).await?;
-            let running = gateway.start().await?;
-            crate::demo::print_welcome(running.addr, &credentials);
-            running.run_until_signal().await?;
+            let demo = crate::demo::Demo::start(config).await?;
+            demo.run_until_signal().await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Simulate {
+            system:
+                SimulatedSystem::Hospital {
+                    listen,
+                    patients,
+                    resources_per_patient,
+                },
+        } => {
+            if !listen.ip().is_loopback() {
+                return Err(Error::config(
+                    "--listen",
+                    "the simulator listens on loopback only",
+                ));
+            }
+            let simulator = HospitalSimulator::start(SimulatorConfig {
+                bind_address: listen,
+                patients,
+                resources_per_patient,
+                ..SimulatorConfig::default()
+            })
+            .await
+            .map_err(|e| Error::config("--listen", e.to_string()))?;
+            println!(
+                "hospital simulator: FHIR base {} (client id phr-gateway); patients patient-0001 … with passwords phr-sim-0001 …",
+                simulator.base_url
+            );
+            let _ = tokio::signal::ctrl_c().await;
+            simulator.shutdown().await;
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit { command } => {

@@ -33,6 +33,8 @@ pub struct Config {
     pub store: StoreConfig,
     pub sessions: SessionConfig,
     pub pull: PullConfig,
+    /// Sources patients can instruct the gateway to fetch from.
+    pub sources: Vec<SourceConfig>,
     pub log: LogConfig,
     /// The gateway's external base URL (e.g. `https://phr.example.jp`): receipts' issuer and
     /// the callback sources redirect to. Unset: `https://localhost:<port>`.
@@ -54,6 +56,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             sessions: SessionConfig::default(),
             pull: PullConfig::default(),
+            sources: Vec::new(),
             log: LogConfig::default(),
             public_url: None,
         }
@@ -199,6 +202,34 @@ impl Default for PullConfig {
             max_backoff_secs: 60 * 60,
         }
     }
+}
+
+/// One source, e.g. a hospital's FHIR R4 server reached with SMART on FHIR.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// The gateway's id for it; appears in stored resources' source identity.
+    pub id: String,
+    /// Shown to patients.
+    pub display_name: String,
+    pub kind: SourceKind,
+    /// The FHIR base URL (https; plain http only on loopback, e.g. the simulator).
+    pub base_url: String,
+    /// Our client id registered at the source's authorisation server.
+    pub client_id: String,
+    /// Resources per page asked of the source.
+    #[serde(default)]
+    pub page_size: Option<u32>,
+    /// Requests in flight to this source at once.
+    #[serde(default)]
+    pub max_concurrent_requests: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourceKind {
+    /// A hospital FHIR R4 server, SMART App Launch standalone patient launch.
+    FhirR4,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]

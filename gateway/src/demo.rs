@@ -6,13 +6,58 @@ use std::net::SocketAddr;
 use rand::distributions::{Alphanumeric, DistString};
 use serde_json::json;
 
+use phr_adapters::fhir_r4::simulator::{HospitalSimulator, RunningSimulator, SimulatorConfig};
+
+use crate::app::{Gateway, RunningGateway};
 use crate::audit::{AccountRole, Agent};
+use crate::config::{Config, SourceConfig, SourceKind};
 use crate::error::{Error, Result};
 use crate::http::AppState;
 use crate::store::resources::{NewResource, SourceIdentity};
 
 pub const DEMO_PATIENT_ID: &str = "demo-patient-0001";
 const DEMO_SOURCE: &str = "demo-hospital";
+
+/// The demo: the gateway plus a simulated hospital the demo patient can link.
+pub struct Demo {
+    pub gateway: RunningGateway,
+    pub hospital: RunningSimulator,
+}
+
+impl Demo {
+    pub async fn start(mut config: Config) -> Result<Demo> {
+        let hospital = HospitalSimulator::start(SimulatorConfig {
+            patients: 3,
+            resources_per_patient: 60,
+            ..SimulatorConfig::default()
+        })
+        .await
+        .map_err(|e| Error::config("demo", format!("cannot start the hospital simulator: {e}")))?;
+        config.sources.retain(|s| s.id != DEMO_HOSPITAL);
+        config.sources.push(SourceConfig {
+            id: DEMO_HOSPITAL.into(),
+            display_name: "デモ病院 (Demo Hospital)".into(),
+            kind: SourceKind::FhirR4,
+            base_url: hospital.base_url.clone(),
+            client_id: "phr-gateway".into(),
+            page_size: Some(20),
+            max_concurrent_requests: None,
+        });
+        let gateway = Gateway::build(config).await?;
+        let credentials = seed(&gateway.state).await?;
+        let gateway = gateway.start().await?;
+        print_welcome(gateway.addr, &credentials, &hospital.base_url);
+        Ok(Demo { gateway, hospital })
+    }
+
+    pub async fn run_until_signal(self) -> Result<()> {
+        let result = self.gateway.run_until_signal().await;
+        self.hospital.shutdown().await;
+        result
+    }
+}
+
+pub const DEMO_HOSPITAL: &str = "demo-hospital";
 
 pub struct DemoCredentials {
     pub patient: (String, String),
@@ -134,10 +179,14 @@ fn demo_resources() -> Vec<(&'static str, &'static str, serde_json::Value)> {
     ]
 }
 
-pub fn print_welcome(addr: SocketAddr, credentials: &DemoCredentials) {
+pub fn print_welcome(addr: SocketAddr, credentials: &DemoCredentials, hospital: &str) {
     let base = format!("https://localhost:{}", addr.port());
     println!(
         "\nphr-gateway demo is running at {base} (self-signed dev certificate: use curl -k)\n\n\
+         Patient portal: {base}/portal — sign in as the demo patient, choose デモ病院 and some\n\
+         categories, continue to the hospital and sign in there as patient-0001 / phr-sim-0001;\n\
+         back in the portal, watch the data arrive, then withdraw in one click.\n\
+         (Simulated hospital FHIR server: {hospital})\n\n\
          Demo patient:  {} / {}\n\
          Demo operator: {} / {}\n\n\
          Try:\n  curl -k {base}/healthz\n  \

@@ -9,6 +9,7 @@ mod config;
 mod http;
 mod openapi;
 mod portal;
+mod pull;
 mod pull_queue;
 mod resources;
 mod security;

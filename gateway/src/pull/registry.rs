@@ -4,7 +4,10 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use phr_adapters::fhir_r4::{FhirR4Config, FhirR4Source};
 use phr_adapters::Source;
+
+use crate::config::{SourceConfig, SourceKind};
 use sqlx::Row;
 
 use crate::error::{Error, Result};
@@ -52,6 +55,37 @@ impl SourceRegistry {
             .values()
             .map(|(info, _)| info.clone())
             .collect()
+    }
+
+    /// The sources named in the configuration.
+    pub fn from_config(sources: &[SourceConfig]) -> Result<Self> {
+        let mut registry = SourceRegistry::new();
+        for config in sources {
+            let source: Arc<dyn Source> = match config.kind {
+                SourceKind::FhirR4 => {
+                    let mut fhir =
+                        FhirR4Config::new(&config.id, &config.base_url, &config.client_id);
+                    if let Some(page_size) = config.page_size {
+                        fhir.page_size = page_size;
+                    }
+                    if let Some(limit) = config.max_concurrent_requests {
+                        fhir.max_concurrent_requests = limit;
+                    }
+                    Arc::new(FhirR4Source::new(fhir).map_err(|e| {
+                        Error::config(format!("sources.{}", config.id), e.to_string())
+                    })?)
+                }
+            };
+            registry.add(
+                SourceInfo {
+                    id: config.id.clone(),
+                    kind: "fhir-r4".into(),
+                    display_name: config.display_name.clone(),
+                },
+                source,
+            );
+        }
+        Ok(registry)
     }
 
     /// Records the configured sources in the database (for foreign keys and availability).

@@ -100,15 +100,15 @@ impl PullWorker {
             return Ok(None);
         };
         let lost = Arc::new(AtomicBool::new(false));
-        let heartbeat = tokio::spawn(keep_lease(
+        // Aborted when this future ends or is dropped, so a dead run stops renewing.
+        let _heartbeat = AbortOnDrop(tokio::spawn(keep_lease(
             self.queue.clone(),
             job.id.clone(),
             self.id.clone(),
             self.settings.lease,
             lost.clone(),
-        ));
+        )));
         let result = self.run_job(&job, &lost).await;
-        heartbeat.abort();
         let result = match result {
             Ok(result) => result,
             Err(e) => RunResult::Finished(JobOutcome::Retry {
@@ -472,6 +472,14 @@ fn summary(refused: &[(Option<String>, Option<String>, String)]) -> String {
     reasons.dedup();
     reasons.truncate(5);
     reasons.join("; ")
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Renews the lease every third of its length; flags `lost` if the job is no longer ours.

@@ -1,0 +1,616 @@
+//! Pulls on the patient's instruction, end to end on both engines: the gateway, the real
+//! FHIR R4 adapter and the hospital simulator over loopback HTTP.
+
+use std::time::Duration;
+
+use phr_adapters::fhir_r4::simulator::patient_agent::sign_in_and_decide;
+use phr_adapters::fhir_r4::simulator::{HospitalSimulator, RunningSimulator, SimulatorConfig};
+use phr_gateway::audit::AccountRole;
+use phr_gateway::config::{SourceConfig, SourceKind};
+use phr_gateway::pull::queue::JobOutcome;
+use phr_gateway::pull::worker::RunResult;
+use reqwest::StatusCode;
+use serde_json::Value;
+use sqlx::Row;
+
+use crate::both_engines;
+use crate::helpers::{spawn_app_with, Engine, TestApp, TestEnv};
+
+both_engines!(
+    link_pull_and_withdraw,
+    a_killed_worker_loses_nothing_and_duplicates_nothing,
+    bad_items_are_refused_and_the_rest_is_kept,
+    a_source_in_maintenance_degrades_without_losing_data,
+);
+
+const PER_PATIENT: usize = 60;
+
+struct PullEnv {
+    app: TestApp,
+    hospital: RunningSimulator,
+    token: String,
+}
+
+async fn pull_env(engine: Engine) -> PullEnv {
+    let hospital = HospitalSimulator::start(SimulatorConfig {
+        patients: 3,
+        resources_per_patient: PER_PATIENT,
+        offer_everything: false,
+        ..SimulatorConfig::default()
+    })
+    .await
+    .expect("simulator");
+    let base_url = hospital.base_url.clone();
+    let app = spawn_app_with(TestEnv::new(engine).await, move |c| {
+        c.pull.workers = 0;
+        c.pull.lease_secs = 2;
+        c.sources = vec![SourceConfig {
+            id: "hospital".into(),
+            display_name: "テスト病院".into(),
+            kind: SourceKind::FhirR4,
+            base_url,
+            client_id: "phr-gateway".into(),
+            page_size: Some(20),
+            max_concurrent_requests: None,
+        }];
+    })
+    .await;
+    let token = app
+        .sign_in(AccountRole::Patient, "hanako", Some("p-hanako"))
+        .await;
+    PullEnv {
+        app,
+        hospital,
+        token,
+    }
+}
+
+/// Gives an instruction, signs in at the hospital as patient-0001, comes back. Returns the
+/// instruction id.
+async fn link(env: &PullEnv, categories: &[&str]) -> String {
+    let given = env
+        .app
+        .client
+        .post(env.app.url("/patient/pull-instructions"))
+        .bearer_auth(&env.token)
+        .json(&serde_json::json!({"source_id": "hospital", "categories": categories}))
+        .send()
+        .await
+        .expect("give");
+    assert_eq!(given.status(), StatusCode::CREATED);
+    let given: Value = given.json().await.expect("json");
+    assert_eq!(given["instruction"]["status"], "pending");
+    verify_receipt(
+        &env.app,
+        given["receipt"].as_str().expect("receipt"),
+        "given",
+    )
+    .await;
+    let authorize_url = given["authorize_url"].as_str().expect("authorize_url");
+    assert!(authorize_url.contains("code_challenge_method=S256"));
+    let location = sign_in_and_decide(
+        authorize_url,
+        "patient-0001",
+        "phr-sim-0001",
+        |_| true,
+        true,
+    )
+    .await
+    .expect("patient approves at the hospital");
+    assert!(
+        location.starts_with(&env.app.url("/patient/sources/callback")),
+        "{location}"
+    );
+    let linked = env
+        .app
+        .client
+        .get(&location)
+        .send()
+        .await
+        .expect("callback");
+    assert_eq!(linked.status(), 200);
+    let linked: Value = linked.json().await.expect("json");
+    assert_eq!(linked["instruction"]["status"], "active");
+    verify_receipt(
+        &env.app,
+        linked["receipt"].as_str().expect("receipt"),
+        "authorised",
+    )
+    .await;
+    linked["instruction"]["id"]
+        .as_str()
+        .expect("id")
+        .to_string()
+}
+
+async fn verify_receipt(app: &TestApp, receipt: &str, event: &str) {
+    let jwks: jsonwebtoken::jwk::JwkSet = app
+        .client
+        .get(app.url("/.well-known/jwks.json"))
+        .send()
+        .await
+        .expect("jwks")
+        .json()
+        .await
+        .expect("jwk set");
+    let header = jsonwebtoken::decode_header(receipt).expect("jws header");
+    let jwk = jwks
+        .find(header.kid.as_deref().expect("kid"))
+        .expect("key in jwks");
+    let key = jsonwebtoken::DecodingKey::from_jwk(jwk).expect("key");
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::EdDSA);
+    validation.required_spec_claims.clear();
+    validation.validate_exp = false;
+    let claims = jsonwebtoken::decode::<Value>(receipt, &key, &validation)
+        .expect("valid signature")
+        .claims;
+    assert_eq!(claims["event"], event);
+    assert_eq!(claims["receipt_type"], "pull-instruction");
+    assert!(claims["notice"]["ja"]
+        .as_str()
+        .is_some_and(|t| !t.is_empty()));
+}
+
+/// Runs the pull worker until no job is ready.
+async fn drain(app: &TestApp) -> Vec<RunResult> {
+    let worker = app.gateway().state.pull_worker();
+    let mut results = Vec::new();
+    for _ in 0..20 {
+        match worker.run_once().await.expect("worker pass") {
+            Some((_, result)) => results.push(result),
+            None => break,
+        }
+    }
+    results
+}
+
+async fn count(app: &TestApp, sql: &str) -> i64 {
+    sqlx::query(sql)
+        .fetch_one(app.gateway().state.db.read_pool())
+        .await
+        .expect(sql)
+        .get(0)
+}
+
+/// Audit leaves whose AuditEvent mentions `needle` (read as text, engine-independent).
+async fn leaves_containing(app: &TestApp, needle: &str) -> i64 {
+    let rows = sqlx::query("SELECT body FROM audit_leaves")
+        .fetch_all(app.gateway().state.db.read_pool())
+        .await
+        .expect("leaves");
+    rows.iter()
+        .filter(|r| String::from_utf8_lossy(&r.get::<Vec<u8>, _>(0)).contains(needle))
+        .count() as i64
+}
+
+async fn detail(env: &PullEnv, id: &str) -> Value {
+    env.app
+        .client
+        .get(env.app.url(&format!("/patient/pull-instructions/{id}")))
+        .bearer_auth(&env.token)
+        .send()
+        .await
+        .expect("detail")
+        .json()
+        .await
+        .expect("json")
+}
+
+/// The instruction's first pull (the list is newest first; after a pull the next one is
+/// already scheduled).
+fn first_job(view: &Value) -> &Value {
+    view["jobs"]
+        .as_array()
+        .and_then(|jobs| jobs.last())
+        .expect("a job")
+}
+
+const CLINICAL: &str =
+    "SELECT COUNT(*) FROM resources WHERE patient_id = 'p-hanako' AND category <> 'provenance'";
+
+async fn link_pull_and_withdraw(engine: Engine) {
+    let env = pull_env(engine).await;
+    let all = [
+        "demographics",
+        "observations",
+        "conditions",
+        "allergies",
+        "medications",
+        "immunizations",
+        "encounters",
+        "documents",
+    ];
+    let id = link(&env, &all).await;
+    assert_eq!(
+        drain(&env.app).await,
+        vec![RunResult::Finished(JobOutcome::Done)]
+    );
+
+    let expected = env.hospital.handle.resource_keys("pt000001").len() as i64;
+    assert_eq!(expected, PER_PATIENT as i64);
+    assert_eq!(
+        count(&env.app, CLINICAL).await,
+        expected,
+        "every resource of the patient, once"
+    );
+    let provenances = count(
+        &env.app,
+        "SELECT COUNT(*) FROM resources WHERE category = 'provenance'",
+    )
+    .await;
+    assert!(
+        provenances >= 3,
+        "one Provenance per stored page: {provenances}"
+    );
+    let view = detail(&env, &id).await;
+    assert_eq!(first_job(&view)["status"], "done");
+    assert_eq!(first_job(&view)["received"], expected);
+    let events: Vec<&str> = view["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .map(|e| e["event"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(events, vec!["given", "authorised"]);
+    // Pulled batches are audited per batch, naming the job.
+    let batch_leaves = leaves_containing(&env.app, "pull job").await;
+    assert!(
+        batch_leaves >= 3 && batch_leaves < expected,
+        "{batch_leaves}"
+    );
+
+    // The patient reads what arrived.
+    let stream = env
+        .app
+        .client
+        .get(env.app.url("/patient/resources"))
+        .bearer_auth(&env.token)
+        .send()
+        .await
+        .expect("read");
+    assert_eq!(
+        stream.text().await.expect("ndjson").lines().count() as i64,
+        expected + provenances
+    );
+
+    // A second pull from the cursor finds nothing new and writes nothing.
+    let mut conn = env
+        .app
+        .gateway()
+        .state
+        .db
+        .write_pool()
+        .acquire()
+        .await
+        .expect("conn");
+    env.app
+        .gateway()
+        .state
+        .queue
+        .enqueue(&mut conn, &id, "p-hanako", "hospital", 0)
+        .await
+        .expect("enqueue");
+    drop(conn);
+    sqlx::query("UPDATE pull_jobs SET not_before = 0 WHERE status = 'queued'")
+        .execute(env.app.gateway().state.db.write_pool())
+        .await
+        .expect("due now");
+    assert_eq!(
+        drain(&env.app).await,
+        vec![RunResult::Finished(JobOutcome::Done)]
+    );
+    assert_eq!(count(&env.app, CLINICAL).await, expected);
+
+    // Withdraw in one action: pulls stop, the link is revoked, the data stays.
+    let withdrawn = env
+        .app
+        .client
+        .post(
+            env.app
+                .url(&format!("/patient/pull-instructions/{id}/withdraw")),
+        )
+        .bearer_auth(&env.token)
+        .send()
+        .await
+        .expect("withdraw");
+    assert_eq!(withdrawn.status(), 200);
+    let withdrawn: Value = withdrawn.json().await.expect("json");
+    assert_eq!(withdrawn["instruction"]["status"], "withdrawn");
+    assert_eq!(withdrawn["revoked_at_source"], true);
+    verify_receipt(
+        &env.app,
+        withdrawn["receipt"].as_str().expect("receipt"),
+        "withdrawn",
+    )
+    .await;
+    assert_eq!(
+        count(
+            &env.app,
+            "SELECT COUNT(*) FROM pull_jobs WHERE status IN ('queued', 'running')"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(
+            &env.app,
+            "SELECT COUNT(*) FROM source_links WHERE credentials_sealed IS NOT NULL"
+        )
+        .await,
+        0
+    );
+    assert!(drain(&env.app).await.is_empty(), "nothing more is pulled");
+    assert_eq!(
+        count(&env.app, CLINICAL).await,
+        expected,
+        "data already received is kept"
+    );
+    let again = env
+        .app
+        .client
+        .post(
+            env.app
+                .url(&format!("/patient/pull-instructions/{id}/withdraw")),
+        )
+        .bearer_auth(&env.token)
+        .send()
+        .await
+        .expect("again");
+    assert_eq!(again.status(), 400);
+
+    // Someone else cannot see or withdraw it.
+    let other = env
+        .app
+        .sign_in(AccountRole::Patient, "taro", Some("p-taro"))
+        .await;
+    let theirs = env
+        .app
+        .client
+        .get(env.app.url(&format!("/patient/pull-instructions/{id}")))
+        .bearer_auth(&other)
+        .send()
+        .await
+        .expect("other");
+    assert_eq!(theirs.status(), 404);
+
+    // A second instruction, withdrawn with deletion of what it brought.
+    let second = link(&env, &["observations"]).await;
+    drain(&env.app).await;
+    let deleted = env
+        .app
+        .client
+        .post(
+            env.app
+                .url(&format!("/patient/pull-instructions/{second}/withdraw")),
+        )
+        .bearer_auth(&env.token)
+        .json(&serde_json::json!({"delete_received": true}))
+        .send()
+        .await
+        .expect("withdraw and delete")
+        .json::<Value>()
+        .await
+        .expect("json");
+    assert!(deleted["deleted_resources"].as_i64().expect("count") >= expected);
+    assert_eq!(
+        count(
+            &env.app,
+            "SELECT COUNT(*) FROM resources WHERE source = 'hospital'"
+        )
+        .await,
+        0
+    );
+    env.hospital.shutdown().await;
+    env.app.stop().await;
+}
+
+async fn a_killed_worker_loses_nothing_and_duplicates_nothing(engine: Engine) {
+    let env = pull_env(engine).await;
+    // Slow pages, so the first worker can be killed halfway.
+    env.hospital
+        .handle
+        .update_faults(|f| f.response_delay = Some(Duration::from_millis(300)));
+    let id = link(
+        &env,
+        &["observations", "conditions", "medications", "immunizations"],
+    )
+    .await;
+    let worker = env.app.gateway().state.pull_worker();
+    let killed = tokio::spawn(async move { worker.run_once().await });
+    // Wait until it has stored something, then kill it like a crash (no clean-up).
+    for _ in 0..100 {
+        if count(&env.app, CLINICAL).await > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    killed.abort();
+    let partial = count(&env.app, CLINICAL).await;
+    assert!(partial > 0, "the first worker stored a page before dying");
+    env.hospital
+        .handle
+        .update_faults(|f| f.response_delay = None);
+    // Its job is still leased; nobody can take it before the lease runs out.
+    assert!(drain(&env.app).await.is_empty());
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert_eq!(
+        drain(&env.app).await,
+        vec![RunResult::Finished(JobOutcome::Done)]
+    );
+    let expected = count_expected(&env).await;
+    assert_eq!(count(&env.app, CLINICAL).await, expected);
+    let distinct = count(&env.app, "SELECT COUNT(*) FROM (SELECT DISTINCT source, resource_type, source_resource_id FROM resources WHERE category <> 'provenance') AS d").await;
+    assert_eq!(distinct, expected, "nothing duplicated");
+    let view = detail(&env, &id).await;
+    assert_eq!(first_job(&view)["attempts"], 2);
+    env.hospital.shutdown().await;
+    env.app.stop().await;
+}
+
+/// Resources of patient-0001 in the instructed categories (everything but the Patient).
+async fn count_expected(env: &PullEnv) -> i64 {
+    env.hospital
+        .handle
+        .resource_keys("pt000001")
+        .iter()
+        .filter(|(t, _)| {
+            [
+                "Observation",
+                "DiagnosticReport",
+                "Condition",
+                "MedicationRequest",
+                "MedicationDispense",
+                "MedicationStatement",
+                "Medication",
+                "Immunization",
+            ]
+            .contains(&t.as_str())
+        })
+        .count() as i64
+}
+
+async fn bad_items_are_refused_and_the_rest_is_kept(engine: Engine) {
+    let env = pull_env(engine).await;
+    env.hospital.handle.update_faults(|f| {
+        f.malformed_entries_per_page = 1;
+        f.wrong_patient_entries_per_page = 2;
+    });
+    let id = link(
+        &env,
+        &["observations", "conditions", "medications", "immunizations"],
+    )
+    .await;
+    assert_eq!(
+        drain(&env.app).await,
+        vec![RunResult::Finished(JobOutcome::Done)]
+    );
+    let expected = count_expected(&env).await;
+    assert_eq!(
+        count(&env.app, CLINICAL).await,
+        expected,
+        "every good resource kept"
+    );
+    let view = detail(&env, &id).await;
+    let rejected = first_job(&view)["rejected"].as_i64().expect("rejected");
+    assert!(rejected >= 3, "{rejected}");
+    let wrong = count(
+        &env.app,
+        "SELECT COUNT(*) FROM pull_item_errors WHERE reason LIKE '%another patient%'",
+    )
+    .await;
+    assert!(
+        wrong >= 2,
+        "wrong-patient items recorded with their reason: {wrong}"
+    );
+    assert!(leaves_containing(&env.app, "pull-item-rejected").await >= 1);
+    // No resource of another patient got into this record.
+    let stream = env
+        .app
+        .client
+        .get(env.app.url("/patient/resources"))
+        .bearer_auth(&env.token)
+        .send()
+        .await
+        .expect("read");
+    for line in stream.text().await.expect("ndjson").lines() {
+        let resource: Value = serde_json::from_str(line).expect("json");
+        for field in ["subject", "patient"] {
+            if let Some(reference) = resource[field]["reference"].as_str() {
+                assert_eq!(reference, "Patient/pt000001", "{line}");
+            }
+        }
+    }
+    env.hospital.shutdown().await;
+    env.app.stop().await;
+}
+
+async fn a_source_in_maintenance_degrades_without_losing_data(engine: Engine) {
+    let env = pull_env(engine).await;
+    let id = link(&env, &["observations"]).await;
+    drain(&env.app).await;
+    let stored = count(&env.app, CLINICAL).await;
+    assert!(stored > 0);
+
+    env.hospital.handle.update_faults(|f| {
+        f.maintenance = true;
+        f.retry_after = Duration::from_secs(1);
+    });
+    sqlx::query("UPDATE pull_jobs SET not_before = 0 WHERE status = 'queued'")
+        .execute(env.app.gateway().state.db.write_pool())
+        .await
+        .expect("due now");
+    let results = drain(&env.app).await;
+    assert!(
+        matches!(
+            results.as_slice(),
+            [RunResult::Finished(JobOutcome::Retry { .. })]
+        ),
+        "{results:?}"
+    );
+
+    let ready: Value = env
+        .app
+        .client
+        .get(env.app.url("/readyz"))
+        .send()
+        .await
+        .expect("readyz")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(ready["status"], "degraded");
+    assert_eq!(ready["unavailable_sources"][0]["source_id"], "hospital");
+    let list: Value = env
+        .app
+        .client
+        .get(env.app.url("/patient/pull-instructions"))
+        .bearer_auth(&env.token)
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    assert!(list["instructions"][0]["source_unavailable_since"].is_string());
+    let view = detail(&env, &id).await;
+    assert_eq!(
+        view["instruction"]["status"], "active",
+        "the instruction stays; the job waits"
+    );
+    assert_eq!(view["jobs"][0]["status"], "queued", "the retry waits");
+    // What was pulled before is still served.
+    let stream = env
+        .app
+        .client
+        .get(env.app.url("/patient/resources"))
+        .bearer_auth(&env.token)
+        .send()
+        .await
+        .expect("read");
+    assert_eq!(stream.status(), 200);
+    assert!(stream.text().await.expect("ndjson").lines().count() as i64 >= stored);
+
+    // The source comes back: the waiting job runs and the degradation clears.
+    env.hospital.handle.update_faults(|f| f.maintenance = false);
+    sqlx::query("UPDATE pull_jobs SET not_before = 0 WHERE status = 'queued'")
+        .execute(env.app.gateway().state.db.write_pool())
+        .await
+        .expect("due now");
+    assert_eq!(
+        drain(&env.app).await,
+        vec![RunResult::Finished(JobOutcome::Done)]
+    );
+    let ready: Value = env
+        .app
+        .client
+        .get(env.app.url("/readyz"))
+        .send()
+        .await
+        .expect("readyz")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(ready["status"], "ok");
+    env.hospital.shutdown().await;
+    env.app.stop().await;
+}
