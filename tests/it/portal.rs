@@ -1,14 +1,57 @@
-//! The patient portal in real headless Chromium.
+//! The patient portal in real headless Chromium: sign-in, nothing chosen in advance, and
+//! the whole flow — instruct, sign in at the (simulated) hospital, watch data arrive,
+//! withdraw in one click.
 
-use fantoccini::Locator;
+use std::time::Duration;
+
+use fantoccini::{Client, Locator};
+use phr_adapters::fhir_r4::simulator::{HospitalSimulator, SimulatorConfig};
 use phr_gateway::audit::AccountRole;
+use phr_gateway::config::{SourceConfig, SourceKind};
 
 use crate::browser::Browser;
-use crate::helpers::{spawn_app, Engine};
+use crate::helpers::{spawn_app_with, Engine, TestApp, TestEnv};
+
+async fn fill(c: &Client, css: &str, text: &str) {
+    c.wait()
+        .for_element(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"))
+        .send_keys(text)
+        .await
+        .expect("type");
+}
+
+async fn click(c: &Client, css: &str) {
+    c.wait()
+        .for_element(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"))
+        .click()
+        .await
+        .expect("click");
+}
+
+async fn text_of(c: &Client, css: &str) -> String {
+    c.wait()
+        .for_element(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"))
+        .text()
+        .await
+        .expect("text")
+}
+
+async fn sign_in(c: &Client, app: &TestApp, username: &str, password: &str) {
+    c.goto(&app.url("/portal")).await.expect("open portal");
+    fill(c, "input[name=username]", username).await;
+    fill(c, "input[name=password]", password).await;
+    click(c, "button[type=submit]").await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sign_in_and_nothing_is_chosen_in_advance() {
-    let app = spawn_app(Engine::Sqlite).await;
+    let app = spawn_app_with(TestEnv::new(Engine::Sqlite).await, |_| {}).await;
     app.gateway()
         .state
         .accounts
@@ -22,59 +65,19 @@ async fn sign_in_and_nothing_is_chosen_in_advance() {
         .expect("account");
     let browser = Browser::start().await;
     let c = &browser.client;
-    c.goto(&app.url("/portal")).await.expect("open portal");
-    c.find(Locator::Css("input[name=username]"))
-        .await
-        .expect("form")
-        .send_keys("hanako")
-        .await
-        .expect("type");
-    c.find(Locator::Css("input[name=password]"))
-        .await
-        .expect("form")
-        .send_keys("wrong password!!")
-        .await
-        .expect("type");
-    c.find(Locator::Css("button[type=submit]"))
-        .await
-        .expect("button")
-        .click()
-        .await
-        .expect("submit");
-    let alert = c
-        .find(Locator::Css("[role=alert]"))
-        .await
-        .unwrap_or_else(|_| panic!("no error shown"))
-        .text()
-        .await
-        .expect("text");
+    sign_in(c, &app, "hanako", "wrong password!!").await;
+    let alert = text_of(c, "[role=alert]").await;
     assert!(alert.contains("パスワードが違います"), "{alert}");
 
-    c.find(Locator::Css("input[name=username]"))
+    fill(c, "input[name=username]", "hanako").await;
+    fill(c, "input[name=password]", "correct horse battery staple").await;
+    click(c, "button[type=submit]").await;
+    // The signed-in page: wait for its instruction form.
+    c.wait()
+        .for_element(Locator::Css("select[name=source_id]"))
         .await
-        .expect("form")
-        .send_keys("hanako")
-        .await
-        .expect("type");
-    c.find(Locator::Css("input[name=password]"))
-        .await
-        .expect("form")
-        .send_keys("correct horse battery staple")
-        .await
-        .expect("type");
-    c.find(Locator::Css("button[type=submit]"))
-        .await
-        .expect("button")
-        .click()
-        .await
-        .expect("submit");
-    let heading = c
-        .find(Locator::Css("h1"))
-        .await
-        .expect("h1")
-        .text()
-        .await
-        .expect("text");
+        .expect("portal home");
+    let heading = text_of(c, "h1").await;
     assert!(heading.contains("データ取得の指示"), "{heading}");
     // Nothing pre-chosen: every category unticked, no source selected.
     let boxes = c
@@ -98,4 +101,109 @@ async fn sign_in_and_nothing_is_chosen_in_advance() {
     assert_eq!(selected, serde_json::json!(""));
     browser.close().await;
     app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instruct_link_watch_and_withdraw_in_the_browser() {
+    let hospital = HospitalSimulator::start(SimulatorConfig {
+        patients: 2,
+        resources_per_patient: 40,
+        ..SimulatorConfig::default()
+    })
+    .await
+    .expect("simulator");
+    let base_url = hospital.base_url.clone();
+    let app = spawn_app_with(TestEnv::new(Engine::Sqlite).await, move |c| {
+        c.pull.workers = 1;
+        c.pull.poll_millis = 100;
+        c.sources = vec![SourceConfig {
+            id: "hospital".into(),
+            display_name: "テスト病院".into(),
+            kind: SourceKind::FhirR4,
+            base_url,
+            client_id: "phr-gateway".into(),
+            page_size: Some(10),
+            max_concurrent_requests: None,
+        }];
+    })
+    .await;
+    app.gateway()
+        .state
+        .accounts
+        .create(
+            AccountRole::Patient,
+            "hanako",
+            "correct horse battery staple",
+            Some("p-portal"),
+        )
+        .await
+        .expect("account");
+    let browser = Browser::start().await;
+    let c = &browser.client;
+    sign_in(c, &app, "hanako", "correct horse battery staple").await;
+
+    // Instruct: choose the source and two categories.
+    c.wait()
+        .for_element(Locator::Css("select[name=source_id]"))
+        .await
+        .expect("form");
+    click(c, "select[name=source_id] option[value=hospital]").await;
+    click(c, "input[name=category][value=observations]").await;
+    click(c, "input[name=category][value=conditions]").await;
+    click(
+        c,
+        "form[action='/portal/pull-instructions'] button[type=submit]",
+    )
+    .await;
+
+    // Continue to the hospital, sign in there and allow.
+    click(c, "a#continue").await;
+    fill(c, "input[name=username]", "patient-0001").await;
+    fill(c, "input[name=password]", "phr-sim-0001").await;
+    click(c, "button[type=submit]").await;
+    click(c, "button[name=decision][value=approve]").await;
+
+    // Back in the portal: the instruction is active and data arrives.
+    let status = text_of(c, "tr[data-instruction] td.status").await;
+    assert!(status.contains("取得中"), "{status}");
+    let mut progress = String::new();
+    for _ in 0..50 {
+        c.refresh().await.expect("refresh");
+        progress = text_of(c, "tr[data-instruction] td.progress").await;
+        if progress.contains("done") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(progress.contains("done"), "{progress}");
+    let stored: i64 = sqlx::query_scalar::<_, i64>(
+        "SELECT COUNT(*) FROM resources WHERE patient_id = 'p-portal' AND category IN ('observations', 'conditions')",
+    )
+    .fetch_one(app.gateway().state.db.read_pool())
+    .await
+    .expect("count");
+    assert!(stored > 0);
+    assert!(
+        progress.contains(&format!("{stored} received")),
+        "{progress} vs {stored}"
+    );
+
+    // Withdraw in one click; nothing pre-ticked in the deletion choice.
+    let delete_box = c
+        .find(Locator::Css(
+            "tr[data-instruction] input[name=delete_received]",
+        ))
+        .await
+        .expect("delete choice");
+    assert!(!delete_box.is_selected().await.expect("state"));
+    click(c, "tr[data-instruction] button.withdraw").await;
+    let status = text_of(c, "tr[data-instruction] td.status").await;
+    assert!(status.contains("取り消し済み"), "{status}");
+    assert!(c
+        .find(Locator::Css("tr[data-instruction] button.withdraw"))
+        .await
+        .is_err());
+    browser.close().await;
+    app.stop().await;
+    hospital.shutdown().await;
 }

@@ -135,7 +135,8 @@ pub async fn home(
                                 td { @for c in &instruction.categories { div { (c.label_ja()) } } }
                                 td class="status" { (status_label(instruction.status)) }
                                 td class="progress" {
-                                    @if let Some(job) = jobs.first() {
+                                    // The latest pull that ran; a scheduled next one has no counts yet.
+                                    @if let Some(job) = jobs.iter().find(|j| j.attempts > 0).or(jobs.first()) {
                                         div { "取得 " (job.received) " 件、変更なし " (job.unchanged) " 件、除外 " (job.rejected) " 件" }
                                         div.en { (job.status) ": " (job.received) " received, " (job.unchanged) " unchanged, " (job.rejected) " refused" }
                                     }
