@@ -16,7 +16,8 @@ use crate::http::AppState;
 use crate::store::resources::{NewResource, SourceIdentity};
 
 pub const DEMO_PATIENT_ID: &str = "demo-patient-0001";
-const DEMO_SOURCE: &str = "demo-hospital";
+/// Records seeded straight into the store (not pulled), so the demo patient has data at once.
+const DEMO_SOURCE: &str = "demo-records";
 
 /// The demo: the gateway plus a simulated hospital the demo patient can link.
 pub struct Demo {

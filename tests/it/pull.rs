@@ -614,3 +614,104 @@ async fn a_source_in_maintenance_degrades_without_losing_data(engine: Engine) {
     env.hospital.shutdown().await;
     env.app.stop().await;
 }
+
+/// Two gateway processes (two sets of pools) on one PostgreSQL database: both claim jobs,
+/// the claims add up, and the job of a process killed mid-pull is finished by the other
+/// once its lease runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_share_jobs_and_finish_a_killed_ones_job() {
+    let env = pull_env(Engine::Postgres).await;
+    let jobs = 4;
+    let mut instructions = Vec::new();
+    for _ in 0..jobs {
+        instructions.push(link(&env, &["observations", "conditions"]).await);
+    }
+    // The second process: its own gateway on the same database and key store.
+    let mut second_config = env.app.gateway().state.config.as_ref().clone();
+    second_config.listen = "127.0.0.1:0".parse().expect("addr");
+    let second = phr_gateway::Gateway::build(second_config)
+        .await
+        .expect("second process");
+
+    env.hospital
+        .handle
+        .update_faults(|f| f.response_delay = Some(Duration::from_millis(150)));
+    let first_worker = env.app.gateway().state.pull_worker();
+    let second_worker = second.state.pull_worker();
+    // Process 1 takes a job and is killed halfway through it.
+    let killed = tokio::spawn(async move { first_worker.run_once().await });
+    for _ in 0..100 {
+        if count(
+            &env.app,
+            "SELECT COUNT(*) FROM pull_jobs WHERE status = 'running'",
+        )
+        .await
+            > 0
+            && count(&env.app, CLINICAL).await > 0
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    killed.abort();
+    let killed_job: String =
+        sqlx::query_scalar("SELECT id FROM pull_jobs WHERE status = 'running'")
+            .fetch_one(env.app.gateway().state.db.read_pool())
+            .await
+            .expect("the killed process's job is still running");
+    env.hospital
+        .handle
+        .update_faults(|f| f.response_delay = None);
+
+    // Process 2 works the queue: the other jobs at once, the dead one after its lease.
+    let by_second = tokio::spawn(async move {
+        let mut done = Vec::new();
+        for _ in 0..80 {
+            match second_worker.run_once().await {
+                Ok(Some((job, _))) => done.push(job.id),
+                _ if done.len() == jobs => break,
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        done
+    })
+    .await
+    .expect("second");
+    let mut claimed = by_second.clone();
+    claimed.sort();
+    claimed.dedup();
+    assert_eq!(
+        claimed.len(),
+        jobs,
+        "process 2 finished every job: {by_second:?}"
+    );
+    assert!(
+        claimed.contains(&killed_job),
+        "the killed process's job was finished by process 2"
+    );
+    // Process 1 claimed one (then died): each process claimed at least one, the claims
+    // total the jobs plus the one reclaimed after the lease.
+    let attempts: i64 = sqlx::query_scalar("SELECT attempts FROM pull_jobs WHERE id = $1")
+        .bind(&killed_job)
+        .fetch_one(env.app.gateway().state.db.read_pool())
+        .await
+        .expect("attempts");
+    assert_eq!(attempts, 2);
+    assert_eq!(
+        count(
+            &env.app,
+            "SELECT COUNT(*) FROM pull_jobs WHERE attempts > 0 AND status = 'done'"
+        )
+        .await,
+        jobs as i64
+    );
+    let distinct = count(&env.app, "SELECT COUNT(*) FROM (SELECT DISTINCT source, resource_type, source_resource_id FROM resources WHERE category <> 'provenance') AS d").await;
+    assert_eq!(
+        count(&env.app, CLINICAL).await,
+        distinct,
+        "nothing duplicated"
+    );
+    second.state.db.close().await;
+    env.hospital.shutdown().await;
+    env.app.stop().await;
+}
