@@ -251,7 +251,13 @@ impl PullWorker {
             }
         }
 
-        let mut counts = BatchCounts::default();
+        let mut counts = BatchCounts {
+            rejected: refused.len() as i64,
+            ..BatchCounts::default()
+        };
+        let keys = self.resources.data_keys_for(&accepted).await?;
+        // The page, its Provenance, the job's progress and the cursor commit together.
+        let mut tx = self.queue_db().begin().await?;
         if !accepted.is_empty() {
             let agent = Agent::system();
             let detail = format!(
@@ -260,7 +266,7 @@ impl PullWorker {
             );
             let written = self
                 .resources
-                .put_batch_with_detail(&agent, accepted, Some(detail))
+                .put_batch_in(&mut tx, &agent, accepted, &keys, Some(detail))
                 .await?;
             for (_, outcome) in &written {
                 match outcome {
@@ -268,12 +274,12 @@ impl PullWorker {
                     _ => counts.received += 1,
                 }
             }
-            self.store_provenance(job, instruction, source, &written)
-                .await?;
+            if let Some(provenance) = provenance_of(job, instruction, source, &written)? {
+                self.resources
+                    .put_batch_in(&mut tx, &agent, vec![provenance], &keys, None)
+                    .await?;
+            }
         }
-        counts.rejected = refused.len() as i64;
-
-        let mut tx = self.queue_db().begin().await?;
         if !self
             .queue
             .add_progress(&mut tx, &job.id, &self.id, counts)
@@ -319,77 +325,6 @@ impl PullWorker {
             .await?;
         tx.commit().await?;
         Ok(true)
-    }
-
-    /// One FHIR Provenance per stored page: which resources (versions) came from which
-    /// source, when, under which instruction. Nothing is written for a page of unchanged
-    /// resources, so a page fetched twice gets one Provenance.
-    async fn store_provenance(
-        &self,
-        job: &PullJob,
-        instruction: &Instruction,
-        source: &SourceInfo,
-        written: &[(ResourceMeta, WriteOutcome)],
-    ) -> Result<()> {
-        let targets: Vec<&ResourceMeta> = written
-            .iter()
-            .filter(|(_, outcome)| *outcome != WriteOutcome::Unchanged)
-            .map(|(meta, _)| meta)
-            .collect();
-        if targets.is_empty() {
-            return Ok(());
-        }
-        let mut digest = Sha256::new();
-        for meta in &targets {
-            digest.update(format!(
-                "{}/{}/{};",
-                meta.resource_type, meta.id, meta.version
-            ));
-        }
-        let provenance_id = hex::encode(&digest.finalize()[..16]);
-        let participant = "http://terminology.hl7.org/CodeSystem/provenance-participant-type";
-        let body = json!({
-            "resourceType": "Provenance",
-            "id": provenance_id,
-            "target": targets.iter().map(|m| json!({
-                "reference": format!("{}/{}/_history/{}", m.resource_type, m.id, m.version)
-            })).collect::<Vec<_>>(),
-            "recorded": millis_to_rfc3339(now_millis()),
-            "policy": [format!("urn:phr-gateway:pull-instruction:{}", instruction.id)],
-            "activity": {"coding": [{
-                "system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
-                "code": "CREATE"
-            }]},
-            "agent": [{
-                "type": {"coding": [{"system": participant, "code": "author"}]},
-                "who": {
-                    "identifier": {"system": "urn:phr-gateway:source", "value": source.id},
-                    "display": source.display_name
-                }
-            }, {
-                "type": {"coding": [{"system": participant, "code": "assembler"}]},
-                "who": {"display": "phr-gateway"},
-                "onBehalfOf": {"reference": format!("Patient/{}", instruction.patient_id)}
-            }],
-            "entity": [{
-                "role": "source",
-                "what": {"identifier": {"system": "urn:phr-gateway:pull-job", "value": job.id}}
-            }]
-        });
-        let provenance = NewResource {
-            patient_id: instruction.patient_id.clone(),
-            category: "provenance".into(),
-            source: SourceIdentity {
-                source: "phr-gateway".into(),
-                resource_type: "Provenance".into(),
-                source_resource_id: provenance_id,
-                version_id: Some("1".into()),
-            },
-            body: serde_json::to_vec(&body)
-                .map_err(|e| crate::error::Error::Invalid(e.to_string()))?,
-        };
-        self.resources.put(&Agent::system(), provenance).await?;
-        Ok(())
     }
 
     async fn on_source_error(
@@ -464,6 +399,74 @@ impl PullWorker {
     fn queue_db(&self) -> &crate::store::Database {
         self.resources.database()
     }
+}
+
+/// One FHIR Provenance per stored page: which resources (versions) came from which
+/// source, when, under which instruction. Nothing is written for a page of unchanged
+/// resources, so a page fetched twice gets one Provenance.
+fn provenance_of(
+    job: &PullJob,
+    instruction: &Instruction,
+    source: &SourceInfo,
+    written: &[(ResourceMeta, WriteOutcome)],
+) -> Result<Option<NewResource>> {
+    let targets: Vec<&ResourceMeta> = written
+        .iter()
+        .filter(|(_, outcome)| *outcome != WriteOutcome::Unchanged)
+        .map(|(meta, _)| meta)
+        .collect();
+    if targets.is_empty() {
+        return Ok(None);
+    }
+    let mut digest = Sha256::new();
+    for meta in &targets {
+        digest.update(format!(
+            "{}/{}/{};",
+            meta.resource_type, meta.id, meta.version
+        ));
+    }
+    let provenance_id = hex::encode(&digest.finalize()[..16]);
+    let participant = "http://terminology.hl7.org/CodeSystem/provenance-participant-type";
+    let body = json!({
+        "resourceType": "Provenance",
+        "id": provenance_id,
+        "target": targets.iter().map(|m| json!({
+            "reference": format!("{}/{}/_history/{}", m.resource_type, m.id, m.version)
+        })).collect::<Vec<_>>(),
+        "recorded": millis_to_rfc3339(now_millis()),
+        "policy": [format!("urn:phr-gateway:pull-instruction:{}", instruction.id)],
+        "activity": {"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
+            "code": "CREATE"
+        }]},
+        "agent": [{
+            "type": {"coding": [{"system": participant, "code": "author"}]},
+            "who": {
+                "identifier": {"system": "urn:phr-gateway:source", "value": source.id},
+                "display": source.display_name
+            }
+        }, {
+            "type": {"coding": [{"system": participant, "code": "assembler"}]},
+            "who": {"display": "phr-gateway"},
+            "onBehalfOf": {"reference": format!("Patient/{}", instruction.patient_id)}
+        }],
+        "entity": [{
+            "role": "source",
+            "what": {"identifier": {"system": "urn:phr-gateway:pull-job", "value": job.id}}
+        }]
+    });
+    let provenance = NewResource {
+        patient_id: instruction.patient_id.clone(),
+        category: "provenance".into(),
+        source: SourceIdentity {
+            source: "phr-gateway".into(),
+            resource_type: "Provenance".into(),
+            source_resource_id: provenance_id,
+            version_id: Some("1".into()),
+        },
+        body: serde_json::to_vec(&body).map_err(|e| crate::error::Error::Invalid(e.to_string()))?,
+    };
+    Ok(Some(provenance))
 }
 
 fn summary(refused: &[(Option<String>, Option<String>, String)]) -> String {

@@ -139,8 +139,28 @@ impl ResourceStore {
         for new in &batch {
             self.validate(new)?;
         }
+        let keys = self.data_keys_for(&batch).await?;
+        let mut tx = self.db.begin().await?;
+        let results = self
+            .put_batch_in(&mut tx, agent, batch, &keys, detail)
+            .await?;
+        if results
+            .iter()
+            .all(|(_, outcome)| *outcome == WriteOutcome::Unchanged)
+        {
+            tx.rollback().await?;
+            return Ok(results);
+        }
+        self.db.fault_point("resources.put.before_commit")?;
+        tx.commit().await?;
+        Ok(results)
+    }
+
+    /// Fetches (or creates) each patient's data key, before any transaction: the key store
+    /// is a separate database.
+    pub async fn data_keys_for(&self, batch: &[NewResource]) -> Result<HashMap<String, DataKey>> {
         let mut keys: HashMap<String, DataKey> = HashMap::new();
-        for new in &batch {
+        for new in batch {
             if !keys.contains_key(&new.patient_id) {
                 let (key, created) = self.keys.data_key_or_create(&new.patient_id).await?;
                 if created {
@@ -149,18 +169,31 @@ impl ResourceStore {
                 keys.insert(new.patient_id.clone(), key);
             }
         }
+        Ok(keys)
+    }
+
+    /// The batch's writes and its audit leaf inside the caller's transaction, so a caller
+    /// can commit them together with its own bookkeeping (e.g. a pull's progress). The
+    /// caller has validated each resource (`validate`) and fetched the keys (`data_keys_for`).
+    pub async fn put_batch_in(
+        &self,
+        tx: &mut AnyConnection,
+        agent: &Agent,
+        batch: Vec<NewResource>,
+        keys: &HashMap<String, DataKey>,
+        detail: Option<String>,
+    ) -> Result<Vec<(ResourceMeta, WriteOutcome)>> {
         let now = now_millis();
-        let mut tx = self.db.begin().await?;
         for patient_id in keys.keys() {
-            insert_patient(&mut tx, patient_id, now).await?;
+            insert_patient(&mut *tx, patient_id, now).await?;
         }
 
         let digests: Vec<[u8; 32]> = batch
             .iter()
             .map(|new| Sha256::digest(&new.body).into())
             .collect();
-        let mut known = find_existing(&mut tx, &batch).await?;
-        let mut seen = find_seen_versions(&mut tx, &batch, &digests, &known).await?;
+        let mut known = find_existing(&mut *tx, &batch).await?;
+        let mut seen = find_seen_versions(&mut *tx, &batch, &digests, &known).await?;
         let mut results = Vec::with_capacity(batch.len());
         let mut rows: Vec<VersionRow> = Vec::new();
         for (new, digest) in batch.into_iter().zip(digests) {
@@ -206,12 +239,11 @@ impl ResourceStore {
             results.push((meta, outcome));
         }
         if rows.is_empty() {
-            tx.rollback().await?;
             return Ok(results);
         }
-        upsert_resources(&mut tx, &rows).await?;
+        upsert_resources(&mut *tx, &rows).await?;
         self.db.fault_point("resources.put.between_statements")?;
-        insert_versions(&mut tx, rows.iter()).await?;
+        insert_versions(&mut *tx, rows.iter()).await?;
         self.db.fault_point("resources.put.before_audit")?;
 
         let created = results
@@ -239,9 +271,7 @@ impl ResourceStore {
                 meta.resource_type, meta.id, meta.version
             ));
         }
-        audit::record(&mut tx, &event).await?;
-        self.db.fault_point("resources.put.before_commit")?;
-        tx.commit().await?;
+        audit::record(&mut *tx, &event).await?;
         Ok(results)
     }
 

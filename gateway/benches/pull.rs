@@ -1,0 +1,139 @@
+//! End-to-end pull benchmark: the hospital simulator in-process, the real FHIR adapter over
+//! loopback HTTP, normalisation, encryption, the store and the audit log.
+//! `cargo bench -p phr-gateway --bench pull` (PHR_BENCH_ENGINES=sqlite|postgres).
+
+#[path = "support.rs"]
+mod support;
+
+use std::sync::Arc;
+
+use phr_adapters::fhir_r4::simulator::patient_agent::{callback_from_redirect, sign_in_and_decide};
+use phr_adapters::fhir_r4::simulator::{HospitalSimulator, SimulatorConfig};
+use phr_adapters::AuthorizationRequest;
+use phr_consent::DataCategory;
+use phr_gateway::audit::Agent;
+use phr_gateway::config::{SourceConfig, SourceKind};
+use sqlx::Row;
+use support::{engines, timed, BenchEnv};
+
+const WORKERS: usize = 2;
+
+#[tokio::main]
+async fn main() {
+    for (patients, per_patient) in [(1usize, 50_000usize), (1_000, 50)] {
+        for engine in engines() {
+            run(engine, patients, per_patient).await;
+        }
+    }
+}
+
+async fn run(engine: phr_gateway::store::Engine, patients: usize, per_patient: usize) {
+    let Some(mut env) = BenchEnv::new(engine).await else {
+        println!("{engine}: not reachable, skipped");
+        return;
+    };
+    let hospital = HospitalSimulator::start(SimulatorConfig {
+        patients,
+        resources_per_patient: per_patient,
+        offer_everything: false,
+        ..SimulatorConfig::default()
+    })
+    .await
+    .expect("simulator");
+    env.config.pull.workers = 0;
+    env.config.sources = vec![SourceConfig {
+        id: "hospital".into(),
+        display_name: "Bench hospital".into(),
+        kind: SourceKind::FhirR4,
+        base_url: hospital.base_url.clone(),
+        client_id: "phr-gateway".into(),
+        page_size: Some(1000),
+        max_concurrent_requests: Some(8),
+    }];
+    let gateway = env.gateway().await;
+    let state = &gateway.state;
+    let (info, source) = state.registry.get("hospital").expect("source");
+    let categories = DataCategory::ALL.to_vec();
+    let redirect_uri = "https://localhost/patient/sources/callback".to_string();
+    for n in 1..=patients {
+        let instruction_id = format!("bench-{n}");
+        let start = source
+            .start_authorization(&AuthorizationRequest {
+                instruction_id: instruction_id.clone(),
+                resource_types: categories
+                    .iter()
+                    .flat_map(|c| c.resource_types().iter().map(|t| t.to_string()))
+                    .collect(),
+                redirect_uri: redirect_uri.clone(),
+            })
+            .await
+            .expect("start");
+        let patient_id = format!("bench-patient-{n}");
+        let (instruction, _) = state
+            .instructions
+            .give(
+                &Agent::system(),
+                &instruction_id,
+                "bench",
+                &patient_id,
+                info,
+                &categories,
+                &start.pending,
+            )
+            .await
+            .expect("give");
+        let location = sign_in_and_decide(
+            &start.authorize_url,
+            &format!("patient-{n:04}"),
+            &format!("phr-sim-{n:04}"),
+            |_| true,
+            true,
+        )
+        .await
+        .expect("sign in at the hospital");
+        let callback = callback_from_redirect(&location).expect("callback");
+        let credentials = source
+            .finish_authorization(&start.pending, &callback)
+            .await
+            .expect("finish");
+        state
+            .instructions
+            .activate(&Agent::system(), &instruction, info, &credentials)
+            .await
+            .expect("activate");
+    }
+
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|_| Arc::new(state.pull_worker()))
+        .collect();
+    let ((), secs) = timed(async {
+        let mut tasks = Vec::new();
+        for worker in &workers {
+            let worker = worker.clone();
+            tasks.push(tokio::spawn(async move {
+                while let Ok(Some(_)) = worker.run_once().await {}
+            }));
+        }
+        for task in tasks {
+            task.await.expect("worker");
+        }
+    })
+    .await;
+    let stored: i64 = sqlx::query("SELECT COUNT(*) FROM resources WHERE category <> 'provenance'")
+        .fetch_one(state.db.read_pool())
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(
+        stored as usize,
+        patients * per_patient,
+        "every resource stored once"
+    );
+    println!(
+        "{engine}: pull {patients} patient(s) × {per_patient}: {stored} resources in {secs:.1} s = {:>8.0} resources/s ({WORKERS} workers)",
+        stored as f64 / secs
+    );
+    hospital.shutdown().await;
+    state.db.close().await;
+    env.cleanup().await;
+}
