@@ -35,7 +35,8 @@ async fn run(engine: phr_gateway::store::Engine, patients: usize, per_patient: u
     let hospital = HospitalSimulator::start(SimulatorConfig {
         patients,
         resources_per_patient: per_patient,
-        offer_everything: false,
+        // Like most servers, the simulator offers Patient/$everything: one search per patient.
+        offer_everything: true,
         ..SimulatorConfig::default()
     })
     .await

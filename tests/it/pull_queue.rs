@@ -109,30 +109,40 @@ async fn a_claimed_job_is_reclaimed_after_its_lease(engine: Engine) {
     drop(conn);
     queue
         .finish(
-            &job_id,
+            &again,
             "worker-a",
             &JobOutcome::Failed {
                 error: "stale".into(),
             },
+            None,
         )
         .await
         .expect("finish");
     queue
-        .finish(&job_id, "worker-b", &JobOutcome::Done)
+        .finish(
+            &again,
+            "worker-b",
+            &JobOutcome::Done,
+            Some(now_millis() + 60_000),
+        )
         .await
         .expect("finish");
     let progress = queue.progress("i1").await.expect("progress");
-    assert_eq!(progress.len(), 1);
+    assert_eq!(progress.len(), 2, "done, and the next pull queued with it");
     assert_eq!(
-        progress[0].status, "done",
+        progress[1].status, "done",
         "the stale worker's finish was ignored"
     );
-    assert_eq!(progress[0].received, 1);
-    assert!(queue
-        .claim("worker-c", lease)
-        .await
-        .expect("claim")
-        .is_none());
+    assert_eq!(progress[1].received, 1);
+    assert_eq!(progress[0].status, "queued");
+    assert!(
+        queue
+            .claim("worker-c", lease)
+            .await
+            .expect("claim")
+            .is_none(),
+        "the next pull is not due yet"
+    );
 }
 
 async fn retries_wait_and_cancelled_jobs_stop(engine: Engine) {
@@ -146,12 +156,13 @@ async fn retries_wait_and_cancelled_jobs_stop(engine: Engine) {
     let at = now_millis() + 400;
     queue
         .finish(
-            &job.id,
+            &job,
             "w",
             &JobOutcome::Retry {
                 at,
                 error: "source unavailable".into(),
             },
+            None,
         )
         .await
         .expect("retry");

@@ -203,8 +203,16 @@ impl JobQueue {
         Ok(())
     }
 
-    /// Ends this worker's run of the job.
-    pub async fn finish(&self, job_id: &str, worker: &str, outcome: &JobOutcome) -> Result<()> {
+    /// Ends this worker's run of the job; when it is done and `next_at` is given, queues the
+    /// instruction's next (incremental) pull in the same transaction, if the instruction is
+    /// still active. Nothing happens if the job is no longer this worker's.
+    pub async fn finish(
+        &self,
+        job: &PullJob,
+        worker: &str,
+        outcome: &JobOutcome,
+        next_at: Option<i64>,
+    ) -> Result<()> {
         let now = now_millis();
         let (status, not_before, error, finished) = match outcome {
             JobOutcome::Done => ("done", None, None, Some(now)),
@@ -212,7 +220,8 @@ impl JobQueue {
             JobOutcome::Failed { error } => ("failed", None, Some(error.clone()), Some(now)),
             JobOutcome::Cancelled => ("cancelled", None, None, Some(now)),
         };
-        sqlx::query(
+        let mut tx = self.db.begin().await?;
+        let updated = sqlx::query(
             "UPDATE pull_jobs SET status = $1, not_before = COALESCE($2, not_before),
                  last_error = COALESCE($3, last_error), finished_at = $4, lease_owner = NULL,
                  lease_expires_at = NULL, updated_at = $5
@@ -223,10 +232,30 @@ impl JobQueue {
         .bind(error)
         .bind(finished)
         .bind(now)
-        .bind(job_id)
+        .bind(&job.id)
         .bind(worker)
-        .execute(self.db.write_pool())
-        .await?;
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if let (1, JobOutcome::Done, Some(at)) = (updated, outcome, next_at) {
+            sqlx::query(
+                "INSERT INTO pull_jobs (id, instruction_id, patient_id, source_id, status, not_before,
+                     created_at, updated_at)
+                 SELECT $1, $2, $3, $4, 'queued', $5, $6, $6
+                 WHERE EXISTS (SELECT 1 FROM pull_instructions WHERE id = $2 AND status = 'active')
+                   AND NOT EXISTS (SELECT 1 FROM pull_jobs WHERE instruction_id = $2
+                                   AND status IN ('queued', 'running'))",
+            )
+            .bind(uuid::Uuid::now_v7().to_string())
+            .bind(&job.instruction_id)
+            .bind(&job.patient_id)
+            .bind(&job.source_id)
+            .bind(at)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 

@@ -117,10 +117,10 @@ impl PullWorker {
             }),
         };
         if let RunResult::Finished(outcome) = &result {
-            self.queue.finish(&job.id, &self.id, outcome).await?;
-            if *outcome == JobOutcome::Done {
-                self.schedule_next(&job).await?;
-            }
+            let next_at = now_millis() + self.settings.refresh_interval.as_millis() as i64;
+            self.queue
+                .finish(&job, &self.id, outcome, Some(next_at))
+                .await?;
         }
         self.audit.notify();
         Ok(Some((job, result)))
@@ -366,25 +366,6 @@ impl PullWorker {
             },
         };
         Ok(RunResult::Finished(outcome))
-    }
-
-    async fn schedule_next(&self, job: &PullJob) -> Result<()> {
-        let instruction = self.instructions.get(&job.instruction_id).await?;
-        if instruction.status != InstructionStatus::Active {
-            return Ok(());
-        }
-        let at = now_millis() + self.settings.refresh_interval.as_millis() as i64;
-        let mut conn = self.queue_db().write_pool().acquire().await?;
-        self.queue
-            .enqueue(
-                &mut conn,
-                &job.instruction_id,
-                &job.patient_id,
-                &job.source_id,
-                at,
-            )
-            .await?;
-        Ok(())
     }
 
     /// Exponential with jitter, from 5 s, capped.
