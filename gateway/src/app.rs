@@ -23,6 +23,7 @@ use crate::store::accounts::Accounts;
 use crate::store::resources::ResourceStore;
 use crate::store::Database;
 use crate::tls;
+use phr_adapters::fhir_r4::BackendKey;
 
 /// A gateway with its stores open and migrated, not yet listening.
 pub struct Gateway {
@@ -75,6 +76,8 @@ impl Gateway {
             .try_into()
             .map_err(|_| Error::Crypto("receipt signing key must be 32 bytes"))?;
 
+        let (source_client_key, source_key_created) =
+            load_or_generate_source_client_key(&config.source_client_key_path())?;
         let url = config.database_url();
         let timeout = Duration::from_secs(config.database.connect_timeout_secs);
         let db = Database::connect(&url, config.database.max_connections, timeout).await?;
@@ -94,13 +97,16 @@ impl Gateway {
             Some(tls::load_server_config(&config.tls, &config.data_dir)?)
         };
 
-        record_start(
-            &db,
-            &config,
-            kek_created || receipt_created,
-            signing_created,
-        )
-        .await?;
+        let generated: Vec<&str> = [
+            (kek_created, "key-encryption key"),
+            (signing_created, "audit signing key"),
+            (receipt_created, "receipt signing key"),
+            (source_key_created, "source client key"),
+        ]
+        .into_iter()
+        .filter_map(|(created, name)| created.then_some(name))
+        .collect();
+        record_start(&db, &config, &generated).await?;
         registry.sync(&db).await?;
 
         let issuer = config
@@ -130,6 +136,7 @@ impl Gateway {
             queue,
             registry: Arc::new(registry),
             receipts,
+            source_client_key: Arc::new(source_client_key),
             public_url: Arc::new(OnceLock::new()),
         };
         Ok(Gateway { state, tls })
@@ -214,27 +221,39 @@ async fn wait_for_signal() {
     let _ = ctrl_c.await;
 }
 
+/// The key the gateway authenticates to sources with (`private_key_jwt`), generated at first
+/// start; its public half is in the JWKS.
+fn load_or_generate_source_client_key(path: &std::path::Path) -> Result<(BackendKey, bool)> {
+    if path.exists() {
+        key_file::check_private(path)?;
+        let pem =
+            zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?);
+        let key = BackendKey::from_pem(&pem).map_err(|e| Error::KeyFile {
+            path: path.into(),
+            reason: e.to_string(),
+        })?;
+        return Ok((key, false));
+    }
+    let key = BackendKey::generate_es384();
+    let pem = key.to_pem().map_err(|e| Error::KeyFile {
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
+    key_file::write_private(path, pem.as_bytes())?;
+    Ok((key, true))
+}
+
 /// Audits the start, any generated key, and every weakened security setting.
-async fn record_start(
-    db: &Database,
-    config: &Config,
-    kek_created: bool,
-    signing_created: bool,
-) -> Result<()> {
+async fn record_start(db: &Database, config: &Config, generated_keys: &[&str]) -> Result<()> {
     let mut tx = db.begin().await?;
     audit::record(
         &mut tx,
         &AuditEvent::new(EventKind::ApplicationStart, Agent::system()),
     )
     .await?;
-    if kek_created {
+    for key in generated_keys {
         let event = AuditEvent::new(EventKind::SecurityConfiguration, Agent::system())
-            .detail("key-encryption key generated");
-        audit::record(&mut tx, &event).await?;
-    }
-    if signing_created {
-        let event = AuditEvent::new(EventKind::SecurityConfiguration, Agent::system())
-            .detail("audit signing key generated");
+            .detail(format!("{key} generated"));
         audit::record(&mut tx, &event).await?;
     }
     for setting in config.weakened_settings() {

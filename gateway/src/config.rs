@@ -98,6 +98,9 @@ pub struct KeysConfig {
     pub audit_signing_key_file: Option<PathBuf>,
     /// Ed25519 seed signing receipts (JWS). Unset: `<data_dir>/keys/receipt-signing.key`.
     pub receipt_signing_key_file: Option<PathBuf>,
+    /// ES384 private key (PKCS#8 PEM) for `private_key_jwt` client authentication at sources
+    /// (SMART Backend Services). Unset: `<data_dir>/keys/source-client.pem`.
+    pub source_client_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -407,6 +410,13 @@ impl Config {
             .receipt_signing_key_file
             .clone()
             .unwrap_or_else(|| self.data_dir.join("keys").join("receipt-signing.key"))
+    }
+
+    pub fn source_client_key_path(&self) -> PathBuf {
+        self.keys
+            .source_client_key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("keys").join("source-client.pem"))
     }
 
     /// Settings that weaken a secure default; each is logged and audited at start.

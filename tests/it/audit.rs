@@ -243,7 +243,7 @@ async fn rewrite_resigned_with_local_key_is_caught_by_trusted_checkpoint(engine:
     let mut body = leaf_body(&gateway, 3).await;
     let text = String::from_utf8(body.clone())
         .expect("utf8")
-        .replace("\"R\"", "\"D\"");
+        .replace("\"outcome\":\"0\"", "\"outcome\":\"8\"");
     assert_ne!(text.as_bytes(), body.as_slice());
     body = text.into_bytes();
     sqlx::query("UPDATE audit_leaves SET body = $1, leaf_hash = $2 WHERE tree_index = 3")

@@ -42,6 +42,24 @@ async fn text_of(c: &Client, css: &str) -> String {
         .expect("text")
 }
 
+/// Waits until the element's text contains `expected` (pages reload under us, so a found
+/// element may go stale: look again).
+async fn wait_text(c: &Client, css: &str, expected: &str) -> String {
+    let mut last = String::new();
+    for _ in 0..100 {
+        if let Ok(element) = c.find(Locator::Css(css)).await {
+            if let Ok(text) = element.text().await {
+                if text.contains(expected) {
+                    return text;
+                }
+                last = text;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{css} never showed {expected:?}; last text: {last:?}");
+}
+
 async fn sign_in(c: &Client, app: &TestApp, username: &str, password: &str) {
     c.goto(&app.url("/portal")).await.expect("open portal");
     fill(c, "input[name=username]", username).await;
@@ -164,12 +182,11 @@ async fn instruct_link_watch_and_withdraw_in_the_browser() {
     click(c, "button[name=decision][value=approve]").await;
 
     // Back in the portal: the instruction is active and data arrives.
-    let status = text_of(c, "tr[data-instruction] td.status").await;
-    assert!(status.contains("取得中"), "{status}");
+    wait_text(c, "tr[data-instruction] td.status", "取得中").await;
     let mut progress = String::new();
     for _ in 0..50 {
         c.refresh().await.expect("refresh");
-        progress = text_of(c, "tr[data-instruction] td.progress").await;
+        progress = wait_text(c, "tr[data-instruction] td.progress", "received").await;
         if progress.contains("done") {
             break;
         }
@@ -197,8 +214,7 @@ async fn instruct_link_watch_and_withdraw_in_the_browser() {
         .expect("delete choice");
     assert!(!delete_box.is_selected().await.expect("state"));
     click(c, "tr[data-instruction] button.withdraw").await;
-    let status = text_of(c, "tr[data-instruction] td.status").await;
-    assert!(status.contains("取り消し済み"), "{status}");
+    wait_text(c, "tr[data-instruction] td.status", "取り消し済み").await;
     assert!(c
         .find(Locator::Css("tr[data-instruction] button.withdraw"))
         .await

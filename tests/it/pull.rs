@@ -133,6 +133,11 @@ async fn verify_receipt(app: &TestApp, receipt: &str, event: &str) {
         .json()
         .await
         .expect("jwk set");
+    assert_eq!(jwks.keys.len(), 2, "receipt key and source client key");
+    assert!(jwks
+        .keys
+        .iter()
+        .any(|k| k.common.key_algorithm == Some(jsonwebtoken::jwk::KeyAlgorithm::ES384)));
     let header = jsonwebtoken::decode_header(receipt).expect("jws header");
     let jwk = jwks
         .find(header.kid.as_deref().expect("kid"))

@@ -105,6 +105,8 @@ async fn key_files_are_private_and_loose_ones_refuse_start() {
     for path in [
         config.kek_path(),
         config.audit_signing_key_path(),
+        config.receipt_signing_key_path(),
+        config.source_client_key_path(),
         config.data_dir.join("tls/dev-key.pem"),
     ] {
         let mode = std::fs::metadata(&path)
@@ -114,7 +116,11 @@ async fn key_files_are_private_and_loose_ones_refuse_start() {
             & 0o777;
         assert_eq!(mode, 0o600, "{}", path.display());
     }
-    for path in [config.kek_path(), config.audit_signing_key_path()] {
+    for path in [
+        config.kek_path(),
+        config.audit_signing_key_path(),
+        config.source_client_key_path(),
+    ] {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
         let err = build_error(config.clone()).await;
         assert!(

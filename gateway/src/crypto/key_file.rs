@@ -17,31 +17,16 @@ pub fn load_or_generate(path: &Path, len: usize) -> Result<(Zeroizing<Vec<u8>>, 
     if path.exists() {
         return Ok((load(path, len)?, false));
     }
-    if let Some(dir) = path.parent() {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| Error::io(dir, e))?;
-    }
     let mut key = Zeroizing::new(vec![0u8; len]);
     rand::rngs::OsRng.fill_bytes(&mut key);
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| Error::io(path, e))?;
-    let encoded = Zeroizing::new(hex::encode(&*key));
-    file.write_all(encoded.as_bytes())
-        .and_then(|_| file.write_all(b"\n"))
-        .and_then(|_| file.sync_all())
-        .map_err(|e| Error::io(path, e))?;
+    let mut encoded = Zeroizing::new(hex::encode(&*key));
+    encoded.push('\n');
+    write_private(path, encoded.as_bytes())?;
     Ok((key, true))
 }
 
-/// Reads an existing key file, refusing loose permissions and malformed content.
-pub fn load(path: &Path, len: usize) -> Result<Zeroizing<Vec<u8>>> {
+/// Refuses a secret file that anyone but its owner may read.
+pub fn check_private(path: &Path) -> Result<()> {
     let meta = fs::metadata(path).map_err(|e| Error::io(path, e))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
@@ -53,6 +38,32 @@ pub fn load(path: &Path, len: usize) -> Result<Zeroizing<Vec<u8>>> {
             ),
         });
     }
+    Ok(())
+}
+
+/// Writes a new secret file with mode 0600 (in a 0700 directory); never overwrites.
+pub fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| Error::io(dir, e))?;
+    }
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    file.write_all(contents)
+        .and_then(|_| file.sync_all())
+        .map_err(|e| Error::io(path, e))
+}
+
+/// Reads an existing key file, refusing loose permissions and malformed content.
+pub fn load(path: &Path, len: usize) -> Result<Zeroizing<Vec<u8>>> {
+    check_private(path)?;
     let text = Zeroizing::new(fs::read_to_string(path).map_err(|e| Error::io(path, e))?);
     let key = Zeroizing::new(hex::decode(text.trim()).map_err(|_| Error::KeyFile {
         path: path.into(),

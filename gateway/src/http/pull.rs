@@ -514,7 +514,9 @@ pub async fn withdraw_instruction(
 #[utoipa::path(get, path = "/.well-known/jwks.json", tag = "keys",
     responses((status = 200, description = "JWK Set", content_type = "application/jwk-set+json")))]
 pub async fn jwks(State(state): State<AppState>) -> Response {
-    let keys = serde_json::json!({"keys": [state.receipts.public_jwk()]});
+    let keys = serde_json::json!({
+        "keys": [state.receipts.public_jwk(), state.source_client_key.public_jwk()]
+    });
     (
         [(axum::http::header::CONTENT_TYPE, "application/jwk-set+json")],
         keys.to_string(),
