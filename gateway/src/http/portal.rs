@@ -8,7 +8,6 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::{Extension, Form};
 use maud::{html, Markup, DOCTYPE};
-use phr_adapters::AuthorizationRequest;
 use phr_consent::DataCategory;
 use serde::Deserialize;
 
@@ -272,42 +271,8 @@ pub async fn give(
     same_origin(&headers, &state)?;
     let source_id = form_values(&body, "source_id").pop().unwrap_or_default();
     let codes = form_values(&body, "category");
-    let (info, source) = state
-        .registry
-        .get(&source_id)
-        .map_err(|_| Error::Invalid("choose a source".into()))?;
-    let chosen: Vec<DataCategory> = codes
-        .iter()
-        .filter_map(|c| DataCategory::from_code(c))
-        .collect();
-    if chosen.is_empty() || chosen.len() != codes.len() {
-        return Err(Error::Invalid("choose at least one category".into()).into());
-    }
-    let instruction_id = uuid::Uuid::now_v7().to_string();
-    let start = source
-        .start_authorization(&AuthorizationRequest {
-            instruction_id: instruction_id.clone(),
-            resource_types: chosen
-                .iter()
-                .flat_map(|c| c.resource_types().iter().map(|t| t.to_string()))
-                .collect(),
-            redirect_uri: format!("{}/patient/sources/callback", state.public_url()),
-        })
-        .await
-        .map_err(Error::from)?;
-    state
-        .instructions
-        .give(
-            &patient.auth.agent(),
-            &instruction_id,
-            &patient.auth.session.account.id,
-            &patient.patient_id,
-            info,
-            &chosen,
-            &start.pending,
-        )
-        .await?;
-    state.audit.notify();
+    let given = super::pull::give_instruction(&state, &patient, &source_id, &codes).await?;
+    let info = &given.source;
     // A link, not a redirect: the patient sees where they are going before they leave.
     let markup = page(
         "認証へ / Continue at the source",
@@ -315,7 +280,7 @@ pub async fn give(
             h1 { "指示を受け付けました " span.en { "Instruction received" } }
             p { (info.display_name) " でサインインして、取得を許可してください。" }
             p.en { "Sign in at " (info.display_name) " and allow the transfer." }
-            p { a.button id="continue" href=(start.authorize_url) { (info.display_name) " へ進む / Continue to " (info.display_name) } }
+            p { a.button id="continue" href=(given.authorize_url) { (info.display_name) " へ進む / Continue to " (info.display_name) } }
             p { a href="/portal" { "戻る / Back" } }
         },
     );

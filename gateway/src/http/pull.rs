@@ -147,12 +147,37 @@ pub async fn give(
     patient: PatientSession,
     Json(request): Json<GiveInstruction>,
 ) -> Result<Response, ApiError> {
+    let given = give_instruction(&state, &patient, &request.source_id, &request.categories).await?;
+    let body = GivenInstruction {
+        instruction: InstructionView::of(&given.instruction, None),
+        authorize_url: given.authorize_url,
+        receipt: given.receipt,
+    };
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// A given instruction and where the patient authorises it.
+pub struct Given {
+    pub instruction: Instruction,
+    pub source: SourceInfo,
+    pub authorize_url: String,
+    pub receipt: String,
+}
+
+/// Giving an instruction, shared by the API and the portal: checks the source and the
+/// categories, starts the source's authorisation, records the instruction with its receipt.
+pub async fn give_instruction(
+    state: &AppState,
+    patient: &PatientSession,
+    source_id: &str,
+    category_codes: &[String],
+) -> Result<Given, ApiError> {
     let (info, source) = state
         .registry
-        .get(&request.source_id)
-        .map_err(|_| Error::Invalid(format!("unknown source {:?}", request.source_id)))?;
+        .get(source_id)
+        .map_err(|_| Error::Invalid(format!("unknown source {source_id:?}")))?;
     let mut chosen = Vec::new();
-    for code in &request.categories {
+    for code in category_codes {
         chosen.push(
             DataCategory::from_code(code)
                 .ok_or_else(|| Error::Invalid(format!("unknown category {code:?}")))?,
@@ -187,12 +212,12 @@ pub async fn give(
         )
         .await?;
     state.audit.notify();
-    let body = GivenInstruction {
-        instruction: InstructionView::of(&instruction, None),
+    Ok(Given {
+        instruction,
+        source: info.clone(),
         authorize_url: start.authorize_url,
         receipt,
-    };
-    Ok((StatusCode::CREATED, Json(body)).into_response())
+    })
 }
 
 #[derive(Debug, Deserialize)]
