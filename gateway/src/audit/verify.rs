@@ -195,11 +195,10 @@ async fn scan_leaves(db: &Database) -> Result<Vec<Hash>, VerifyError> {
     let part = size.div_ceil(scan_parts()).max(1);
     let mut tasks = Vec::new();
     let mut start = 0;
-    let native = NativePool::open(db, scan_parts() as u32).await?;
     while start < size {
         let end = (start + part).min(size);
-        let pool = native.clone();
-        tasks.push(tokio::spawn(async move { pool.scan(start, end).await }));
+        let pool = db.read_pool().clone();
+        tasks.push(tokio::spawn(scan_range(pool, start, end)));
         start = end;
     }
     let mut hashes = Vec::with_capacity(size as usize);
@@ -234,115 +233,34 @@ enum RangeScan {
     Missing(u64),
 }
 
-/// A read-only pool of the engine's own driver: the verifier reads every leaf, and the
-/// `Any` driver's extra copy of each row is a measurable part of that.
-#[derive(Clone)]
-enum NativePool {
-    Sqlite(sqlx::SqlitePool),
-    Postgres(sqlx::PgPool),
-}
-
-impl NativePool {
-    async fn open(db: &Database, connections: u32) -> Result<Self, VerifyError> {
-        let options = sqlx::pool::PoolOptions::new().max_connections(connections.max(1));
-        Ok(match db.engine() {
-            crate::store::Engine::Sqlite => {
-                let connect: sqlx::sqlite::SqliteConnectOptions = db
-                    .url()
-                    .parse::<sqlx::sqlite::SqliteConnectOptions>()?
-                    .read_only(true);
-                NativePool::Sqlite(options.connect_with(connect).await?)
-            }
-            crate::store::Engine::Postgres => {
-                let connect: sqlx::postgres::PgConnectOptions = db.url().parse()?;
-                NativePool::Postgres(
-                    sqlx::pool::PoolOptions::new()
-                        .max_connections(connections.max(1))
-                        .connect_with(connect)
-                        .await?,
-                )
-            }
-        })
-    }
-
-    async fn scan(self, start: u64, end: u64) -> Result<RangeScan, VerifyError> {
-        const SQL: &str = "SELECT tree_index, body, leaf_hash FROM audit_leaves
-             WHERE tree_index >= $1 AND tree_index < $2 ORDER BY tree_index";
-        let mut checker = RangeChecker::new(start, end);
-        match self {
-            NativePool::Sqlite(pool) => {
-                let mut rows = sqlx::query(SQL)
-                    .bind(start as i64)
-                    .bind(end as i64)
-                    .fetch(&pool);
-                while let Some(row) = rows.try_next().await? {
-                    if let Some(done) =
-                        checker.check(row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)?
-                    {
-                        return Ok(done);
-                    }
-                }
-            }
-            NativePool::Postgres(pool) => {
-                let mut rows = sqlx::query(SQL)
-                    .bind(start as i64)
-                    .bind(end as i64)
-                    .fetch(&pool);
-                while let Some(row) = rows.try_next().await? {
-                    if let Some(done) =
-                        checker.check(row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)?
-                    {
-                        return Ok(done);
-                    }
-                }
-            }
+async fn scan_range(pool: sqlx::AnyPool, start: u64, end: u64) -> Result<RangeScan, VerifyError> {
+    let mut rows = sqlx::query(
+        "SELECT tree_index, body, leaf_hash FROM audit_leaves
+         WHERE tree_index >= $1 AND tree_index < $2 ORDER BY tree_index",
+    )
+    .bind(start as i64)
+    .bind(end as i64)
+    .fetch(&pool);
+    let mut hashes = Vec::with_capacity((end - start) as usize);
+    let mut index = start;
+    while let Some(row) = rows.try_next().await? {
+        let stored_index = row.try_get::<i64, _>(0)? as u64;
+        if stored_index != index {
+            return Ok(RangeScan::Missing(index));
         }
-        Ok(checker.finish())
-    }
-}
-
-/// Checks one index range's leaves as they stream by.
-struct RangeChecker {
-    next: u64,
-    end: u64,
-    hashes: Vec<Hash>,
-}
-
-impl RangeChecker {
-    fn new(start: u64, end: u64) -> Self {
-        RangeChecker {
-            next: start,
-            end,
-            hashes: Vec::with_capacity((end - start) as usize),
-        }
-    }
-
-    /// `Some` when the range is settled early (a missing leaf).
-    fn check(
-        &mut self,
-        stored_index: i64,
-        body: &[u8],
-        stored_hash: &[u8],
-    ) -> Result<Option<RangeScan>, Tamper> {
-        if stored_index as u64 != self.next {
-            return Ok(Some(RangeScan::Missing(self.next)));
-        }
+        let body: &[u8] = row.try_get(1)?;
+        let stored_hash: &[u8] = row.try_get(2)?;
         let hash = merkle::leaf_hash(body);
         if stored_hash != hash {
-            return Err(Tamper::LeafChanged { index: self.next });
+            return Err(Tamper::LeafChanged { index }.into());
         }
-        self.hashes.push(hash);
-        self.next += 1;
-        Ok(None)
+        hashes.push(hash);
+        index += 1;
     }
-
-    fn finish(self) -> RangeScan {
-        if self.next < self.end {
-            RangeScan::Missing(self.next)
-        } else {
-            RangeScan::Complete(self.hashes)
-        }
+    if index < end {
+        return Ok(RangeScan::Missing(index));
     }
+    Ok(RangeScan::Complete(hashes))
 }
 
 fn check_checkpoint(

@@ -66,7 +66,6 @@ pub(crate) enum SessionSetup {
 #[derive(Clone)]
 pub struct Database {
     engine: Engine,
-    url: String,
     read: AnyPool,
     write: AnyPool,
     faults: FaultPoints,
@@ -128,7 +127,6 @@ impl Database {
         };
         Ok(Database {
             engine,
-            url: url.to_string(),
             read,
             write,
             faults: FaultPoints::default(),
@@ -152,12 +150,6 @@ impl Database {
 
     pub fn engine(&self) -> Engine {
         self.engine
-    }
-
-    /// The connection URL, for tools that open their own engine-specific connections
-    /// (the audit verifier reads through native drivers, which copy each row once less).
-    pub(crate) fn url(&self) -> &str {
-        &self.url
     }
 
     pub fn read_pool(&self) -> &AnyPool {
