@@ -177,6 +177,14 @@ async fn count(app: &TestApp, sql: &str) -> i64 {
         .get(0)
 }
 
+/// Makes every queued pull due now (instead of waiting for its retry or refresh time).
+async fn make_due(app: &TestApp) {
+    sqlx::query("UPDATE pull_jobs SET not_before = 0 WHERE status = 'queued'")
+        .execute(app.gateway().state.db.write_pool())
+        .await
+        .expect("due now");
+}
+
 /// Audit leaves whose AuditEvent mentions `needle` (read as text, engine-independent).
 async fn leaves_containing(app: &TestApp, needle: &str) -> i64 {
     let rows = sqlx::query("SELECT body FROM audit_leaves")
@@ -296,10 +304,7 @@ async fn link_pull_and_withdraw(engine: Engine) {
         .await
         .expect("enqueue");
     drop(conn);
-    sqlx::query("UPDATE pull_jobs SET not_before = 0 WHERE status = 'queued'")
-        .execute(env.app.gateway().state.db.write_pool())
-        .await
-        .expect("due now");
+    make_due(&env.app).await;
     assert_eq!(
         drain(&env.app).await,
         vec![RunResult::Finished(JobOutcome::Done)]
@@ -540,10 +545,7 @@ async fn a_source_in_maintenance_degrades_without_losing_data(engine: Engine) {
         f.maintenance = true;
         f.retry_after = Duration::from_secs(1);
     });
-    sqlx::query("UPDATE pull_jobs SET not_before = 0 WHERE status = 'queued'")
-        .execute(env.app.gateway().state.db.write_pool())
-        .await
-        .expect("due now");
+    make_due(&env.app).await;
     let results = drain(&env.app).await;
     assert!(
         matches!(
@@ -597,10 +599,7 @@ async fn a_source_in_maintenance_degrades_without_losing_data(engine: Engine) {
 
     // The source comes back: the waiting job runs and the degradation clears.
     env.hospital.handle.update_faults(|f| f.maintenance = false);
-    sqlx::query("UPDATE pull_jobs SET not_before = 0 WHERE status = 'queued'")
-        .execute(env.app.gateway().state.db.write_pool())
-        .await
-        .expect("due now");
+    make_due(&env.app).await;
     assert_eq!(
         drain(&env.app).await,
         vec![RunResult::Finished(JobOutcome::Done)]
