@@ -423,7 +423,27 @@ impl PullRun {
                 vec![bundle::examine_resource_bytes(&reply.body, &self.rules)],
                 None,
             ),
-            Pass::Search(_) | Pass::Everything => {
+            Pass::Search(ref resource_type) => {
+                match bundle::parse_bundle_page(&reply.body, &self.rules) {
+                    Ok(page) => (page.entries, page.next_url),
+                    // One type's unreadable page does not end the pull: record it and go
+                    // on with the next type (it is fetched again at the next pull).
+                    Err(error) => {
+                        let resource_type = resource_type.clone();
+                        if self.cursor.in_progress.as_ref().is_some_and(|progress| {
+                            progress.resource_type == current.pass.cursor_key()
+                        }) {
+                            self.cursor.in_progress = None;
+                        }
+                        return Ok(Some(self.batch(vec![PullItem::Rejected {
+                            resource_type: Some(resource_type),
+                            source_resource_id: None,
+                            reason: format!("a page of this type could not be read: {error}"),
+                        }])));
+                    }
+                }
+            }
+            Pass::Everything => {
                 let page = bundle::parse_bundle_page(&reply.body, &self.rules)?;
                 (page.entries, page.next_url)
             }

@@ -438,6 +438,52 @@ async fn scope_limited_token_skips_types_it_does_not_grant() {
 }
 
 #[tokio::test]
+async fn an_unreadable_page_of_one_type_does_not_end_the_pull() {
+    let simulator = start(simulator_config(1, 100)).await;
+    let source = source(source_config(&simulator));
+    let credentials = link_patient_one(&source, |_| true).await;
+    // A proxy answers Condition searches with an HTML page (wrong content type, not JSON).
+    simulator
+        .handle
+        .update_faults(|faults| faults.broken_types = vec!["Condition".into()]);
+    let (batches, error) = pull_all(&source, pull_request(&credentials, None)).await;
+    assert!(error.is_none(), "{error:?}");
+    let reasons = rejections(&batches);
+    assert!(
+        reasons.iter().any(|r| r.contains("could not be read")),
+        "{reasons:?}"
+    );
+    let expected: BTreeSet<(String, String)> = expected_keys(&simulator, "pt000001")
+        .into_iter()
+        .filter(|(t, _)| t != "Condition")
+        .collect();
+    assert_eq!(
+        resource_keys(&batches),
+        expected,
+        "every other type arrives"
+    );
+
+    // Once the proxy is fixed, the next pull from the cursor brings the Conditions.
+    simulator
+        .handle
+        .update_faults(|faults| faults.broken_types.clear());
+    let cursor = batches.last().map(|b| b.cursor.clone());
+    let (again, error) = pull_all(&source, pull_request(&credentials, cursor)).await;
+    assert!(error.is_none(), "{error:?}");
+    let conditions = resource_keys(&again)
+        .into_iter()
+        .filter(|(t, _)| t == "Condition")
+        .count();
+    let expected_conditions = expected_keys(&simulator, "pt000001")
+        .into_iter()
+        .filter(|(t, _)| t == "Condition")
+        .count();
+    assert!(expected_conditions > 0);
+    assert_eq!(conditions, expected_conditions);
+    simulator.shutdown().await;
+}
+
+#[tokio::test]
 async fn rate_limit_with_retry_after_is_honoured() {
     let simulator = start(simulator_config(1, 60)).await;
     let source = source(source_config(&simulator));

@@ -137,6 +137,21 @@ fn refusal(
     {
         return Some(forbidden(server, "this type is not released to apps"));
     }
+    if server
+        .faults()
+        .broken_types
+        .iter()
+        .any(|broken_type| broken_type == resource_type)
+    {
+        return Some(
+            (
+                StatusCode::OK,
+                [(axum::http::header::CONTENT_TYPE, "text/html")],
+                "<html><body>Bad gateway (proxy)</body></html>",
+            )
+                .into_response(),
+        );
+    }
     if !grant_allows(grant, resource_type) {
         return Some(forbidden(
             server,

@@ -99,6 +99,9 @@ pub struct SimulatorFaults {
     pub omit_patient_in_token_response: bool,
     /// Types answered with 403 whatever the scopes say.
     pub forbidden_types: Vec<String>,
+    /// Types whose searches answer 200 with an HTML error page instead of a Bundle (a
+    /// misconfigured proxy in front of the server).
+    pub broken_types: Vec<String>,
 }
 
 /// Counters for assertions and benchmarks.
