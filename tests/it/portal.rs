@@ -60,16 +60,7 @@ async fn wait_text(c: &Client, css: &str, expected: &str) -> String {
     panic!("{css} never showed {expected:?}; last text: {last:?}");
 }
 
-async fn sign_in(c: &Client, app: &TestApp, username: &str, password: &str) {
-    c.goto(&app.url("/portal")).await.expect("open portal");
-    fill(c, "input[name=username]", username).await;
-    fill(c, "input[name=password]", password).await;
-    click(c, "button[type=submit]").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sign_in_and_nothing_is_chosen_in_advance() {
-    let app = spawn_app_with(TestEnv::new(Engine::Sqlite).await, |_| {}).await;
+async fn patient_account(app: &TestApp) {
     app.gateway()
         .state
         .accounts
@@ -81,6 +72,19 @@ async fn sign_in_and_nothing_is_chosen_in_advance() {
         )
         .await
         .expect("account");
+}
+
+async fn sign_in(c: &Client, app: &TestApp, username: &str, password: &str) {
+    c.goto(&app.url("/portal")).await.expect("open portal");
+    fill(c, "input[name=username]", username).await;
+    fill(c, "input[name=password]", password).await;
+    click(c, "button[type=submit]").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_in_and_nothing_is_chosen_in_advance() {
+    let app = spawn_app_with(TestEnv::new(Engine::Sqlite).await, |_| {}).await;
+    patient_account(&app).await;
     let browser = Browser::start().await;
     let c = &browser.client;
     sign_in(c, &app, "hanako", "wrong password!!").await;
@@ -145,17 +149,7 @@ async fn instruct_link_watch_and_withdraw_in_the_browser() {
         }];
     })
     .await;
-    app.gateway()
-        .state
-        .accounts
-        .create(
-            AccountRole::Patient,
-            "hanako",
-            "correct horse battery staple",
-            Some("p-portal"),
-        )
-        .await
-        .expect("account");
+    patient_account(&app).await;
     let browser = Browser::start().await;
     let c = &browser.client;
     sign_in(c, &app, "hanako", "correct horse battery staple").await;

@@ -177,6 +177,23 @@ async fn count(app: &TestApp, sql: &str) -> i64 {
         .get(0)
 }
 
+/// Withdraws an instruction through the API, with an optional body.
+async fn withdraw(env: &PullEnv, token: &str, id: &str, body: Option<Value>) -> reqwest::Response {
+    let request = env
+        .app
+        .client
+        .post(
+            env.app
+                .url(&format!("/patient/pull-instructions/{id}/withdraw")),
+        )
+        .bearer_auth(token);
+    let request = match body {
+        Some(body) => request.json(&body),
+        None => request,
+    };
+    request.send().await.expect("withdraw")
+}
+
 /// Makes every queued pull due now (instead of waiting for its retry or refresh time).
 async fn make_due(app: &TestApp) {
     sqlx::query("UPDATE pull_jobs SET not_before = 0 WHERE status = 'queued'")
@@ -256,6 +273,11 @@ async fn link_pull_and_withdraw(engine: Engine) {
         "one Provenance per stored page: {provenances}"
     );
     let view = detail(&env, &id).await;
+    assert_eq!(
+        leaves_containing(&env.app, &format!("pull instruction {id}")).await,
+        1,
+        "reading an instruction is audited"
+    );
     assert_eq!(first_job(&view)["status"], "done");
     assert_eq!(first_job(&view)["received"], expected);
     let events: Vec<&str> = view["history"]
@@ -312,17 +334,7 @@ async fn link_pull_and_withdraw(engine: Engine) {
     assert_eq!(count(&env.app, CLINICAL).await, expected);
 
     // Withdraw in one action: pulls stop, the link is revoked, the data stays.
-    let withdrawn = env
-        .app
-        .client
-        .post(
-            env.app
-                .url(&format!("/patient/pull-instructions/{id}/withdraw")),
-        )
-        .bearer_auth(&env.token)
-        .send()
-        .await
-        .expect("withdraw");
+    let withdrawn = withdraw(&env, &env.token, &id, None).await;
     assert_eq!(withdrawn.status(), 200);
     let withdrawn: Value = withdrawn.json().await.expect("json");
     assert_eq!(withdrawn["instruction"]["status"], "withdrawn");
@@ -355,17 +367,7 @@ async fn link_pull_and_withdraw(engine: Engine) {
         expected,
         "data already received is kept"
     );
-    let again = env
-        .app
-        .client
-        .post(
-            env.app
-                .url(&format!("/patient/pull-instructions/{id}/withdraw")),
-        )
-        .bearer_auth(&env.token)
-        .send()
-        .await
-        .expect("again");
+    let again = withdraw(&env, &env.token, &id, None).await;
     assert_eq!(again.status(), 400);
 
     // Someone else cannot see or withdraw it.
@@ -382,25 +384,21 @@ async fn link_pull_and_withdraw(engine: Engine) {
         .await
         .expect("other");
     assert_eq!(theirs.status(), 404);
+    assert_eq!(withdraw(&env, &other, &id, None).await.status(), 404);
 
     // A second instruction, withdrawn with deletion of what it brought.
     let second = link(&env, &["observations"]).await;
     drain(&env.app).await;
-    let deleted = env
-        .app
-        .client
-        .post(
-            env.app
-                .url(&format!("/patient/pull-instructions/{second}/withdraw")),
-        )
-        .bearer_auth(&env.token)
-        .json(&serde_json::json!({"delete_received": true}))
-        .send()
-        .await
-        .expect("withdraw and delete")
-        .json::<Value>()
-        .await
-        .expect("json");
+    let deleted = withdraw(
+        &env,
+        &env.token,
+        &second,
+        Some(serde_json::json!({"delete_received": true})),
+    )
+    .await
+    .json::<Value>()
+    .await
+    .expect("json");
     assert!(deleted["deleted_resources"].as_i64().expect("count") >= expected);
     assert_eq!(
         count(

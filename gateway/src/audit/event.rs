@@ -144,6 +144,16 @@ pub enum AccountRole {
     Operator,
 }
 
+impl AccountRole {
+    /// The code used in storage and APIs.
+    pub fn code(self) -> &'static str {
+        match self {
+            AccountRole::Patient => "patient",
+            AccountRole::Operator => "operator",
+        }
+    }
+}
+
 /// Who acted, from where, and under which token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Agent {

@@ -2,16 +2,15 @@
 //! also set as a `__Host-` cookie (Secure, HttpOnly, SameSite=Lax) for browsers.
 
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::ApiError;
-use super::session::{AuthSession, SESSION_COOKIE};
+use super::session::{session_cookie, AuthSession};
 use super::{AppState, ClientAddr};
-use crate::audit::AccountRole;
 use crate::store::millis_to_rfc3339;
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -32,13 +31,6 @@ pub struct SessionInfo {
     pub expires_at: String,
 }
 
-fn role_name(role: AccountRole) -> &'static str {
-    match role {
-        AccountRole::Patient => "patient",
-        AccountRole::Operator => "operator",
-    }
-}
-
 /// Signs in with username and password.
 #[utoipa::path(post, path = "/auth/login", tag = "auth", request_body = LoginRequest,
     responses(
@@ -55,18 +47,15 @@ pub async fn login(
         .login(&request.username, &request.password, address)
         .await?;
     state.audit.notify();
-    let max_age = state.config.sessions.absolute_timeout_secs;
-    let cookie = format!(
-        "{SESSION_COOKIE}={token}; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age={max_age}"
-    );
     let mut headers = HeaderMap::new();
-    if let Ok(value) = HeaderValue::from_str(&cookie) {
-        headers.insert(header::SET_COOKIE, value);
-    }
+    headers.insert(
+        header::SET_COOKIE,
+        session_cookie(&token, state.config.sessions.absolute_timeout_secs),
+    );
     let body = SessionInfo {
         token,
         account_id: session.account.id.clone(),
-        role: role_name(session.account.role),
+        role: session.account.role.code(),
         expires_at: millis_to_rfc3339(session.expires_at),
     };
     Ok((headers, Json(body)).into_response())
@@ -85,11 +74,10 @@ pub async fn logout(
         .logout(&auth.session, &auth.token, auth.address)
         .await?;
     state.audit.notify();
-    let cookie = format!("{SESSION_COOKIE}=; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=0");
     let mut response = StatusCode::NO_CONTENT.into_response();
-    if let Ok(value) = HeaderValue::from_str(&cookie) {
-        response.headers_mut().insert(header::SET_COOKIE, value);
-    }
+    response
+        .headers_mut()
+        .insert(header::SET_COOKIE, session_cookie("", 0));
     Ok(response)
 }
 
@@ -101,7 +89,7 @@ pub async fn session(auth: AuthSession) -> Json<SessionInfo> {
     Json(SessionInfo {
         token: String::new(),
         account_id: auth.session.account.id.clone(),
-        role: role_name(auth.session.account.role),
+        role: auth.session.account.role.code(),
         expires_at: millis_to_rfc3339(auth.session.expires_at),
     })
 }

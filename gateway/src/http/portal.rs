@@ -4,7 +4,7 @@
 //! beside it.
 
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::{Extension, Form};
 use maud::{html, Markup, DOCTYPE};
@@ -12,12 +12,11 @@ use phr_consent::DataCategory;
 use serde::Deserialize;
 
 use super::error::ApiError;
-use super::session::{PatientSession, SESSION_COOKIE};
+use super::session::{session_cookie, PatientSession};
 use super::{AppState, ClientAddr};
 use crate::error::Error;
-use crate::pull::registry::unavailable_sources;
+use crate::pull::registry::{unavailable_since, unavailable_sources};
 use crate::pull::InstructionStatus;
-use crate::store::millis_to_rfc3339;
 
 const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:56rem;margin:2rem auto;padding:0 1rem;line-height:1.6}
 table{border-collapse:collapse;width:100%}th,td{border:1px solid #999;padding:.4rem;text-align:left;vertical-align:top}
@@ -94,6 +93,7 @@ pub async fn home(
         return Ok(html_response(StatusCode::OK, login_page(None)));
     };
     let instructions = state.instructions.list(&patient.patient_id).await?;
+    super::pull::audit_instruction_read(&state, &patient, None).await?;
     let down = unavailable_sources(&state.db).await?;
     let mut rows = Vec::new();
     for instruction in &instructions {
@@ -103,10 +103,7 @@ pub async fn home(
             .get(&instruction.source_id)
             .map(|(info, _)| info.display_name.clone())
             .unwrap_or_else(|_| instruction.source_id.clone());
-        let unavailable = down
-            .iter()
-            .find(|d| d.source_id == instruction.source_id)
-            .map(|d| millis_to_rfc3339(d.since));
+        let unavailable = unavailable_since(&down, &instruction.source_id);
         rows.push((instruction.clone(), source_name, jobs, unavailable));
     }
     let sources = state.registry.infos();
@@ -209,13 +206,10 @@ pub async fn login(
         Ok((_, token)) => {
             state.audit.notify();
             let mut response = Redirect::to("/portal").into_response();
-            let cookie = format!(
-                "{SESSION_COOKIE}={token}; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age={}",
-                state.config.sessions.absolute_timeout_secs
+            response.headers_mut().insert(
+                header::SET_COOKIE,
+                session_cookie(&token, state.config.sessions.absolute_timeout_secs),
             );
-            if let Ok(value) = HeaderValue::from_str(&cookie) {
-                response.headers_mut().insert(header::SET_COOKIE, value);
-            }
             Ok(response)
         }
         Err(Error::Unauthenticated(_)) => {
@@ -247,10 +241,9 @@ pub async fn logout(
         .await?;
     state.audit.notify();
     let mut response = Redirect::to("/portal").into_response();
-    let cookie = format!("{SESSION_COOKIE}=; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=0");
-    if let Ok(value) = HeaderValue::from_str(&cookie) {
-        response.headers_mut().insert(header::SET_COOKIE, value);
-    }
+    response
+        .headers_mut()
+        .insert(header::SET_COOKIE, session_cookie("", 0));
     Ok(response)
 }
 

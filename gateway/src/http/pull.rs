@@ -13,10 +13,10 @@ use utoipa::ToSchema;
 use super::error::ApiError;
 use super::session::PatientSession;
 use super::AppState;
-use crate::audit::Agent;
+use crate::audit::{Agent, AuditEvent, EventKind};
 use crate::error::Error;
 use crate::pull::queue::JobProgress;
-use crate::pull::registry::{unavailable_sources, SourceInfo};
+use crate::pull::registry::{unavailable_since, unavailable_sources, SourceInfo};
 use crate::pull::{Instruction, InstructionStatus};
 use crate::store::millis_to_rfc3339;
 
@@ -61,10 +61,7 @@ async fn source_views(state: &AppState) -> Result<Vec<SourceView>, ApiError> {
         .infos()
         .into_iter()
         .map(|info| SourceView {
-            unavailable_since: down
-                .iter()
-                .find(|d| d.source_id == info.id)
-                .map(|d| millis_to_rfc3339(d.since)),
+            unavailable_since: unavailable_since(&down, &info.id),
             id: info.id,
             kind: info.kind,
             display_name: info.display_name,
@@ -327,14 +324,12 @@ pub async fn list(
 ) -> Result<Json<InstructionList>, ApiError> {
     let down = unavailable_sources(&state.db).await?;
     let instructions = state.instructions.list(&patient.patient_id).await?;
+    audit_instruction_read(&state, &patient, None).await?;
     Ok(Json(InstructionList {
         instructions: instructions
             .iter()
             .map(|i| {
-                let since = down
-                    .iter()
-                    .find(|d| d.source_id == i.source_id)
-                    .map(|d| millis_to_rfc3339(d.since));
+                let since = unavailable_since(&down, &i.source_id);
                 InstructionView::of(i, since)
             })
             .collect(),
@@ -386,6 +381,24 @@ pub struct InstructionDetail {
     pub jobs: Vec<JobView>,
 }
 
+/// Reading instructions (their history, receipts, progress) is a read of the patient's
+/// record: audited like any other.
+pub async fn audit_instruction_read(
+    state: &AppState,
+    patient: &PatientSession,
+    instruction_id: Option<&str>,
+) -> Result<(), ApiError> {
+    let (kind, detail) = match instruction_id {
+        Some(id) => (EventKind::Read, format!("pull instruction {id}")),
+        None => (EventKind::Search, "pull instructions".to_string()),
+    };
+    let event = AuditEvent::new(kind, patient.auth.agent())
+        .patient(&patient.patient_id)
+        .detail(detail);
+    state.audit.record_now(&event).await?;
+    Ok(())
+}
+
 async fn own_instruction(
     state: &AppState,
     patient: &PatientSession,
@@ -410,11 +423,9 @@ pub async fn detail(
     Path(id): Path<String>,
 ) -> Result<Json<InstructionDetail>, ApiError> {
     let instruction = own_instruction(&state, &patient, &id).await?;
+    audit_instruction_read(&state, &patient, Some(&id)).await?;
     let down = unavailable_sources(&state.db).await?;
-    let since = down
-        .iter()
-        .find(|d| d.source_id == instruction.source_id)
-        .map(|d| millis_to_rfc3339(d.since));
+    let since = unavailable_since(&down, &instruction.source_id);
     let history = state
         .instructions
         .events(&id)

@@ -13,6 +13,17 @@ use crate::store::accounts::{agent_of, Session};
 
 pub const SESSION_COOKIE: &str = "__Host-phr_session";
 
+/// The session cookie (an empty token with age 0 clears it). SameSite=Lax, not Strict: the
+/// patient comes back from a source's authorisation page by a cross-site redirect.
+pub fn session_cookie(token: &str, max_age_secs: u64) -> axum::http::HeaderValue {
+    let cookie = format!(
+        "{SESSION_COOKIE}={token}; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age={max_age_secs}"
+    );
+    // Tokens are base64url, so the value is always a valid header.
+    axum::http::HeaderValue::from_str(&cookie)
+        .unwrap_or_else(|_| axum::http::HeaderValue::from_static("__Host-phr_session=; Max-Age=0"))
+}
+
 /// Any signed-in account, from `Authorization: Bearer` or the session cookie.
 pub struct AuthSession {
     pub session: Session,

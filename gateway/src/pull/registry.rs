@@ -132,6 +132,13 @@ pub async fn mark_available(db: &Database, source_id: &str) -> Result<()> {
     Ok(())
 }
 
+/// Since when (RFC 3339) `source_id` has been down, if it is.
+pub fn unavailable_since(down: &[Unavailability], source_id: &str) -> Option<String> {
+    down.iter()
+        .find(|d| d.source_id == source_id)
+        .map(|d| crate::store::millis_to_rfc3339(d.since))
+}
+
 pub async fn unavailable_sources(db: &Database) -> Result<Vec<Unavailability>> {
     let rows = sqlx::query(
         "SELECT id, unavailable_since, unavailable_reason FROM sources

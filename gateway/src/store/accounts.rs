@@ -101,7 +101,7 @@ impl Accounts {
              VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (username) DO NOTHING",
         )
         .bind(&account.id)
-        .bind(role_name(role))
+        .bind(role.code())
         .bind(&account.username)
         .bind(hash)
         .bind(account.patient_id.clone())
@@ -112,9 +112,8 @@ impl Accounts {
         if inserted == 0 {
             return Err(Error::Invalid(format!("username {username:?} is taken")));
         }
-        let event = AuditEvent::new(EventKind::SecurityConfiguration, Agent::system()).detail(
-            format!("account created: {} {}", role_name(role), account.id),
-        );
+        let event = AuditEvent::new(EventKind::SecurityConfiguration, Agent::system())
+            .detail(format!("account created: {} {}", role.code(), account.id));
         audit::record(&mut tx, &event).await?;
         tx.commit().await?;
         Ok(account)
@@ -391,13 +390,6 @@ pub fn lockout_secs(base: u64, lockouts: u32) -> u64 {
         .checked_shl(lockouts.saturating_sub(1))
         .unwrap_or(u64::MAX);
     base.saturating_mul(factor).min(MAX_LOCKOUT_SECS)
-}
-
-fn role_name(role: AccountRole) -> &'static str {
-    match role {
-        AccountRole::Patient => "patient",
-        AccountRole::Operator => "operator",
-    }
 }
 
 fn parse_role(kind: &str) -> Result<AccountRole> {
