@@ -21,6 +21,7 @@ both_engines!(
     a_killed_worker_loses_nothing_and_duplicates_nothing,
     bad_items_are_refused_and_the_rest_is_kept,
     a_source_in_maintenance_degrades_without_losing_data,
+    bad_instructions_and_callbacks_get_clear_errors,
 );
 
 const PER_PATIENT: usize = 60;
@@ -714,6 +715,94 @@ async fn two_processes_share_jobs_and_finish_a_killed_ones_job() {
         "nothing duplicated"
     );
     second.state.db.close().await;
+    env.hospital.shutdown().await;
+    env.app.stop().await;
+}
+
+async fn bad_instructions_and_callbacks_get_clear_errors(engine: Engine) {
+    let env = pull_env(engine).await;
+    let give = |body: Value| {
+        env.app
+            .client
+            .post(env.app.url("/patient/pull-instructions"))
+            .bearer_auth(&env.token)
+            .json(&body)
+            .send()
+    };
+    for body in [
+        serde_json::json!({"source_id": "nowhere", "categories": ["observations"]}),
+        serde_json::json!({"source_id": "hospital", "categories": []}),
+        serde_json::json!({"source_id": "hospital", "categories": ["everything"]}),
+    ] {
+        let response = give(body.clone()).await.expect("give");
+        assert_eq!(response.status(), 400, "{body}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
+    }
+    assert_eq!(
+        count(&env.app, "SELECT COUNT(*) FROM pull_instructions").await,
+        0
+    );
+
+    // Callbacks nobody started, or without state: refused, nothing linked.
+    for query in ["?code=x", "?code=x&state=forged", "?error=access_denied"] {
+        let response = env
+            .app
+            .client
+            .get(env.app.url(&format!("/patient/sources/callback{query}")))
+            .send()
+            .await
+            .expect("callback");
+        assert_eq!(response.status(), 400, "{query}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
+    }
+
+    // The patient declines at the hospital: the instruction fails, with the reason kept.
+    let given: Value =
+        give(serde_json::json!({"source_id": "hospital", "categories": ["conditions"]}))
+            .await
+            .expect("give")
+            .json()
+            .await
+            .expect("json");
+    let id = given["instruction"]["id"].as_str().expect("id").to_string();
+    let location = sign_in_and_decide(
+        given["authorize_url"].as_str().expect("url"),
+        "patient-0001",
+        "phr-sim-0001",
+        |_| true,
+        false,
+    )
+    .await
+    .expect("decline");
+    let declined = env
+        .app
+        .client
+        .get(&location)
+        .send()
+        .await
+        .expect("callback");
+    assert_eq!(declined.status(), 400);
+    let view = detail(&env, &id).await;
+    assert_eq!(view["instruction"]["status"], "failed");
+    let events = view["history"].as_array().expect("history");
+    assert_eq!(events.last().expect("event")["event"], "failed");
+    assert!(events.last().expect("event")["detail"]
+        .as_str()
+        .is_some_and(|d| d.contains("access_denied")));
+    // The same answer again finds nothing waiting.
+    let replay = env.app.client.get(&location).send().await.expect("replay");
+    assert_eq!(replay.status(), 400);
+    assert_eq!(
+        count(&env.app, "SELECT COUNT(*) FROM pull_jobs").await,
+        0,
+        "nothing was queued"
+    );
     env.hospital.shutdown().await;
     env.app.stop().await;
 }
