@@ -240,3 +240,37 @@ pub async fn build_error(config: Config) -> String {
         Err(e) => e.to_string(),
     }
 }
+
+/// The simulated hospital as the gateway's source `hospital`, with the given page size.
+pub fn hospital_source(base_url: String, page_size: u32) -> phr_gateway::config::SourceConfig {
+    phr_gateway::config::SourceConfig {
+        id: "hospital".into(),
+        display_name: "テスト病院".into(),
+        kind: phr_gateway::config::SourceKind::FhirR4,
+        base_url,
+        client_id: "phr-gateway".into(),
+        page_size: Some(page_size),
+        max_concurrent_requests: None,
+    }
+}
+
+/// Audit leaves whose AuditEvent mentions `needle` (read as text, engine-independent),
+/// after sequencing what is pending.
+pub async fn leaves_containing(app: &TestApp, needle: &str) -> i64 {
+    app.gateway()
+        .state
+        .audit
+        .sequence(false)
+        .await
+        .expect("sequence");
+    let rows = sqlx::query("SELECT body FROM audit_leaves")
+        .fetch_all(app.gateway().state.db.read_pool())
+        .await
+        .expect("leaves");
+    rows.iter()
+        .filter(|r| {
+            use sqlx::Row;
+            String::from_utf8_lossy(&r.get::<Vec<u8>, _>(0)).contains(needle)
+        })
+        .count() as i64
+}

@@ -4,10 +4,9 @@
 use phr_gateway::audit::AccountRole;
 use reqwest::header;
 use reqwest::StatusCode;
-use sqlx::Row;
 
 use crate::both_engines;
-use crate::helpers::{spawn_app, spawn_app_with, Engine, TestApp, TestEnv};
+use crate::helpers::{leaves_containing, spawn_app, spawn_app_with, Engine, TestApp, TestEnv};
 
 both_engines!(
     health_and_readiness_over_tls,
@@ -22,19 +21,7 @@ both_engines!(
 );
 
 async fn leaves_matching(app: &TestApp, needle: &str) -> usize {
-    app.gateway()
-        .state
-        .audit
-        .sequence(false)
-        .await
-        .expect("sequence");
-    let rows = sqlx::query("SELECT body FROM audit_leaves")
-        .fetch_all(app.gateway().state.db.read_pool())
-        .await
-        .expect("leaves");
-    rows.iter()
-        .filter(|r| String::from_utf8_lossy(&r.get::<Vec<u8>, _>(0)).contains(needle))
-        .count()
+    leaves_containing(app, needle).await as usize
 }
 
 fn assert_problem(response: &reqwest::Response, status: StatusCode) {

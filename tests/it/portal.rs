@@ -7,10 +7,9 @@ use std::time::Duration;
 use fantoccini::{Client, Locator};
 use phr_adapters::fhir_r4::simulator::{HospitalSimulator, SimulatorConfig};
 use phr_gateway::audit::AccountRole;
-use phr_gateway::config::{SourceConfig, SourceKind};
 
 use crate::browser::Browser;
-use crate::helpers::{spawn_app_with, Engine, TestApp, TestEnv};
+use crate::helpers::{hospital_source, spawn_app_with, Engine, TestApp, TestEnv};
 
 async fn fill(c: &Client, css: &str, text: &str) {
     c.wait()
@@ -138,15 +137,7 @@ async fn instruct_link_watch_and_withdraw_in_the_browser() {
     let app = spawn_app_with(TestEnv::new(Engine::Sqlite).await, move |c| {
         c.pull.workers = 1;
         c.pull.poll_millis = 100;
-        c.sources = vec![SourceConfig {
-            id: "hospital".into(),
-            display_name: "テスト病院".into(),
-            kind: SourceKind::FhirR4,
-            base_url,
-            client_id: "phr-gateway".into(),
-            page_size: Some(10),
-            max_concurrent_requests: None,
-        }];
+        c.sources = vec![hospital_source(base_url, 10)];
     })
     .await;
     patient_account(&app).await;

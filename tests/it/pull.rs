@@ -6,7 +6,6 @@ use std::time::Duration;
 use phr_adapters::fhir_r4::simulator::patient_agent::sign_in_and_decide;
 use phr_adapters::fhir_r4::simulator::{HospitalSimulator, RunningSimulator, SimulatorConfig};
 use phr_gateway::audit::AccountRole;
-use phr_gateway::config::{SourceConfig, SourceKind};
 use phr_gateway::pull::queue::JobOutcome;
 use phr_gateway::pull::worker::RunResult;
 use reqwest::StatusCode;
@@ -14,7 +13,9 @@ use serde_json::Value;
 use sqlx::Row;
 
 use crate::both_engines;
-use crate::helpers::{spawn_app_with, Engine, TestApp, TestEnv};
+use crate::helpers::{
+    hospital_source, leaves_containing, spawn_app_with, Engine, TestApp, TestEnv,
+};
 
 both_engines!(
     link_pull_and_withdraw,
@@ -45,15 +46,7 @@ async fn pull_env(engine: Engine) -> PullEnv {
     let app = spawn_app_with(TestEnv::new(engine).await, move |c| {
         c.pull.workers = 0;
         c.pull.lease_secs = 2;
-        c.sources = vec![SourceConfig {
-            id: "hospital".into(),
-            display_name: "テスト病院".into(),
-            kind: SourceKind::FhirR4,
-            base_url,
-            client_id: "phr-gateway".into(),
-            page_size: Some(20),
-            max_concurrent_requests: None,
-        }];
+        c.sources = vec![hospital_source(base_url, 20)];
     })
     .await;
     let token = app
@@ -201,17 +194,6 @@ async fn make_due(app: &TestApp) {
         .execute(app.gateway().state.db.write_pool())
         .await
         .expect("due now");
-}
-
-/// Audit leaves whose AuditEvent mentions `needle` (read as text, engine-independent).
-async fn leaves_containing(app: &TestApp, needle: &str) -> i64 {
-    let rows = sqlx::query("SELECT body FROM audit_leaves")
-        .fetch_all(app.gateway().state.db.read_pool())
-        .await
-        .expect("leaves");
-    rows.iter()
-        .filter(|r| String::from_utf8_lossy(&r.get::<Vec<u8>, _>(0)).contains(needle))
-        .count() as i64
 }
 
 async fn detail(env: &PullEnv, id: &str) -> Value {
