@@ -12,7 +12,7 @@ pub mod source;
 
 pub use error::SourceError;
 pub use source::{
-    AuthorizationRequest, AuthorizationStart, Callback, Capabilities, LinkCredentials,
+    AuthorizationRequest, AuthorizationStart, Callback, Capabilities, LinkCredentials, LinkMode,
     PendingAuthorization, Provenance, PullBatch, PullItem, PullRequest, PullStream, PulledResource,
     Source,
 };

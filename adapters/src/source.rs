@@ -35,9 +35,22 @@ pub struct AuthorizationRequest {
     pub redirect_uri: String,
 }
 
+/// How the patient links a source to the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LinkMode {
+    /// The patient is sent to the source (`authorize_url`) and comes back with a code.
+    Redirect,
+    /// The source gave the patient a one-time linking code, which they enter at the
+    /// gateway; it is passed to `finish_authorization` as `Callback::code` with the
+    /// pending `state`. There is no `authorize_url`.
+    LinkingCode,
+}
+
 /// Where to send the patient, and what to keep until they come back.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuthorizationStart {
+    /// Empty for sources linked by code (`LinkMode::LinkingCode`).
     pub authorize_url: String,
     pub pending: PendingAuthorization,
 }
@@ -161,6 +174,11 @@ pub trait Source: Send + Sync {
     fn id(&self) -> &str;
 
     async fn capabilities(&self) -> Result<Capabilities, SourceError>;
+
+    /// How the patient links this source; most sources send the patient to them.
+    fn link_mode(&self) -> LinkMode {
+        LinkMode::Redirect
+    }
 
     async fn start_authorization(
         &self,

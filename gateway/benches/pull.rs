@@ -50,6 +50,7 @@ async fn run(engine: phr_gateway::store::Engine, patients: usize, per_patient: u
         client_id: "phr-gateway".into(),
         page_size: Some(1000),
         max_concurrent_requests: Some(8),
+        auth: Default::default(),
     }];
     let gateway = env.gateway().await;
     let state = &gateway.state;

@@ -95,7 +95,7 @@ async fn main() {
                 while let Some(r) = stream.try_next().await.expect("read") {
                     n += usize::from(!r.body.is_empty());
                     // Sample resident memory while the stream is open.
-                    if n % 5_000 == 0 {
+                    if n.is_multiple_of(5_000) {
                         rss_peak = rss_peak.max(rss_kib());
                     }
                 }

@@ -45,20 +45,19 @@ impl Gateway {
     /// Opens everything the configuration names: data directory, keys, database, key store,
     /// audit log and TLS. Fails with an error naming the setting at fault.
     pub async fn build(config: Config) -> Result<Gateway> {
-        config.validate()?;
-        let registry = SourceRegistry::from_config(&config.sources)?;
-        Self::build_with_sources(config, registry).await
+        Self::build_inner(config, None).await
     }
 
     /// `build`, with the sources this gateway can pull from.
     pub async fn build_with_sources(config: Config, registry: SourceRegistry) -> Result<Gateway> {
+        Self::build_inner(config, Some(registry)).await
+    }
+
+    /// `registry` `None`: the sources named in the configuration.
+    async fn build_inner(config: Config, registry: Option<SourceRegistry>) -> Result<Gateway> {
         config.validate()?;
         tls::install_crypto_provider();
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&config.data_dir)
-            .map_err(|e| Error::io(&config.data_dir, e))?;
+        create_data_dir(&config)?;
 
         let (kek_bytes, kek_created) = key_file::load_or_generate(&config.kek_path(), 32)?;
         let kek = Kek::from_bytes(&kek_bytes)?;
@@ -78,6 +77,10 @@ impl Gateway {
 
         let (source_client_key, source_key_created) =
             load_or_generate_source_client_key(&config.source_client_key_path())?;
+        let registry = match registry {
+            Some(registry) => registry,
+            None => SourceRegistry::from_config(&config.sources, &source_client_key)?,
+        };
         let url = config.database_url();
         let timeout = Duration::from_secs(config.database.connect_timeout_secs);
         let db = Database::connect(&url, config.database.max_connections, timeout).await?;
@@ -223,6 +226,14 @@ async fn wait_for_signal() {
 
 /// The key the gateway authenticates to sources with (`private_key_jwt`), generated at first
 /// start; its public half is in the JWKS.
+fn create_data_dir(config: &Config) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&config.data_dir)
+        .map_err(|e| Error::io(&config.data_dir, e))
+}
+
 fn load_or_generate_source_client_key(path: &std::path::Path) -> Result<(BackendKey, bool)> {
     if path.exists() {
         key_file::check_private(path)?;

@@ -226,6 +226,20 @@ pub struct SourceConfig {
     /// Requests in flight to this source at once.
     #[serde(default)]
     pub max_concurrent_requests: Option<usize>,
+    /// How the gateway authorises at the source.
+    #[serde(default)]
+    pub auth: SourceAuth,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourceAuth {
+    /// SMART App Launch, standalone patient launch: the patient signs in at the hospital.
+    #[default]
+    SmartLaunch,
+    /// SMART Backend Services (`private_key_jwt` with the gateway's source-client key): the
+    /// hospital gives the patient a one-time linking code, which they enter at the gateway.
+    BackendServices,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -457,6 +471,8 @@ fn figment_error(err: figment::Error) -> Error {
 }
 
 #[cfg(test)]
+// figment's `Jail` closures must return its (large) error type.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use figment::Jail;

@@ -43,6 +43,7 @@ impl Demo {
             client_id: "phr-gateway".into(),
             page_size: Some(20),
             max_concurrent_requests: None,
+            auth: Default::default(),
         });
         let gateway = Gateway::build(config).await?;
         let credentials = seed(&gateway.state).await?;

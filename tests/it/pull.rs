@@ -4,8 +4,12 @@
 use std::time::Duration;
 
 use phr_adapters::fhir_r4::simulator::patient_agent::sign_in_and_decide;
-use phr_adapters::fhir_r4::simulator::{HospitalSimulator, RunningSimulator, SimulatorConfig};
+use phr_adapters::fhir_r4::simulator::{
+    BackendClientRegistration, HospitalSimulator, RunningSimulator, SimulatorConfig,
+};
+use phr_adapters::fhir_r4::BackendKey;
 use phr_gateway::audit::AccountRole;
+use phr_gateway::config::SourceAuth;
 use phr_gateway::pull::queue::JobOutcome;
 use phr_gateway::pull::worker::RunResult;
 use reqwest::StatusCode;
@@ -23,6 +27,7 @@ both_engines!(
     bad_items_are_refused_and_the_rest_is_kept,
     a_source_in_maintenance_degrades_without_losing_data,
     bad_instructions_and_callbacks_get_clear_errors,
+    a_hospital_delivering_by_backend_services_is_linked_with_a_code,
 );
 
 const PER_PATIENT: usize = 60;
@@ -787,4 +792,136 @@ async fn bad_instructions_and_callbacks_get_clear_errors(engine: Engine) {
     );
     env.hospital.shutdown().await;
     env.app.stop().await;
+}
+
+/// A hospital that releases records system to system: the patient enters the linking code
+/// the hospital gave them; the gateway reads with its own `private_key_jwt` client.
+async fn a_hospital_delivering_by_backend_services_is_linked_with_a_code(engine: Engine) {
+    // The gateway's source-client key, registered at the hospital beforehand (as a real
+    // hospital would register the key from the gateway's JWKS).
+    let key = BackendKey::generate_es384();
+    let hospital = HospitalSimulator::start(SimulatorConfig {
+        patients: 2,
+        resources_per_patient: PER_PATIENT,
+        offer_everything: false,
+        backend_client: Some(BackendClientRegistration {
+            client_id: "phr-backend".into(),
+            public_jwk: key.public_jwk(),
+        }),
+        ..SimulatorConfig::default()
+    })
+    .await
+    .expect("simulator");
+    let base_url = hospital.base_url.clone();
+    let pem = key.to_pem().expect("pem");
+    let app = spawn_app_with(TestEnv::new(engine).await, move |c| {
+        c.pull.workers = 0;
+        let mut source = hospital_source(base_url, 20);
+        source.client_id = "phr-backend".into();
+        source.auth = SourceAuth::BackendServices;
+        c.sources = vec![source];
+        phr_gateway::crypto::key_file::write_private(&c.source_client_key_path(), pem.as_bytes())
+            .expect("key file");
+    })
+    .await;
+    let token = app
+        .sign_in(AccountRole::Patient, "hanako", Some("p-hanako"))
+        .await;
+    let env = PullEnv {
+        app,
+        hospital,
+        token,
+    };
+    let sources: Value = env
+        .app
+        .client
+        .get(env.app.url("/patient/sources"))
+        .bearer_auth(&env.token)
+        .send()
+        .await
+        .expect("sources")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(sources["sources"][0]["link_mode"], "linking-code");
+
+    let give = |body: Value| {
+        env.app
+            .client
+            .post(env.app.url("/patient/pull-instructions"))
+            .bearer_auth(&env.token)
+            .json(&body)
+            .send()
+    };
+    // Without a code, or with a wrong one, nothing is linked.
+    let missing =
+        give(serde_json::json!({"source_id": "hospital", "categories": ["observations"]}))
+            .await
+            .expect("give");
+    assert_eq!(missing.status(), StatusCode::BAD_REQUEST);
+    let problem: Value = missing.json().await.expect("problem");
+    assert!(problem["detail"]
+        .as_str()
+        .is_some_and(|d| d.contains("linking code")));
+    let wrong = give(serde_json::json!({
+        "source_id": "hospital", "categories": ["observations"], "linking_code": "00000-00000"
+    }))
+    .await
+    .expect("give");
+    assert_eq!(wrong.status(), StatusCode::BAD_REQUEST);
+    assert!(env.hospital.handle.linked_instructions().is_empty());
+
+    // The code the hospital printed for patient 2 links patient 2 at once.
+    let code = env.hospital.handle.issue_linking_code("pt000002");
+    let given = give(serde_json::json!({
+        "source_id": "hospital",
+        "categories": ["demographics", "observations", "conditions", "allergies",
+            "medications", "immunizations", "encounters", "documents"],
+        "linking_code": code,
+    }))
+    .await
+    .expect("give");
+    assert_eq!(given.status(), StatusCode::CREATED);
+    let given: Value = given.json().await.expect("json");
+    assert_eq!(given["instruction"]["status"], "active");
+    assert!(given["authorize_url"].is_null());
+    verify_receipt(
+        &env.app,
+        given["receipt"].as_str().expect("receipt"),
+        "given",
+    )
+    .await;
+    verify_receipt(
+        &env.app,
+        given["link_receipt"].as_str().expect("link receipt"),
+        "authorised",
+    )
+    .await;
+    let id = given["instruction"]["id"].as_str().expect("id").to_string();
+    assert_eq!(
+        env.hospital.handle.linked_instructions(),
+        vec![(id.clone(), "pt000002".to_string())],
+        "the hospital holds the instruction it releases data for"
+    );
+
+    assert_eq!(
+        drain(&env.app).await,
+        vec![RunResult::Finished(JobOutcome::Done)]
+    );
+    assert_eq!(
+        count(&env.app, CLINICAL).await,
+        env.hospital.handle.resource_keys("pt000002").len() as i64,
+        "patient 2's whole record, once"
+    );
+    assert!(env
+        .hospital
+        .handle
+        .request_log()
+        .iter()
+        .any(|line| line.contains("patient=pt000002")));
+
+    // Withdrawing tells the hospital.
+    let withdrawn = withdraw(&env, &env.token, &id, None).await;
+    assert_eq!(withdrawn.status(), StatusCode::OK);
+    assert!(env.hospital.handle.linked_instructions().is_empty());
 }

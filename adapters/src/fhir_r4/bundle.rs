@@ -76,6 +76,13 @@ struct RawEntry<'a> {
 /// Parses a Bundle page. Only a page that is not a Bundle at all is an error; everything
 /// wrong inside one entry stays inside that entry.
 pub fn parse_bundle_page(bytes: &[u8], rules: &EntryRules) -> Result<ParsedPage, SourceError> {
+    // FHIR JSON is UTF-8; say so plainly rather than as a JSON string error.
+    if let Err(error) = std::str::from_utf8(bytes) {
+        return Err(SourceError::Protocol(format!(
+            "page is not UTF-8 text (first bad byte at offset {})",
+            error.valid_up_to()
+        )));
+    }
     let bundle: RawBundle<'_> = serde_json::from_slice(bytes)
         .map_err(|error| SourceError::Protocol(format!("page is not a FHIR Bundle: {error}")))?;
     if bundle.resource_type != "Bundle" {
@@ -188,6 +195,9 @@ fn examine_resource(raw: &RawValue, rules: &EntryRules) -> EntryOutcome {
     if let Err(reason) = check_patient(&resource, &resource_type, &id, rules) {
         return rejected(Some(resource_type), Some(id), reason);
     }
+    if let Err(reason) = super::typed_check::check_typed(&resource_type, raw.get()) {
+        return rejected(Some(resource_type), Some(id), reason);
+    }
     let meta = resource.get("meta");
     let meta_string = |name: &str| {
         meta.and_then(|meta| meta.get(name))
@@ -281,7 +291,7 @@ mod unit_tests {
 
     #[test]
     fn each_entry_judged_alone() {
-        let good = r#"{"resource":{"resourceType":"Observation","id":"o1","meta":{"versionId":"3","lastUpdated":"2024-04-01T00:00:00Z"},"subject":{"reference":"Patient/pt1"}, "valueString" : "空白 も 保持"}}"#;
+        let good = r#"{"resource":{"resourceType":"Observation","id":"o1","meta":{"versionId":"3","lastUpdated":"2024-04-01T00:00:00Z"},"status":"final","code":{"text":"メモ"},"subject":{"reference":"Patient/pt1"}, "valueString" : "空白 も 保持"}}"#;
         let page = parse_bundle_page(
             &bundle(&[
                 good,
@@ -292,7 +302,8 @@ mod unit_tests {
                 r#"{"resource":{"resourceType":"Patient","id":"other"}}"#,
                 r#"{"resource":{"resourceType":"Condition","id":"c1"}}"#,
                 r#"{"search":{"mode":"outcome"},"resource":{"resourceType":"OperationOutcome","id":"oo"}}"#,
-                r#"{"resource":{"resourceType":"Immunization","id":"i1","patient":{"reference":"https://h.example/r4/Patient/pt1/_history/2"}}}"#,
+                r#"{"resource":{"resourceType":"Immunization","id":"i1","status":"completed","vaccineCode":{"text":"インフルエンザ"},"occurrenceDateTime":"2024-10-01","patient":{"reference":"https://h.example/r4/Patient/pt1/_history/2"}}}"#,
+                r#"{"resource":{"resourceType":"Observation","id":"o3","status":"finalised","code":{"text":"x"},"subject":{"reference":"Patient/pt1"}}}"#,
             ]),
             &rules(),
         )
@@ -324,6 +335,15 @@ mod unit_tests {
         }
         assert_eq!(page.entries[7], EntryOutcome::Informational);
         assert!(matches!(page.entries[8], EntryOutcome::Accepted(_)));
+        // Structurally fine, but not a FHIR Observation: an unknown status code.
+        let EntryOutcome::Rejected { reason, id, .. } = &page.entries[9] else {
+            panic!("expected rejection: {:?}", page.entries[9]);
+        };
+        assert_eq!(id.as_deref(), Some("o3"));
+        assert!(
+            reason.contains("does not read as a FHIR Observation"),
+            "{reason}"
+        );
     }
 
     #[test]
@@ -332,7 +352,7 @@ mod unit_tests {
             r#"{{"resource":{{"resourceType":"Observation","id":"big","subject":{{"reference":"Patient/pt1"}},"note":[{{"text":"{}"}}]}}}}"#,
             "x".repeat(3_000)
         );
-        let small = r#"{"resource":{"resourceType":"Observation","id":"s","subject":{"reference":"Patient/pt1"}}}"#;
+        let small = r#"{"resource":{"resourceType":"Observation","id":"s","status":"final","code":{"text":"x"},"subject":{"reference":"Patient/pt1"}}}"#;
         let page = parse_bundle_page(&bundle(&[&big, small]), &rules()).expect("page");
         assert!(
             matches!(&page.entries[0], EntryOutcome::Rejected { reason, .. } if reason.contains("cap"))

@@ -9,6 +9,7 @@ use reqwest::StatusCode;
 use serde_json::Value;
 use time::OffsetDateTime;
 
+use super::backend_link;
 use super::bundle::{self, EntryOutcome, EntryRules};
 use super::cursor::{self, InProgressPass, PullCursor, EVERYTHING_KEY};
 use super::http::{is_under_base, HttpReply};
@@ -274,8 +275,16 @@ impl PullRun {
     /// Decides the passes; returns the requested types the credentials do not grant, which
     /// are never requested from the server.
     async fn plan(&mut self) -> Result<Vec<String>, SourceError> {
-        let (granted, refused) =
-            smart::split_by_grant(&self.requested_types, &self.credentials.granted_scopes);
+        let context = if backend_link::is_backend_link(&self.credentials) {
+            smart::ScopeContext::System
+        } else {
+            smart::ScopeContext::Patient
+        };
+        let (granted, refused) = smart::split_by_grant_in(
+            &self.requested_types,
+            &self.credentials.granted_scopes,
+            context,
+        );
         self.granted_types = granted;
         if self.granted_types.is_empty() {
             self.cursor.in_progress = None;
@@ -444,8 +453,27 @@ impl PullRun {
                 }
             }
             Pass::Everything => {
-                let page = bundle::parse_bundle_page(&reply.body, &self.rules)?;
-                (page.entries, page.next_url)
+                match bundle::parse_bundle_page(&reply.body, &self.rules) {
+                    Ok(page) => (page.entries, page.next_url),
+                    // An unreadable `$everything` page does not end the pull: record it and
+                    // fetch type by type instead, which reaches the same data.
+                    Err(error) => {
+                        tracing::warn!(%error, "$everything page unreadable; searching per type");
+                        if self.cursor.in_progress.as_ref().is_some_and(|progress| {
+                            progress.resource_type == current.pass.cursor_key()
+                        }) {
+                            self.cursor.in_progress = None;
+                        }
+                        self.passes = self.search_passes();
+                        return Ok(Some(self.batch(vec![PullItem::Rejected {
+                        resource_type: None,
+                        source_resource_id: None,
+                        reason: format!(
+                            "a $everything page could not be read ({error}); fetching type by type instead"
+                        ),
+                    }])));
+                    }
+                }
             }
         };
         let mut current = current;
@@ -557,7 +585,13 @@ impl PullRun {
             ));
         }
         self.refresh_used = true;
-        let refreshed = smart::refresh(&self.context, &self.credentials).await?;
+        let refreshed = match (
+            backend_link::is_backend_link(&self.credentials),
+            &self.context.config.backend_key,
+        ) {
+            (true, Some(key)) => backend_link::renew(&self.context, key, &self.credentials).await?,
+            _ => smart::refresh(&self.context, &self.credentials).await?,
+        };
         self.credentials = refreshed.clone();
         self.credentials_to_report = Some(refreshed);
         let reply = self.get(url).await?;

@@ -1,16 +1,19 @@
 //! Hospital FHIR R4 source: SMART App Launch 2 (standalone patient launch with PKCE S256),
 //! paged patient-compartment pulls with guards, and a hospital simulator for tests.
 //!
-//! Resources are checked structurally (resourceType, id, size, patient reference) rather
-//! than through typed FHIR models: typed R4/R4B models drop unknown fields and JP Core
-//! extensions, and the gateway must keep each resource exactly as the hospital sent it.
+//! Each resource is checked structurally (resourceType, id, size, patient reference) and
+//! then read into its typed FHIR model (`typed_check`); the model only gives the verdict,
+//! because typed R4B models drop unknown fields and the gateway keeps each resource exactly
+//! as the hospital sent it.
 
+pub mod backend_link;
 pub mod bundle;
 mod client;
 mod cursor;
 mod http;
 pub mod simulator;
 pub mod smart;
+pub mod typed_check;
 
 #[cfg(test)]
 mod tests;
@@ -22,7 +25,7 @@ use futures::StreamExt;
 
 use crate::error::SourceError;
 use crate::source::{
-    AuthorizationRequest, AuthorizationStart, Callback, Capabilities, LinkCredentials,
+    AuthorizationRequest, AuthorizationStart, Callback, Capabilities, LinkCredentials, LinkMode,
     PendingAuthorization, PullRequest, PullStream, Source,
 };
 
@@ -70,6 +73,9 @@ pub struct FhirR4Config {
     pub prefer_everything: bool,
     /// Extra trust anchors (DER) for hospitals behind a private CA, on top of webpki roots.
     pub extra_root_certificates_der: Vec<Vec<u8>>,
+    /// Set for a hospital that delivers by SMART Backend Services: the patient links with a
+    /// linking code and the gateway reads with system tokens (see `backend_link`).
+    pub backend_key: Option<BackendKey>,
 }
 
 impl FhirR4Config {
@@ -91,6 +97,7 @@ impl FhirR4Config {
             retry: RetryPolicy::default(),
             prefer_everything: true,
             extra_root_certificates_der: Vec::new(),
+            backend_key: None,
         }
     }
 }
@@ -160,10 +167,20 @@ impl Source for FhirR4Source {
         })
     }
 
+    fn link_mode(&self) -> LinkMode {
+        match self.context.config.backend_key {
+            Some(_) => LinkMode::LinkingCode,
+            None => LinkMode::Redirect,
+        }
+    }
+
     async fn start_authorization(
         &self,
         request: &AuthorizationRequest,
     ) -> Result<AuthorizationStart, SourceError> {
+        if self.context.config.backend_key.is_some() {
+            return backend_link::start(&self.context, request).await;
+        }
         let smart_configuration = smart::discover(&self.context).await?;
         smart::start_standalone_launch(&self.context, &smart_configuration, request)
     }
@@ -173,6 +190,9 @@ impl Source for FhirR4Source {
         pending: &PendingAuthorization,
         callback: &Callback,
     ) -> Result<LinkCredentials, SourceError> {
+        if let Some(key) = &self.context.config.backend_key {
+            return backend_link::finish(&self.context, key, pending, callback).await;
+        }
         smart::finish_standalone_launch(&self.context, pending, callback).await
     }
 
@@ -186,6 +206,12 @@ impl Source for FhirR4Source {
     }
 
     async fn revoke(&self, credentials: &LinkCredentials) -> Result<(), SourceError> {
+        if backend_link::is_backend_link(credentials) {
+            let key = self.context.config.backend_key.as_ref().ok_or_else(|| {
+                SourceError::Config("a Backend Services link but no backend key configured".into())
+            })?;
+            return backend_link::unlink(&self.context, key, credentials).await;
+        }
         smart::revoke(&self.context, credentials).await
     }
 }

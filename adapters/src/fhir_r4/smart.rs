@@ -127,7 +127,7 @@ pub(crate) async fn discover(context: &SourceContext) -> Result<SmartConfigurati
 }
 
 /// Parses an endpoint from discovery and refuses insecure ones.
-fn endpoint_url(raw: &str) -> Result<url::Url, SourceError> {
+pub(crate) fn endpoint_url(raw: &str) -> Result<url::Url, SourceError> {
     let url = url::Url::parse(raw)
         .map_err(|error| SourceError::Protocol(format!("endpoint {raw:?}: {error}")))?;
     require_secure_scheme(&url).map_err(|error| SourceError::Protocol(error.to_string()))?;
@@ -187,11 +187,28 @@ pub fn launch_scopes(resource_types: &[String]) -> Result<Vec<String>, SourceErr
 /// Understands SMART v1 (`patient/Observation.read`, `.*`) and v2 (`.rs`, `.r`, `.cruds`,
 /// with or without `?param=value` restrictions, which the server enforces).
 pub fn scope_grants_read(scope: &str, resource_type: &str) -> bool {
+    scope_grants_read_in(scope, resource_type, ScopeContext::Patient)
+}
+
+/// Whose scopes a link holds: a patient's (standalone launch) or the gateway's own system
+/// scopes (Backend Services, on the patient's instruction).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScopeContext {
+    Patient,
+    System,
+}
+
+/// `scope_grants_read` for either kind of link.
+pub fn scope_grants_read_in(scope: &str, resource_type: &str, wanted: ScopeContext) -> bool {
     let scope = scope.split('?').next().unwrap_or_default();
     let Some((context, rest)) = scope.split_once('/') else {
         return false;
     };
-    if context != "patient" && context != "user" {
+    let context_fits = match wanted {
+        ScopeContext::Patient => context == "patient" || context == "user",
+        ScopeContext::System => context == "system",
+    };
+    if !context_fits {
         return false;
     }
     let Some((scoped_type, permissions)) = rest.split_once('.') else {
@@ -212,6 +229,15 @@ pub fn scope_grants_read(scope: &str, resource_type: &str) -> bool {
 
 /// Splits `requested` into the types the scopes grant and those they do not.
 pub fn split_by_grant(requested: &[String], scopes: &[String]) -> (Vec<String>, Vec<String>) {
+    split_by_grant_in(requested, scopes, ScopeContext::Patient)
+}
+
+/// `split_by_grant` for either kind of link.
+pub fn split_by_grant_in(
+    requested: &[String],
+    scopes: &[String],
+    context: ScopeContext,
+) -> (Vec<String>, Vec<String>) {
     let mut granted = Vec::new();
     let mut refused = Vec::new();
     for resource_type in requested {
@@ -220,7 +246,7 @@ pub fn split_by_grant(requested: &[String], scopes: &[String]) -> (Vec<String>, 
         }
         if scopes
             .iter()
-            .any(|scope| scope_grants_read(scope, resource_type))
+            .any(|scope| scope_grants_read_in(scope, resource_type, context))
         {
             granted.push(resource_type.clone());
         } else {
@@ -279,7 +305,7 @@ pub(crate) fn start_standalone_launch(
 }
 
 /// Compares without an early exit, so the time taken says nothing about the state.
-fn constant_time_eq(left: &str, right: &str) -> bool {
+pub(crate) fn constant_time_eq(left: &str, right: &str) -> bool {
     let (left, right) = (left.as_bytes(), right.as_bytes());
     left.len() == right.len()
         && left
@@ -289,7 +315,7 @@ fn constant_time_eq(left: &str, right: &str) -> bool {
             == 0
 }
 
-fn token_endpoint_of(extra: &BTreeMap<String, String>) -> Result<TokenUrl, SourceError> {
+pub(crate) fn token_endpoint_of(extra: &BTreeMap<String, String>) -> Result<TokenUrl, SourceError> {
     let raw = extra
         .get(EXTRA_TOKEN_ENDPOINT)
         .ok_or_else(|| SourceError::Config("no token endpoint recorded for this link".into()))?;
@@ -634,42 +660,60 @@ impl BackendServicesClient {
 
     /// Discovers the token endpoint and asks for `scopes` (e.g. `system/Patient.rs`).
     pub async fn request_token(&self, scopes: &[String]) -> Result<BackendToken, SourceError> {
-        let configuration = discover(&self.context).await?;
-        let methods = &configuration.token_endpoint_auth_methods_supported;
-        if !methods.is_empty() && !methods.iter().any(|method| method == "private_key_jwt") {
-            return Err(SourceError::Unsupported(
-                "token endpoint does not accept private_key_jwt".into(),
-            ));
-        }
-        let token_url = endpoint_url(&configuration.token_endpoint)?;
-        let assertion = client_assertion(
-            &self.key,
-            &self.context.config.client_id,
-            token_url.as_str(),
-            CLIENT_ASSERTION_LIFETIME,
-        )?;
-        let client = token_client(&self.context, TokenUrl::from_url(token_url));
-        let transport: &Transport = &self.context.transport;
-        let http = OAuthHttp(transport);
-        let response = client
-            .exchange_client_credentials()
-            .add_scopes(scopes.iter().cloned().map(Scope::new))
-            .add_extra_param("client_assertion_type", JWT_BEARER_ASSERTION_TYPE)
-            .add_extra_param("client_assertion", assertion)
-            .request_async(&http)
-            .await
-            .map_err(|error| token_error(error, SourceError::Unauthorized))?;
-        Ok(BackendToken {
-            access_token: response.access_token().secret().clone(),
-            expires_at: response.expires_in().map(|lifetime| {
-                OffsetDateTime::now_utc().unix_timestamp() + lifetime.as_secs() as i64
-            }),
-            granted_scopes: match response.scopes() {
-                Some(granted) => granted.iter().map(|scope| scope.to_string()).collect(),
-                None => scopes.to_vec(),
-            },
-        })
+        request_system_token(&self.context, &self.key, scopes).await
     }
+}
+
+/// `client_credentials` authenticated with `private_key_jwt`, at the discovered token
+/// endpoint.
+pub(crate) async fn request_system_token(
+    context: &SourceContext,
+    key: &BackendKey,
+    scopes: &[String],
+) -> Result<BackendToken, SourceError> {
+    let configuration = discover(context).await?;
+    require_private_key_jwt(&configuration)?;
+    let token_url = endpoint_url(&configuration.token_endpoint)?;
+    let assertion = client_assertion(
+        key,
+        &context.config.client_id,
+        token_url.as_str(),
+        CLIENT_ASSERTION_LIFETIME,
+    )?;
+    let client = token_client(context, TokenUrl::from_url(token_url));
+    let transport: &Transport = &context.transport;
+    let http = OAuthHttp(transport);
+    let response = client
+        .exchange_client_credentials()
+        .add_scopes(scopes.iter().cloned().map(Scope::new))
+        .add_extra_param("client_assertion_type", JWT_BEARER_ASSERTION_TYPE)
+        .add_extra_param("client_assertion", assertion)
+        .request_async(&http)
+        .await
+        .map_err(|error| token_error(error, SourceError::Unauthorized))?;
+    Ok(BackendToken {
+        access_token: response.access_token().secret().clone(),
+        expires_at: response
+            .expires_in()
+            .map(|lifetime| OffsetDateTime::now_utc().unix_timestamp() + lifetime.as_secs() as i64),
+        granted_scopes: match response.scopes() {
+            Some(granted) => granted.iter().map(|scope| scope.to_string()).collect(),
+            None => scopes.to_vec(),
+        },
+    })
+}
+
+/// A server that says which client authentication it takes must take `private_key_jwt`.
+pub(crate) fn require_private_key_jwt(
+    configuration: &SmartConfiguration,
+) -> Result<(), SourceError> {
+    let methods = &configuration.token_endpoint_auth_methods_supported;
+    if !methods.is_empty() && !methods.iter().any(|method| method == "private_key_jwt") {
+        return Err(SourceError::Unsupported(
+            "token endpoint does not accept private_key_jwt".into(),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

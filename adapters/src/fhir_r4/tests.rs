@@ -484,6 +484,71 @@ async fn an_unreadable_page_of_one_type_does_not_end_the_pull() {
 }
 
 #[tokio::test]
+async fn a_page_that_is_not_utf8_is_refused_and_the_pull_goes_on() {
+    let simulator = start(simulator_config(1, 100)).await;
+    let source = source(source_config(&simulator));
+    let credentials = link_patient_one(&source, |_| true).await;
+    // A server that sends its Observations in Shift_JIS under a FHIR JSON label.
+    simulator
+        .handle
+        .update_faults(|faults| faults.non_utf8_types = vec!["Observation".into()]);
+    let (batches, error) = pull_all(&source, pull_request(&credentials, None)).await;
+    assert!(error.is_none(), "{error:?}");
+    let reasons = rejections(&batches);
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("could not be read") && r.contains("UTF-8")),
+        "the reason names the encoding: {reasons:?}"
+    );
+    assert!(
+        resources(&batches)
+            .iter()
+            .all(|r| std::str::from_utf8(&r.body).is_ok()),
+        "nothing that is not UTF-8 is handed over"
+    );
+    let expected: BTreeSet<(String, String)> = expected_keys(&simulator, "pt000001")
+        .into_iter()
+        .filter(|(t, _)| t != "Observation")
+        .collect();
+    assert!(!expected.is_empty());
+    assert_eq!(
+        resource_keys(&batches),
+        expected,
+        "every other type arrives"
+    );
+    simulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_unreadable_everything_page_falls_back_to_searches() {
+    let simulator = start(simulator_config(1, 80)).await;
+    let mut config = source_config(&simulator);
+    config.prefer_everything = true;
+    let source = source(config);
+    let credentials = link_patient_one(&source, keep_all).await;
+    simulator
+        .handle
+        .update_faults(|faults| faults.broken_everything = true);
+    let (batches, error) = pull_all(&source, pull_request(&credentials, None)).await;
+    assert!(error.is_none(), "{error:?}");
+    let reasons = rejections(&batches);
+    assert!(
+        reasons.iter().any(|r| r.contains("$everything")),
+        "the broken page is recorded: {reasons:?}"
+    );
+    assert_eq!(
+        resource_keys(&batches),
+        expected_keys(&simulator, &credentials.source_patient_id),
+        "per-type searches bring everything"
+    );
+    let log = simulator.handle.request_log();
+    assert!(log.iter().any(|line| line.contains("$everything")));
+    assert!(log.iter().any(|line| line.starts_with("GET /Observation")));
+    simulator.shutdown().await;
+}
+
+#[tokio::test]
 async fn rate_limit_with_retry_after_is_honoured() {
     let simulator = start(simulator_config(1, 60)).await;
     let source = source(source_config(&simulator));
@@ -959,5 +1024,102 @@ async fn fifty_thousand_resources_for_one_patient() {
             batches.len()
         );
     }
+    simulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn backend_services_link_by_code_pulls_with_system_tokens_and_unlinks() {
+    let key = BackendKey::generate_es384();
+    let simulator = start(SimulatorConfig {
+        backend_client: Some(BackendClientRegistration {
+            client_id: "phr-backend".into(),
+            public_jwk: key.public_jwk(),
+        }),
+        ..simulator_config(2, 60)
+    })
+    .await;
+    let mut config = source_config(&simulator);
+    config.client_id = "phr-backend".into();
+    config.backend_key = Some(key.clone());
+    let source = source(config);
+    assert_eq!(source.link_mode(), LinkMode::LinkingCode);
+
+    let start = source
+        .start_authorization(&authorization_request(all_types()))
+        .await
+        .expect("start");
+    assert!(
+        start.authorize_url.is_empty(),
+        "nowhere to send the patient"
+    );
+    assert!(start
+        .pending
+        .requested_scopes
+        .iter()
+        .all(|scope| scope.starts_with("system/")));
+
+    // A wrong code, a missing code and a forged state link nothing.
+    for callback in [
+        Callback {
+            code: Some("00000-00000".into()),
+            state: Some(start.pending.state.clone()),
+            ..Callback::default()
+        },
+        Callback {
+            code: None,
+            state: Some(start.pending.state.clone()),
+            ..Callback::default()
+        },
+        Callback {
+            code: Some(simulator.handle.issue_linking_code("pt000002")),
+            state: Some("forged".into()),
+            ..Callback::default()
+        },
+    ] {
+        let result = source.finish_authorization(&start.pending, &callback).await;
+        assert!(
+            matches!(result, Err(SourceError::Authorization(_))),
+            "{result:?}"
+        );
+    }
+    assert!(simulator.handle.linked_instructions().is_empty());
+
+    // The code the hospital gave patient 2 links patient 2, and only once.
+    let code = simulator.handle.issue_linking_code("pt000002");
+    let callback = Callback {
+        code: Some(code),
+        state: Some(start.pending.state.clone()),
+        ..Callback::default()
+    };
+    let credentials = source
+        .finish_authorization(&start.pending, &callback)
+        .await
+        .expect("linked");
+    assert_eq!(credentials.source_patient_id, "pt000002");
+    assert!(credentials.refresh_token.is_none());
+    assert_eq!(
+        simulator.handle.linked_instructions(),
+        vec![(INSTRUCTION_ID.to_string(), "pt000002".to_string())],
+        "the hospital holds the instruction it releases data for"
+    );
+    let again = source.finish_authorization(&start.pending, &callback).await;
+    assert!(
+        matches!(again, Err(SourceError::Authorization(_))),
+        "{again:?}"
+    );
+
+    // An expired system token is renewed with a new assertion, not a refresh token.
+    simulator.handle.expire_access_tokens();
+    let (batches, error) = pull_all(&source, pull_request(&credentials, None)).await;
+    assert!(error.is_none(), "{error:?}");
+    assert_eq!(
+        resource_keys(&batches),
+        expected_keys(&simulator, "pt000002"),
+        "patient 2's record, all of it"
+    );
+    assert!(batches.iter().any(|b| b.refreshed_credentials.is_some()));
+
+    source.revoke(&credentials).await.expect("unlink");
+    assert!(simulator.handle.linked_instructions().is_empty());
     simulator.shutdown().await;
 }

@@ -78,6 +78,7 @@ impl AppState {
                 refresh_interval: Duration::from_secs(pull.refresh_interval_secs),
                 max_backoff: Duration::from_secs(pull.max_backoff_secs),
             },
+            claimed_ahead: Default::default(),
         }
     }
 

@@ -168,6 +168,9 @@ pub async fn home(
                         label { input type="checkbox" name="category" value=(category.code()); " " (category.label_ja()) " " span.en { (category.label_en()) } }
                     }
                 }
+                label { "連携コード（病院の窓口でコードを受け取った場合のみ） " span.en { "Linking code (only if the hospital gave you one)" }
+                    input name="linking_code" autocomplete="off" inputmode="numeric";
+                }
                 button type="submit" { "指示して認証へ進む / Instruct and continue" }
             }
             form method="post" action="/portal/logout" { button type="submit" { "サインアウト / Sign out" } }
@@ -264,8 +267,29 @@ pub async fn give(
     same_origin(&headers, &state)?;
     let source_id = form_values(&body, "source_id").pop().unwrap_or_default();
     let codes = form_values(&body, "category");
-    let given = super::pull::give_instruction(&state, &patient, &source_id, &codes).await?;
+    let linking_code = form_values(&body, "linking_code").pop();
+    let given = super::pull::give_instruction(
+        &state,
+        &patient,
+        &source_id,
+        &codes,
+        linking_code.as_deref(),
+    )
+    .await?;
     let info = &given.source;
+    let Some(authorize_url) = &given.authorize_url else {
+        // Linked at once with the code: the first pull is already queued.
+        let markup = page(
+            "連携しました / Linked",
+            html! {
+                h1 { "連携しました " span.en { "Linked" } }
+                p { (info.display_name) " からの取得を開始します。進み具合は一覧で確認できます。" }
+                p.en { "The gateway is fetching from " (info.display_name) ". Follow the progress in the list." }
+                p { a.button id="back" href="/portal" { "一覧へ / To the list" } }
+            },
+        );
+        return Ok(html_response(StatusCode::OK, markup));
+    };
     // A link, not a redirect: the patient sees where they are going before they leave.
     let markup = page(
         "認証へ / Continue at the source",
@@ -273,7 +297,7 @@ pub async fn give(
             h1 { "指示を受け付けました " span.en { "Instruction received" } }
             p { (info.display_name) " でサインインして、取得を許可してください。" }
             p.en { "Sign in at " (info.display_name) " and allow the transfer." }
-            p { a.button id="continue" href=(given.authorize_url) { (info.display_name) " へ進む / Continue to " (info.display_name) } }
+            p { a.button id="continue" href=(authorize_url) { (info.display_name) " へ進む / Continue to " (info.display_name) } }
             p { a href="/portal" { "戻る / Back" } }
         },
     );

@@ -5,7 +5,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use phr_adapters::{AuthorizationRequest, Callback};
+use phr_adapters::{AuthorizationRequest, Callback, LinkMode, PendingAuthorization};
 use phr_consent::DataCategory;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -32,6 +32,9 @@ pub struct SourceView {
     pub id: String,
     pub kind: String,
     pub display_name: String,
+    /// How the patient links it: `redirect` (authorise at the source) or `linking-code`
+    /// (enter the code the source gave them).
+    pub link_mode: String,
     /// Set while the source is down or in maintenance (RFC 3339).
     pub unavailable_since: Option<String>,
 }
@@ -62,6 +65,14 @@ async fn source_views(state: &AppState) -> Result<Vec<SourceView>, ApiError> {
         .into_iter()
         .map(|info| SourceView {
             unavailable_since: unavailable_since(&down, &info.id),
+            link_mode: match state
+                .registry
+                .get(&info.id)
+                .map(|(_, source)| source.link_mode())
+            {
+                Ok(LinkMode::LinkingCode) => "linking-code".into(),
+                _ => "redirect".into(),
+            },
             id: info.id,
             kind: info.kind,
             display_name: info.display_name,
@@ -89,6 +100,10 @@ pub struct GiveInstruction {
     pub source_id: String,
     /// Category codes (see `/patient/sources`); at least one.
     pub categories: Vec<String>,
+    /// For sources with `link_mode` `linking-code`: the one-time code the source gave the
+    /// patient. Not accepted for other sources.
+    #[serde(default)]
+    pub linking_code: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -127,10 +142,13 @@ impl InstructionView {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct GivenInstruction {
     pub instruction: InstructionView,
-    /// Send the patient here to authorise at the source.
-    pub authorize_url: String,
+    /// Send the patient here to authorise at the source; absent when a linking code
+    /// linked the source at once.
+    pub authorize_url: Option<String>,
     /// Signed receipt (JWS; keys at `/.well-known/jwks.json`).
     pub receipt: String,
+    /// Receipt of the link, when a linking code linked the source at once.
+    pub link_receipt: Option<String>,
 }
 
 /// Instructs the gateway to fetch from a source, for the chosen categories.
@@ -144,11 +162,19 @@ pub async fn give(
     patient: PatientSession,
     Json(request): Json<GiveInstruction>,
 ) -> Result<Response, ApiError> {
-    let given = give_instruction(&state, &patient, &request.source_id, &request.categories).await?;
+    let given = give_instruction(
+        &state,
+        &patient,
+        &request.source_id,
+        &request.categories,
+        request.linking_code.as_deref(),
+    )
+    .await?;
     let body = GivenInstruction {
         instruction: InstructionView::of(&given.instruction, None),
         authorize_url: given.authorize_url,
         receipt: given.receipt,
+        link_receipt: given.link_receipt,
     };
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
@@ -157,8 +183,10 @@ pub async fn give(
 pub struct Given {
     pub instruction: Instruction,
     pub source: SourceInfo,
-    pub authorize_url: String,
+    /// Where the patient authorises; `None` when a linking code linked the source at once.
+    pub authorize_url: Option<String>,
     pub receipt: String,
+    pub link_receipt: Option<String>,
 }
 
 /// Giving an instruction, shared by the API and the portal: checks the source and the
@@ -168,6 +196,7 @@ pub async fn give_instruction(
     patient: &PatientSession,
     source_id: &str,
     category_codes: &[String],
+    linking_code: Option<&str>,
 ) -> Result<Given, ApiError> {
     let (info, source) = state
         .registry
@@ -182,6 +211,22 @@ pub async fn give_instruction(
     }
     if chosen.is_empty() {
         return Err(Error::Invalid("choose at least one category".into()).into());
+    }
+    let linking_code = linking_code.map(str::trim).filter(|code| !code.is_empty());
+    match (source.link_mode(), linking_code) {
+        (LinkMode::LinkingCode, None) => {
+            return Err(Error::Invalid(format!(
+                "enter the linking code {} gave you",
+                info.display_name
+            ))
+            .into())
+        }
+        (LinkMode::Redirect, Some(_)) => {
+            return Err(
+                Error::Invalid(format!("{} does not use linking codes", info.display_name)).into(),
+            )
+        }
+        _ => {}
     }
     let instruction_id = uuid::Uuid::now_v7().to_string();
     let resource_types = chosen
@@ -209,11 +254,30 @@ pub async fn give_instruction(
         )
         .await?;
     state.audit.notify();
+    let Some(code) = linking_code else {
+        return Ok(Given {
+            instruction,
+            source: info.clone(),
+            authorize_url: Some(start.authorize_url),
+            receipt,
+            link_receipt: None,
+        });
+    };
+    let callback = Callback {
+        code: Some(code.to_string()),
+        state: Some(start.pending.state.clone()),
+        error: None,
+        error_description: None,
+    };
+    let linked = link(state, &instruction, &start.pending, &callback).await?;
+    let mut active = instruction;
+    active.status = InstructionStatus::Active;
     Ok(Given {
-        instruction,
+        instruction: active,
         source: info.clone(),
-        authorize_url: start.authorize_url,
+        authorize_url: None,
         receipt,
+        link_receipt: Some(linked.receipt),
     })
 }
 
@@ -276,19 +340,30 @@ async fn finish_link(
             }
             other => other,
         })?;
-    let (info, source) = state.registry.get(&instruction.source_id)?;
-    let agent = Agent::system();
     let callback = Callback {
         code: query.code,
         state: query.state,
         error: query.error,
         error_description: query.error_description,
     };
-    match source.finish_authorization(&pending, &callback).await {
+    link(state, &instruction, &pending, &callback).await
+}
+
+/// Finishes the source's authorisation: the instruction becomes active (first pull
+/// queued) or failed with the source's reason.
+async fn link(
+    state: &AppState,
+    instruction: &Instruction,
+    pending: &PendingAuthorization,
+    callback: &Callback,
+) -> Result<LinkedInstruction, ApiError> {
+    let (info, source) = state.registry.get(&instruction.source_id)?;
+    let agent = Agent::system();
+    match source.finish_authorization(pending, callback).await {
         Ok(credentials) => {
             let receipt = state
                 .instructions
-                .activate(&agent, &instruction, info, &credentials)
+                .activate(&agent, instruction, info, &credentials)
                 .await?;
             state.audit.notify();
             let mut active = instruction.clone();
@@ -301,7 +376,7 @@ async fn finish_link(
         Err(e) => {
             state
                 .instructions
-                .fail(&agent, &instruction, &e.to_string())
+                .fail(&agent, instruction, &e.to_string())
                 .await?;
             state.audit.notify();
             Err(Error::Source(e).into())

@@ -105,6 +105,18 @@ impl JobQueue {
 
     /// Claims the next ready job (queued and due, or running with an expired lease).
     pub async fn claim(&self, worker: &str, lease: Duration) -> Result<Option<PullJob>> {
+        let mut conn = self.db.write_pool().acquire().await?;
+        self.claim_in(&mut conn, worker, lease).await
+    }
+
+    /// `claim`, inside the caller's transaction (a worker finishing one job claims its next
+    /// in the same commit).
+    pub async fn claim_in(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        worker: &str,
+        lease: Duration,
+    ) -> Result<Option<PullJob>> {
         let now = now_millis();
         let lock = match self.db.engine() {
             Engine::Postgres => "FOR UPDATE SKIP LOCKED",
@@ -123,7 +135,7 @@ impl JobQueue {
             .bind(worker)
             .bind(now + lease.as_millis() as i64)
             .bind(now)
-            .fetch_optional(self.db.write_pool())
+            .fetch_optional(conn)
             .await?;
         Ok(match row {
             Some(row) => Some(PullJob {
@@ -213,6 +225,23 @@ impl JobQueue {
         outcome: &JobOutcome,
         next_at: Option<i64>,
     ) -> Result<()> {
+        let mut tx = self.db.begin().await?;
+        self.finish_in(&mut tx, job, worker, outcome, next_at)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// `finish`, inside the caller's transaction (with the job's last page). `false` when
+    /// the job is no longer this worker's.
+    pub async fn finish_in(
+        &self,
+        tx: &mut sqlx::AnyConnection,
+        job: &PullJob,
+        worker: &str,
+        outcome: &JobOutcome,
+        next_at: Option<i64>,
+    ) -> Result<bool> {
         let now = now_millis();
         let (status, not_before, error, finished) = match outcome {
             JobOutcome::Done => ("done", None, None, Some(now)),
@@ -220,7 +249,6 @@ impl JobQueue {
             JobOutcome::Failed { error } => ("failed", None, Some(error.clone()), Some(now)),
             JobOutcome::Cancelled => ("cancelled", None, None, Some(now)),
         };
-        let mut tx = self.db.begin().await?;
         let updated = sqlx::query(
             "UPDATE pull_jobs SET status = $1, not_before = COALESCE($2, not_before),
                  last_error = COALESCE($3, last_error), finished_at = $4, lease_owner = NULL,
@@ -255,7 +283,21 @@ impl JobQueue {
             .execute(&mut *tx)
             .await?;
         }
-        tx.commit().await?;
+        Ok(updated == 1)
+    }
+
+    /// Gives a claimed job back untouched (a worker stopping before it began the job).
+    pub async fn release(&self, job: &PullJob, worker: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE pull_jobs SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL,
+                 attempts = attempts - 1, updated_at = $1
+             WHERE id = $2 AND lease_owner = $3 AND status = 'running'",
+        )
+        .bind(now_millis())
+        .bind(&job.id)
+        .bind(worker)
+        .execute(self.db.write_pool())
+        .await?;
         Ok(())
     }
 

@@ -4,10 +4,10 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use phr_adapters::fhir_r4::{FhirR4Config, FhirR4Source};
+use phr_adapters::fhir_r4::{BackendKey, FhirR4Config, FhirR4Source};
 use phr_adapters::Source;
 
-use crate::config::{SourceConfig, SourceKind};
+use crate::config::{SourceAuth, SourceConfig, SourceKind};
 use sqlx::Row;
 
 use crate::error::{Error, Result};
@@ -57,8 +57,9 @@ impl SourceRegistry {
             .collect()
     }
 
-    /// The sources named in the configuration.
-    pub fn from_config(sources: &[SourceConfig]) -> Result<Self> {
+    /// The sources named in the configuration; `backend_key` signs Backend Services
+    /// client assertions (the key published in the gateway's JWKS).
+    pub fn from_config(sources: &[SourceConfig], backend_key: &BackendKey) -> Result<Self> {
         let mut registry = SourceRegistry::new();
         for config in sources {
             let source: Arc<dyn Source> = match config.kind {
@@ -70,6 +71,9 @@ impl SourceRegistry {
                     }
                     if let Some(limit) = config.max_concurrent_requests {
                         fhir.max_concurrent_requests = limit;
+                    }
+                    if config.auth == SourceAuth::BackendServices {
+                        fhir.backend_key = Some(backend_key.clone());
                     }
                     Arc::new(FhirR4Source::new(fhir).map_err(|e| {
                         Error::config(format!("sources.{}", config.id), e.to_string())

@@ -57,6 +57,9 @@ pub struct PullWorker {
     pub registry: Arc<SourceRegistry>,
     pub audit: AuditLog,
     pub settings: WorkerSettings,
+    /// The job claimed in the commit that finished the previous one (saves a commit per
+    /// job when the queue is busy); taken by the next `run_once`.
+    pub claimed_ahead: Arc<std::sync::Mutex<Option<PullJob>>>,
 }
 
 /// How one claimed job ended, as far as this worker knows.
@@ -80,6 +83,7 @@ impl PullWorker {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         loop {
             if *shutdown.borrow() {
+                self.release_claimed_ahead().await;
                 return;
             }
             match self.run_once().await {
@@ -89,15 +93,39 @@ impl PullWorker {
             }
             tokio::select! {
                 _ = tokio::time::sleep(self.settings.poll) => {}
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => {
+                    self.release_claimed_ahead().await;
+                    return;
+                }
             }
         }
     }
 
+    /// Hands a job claimed ahead back to the queue, so nobody waits for its lease.
+    async fn release_claimed_ahead(&self) {
+        let job = self.take_claimed_ahead();
+        if let Some(job) = job {
+            if let Err(e) = self.queue.release(&job, &self.id).await {
+                tracing::warn!(error = %e, job = %job.id, "could not release a claimed job");
+            }
+        }
+    }
+
+    fn take_claimed_ahead(&self) -> Option<PullJob> {
+        self.claimed_ahead
+            .lock()
+            .map(|mut ahead| ahead.take())
+            .unwrap_or_default()
+    }
+
     /// Claims one ready job and runs it; `None` when nothing was ready.
     pub async fn run_once(&self) -> Result<Option<(PullJob, RunResult)>> {
-        let Some(job) = self.queue.claim(&self.id, self.settings.lease).await? else {
-            return Ok(None);
+        let job = match self.take_claimed_ahead() {
+            Some(job) => job,
+            None => match self.queue.claim(&self.id, self.settings.lease).await? {
+                Some(job) => job,
+                None => return Ok(None),
+            },
         };
         let lost = Arc::new(AtomicBool::new(false));
         // Aborted when this future ends or is dropped, so a dead run stops renewing.
@@ -109,40 +137,49 @@ impl PullWorker {
             lost.clone(),
         )));
         let result = self.run_job(&job, &lost).await;
-        let result = match result {
-            Ok(result) => result,
-            Err(e) => RunResult::Finished(JobOutcome::Retry {
-                at: now_millis() + self.backoff(job.attempts).as_millis() as i64,
-                error: e.to_string(),
-            }),
+        let (result, finished) = match result {
+            Ok(run) => run,
+            Err(e) => (
+                RunResult::Finished(JobOutcome::Retry {
+                    at: now_millis() + self.backoff(job.attempts).as_millis() as i64,
+                    error: e.to_string(),
+                }),
+                false,
+            ),
         };
-        if let RunResult::Finished(outcome) = &result {
-            let next_at = now_millis() + self.settings.refresh_interval.as_millis() as i64;
+        if let (RunResult::Finished(outcome), false) = (&result, finished) {
             self.queue
-                .finish(&job, &self.id, outcome, Some(next_at))
+                .finish(&job, &self.id, outcome, Some(self.next_pull_at()))
                 .await?;
         }
         self.audit.notify();
         Ok(Some((job, result)))
     }
 
-    async fn run_job(&self, job: &PullJob, lost: &AtomicBool) -> Result<RunResult> {
+    fn next_pull_at(&self) -> i64 {
+        now_millis() + self.settings.refresh_interval.as_millis() as i64
+    }
+
+    /// Runs the job; the flag says whether its end was already committed (with its last
+    /// page), so the caller need not finish it.
+    async fn run_job(&self, job: &PullJob, lost: &AtomicBool) -> Result<(RunResult, bool)> {
+        let unfinished = |result| Ok((RunResult::Finished(result), false));
         let instruction = self.instructions.get(&job.instruction_id).await?;
         if instruction.status != InstructionStatus::Active {
-            return Ok(RunResult::Finished(JobOutcome::Cancelled));
+            return unfinished(JobOutcome::Cancelled);
         }
         let (info, source) = match self.registry.get(&job.source_id) {
             Ok((info, source)) => (info.clone(), source),
             Err(_) => {
-                return Ok(RunResult::Finished(JobOutcome::Failed {
+                return unfinished(JobOutcome::Failed {
                     error: format!("source {} is no longer configured", job.source_id),
-                }))
+                })
             }
         };
         let Some(credentials) = self.instructions.credentials(&instruction).await? else {
-            return Ok(RunResult::Finished(JobOutcome::Failed {
+            return unfinished(JobOutcome::Failed {
                 error: "the source link has no credentials".into(),
-            }));
+            });
         };
         let request = PullRequest {
             instruction_id: instruction.id.clone(),
@@ -152,32 +189,66 @@ impl PullWorker {
         };
         let mut stream = match source.pull(request).await {
             Ok(stream) => stream,
-            Err(e) => return self.on_source_error(job, &instruction, &info, e).await,
+            Err(e) => {
+                let result = self.on_source_error(job, &instruction, &info, e).await?;
+                return Ok((result, false));
+            }
         };
+        // Each page is stored once the next one has arrived, so the last page, the job's
+        // end and the claim of the next job commit together.
+        let mut held: Option<PullBatch> = None;
         while let Some(batch) = stream.next().await {
             if lost.load(Ordering::SeqCst) {
-                return Ok(RunResult::LeaseLost);
+                return Ok((RunResult::LeaseLost, false));
             }
             match batch {
                 Ok(batch) => {
-                    if !self.store_batch(job, &instruction, &info, batch).await? {
-                        return Ok(RunResult::LeaseLost);
+                    if let Some(previous) = held.replace(batch) {
+                        if !self
+                            .store_batch(job, &instruction, &info, previous, false)
+                            .await?
+                        {
+                            return Ok((RunResult::LeaseLost, false));
+                        }
                     }
                 }
-                Err(e) => return self.on_source_error(job, &instruction, &info, e).await,
+                Err(e) => {
+                    if let Some(previous) = held.take() {
+                        if !self
+                            .store_batch(job, &instruction, &info, previous, false)
+                            .await?
+                        {
+                            return Ok((RunResult::LeaseLost, false));
+                        }
+                    }
+                    let result = self.on_source_error(job, &instruction, &info, e).await?;
+                    return Ok((result, false));
+                }
             }
         }
         mark_available(self.queue_db(), &info.id).await?;
-        Ok(RunResult::Finished(JobOutcome::Done))
+        let Some(last) = held else {
+            return unfinished(JobOutcome::Done);
+        };
+        if !self
+            .store_batch(job, &instruction, &info, last, true)
+            .await?
+        {
+            return Ok((RunResult::LeaseLost, false));
+        }
+        Ok((RunResult::Finished(JobOutcome::Done), true))
     }
 
     /// Stores one page; `false` when the job is no longer ours (lease lost or withdrawn).
+    /// With `last`, the job ends as done in the same commit, and the worker's next job is
+    /// claimed in it too.
     async fn store_batch(
         &self,
         job: &PullJob,
         instruction: &Instruction,
         source: &SourceInfo,
         batch: PullBatch,
+        last: bool,
     ) -> Result<bool> {
         let mut accepted = Vec::new();
         let mut refused: Vec<(Option<String>, Option<String>, String)> = Vec::new();
@@ -323,7 +394,27 @@ impl PullWorker {
                 batch.refreshed_credentials.as_ref(),
             )
             .await?;
+        let mut claimed = None;
+        if last {
+            let next_at = Some(self.next_pull_at());
+            if !self
+                .queue
+                .finish_in(&mut tx, job, &self.id, &JobOutcome::Done, next_at)
+                .await?
+            {
+                return Ok(false);
+            }
+            claimed = self
+                .queue
+                .claim_in(&mut tx, &self.id, self.settings.lease)
+                .await?;
+        }
         tx.commit().await?;
+        if let Some(next) = claimed {
+            if let Ok(mut ahead) = self.claimed_ahead.lock() {
+                *ahead = Some(next);
+            }
+        }
         Ok(true)
     }
 

@@ -27,7 +27,7 @@ const MALFORMED_ENTRIES: &[&str] = &[
     r#"[1,2,3]"#,
 ];
 
-fn fhir_response(status: StatusCode, body: String) -> Response {
+pub(crate) fn fhir_response(status: StatusCode, body: String) -> Response {
     let mut response = (status, body).into_response();
     response
         .headers_mut()
@@ -43,7 +43,7 @@ pub(crate) fn operation_outcome(status: StatusCode, code: &str, message: &str) -
     fhir_response(status, outcome.to_string())
 }
 
-fn unauthorized(server: &SimulatorState) -> Response {
+pub(crate) fn unauthorized(server: &SimulatorState) -> Response {
     server.count(|counters| &counters.unauthorized);
     let mut response = operation_outcome(StatusCode::UNAUTHORIZED, "login", "invalid token");
     response.headers_mut().insert(
@@ -53,14 +53,14 @@ fn unauthorized(server: &SimulatorState) -> Response {
     response
 }
 
-fn forbidden(server: &SimulatorState, message: &str) -> Response {
+pub(crate) fn forbidden(server: &SimulatorState, message: &str) -> Response {
     server.count(|counters| &counters.forbidden);
     operation_outcome(StatusCode::FORBIDDEN, "forbidden", message)
 }
 
 /// What every FHIR request goes through: logging, injected delay/503/429, `Accept`, and
 /// (when `needs_token`) the bearer token.
-async fn admit(
+pub(crate) async fn admit(
     server: &SimulatorState,
     line: String,
     headers: &HeaderMap,
@@ -122,6 +122,29 @@ fn grant_allows(grant: &AccessGrant, resource_type: &str) -> bool {
     })
 }
 
+/// What a misconfigured proxy in front of a FHIR server sends: 200 with an HTML page.
+fn proxy_error_page() -> Response {
+    (
+        StatusCode::OK,
+        [(axum::http::header::CONTENT_TYPE, "text/html")],
+        "<html><body>Bad gateway (proxy)</body></html>",
+    )
+        .into_response()
+}
+
+/// A searchset labelled FHIR JSON whose text is Shift_JIS (「検査」), not UTF-8.
+fn non_utf8_page() -> Response {
+    let mut body = br#"{"resourceType":"Bundle","type":"searchset","entry":[{"resource":{"resourceType":"Observation","id":"sjis","status":"final","code":{"text":""#.to_vec();
+    body.extend_from_slice(&[0x8c, 0x9f, 0x8d, 0xb8]);
+    body.extend_from_slice(br#""}}}]}"#);
+    (
+        StatusCode::OK,
+        [(axum::http::header::CONTENT_TYPE, "application/fhir+json")],
+        body,
+    )
+        .into_response()
+}
+
 /// Scope, injected refusals and the token's patient: the refusal, if any.
 fn refusal(
     server: &SimulatorState,
@@ -143,14 +166,15 @@ fn refusal(
         .iter()
         .any(|broken_type| broken_type == resource_type)
     {
-        return Some(
-            (
-                StatusCode::OK,
-                [(axum::http::header::CONTENT_TYPE, "text/html")],
-                "<html><body>Bad gateway (proxy)</body></html>",
-            )
-                .into_response(),
-        );
+        return Some(proxy_error_page());
+    }
+    if server
+        .faults()
+        .non_utf8_types
+        .iter()
+        .any(|bad_type| bad_type == resource_type)
+    {
+        return Some(non_utf8_page());
     }
     if !grant_allows(grant, resource_type) {
         return Some(forbidden(
@@ -408,6 +432,9 @@ pub(crate) async fn operation(
         .is_some_and(|linked| linked != id)
     {
         return forbidden(&server, "token is for another patient");
+    }
+    if server.faults().broken_everything {
+        return proxy_error_page();
     }
     let pairs = form_pairs(query.as_deref().unwrap_or_default());
     let mut filters = Vec::new();

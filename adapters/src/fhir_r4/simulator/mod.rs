@@ -13,6 +13,7 @@
 mod auth;
 mod data;
 mod fhir;
+mod linking;
 pub mod patient_agent;
 
 use std::collections::HashMap;
@@ -102,6 +103,11 @@ pub struct SimulatorFaults {
     /// Types whose searches answer 200 with an HTML error page instead of a Bundle (a
     /// misconfigured proxy in front of the server).
     pub broken_types: Vec<String>,
+    /// Types whose searches answer 200 `application/fhir+json` with bytes that are not
+    /// UTF-8 (a server that sends Shift_JIS).
+    pub non_utf8_types: Vec<String>,
+    /// `Patient/$everything` answers 200 with an HTML error page.
+    pub broken_everything: bool,
 }
 
 /// Counters for assertions and benchmarks.
@@ -134,6 +140,7 @@ pub(crate) struct SimulatorState {
     pub(crate) base_url: String,
     pub(crate) store: RwLock<data::Store>,
     pub(crate) auth: Mutex<auth::AuthState>,
+    pub(crate) linking: Mutex<linking::LinkingState>,
     faults: Mutex<SimulatorFaults>,
     counters: Counters,
     request_log: Mutex<Vec<String>>,
@@ -141,7 +148,7 @@ pub(crate) struct SimulatorState {
 
 /// Recovers from a poisoned lock: the simulator's state stays usable after a panicking
 /// handler (a test bug) instead of cascading.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -199,6 +206,7 @@ impl SimulatorHandle {
                 base_url: base_url.trim_end_matches('/').to_string(),
                 store: RwLock::new(store),
                 auth: Mutex::new(auth::AuthState::default()),
+                linking: Mutex::new(linking::LinkingState::default()),
                 faults: Mutex::new(faults),
                 counters: Counters::default(),
                 request_log: Mutex::new(Vec::new()),
@@ -264,6 +272,18 @@ impl SimulatorHandle {
         change(&mut lock(&self.state.faults));
     }
 
+    /// A one-time linking code for `patient_id`, as the hospital's counter would print it
+    /// for a patient who asks it to release their records to the gateway.
+    pub fn issue_linking_code(&self, patient_id: &str) -> String {
+        lock(&self.state.linking).issue(patient_id)
+    }
+
+    /// `(instruction id, patient id)` of every instruction the gateway linked and has not
+    /// withdrawn.
+    pub fn linked_instructions(&self) -> Vec<(String, String)> {
+        lock(&self.state.linking).linked()
+    }
+
     /// Makes every access token issued so far expire now (refresh tokens stay valid).
     pub fn expire_access_tokens(&self) {
         self.state.auth().expire_access_tokens();
@@ -307,7 +327,10 @@ pub fn router(handle: &SimulatorHandle) -> axum::Router {
         .route("/revoke", post(auth::revoke))
         .route("/metadata", get(fhir::metadata))
         .route("/{resource_type}", get(fhir::search))
-        .route("/{resource_type}/{id}", get(fhir::read))
+        .route(
+            "/{resource_type}/{id}",
+            get(fhir::read).post(linking::operation),
+        )
         .route("/{resource_type}/{id}/{operation}", get(fhir::operation))
         .with_state(Arc::clone(&handle.state))
 }
