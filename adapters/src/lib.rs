@@ -8,6 +8,8 @@
 pub mod codesystem;
 pub mod error;
 pub mod fhir_r4;
+mod http;
+pub mod oauth;
 pub mod source;
 
 pub use error::SourceError;

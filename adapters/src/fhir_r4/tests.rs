@@ -86,6 +86,7 @@ fn authorization_request(resource_types: Vec<String>) -> AuthorizationRequest {
         instruction_id: INSTRUCTION_ID.into(),
         resource_types,
         redirect_uri: REDIRECT_URI.into(),
+        on_behalf_of: None,
     }
 }
 

@@ -6,7 +6,7 @@ use crate::source::Callback;
 
 /// An HTTP client like the source's own (rustls with the ring provider).
 pub fn browser_client() -> Result<reqwest::Client, String> {
-    super::super::http::client_builder(&[])
+    crate::http::client_builder(&[])
         .map_err(|e| e.to_string())?
         .build()
         .map_err(|e| e.to_string())
