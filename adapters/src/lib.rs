@@ -10,6 +10,7 @@ pub mod error;
 pub mod fhir_r4;
 mod http;
 pub mod oauth;
+pub mod self_info;
 pub mod source;
 
 pub use error::SourceError;
