@@ -23,7 +23,7 @@ pub const JWT_BEARER_ASSERTION_TYPE: &str =
 /// SMART Backend Services caps assertion lifetime at five minutes; we stay under it.
 pub const CLIENT_ASSERTION_LIFETIME: Duration = Duration::from_secs(240);
 
-/// An ES384 key pair for SMART Backend Services `private_key_jwt`.
+/// The gateway's ES384 key pair for `private_key_jwt` (SMART Backend Services, the portal).
 #[derive(Clone)]
 pub struct BackendKey {
     secret: p384::SecretKey,

@@ -7,7 +7,7 @@
 
 pub mod bundle;
 mod client;
-pub(crate) mod cursor;
+mod cursor;
 pub mod simulator;
 pub mod smart;
 

@@ -14,9 +14,9 @@ use super::cursor::{InProgressCategory, SelfInfoCursor};
 use super::mapping::{self, Mapped};
 use super::{auth, Category, PortalContext};
 use crate::error::SourceError;
-use crate::fhir_r4::cursor::{compare_instants, newest};
 use crate::fhir_r4::smart::is_fhir_id;
 use crate::http::{is_under_base, HttpReply};
+use crate::instant::{compare_instants, newest};
 use crate::source::{
     LinkCredentials, Provenance, PullBatch, PullItem, PullRequest, PulledResource,
 };

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::SourceError;
-use crate::fhir_r4::cursor::newest;
+use crate::instant::newest;
 
 const CURSOR_VERSION: u32 = 1;
 

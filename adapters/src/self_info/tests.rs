@@ -11,7 +11,7 @@ use serde_json::Value;
 use super::simulator::patient_agent::{read_card_and_decide, PortalVisit};
 use super::simulator::{PortalSimulator, RunningSimulator, SimulatorConfig, SimulatorFaults};
 use super::*;
-use crate::fhir_r4::simulator::patient_agent::callback_from_redirect;
+use crate::simulator_web::callback_from_redirect;
 use crate::source::{PullBatch, PullItem, PulledResource};
 
 const REDIRECT_URI: &str = "https://gateway.example/callback/myna-portal";

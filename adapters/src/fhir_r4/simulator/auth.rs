@@ -8,11 +8,12 @@ use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use maud::{html, Markup, DOCTYPE};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::sync::Arc;
 
 use super::{SimulatorState, Table};
 use crate::oauth::{self, pkce_matches, random_url_token};
+use crate::simulator_web::{first, form_pairs, json_response, oauth_error, redirect_to};
 
 /// A login ticket (between the login form and the consent buttons) lives this long.
 const TICKET_LIFETIME: Duration = Duration::from_secs(600);
@@ -163,39 +164,6 @@ impl AuthorizeRequest {
             ("code_challenge_method", self.code_challenge_method.clone()),
         ]
     }
-}
-
-pub(crate) fn form_pairs(raw: &str) -> Vec<(String, String)> {
-    url::form_urlencoded::parse(raw.as_bytes())
-        .into_owned()
-        .collect()
-}
-
-pub(crate) fn first<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    pairs
-        .iter()
-        .find(|(key, _)| key == name)
-        .map(|(_, value)| value.as_str())
-}
-
-pub(crate) fn json_response(status: StatusCode, body: &Value) -> Response {
-    let mut response = (status, body.to_string()).into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    // Token responses must not be cached (RFC 6749 §5.1).
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
-}
-
-pub(crate) fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
-    json_response(
-        status,
-        &json!({"error": error, "error_description": description}),
-    )
 }
 
 pub(crate) async fn smart_configuration(State(server): State<Arc<SimulatorState>>) -> Response {
@@ -362,23 +330,6 @@ pub(crate) async fn login(State(server): State<Arc<SimulatorState>>, body: Strin
         },
     );
     Html(page.into_string()).into_response()
-}
-
-pub(crate) fn redirect_to(redirect_uri: &str, parameters: &[(&str, &str)]) -> Response {
-    let Ok(mut target) = url::Url::parse(redirect_uri) else {
-        return error_page(StatusCode::BAD_REQUEST, "redirect_uri is not a URL");
-    };
-    {
-        let mut query = target.query_pairs_mut();
-        for (name, value) in parameters {
-            query.append_pair(name, value);
-        }
-    }
-    let mut response = StatusCode::SEE_OTHER.into_response();
-    if let Ok(location) = HeaderValue::from_str(target.as_str()) {
-        response.headers_mut().insert(header::LOCATION, location);
-    }
-    response
 }
 
 pub(crate) async fn decision(State(server): State<Arc<SimulatorState>>, body: String) -> Response {

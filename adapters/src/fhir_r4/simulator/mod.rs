@@ -10,7 +10,7 @@
 //! searches with `_count`, `_lastUpdated` and `next` links, `/{type}/{id}` reads and
 //! `/Patient/{id}/$everything` (with `_since`), all enforcing the token's scopes and patient.
 
-pub(crate) mod auth;
+mod auth;
 mod data;
 mod fhir;
 pub mod patient_agent;

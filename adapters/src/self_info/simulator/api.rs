@@ -14,8 +14,8 @@ use time::OffsetDateTime;
 
 use super::auth::{maintenance_response, retry_later, PortalLinkage};
 use super::SimulatorState;
-use crate::fhir_r4::simulator::auth::{first, form_pairs, json_response};
 use crate::self_info::Category;
+use crate::simulator_web::{first, form_pairs, json_response};
 
 /// Ids of the malformed records the faults add; their document is never a CDA.
 const BAD_DOCUMENT_ID: &str = "K-BAD-XML";

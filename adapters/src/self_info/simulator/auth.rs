@@ -15,9 +15,9 @@ use time::OffsetDateTime;
 
 use super::data::{format_instant, PortalPerson};
 use super::SimulatorState;
-use crate::fhir_r4::simulator::auth::{first, form_pairs, json_response, oauth_error, redirect_to};
 use crate::oauth::{self, pkce_matches, random_url_token};
 use crate::self_info::{Category, Linkage};
+use crate::simulator_web::{first, form_pairs, json_response, oauth_error, redirect_to};
 
 /// Between the card reading and the consent buttons.
 const TICKET_LIFETIME: Duration = Duration::from_secs(600);

@@ -2,7 +2,7 @@
 //! card (number and PIN), then consents or declines. Tests and the gateway's end-to-end
 //! tests link a person with it.
 
-use crate::fhir_r4::simulator::patient_agent::{browser_client, post_form, read_form};
+use crate::simulator_web::{browser_client, post_form, read_form};
 
 /// What the person saw and where the portal sent the browser.
 #[derive(Debug, Clone)]
