@@ -153,6 +153,8 @@ pub(crate) async fn finish(
     ];
     let reply = post_authenticated(context, "/token", form).await?;
     let response = token_response(&reply, SourceError::Authorization)?;
+    // The token endpoint is recorded for the link's record; requests always go to the
+    // configured portal, so a tampered record cannot redirect our client assertion.
     let mut extra = BTreeMap::new();
     extra.insert(EXTRA_TOKEN_ENDPOINT.to_string(), context.token_url());
     for key in [EXTRA_LINKAGE, EXTRA_ON_BEHALF_OF] {

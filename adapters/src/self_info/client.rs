@@ -331,6 +331,10 @@ impl PullRun {
         }
         let reply = self.get_authorized(&listing.document_url).await?;
         if reply.status != StatusCode::OK {
+            // A withdrawn checkup is kept even when its document is gone.
+            if listing.header.entered_in_error {
+                return Ok(vec![mapping::map_withdrawn_checkup(&listing, &patient_id)]);
+            }
             return refuse(format!("document answered HTTP {}", reply.status));
         }
         if reply.body.len() > self.context.config.max_document_bytes {

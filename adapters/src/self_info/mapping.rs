@@ -692,8 +692,39 @@ pub fn check_cda_document(document: &[u8]) -> Result<(), String> {
 
 /// 特定健診: the CDA document, attached as is to a DocumentReference.
 pub fn map_checkup_document(listing: &CheckupListing, document: &[u8], patient_id: &str) -> Mapped {
-    let id = &listing.resource_id;
-    check_cda_document(document).map_err(|reason| MappingError::new(Some(id), reason))?;
+    check_cda_document(document)
+        .map_err(|reason| MappingError::new(Some(&listing.resource_id), reason))?;
+    let attachment = json!({
+        "contentType": CDA_CONTENT_TYPE,
+        "data": STANDARD.encode(document),
+        "size": document.len(),
+        "title": format!("特定健診 {}", listing.date),
+        "creation": listing.date,
+    });
+    Ok(checkup_reference(listing, attachment, patient_id))
+}
+
+/// A withdrawn 特定健診 whose document the portal no longer serves: still recorded, as
+/// `entered-in-error`, with an attachment that only names what it was.
+pub fn map_withdrawn_checkup(listing: &CheckupListing, patient_id: &str) -> Mapped {
+    if !listing.header.entered_in_error {
+        return Err(MappingError::new(
+            Some(&listing.resource_id),
+            "only a withdrawn checkup may come without its document",
+        ));
+    }
+    let attachment = json!({
+        "contentType": CDA_CONTENT_TYPE,
+        "title": format!("特定健診 {}（取消）", listing.date),
+    });
+    Ok(checkup_reference(listing, attachment, patient_id))
+}
+
+fn checkup_reference(
+    listing: &CheckupListing,
+    attachment: Value,
+    patient_id: &str,
+) -> MappedResource {
     let status = if listing.header.entered_in_error {
         "entered-in-error"
     } else {
@@ -701,7 +732,7 @@ pub fn map_checkup_document(listing: &CheckupListing, document: &[u8], patient_i
     };
     let mut body = json!({
         "resourceType": "DocumentReference",
-        "id": id,
+        "id": listing.resource_id,
         "meta": meta(listing.header.version, None),
         "status": status,
         "type": {
@@ -709,26 +740,18 @@ pub fn map_checkup_document(listing: &CheckupListing, document: &[u8], patient_i
             "text": "特定健診結果報告",
         },
         "subject": patient_reference(patient_id),
-        "content": [{
-            "attachment": {
-                "contentType": CDA_CONTENT_TYPE,
-                "data": STANDARD.encode(document),
-                "size": document.len(),
-                "title": format!("特定健診 {}", listing.date),
-                "creation": listing.date,
-            },
-        }],
+        "content": [{ "attachment": attachment }],
         "context": { "period": { "start": listing.date, "end": listing.date } },
     });
     if let Some(institution) = &listing.institution {
         body["author"] = json!([{ "display": institution }]);
     }
-    Ok(MappedResource {
+    MappedResource {
         resource_type: "DocumentReference",
-        id: id.clone(),
+        id: listing.resource_id.clone(),
         version: listing.header.version,
         body,
-    })
+    }
 }
 
 #[cfg(test)]
@@ -919,6 +942,16 @@ mod unit_tests {
                 .expect("base64"),
             document
         );
+        assert!(map_withdrawn_checkup(&listing, PATIENT).is_err());
+        let mut withdrawn = listing.clone();
+        withdrawn.header.entered_in_error = true;
+        withdrawn.header.version = 2;
+        let resource = map_withdrawn_checkup(&withdrawn, PATIENT).expect("kept");
+        assert_eq!(resource.body["status"], "entered-in-error");
+        assert_eq!(resource.body["meta"]["versionId"], "2");
+        assert!(resource.body["content"][0]["attachment"]
+            .get("data")
+            .is_none());
         for bad in [
             &b"<html><body>maintenance</body></html>"[..],
             b"{\"x\":1}",

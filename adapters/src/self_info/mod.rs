@@ -37,6 +37,10 @@ use crate::source::{
     PendingAuthorization, PullRequest, PullStream, Source,
 };
 
+pub use auth::{
+    EXTRA_LINKAGE, EXTRA_LINKAGE_EXPIRES_AT, EXTRA_ON_BEHALF_OF, EXTRA_TOKEN_ENDPOINT,
+    REPRESENTED_PARAMETER,
+};
 pub use cursor::SelfInfoCursor;
 
 /// One kind of record the portal offers; its scope name is also the wire name.

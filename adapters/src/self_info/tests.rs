@@ -356,9 +356,16 @@ async fn full_flow_maps_every_category_then_pulls_only_what_is_new() {
         .correct_record(&person.subject, &corrected_id)
         .expect("corrected");
     assert_eq!(corrected_to, corrected_from + 1);
+    // A withdrawn checkup comes again as entered-in-error, though its document is gone.
+    let withdrawn_version = portal
+        .simulator
+        .handle
+        .withdraw_record(&person.subject, checkup_id)
+        .expect("withdrawn");
     portal.simulator.handle.clear_request_log();
     let (again, error) = pull_all(&source, pull_request(&credentials, cursor)).await;
     assert!(error.is_none(), "{error:?}");
+    assert!(rejections(&again).is_empty(), "{:?}", rejections(&again));
     assert_eq!(
         pulled_ids(&again),
         BTreeSet::from([
@@ -366,8 +373,12 @@ async fn full_flow_maps_every_category_then_pulls_only_what_is_new() {
             format!("med-{new_id}-2"),
             format!("med-{corrected_id}-1"),
             format!("med-{corrected_id}-2"),
+            format!("chk-{checkup_id}"),
         ])
     );
+    let withdrawn = find(&again, &format!("chk-{checkup_id}"));
+    assert_eq!(withdrawn.version_id, Some(withdrawn_version.to_string()));
+    assert_eq!(body(withdrawn)["status"], "entered-in-error");
     let corrected = find(&again, &format!("med-{corrected_id}-1"));
     assert_eq!(corrected.version_id, Some(corrected_to.to_string()));
     let medication_requests: Vec<String> = portal

@@ -236,7 +236,12 @@ pub(crate) async fn checkup_document(
             .get(&linkage.subject)
             .into_iter()
             .flatten()
-            .find(|record| record.id == id && record.category == Category::SpecificCheckup)
+            // A withdrawn report's document is no longer served.
+            .find(|record| {
+                record.id == id
+                    && record.category == Category::SpecificCheckup
+                    && !record.entered_in_error
+            })
             .and_then(|record| record.document.clone())
     };
     match document {

@@ -34,7 +34,8 @@
 //!   Only the latest version of a record is listed. 学校健診 records have the 乳幼児健診 shape
 //!   without `age_months`.
 //! - **Documents**: `document_url` is `{base}/v1/checkups/{id}/document` (same bearer
-//!   token, `checkup.specific` scope), answering `application/xml`.
+//!   token, `checkup.specific` scope), answering `application/xml`; once a checkup is
+//!   withdrawn its document answers 404 (the list still carries the withdrawn record).
 //! - **Errors**: `401 {"error":"invalid_token"}` for unknown or expired tokens, 403
 //!   `insufficient_scope` for a category the token does not grant, 429 and 503 with
 //!   `Retry-After` in seconds (during a maintenance window: the seconds until it ends).
