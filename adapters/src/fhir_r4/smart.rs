@@ -224,6 +224,13 @@ pub(crate) fn start_standalone_launch(
     configuration: &SmartConfiguration,
     request: &AuthorizationRequest,
 ) -> Result<AuthorizationStart, SourceError> {
+    if request.on_behalf_of.is_some() {
+        // A SMART launch links whoever logs in; acting for someone else is the
+        // hospital portal's own business, not something we can ask for.
+        return Err(SourceError::Unsupported(
+            "proxy access is not part of a SMART standalone launch".into(),
+        ));
+    }
     require_s256(configuration)?;
     let authorization_endpoint = endpoint_url(&configuration.authorization_endpoint)?;
     endpoint_url(&configuration.token_endpoint)?;

@@ -294,6 +294,20 @@ async fn server_without_s256_is_refused_at_discovery() {
 }
 
 #[tokio::test]
+async fn proxy_access_is_refused() {
+    let simulator = start(simulator_config(1, 5)).await;
+    let source = source(source_config(&simulator));
+    let mut request = authorization_request(all_types());
+    request.on_behalf_of = Some("someone-else".into());
+    let result = source.start_authorization(&request).await;
+    assert!(
+        matches!(result, Err(SourceError::Unsupported(_))),
+        "{result:?}"
+    );
+    simulator.shutdown().await;
+}
+
+#[tokio::test]
 async fn state_mismatch_and_denial_are_refused() {
     let simulator = start(simulator_config(1, 5)).await;
     let source = source(source_config(&simulator));

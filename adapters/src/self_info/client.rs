@@ -43,6 +43,8 @@ struct CurrentPass {
     page_token: Option<String>,
     since: Option<String>,
     newest_seen: Option<String>,
+    /// Whether `page_token` came from a stored cursor (and may have expired at the portal).
+    resumed: bool,
 }
 
 enum RunState {
@@ -184,8 +186,10 @@ impl PullRun {
                 .position(|category| category.scope() == progress.category);
             match position.and_then(|position| self.passes.remove(position)) {
                 Some(category) => {
-                    self.current =
-                        Some(self.begin(category, Some(progress.page_token), progress.newest_seen));
+                    let mut pass =
+                        self.begin(category, Some(progress.page_token), progress.newest_seen);
+                    pass.resumed = true;
+                    self.current = Some(pass);
                 }
                 None => self.cursor.in_progress = None,
             }
@@ -204,6 +208,7 @@ impl PullRun {
             page_token,
             since: self.cursor.since_for(category.scope()),
             newest_seen,
+            resumed: false,
         }
     }
 
@@ -241,6 +246,17 @@ impl PullRun {
                 return Ok(self.batch(vec![PullItem::TypeNotGranted {
                     resource_type: category.resource_type().to_string(),
                 }]));
+            }
+            StatusCode::BAD_REQUEST | StatusCode::NOT_FOUND | StatusCode::GONE if pass.resumed => {
+                // A stored page token the portal no longer honours: redo the category from
+                // its high-water mark (already stored records come again, harmlessly).
+                tracing::info!(
+                    category = category.scope(),
+                    "stored page token refused; restarting"
+                );
+                self.forget_progress_of(category);
+                self.current = Some(self.begin(category, None, None));
+                return Ok(self.batch(Vec::new()));
             }
             status => {
                 return Err(SourceError::Protocol(format!(
@@ -296,6 +312,7 @@ impl PullRun {
                     newest_seen: pass.newest_seen.clone(),
                 });
                 pass.page_token = Some(token);
+                pass.resumed = false;
                 self.current = Some(pass);
             }
             None => self

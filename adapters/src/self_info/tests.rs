@@ -869,6 +869,22 @@ async fn a_cursor_cut_short_resumes_on_its_page() {
     let mut resumed = pulled_ids(&first_part);
     resumed.extend(pulled_ids(&rest));
     assert_eq!(resumed, pulled_ids(&all));
+
+    // A stored page token the portal no longer knows: that category starts over.
+    let mut stale: SelfInfoCursor =
+        SelfInfoCursor::parse(first_part.last().map(|batch| batch.cursor.as_str()))
+            .expect("cursor");
+    if let Some(progress) = stale.in_progress.as_mut() {
+        progress.page_token = "no-longer-valid".into();
+    }
+    let (restarted, error) =
+        pull_all(&source, pull_request(&credentials, Some(stale.encode()))).await;
+    assert!(error.is_none(), "{error:?}");
+    let restarted_ids = pulled_ids(&restarted);
+    assert!(pulled_ids(&all)
+        .iter()
+        .filter(|id| id.starts_with("med-"))
+        .all(|id| restarted_ids.contains(id)));
     assert_eq!(
         resumed,
         expected_ids(
