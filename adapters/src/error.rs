@@ -1,6 +1,6 @@
 //! The adapters' one error type. What the gateway does next depends on the variant: wait
-//! and retry (`Unavailable`), ask the patient to link again (`Unauthorized`), or give up
-//! with a reason (the rest).
+//! and retry (`Unavailable`), ask the patient to link again (`Unauthorized`,
+//! `LinkageExpired`), or give up with a reason (the rest).
 
 use std::time::Duration;
 
@@ -17,6 +17,11 @@ pub enum SourceError {
     /// patient has to authorise again.
     #[error("source refused our credentials: {0}")]
     Unauthorized(String),
+    /// The source's fixed linkage period (the self-information API's 期間連携, at most 90
+    /// days) is over: the link worked until it ran out, and the patient has to authorise
+    /// again to go on. Kept apart from `Unauthorized` so the patient is told why.
+    #[error("linkage period ended: {0}")]
+    LinkageExpired(String),
     /// The authorisation callback does not match what we started (state, error from the
     /// source, patient declined).
     #[error("authorisation failed: {0}")]
@@ -38,6 +43,14 @@ impl SourceError {
             reason: reason.into(),
             retry_after,
         }
+    }
+
+    /// Whether only the patient authorising again can make the link work.
+    pub fn needs_reauthorization(&self) -> bool {
+        matches!(
+            self,
+            SourceError::Unauthorized(_) | SourceError::LinkageExpired(_)
+        )
     }
 
     /// Whether waiting and trying again may help.

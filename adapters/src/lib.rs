@@ -8,6 +8,11 @@
 pub mod codesystem;
 pub mod error;
 pub mod fhir_r4;
+mod http;
+mod instant;
+pub mod oauth;
+pub mod self_info;
+pub mod simulator_web;
 pub mod source;
 
 pub use error::SourceError;

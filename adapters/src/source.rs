@@ -33,6 +33,10 @@ pub struct AuthorizationRequest {
     pub resource_types: Vec<String>,
     /// Where the source sends the patient back to (the gateway's callback URL).
     pub redirect_uri: String,
+    /// Proxy (代理人) access: the person the patient acts for, as the source knows them.
+    /// `None` when patients link their own record. Sources without proxy access refuse it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_behalf_of: Option<String>,
 }
 
 /// How the patient links a source to the gateway.

@@ -67,6 +67,7 @@ async fn run(engine: phr_gateway::store::Engine, patients: usize, per_patient: u
                     .flat_map(|c| c.resource_types().iter().map(|t| t.to_string()))
                     .collect(),
                 redirect_uri: redirect_uri.clone(),
+                on_behalf_of: None,
             })
             .await
             .expect("start");

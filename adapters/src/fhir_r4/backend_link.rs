@@ -19,9 +19,6 @@
 
 use std::collections::BTreeMap;
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine as _;
-use rand::RngCore;
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use serde_json::{json, Value};
 
@@ -68,8 +65,6 @@ pub(crate) async fn start(
     let configuration = smart::discover(context).await?;
     smart::require_private_key_jwt(&configuration)?;
     smart::endpoint_url(&configuration.token_endpoint)?;
-    let mut state = [0u8; 24];
-    rand::rngs::OsRng.fill_bytes(&mut state);
     let mut extra = BTreeMap::new();
     extra.insert(
         smart::EXTRA_INSTRUCTION_ID.to_string(),
@@ -78,7 +73,7 @@ pub(crate) async fn start(
     Ok(AuthorizationStart {
         authorize_url: String::new(),
         pending: PendingAuthorization {
-            state: URL_SAFE_NO_PAD.encode(state),
+            state: crate::oauth::random_url_token(),
             code_verifier: String::new(),
             redirect_uri: String::new(),
             requested_scopes: system_scopes(&request.resource_types)?,
@@ -100,7 +95,7 @@ pub(crate) async fn finish(
     let state_matches = callback
         .state
         .as_deref()
-        .is_some_and(|state| smart::constant_time_eq(state, &pending.state));
+        .is_some_and(|state| crate::oauth::constant_time_eq(state, &pending.state));
     if !state_matches {
         return Err(SourceError::Authorization(
             "state does not match the linking started".into(),

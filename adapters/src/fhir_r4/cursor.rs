@@ -7,11 +7,9 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
-use time::format_description::well_known::Rfc3339;
-use time::OffsetDateTime;
-
 use crate::error::SourceError;
+pub(crate) use crate::instant::{compare_instants, newest};
+use serde::{Deserialize, Serialize};
 
 /// The key used in `high_water` for `$everything` passes.
 pub(crate) const EVERYTHING_KEY: &str = "$everything";
@@ -112,25 +110,6 @@ impl PullCursor {
             }
         }
         self.in_progress = None;
-    }
-}
-
-fn parse_instant(value: &str) -> Option<OffsetDateTime> {
-    OffsetDateTime::parse(value, &Rfc3339).ok()
-}
-
-/// Orders FHIR instants by time; unparseable values sort first so they never win.
-pub(crate) fn compare_instants(left: &str, right: &str) -> std::cmp::Ordering {
-    parse_instant(left).cmp(&parse_instant(right))
-}
-
-/// The later of two optional instants (unparseable ones are ignored).
-pub(crate) fn newest<'a>(left: Option<&'a str>, right: Option<&'a str>) -> Option<&'a str> {
-    let left = left.filter(|value| parse_instant(value).is_some());
-    let right = right.filter(|value| parse_instant(value).is_some());
-    match (left, right) {
-        (Some(l), Some(r)) => Some(if compare_instants(l, r).is_ge() { l } else { r }),
-        (l, r) => l.or(r),
     }
 }
 

@@ -10,7 +10,6 @@ pub mod backend_link;
 pub mod bundle;
 mod client;
 mod cursor;
-mod http;
 pub mod simulator;
 pub mod smart;
 pub mod typed_check;
@@ -24,13 +23,14 @@ use std::time::Duration;
 use futures::StreamExt;
 
 use crate::error::SourceError;
+use crate::http;
 use crate::source::{
     AuthorizationRequest, AuthorizationStart, Callback, Capabilities, LinkCredentials, LinkMode,
     PendingAuthorization, PullRequest, PullStream, Source,
 };
 
+pub use crate::http::RetryPolicy;
 pub use cursor::PullCursor;
-pub use http::RetryPolicy;
 pub use smart::{BackendKey, BackendServicesClient, BackendToken, SmartConfiguration};
 
 /// Resource types this source knows how to pull from a patient compartment.
@@ -102,6 +102,18 @@ impl FhirR4Config {
     }
 }
 
+impl FhirR4Config {
+    pub(crate) fn transport_settings(&self) -> http::TransportSettings {
+        http::TransportSettings {
+            request_timeout: self.request_timeout,
+            max_concurrent_requests: self.max_concurrent_requests,
+            retry: self.retry.clone(),
+            max_response_bytes: self.max_response_bytes,
+            extra_root_certificates_der: self.extra_root_certificates_der.clone(),
+        }
+    }
+}
+
 /// What a pull and the authorisation calls share: config, HTTP client, concurrency limit.
 pub(crate) struct SourceContext {
     pub(crate) config: FhirR4Config,
@@ -126,7 +138,7 @@ impl FhirR4Source {
         if config.client_id.is_empty() {
             return Err(SourceError::Config("client_id is empty".into()));
         }
-        let transport = http::Transport::new(&config)?;
+        let transport = http::Transport::new(&config.transport_settings())?;
         Ok(FhirR4Source {
             context: Arc::new(SourceContext {
                 config,

@@ -3,10 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine as _;
 use oauth2::basic::{
     BasicErrorResponse, BasicErrorResponseType, BasicRevocationErrorResponse,
     BasicTokenIntrospectionResponse, BasicTokenType,
@@ -16,30 +13,22 @@ use oauth2::{
     PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, RefreshToken, RequestTokenError, Scope,
     StandardRevocableToken, StandardTokenResponse, TokenResponse, TokenUrl,
 };
-use p384::elliptic_curve::zeroize::Zeroizing;
-use p384::pkcs8::{DecodePrivateKey, EncodePrivateKey, LineEnding};
-use rand::RngCore;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
 use super::http::{require_secure_scheme, OAuthHttp, Transport};
 use super::{FhirR4Config, SourceContext};
 use crate::error::SourceError;
+use crate::oauth::constant_time_eq;
+pub use crate::oauth::{
+    client_assertion, BackendKey, CLIENT_ASSERTION_LIFETIME, JWT_BEARER_ASSERTION_TYPE,
+};
 use crate::source::{
     AuthorizationRequest, AuthorizationStart, Callback, LinkCredentials, PendingAuthorization,
 };
 
 /// Scopes every standalone patient launch asks for, before the per-type ones.
 pub const LAUNCH_BASE_SCOPES: &[&str] = &["launch/patient", "openid", "fhirUser", "offline_access"];
-
-/// `client_assertion_type` for `private_key_jwt` (RFC 7523).
-pub const JWT_BEARER_ASSERTION_TYPE: &str =
-    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
-
-/// SMART Backend Services caps assertion lifetime at five minutes; we stay under it.
-pub const CLIENT_ASSERTION_LIFETIME: Duration = Duration::from_secs(240);
 
 /// Keys of `PendingAuthorization.extra` / `LinkCredentials.extra`.
 pub const EXTRA_TOKEN_ENDPOINT: &str = "token_endpoint";
@@ -261,6 +250,13 @@ pub(crate) fn start_standalone_launch(
     configuration: &SmartConfiguration,
     request: &AuthorizationRequest,
 ) -> Result<AuthorizationStart, SourceError> {
+    if request.on_behalf_of.is_some() {
+        // A SMART launch links whoever logs in; acting for someone else is the
+        // hospital portal's own business, not something we can ask for.
+        return Err(SourceError::Unsupported(
+            "proxy access is not part of a SMART standalone launch".into(),
+        ));
+    }
     require_s256(configuration)?;
     let authorization_endpoint = endpoint_url(&configuration.authorization_endpoint)?;
     endpoint_url(&configuration.token_endpoint)?;
@@ -302,17 +298,6 @@ pub(crate) fn start_standalone_launch(
             extra,
         },
     })
-}
-
-/// Compares without an early exit, so the time taken says nothing about the state.
-pub(crate) fn constant_time_eq(left: &str, right: &str) -> bool {
-    let (left, right) = (left.as_bytes(), right.as_bytes());
-    left.len() == right.len()
-        && left
-            .iter()
-            .zip(right)
-            .fold(0u8, |acc, (l, r)| acc | (l ^ r))
-            == 0
 }
 
 pub(crate) fn token_endpoint_of(extra: &BTreeMap<String, String>) -> Result<TokenUrl, SourceError> {
@@ -516,114 +501,6 @@ pub(crate) async fn revoke(
     }
 }
 
-/// An ES384 key pair for SMART Backend Services `private_key_jwt`.
-#[derive(Clone)]
-pub struct BackendKey {
-    secret: p384::SecretKey,
-    kid: String,
-}
-
-impl std::fmt::Debug for BackendKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BackendKey")
-            .field("kid", &self.kid)
-            .finish_non_exhaustive()
-    }
-}
-
-impl BackendKey {
-    pub fn generate_es384() -> Self {
-        Self::from_secret(p384::SecretKey::random(&mut rand::rngs::OsRng))
-    }
-
-    /// Reads a PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`) P-384 key.
-    pub fn from_pem(pem: &str) -> Result<Self, SourceError> {
-        let secret = p384::SecretKey::from_pkcs8_pem(pem)
-            .map_err(|error| SourceError::Config(format!("backend key PEM: {error}")))?;
-        Ok(Self::from_secret(secret))
-    }
-
-    /// PKCS#8 PEM of the private key; zeroised when dropped.
-    pub fn to_pem(&self) -> Result<Zeroizing<String>, SourceError> {
-        self.secret
-            .to_pkcs8_pem(LineEnding::LF)
-            .map_err(|error| SourceError::Config(format!("backend key PEM: {error}")))
-    }
-
-    /// RFC 7638 JWK thumbprint: stable for the key, so the JWKS entry and the JWT `kid`
-    /// always agree.
-    pub fn kid(&self) -> &str {
-        &self.kid
-    }
-
-    /// The public JWK to publish in the gateway's JWKS.
-    pub fn public_jwk(&self) -> Value {
-        let (x, y) = public_coordinates(&self.secret);
-        json!({
-            "kty": "EC",
-            "crv": "P-384",
-            "x": x,
-            "y": y,
-            "kid": self.kid,
-            "alg": "ES384",
-            "use": "sig",
-            "key_ops": ["verify"],
-        })
-    }
-
-    fn from_secret(secret: p384::SecretKey) -> Self {
-        let (x, y) = public_coordinates(&secret);
-        // Members in lexicographic order, no whitespace, as RFC 7638 §3.2 requires.
-        let canonical = format!(r#"{{"crv":"P-384","kty":"EC","x":"{x}","y":"{y}"}}"#);
-        let kid = URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes()));
-        BackendKey { secret, kid }
-    }
-
-    fn encoding_key(&self) -> Result<jsonwebtoken::EncodingKey, SourceError> {
-        let der = self
-            .secret
-            .to_pkcs8_der()
-            .map_err(|error| SourceError::Config(format!("backend key DER: {error}")))?;
-        Ok(jsonwebtoken::EncodingKey::from_ec_der(der.as_bytes()))
-    }
-}
-
-fn public_coordinates(secret: &p384::SecretKey) -> (String, String) {
-    let jwk = serde_json::to_value(secret.public_key().to_jwk()).unwrap_or(Value::Null);
-    let coordinate = |name: &str| {
-        jwk.get(name)
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string()
-    };
-    (coordinate("x"), coordinate("y"))
-}
-
-/// A signed client assertion: iss = sub = client_id, aud = token URL, a fresh random `jti`,
-/// `exp` = now + `lifetime`. Use `CLIENT_ASSERTION_LIFETIME` unless testing a server.
-pub fn client_assertion(
-    key: &BackendKey,
-    client_id: &str,
-    token_url: &str,
-    lifetime: Duration,
-) -> Result<String, SourceError> {
-    let now = OffsetDateTime::now_utc().unix_timestamp();
-    let mut jti = [0u8; 16];
-    rand::rngs::OsRng.fill_bytes(&mut jti);
-    let claims = json!({
-        "iss": client_id,
-        "sub": client_id,
-        "aud": token_url,
-        "iat": now,
-        "exp": now + lifetime.as_secs() as i64,
-        "jti": URL_SAFE_NO_PAD.encode(jti),
-    });
-    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES384);
-    header.kid = Some(key.kid.clone());
-    jsonwebtoken::encode(&header, &claims, &key.encoding_key()?)
-        .map_err(|error| SourceError::Config(format!("signing client assertion: {error}")))
-}
-
 /// A system-level access token from SMART Backend Services. Holds a secret.
 #[derive(Clone, PartialEq, Eq)]
 pub struct BackendToken {
@@ -759,30 +636,5 @@ mod unit_tests {
             ]
         );
         assert!(launch_scopes(&["Observation.rs openid".into()]).is_err());
-    }
-
-    #[test]
-    fn backend_key_pem_round_trip_keeps_kid() {
-        let key = BackendKey::generate_es384();
-        let pem = key.to_pem().expect("pem");
-        assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"));
-        let again = BackendKey::from_pem(&pem).expect("from pem");
-        assert_eq!(again.kid(), key.kid());
-        let jwk = key.public_jwk();
-        assert_eq!(jwk["kty"], "EC");
-        assert_eq!(jwk["crv"], "P-384");
-        assert_eq!(jwk["kid"], key.kid());
-        assert!(
-            jwk.get("d").is_none(),
-            "public JWK must not carry the secret"
-        );
-        assert!(!format!("{key:?}").contains("secret"));
-    }
-
-    #[test]
-    fn state_comparison() {
-        assert!(constant_time_eq("abc", "abc"));
-        assert!(!constant_time_eq("abc", "abd"));
-        assert!(!constant_time_eq("abc", "abcd"));
     }
 }

@@ -86,6 +86,7 @@ fn authorization_request(resource_types: Vec<String>) -> AuthorizationRequest {
         instruction_id: INSTRUCTION_ID.into(),
         resource_types,
         redirect_uri: REDIRECT_URI.into(),
+        on_behalf_of: None,
     }
 }
 
@@ -285,6 +286,20 @@ async fn server_without_s256_is_refused_at_discovery() {
     let result = source
         .start_authorization(&authorization_request(all_types()))
         .await;
+    assert!(
+        matches!(result, Err(SourceError::Unsupported(_))),
+        "{result:?}"
+    );
+    simulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn proxy_access_is_refused() {
+    let simulator = start(simulator_config(1, 5)).await;
+    let source = source(source_config(&simulator));
+    let mut request = authorization_request(all_types());
+    request.on_behalf_of = Some("someone-else".into());
+    let result = source.start_authorization(&request).await;
     assert!(
         matches!(result, Err(SourceError::Unsupported(_))),
         "{result:?}"

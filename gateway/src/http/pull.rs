@@ -238,6 +238,7 @@ pub async fn give_instruction(
             instruction_id: instruction_id.clone(),
             resource_types,
             redirect_uri: format!("{}/patient/sources/callback", state.public_url()),
+            on_behalf_of: None,
         })
         .await
         .map_err(Error::from)?;

@@ -439,7 +439,7 @@ impl PullWorker {
                     error: error.to_string(),
                 }
             }
-            SourceError::Unauthorized(_) => {
+            SourceError::Unauthorized(_) | SourceError::LinkageExpired(_) => {
                 // The link stopped working: the patient has to authorise again.
                 self.instructions
                     .fail(

@@ -7,23 +7,18 @@ use std::time::{Duration, Instant};
 use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine as _;
 use maud::{html, Markup, DOCTYPE};
-use rand::RngCore;
-use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
+use serde_json::json;
 use std::sync::Arc;
 
 use super::{SimulatorState, Table};
-use crate::fhir_r4::smart::JWT_BEARER_ASSERTION_TYPE;
+use crate::oauth::{self, pkce_matches, random_url_token};
+use crate::simulator_web::{first, form_pairs, json_response, oauth_error, redirect_to};
 
 /// A login ticket (between the login form and the consent buttons) lives this long.
 const TICKET_LIFETIME: Duration = Duration::from_secs(600);
 const CODE_LIFETIME: Duration = Duration::from_secs(60);
 const BACKEND_TOKEN_LIFETIME: Duration = Duration::from_secs(300);
-/// SMART Backend Services: an assertion may not claim to live longer than this.
-const MAX_ASSERTION_LIFETIME_SECS: i64 = 300;
 
 const PAGE_STYLE: &str = "body{font-family:sans-serif;max-width:32rem;margin:2rem auto;padding:0 1rem}\
 label{display:block;margin-top:1rem}input[type=text],input[type=password]{width:100%;padding:.4rem}\
@@ -169,49 +164,6 @@ impl AuthorizeRequest {
             ("code_challenge_method", self.code_challenge_method.clone()),
         ]
     }
-}
-
-pub(crate) fn form_pairs(raw: &str) -> Vec<(String, String)> {
-    url::form_urlencoded::parse(raw.as_bytes())
-        .into_owned()
-        .collect()
-}
-
-pub(crate) fn first<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    pairs
-        .iter()
-        .find(|(key, _)| key == name)
-        .map(|(_, value)| value.as_str())
-}
-
-fn random_token() -> String {
-    let mut bytes = [0u8; 32];
-    rand::thread_rng().fill_bytes(&mut bytes);
-    URL_SAFE_NO_PAD.encode(bytes)
-}
-
-fn now_unix() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
-}
-
-fn json_response(status: StatusCode, body: &Value) -> Response {
-    let mut response = (status, body.to_string()).into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    // Token responses must not be cached (RFC 6749 §5.1).
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
-}
-
-fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
-    json_response(
-        status,
-        &json!({"error": error, "error_description": description}),
-    )
 }
 
 pub(crate) async fn smart_configuration(State(server): State<Arc<SimulatorState>>) -> Response {
@@ -367,7 +319,7 @@ pub(crate) async fn login(State(server): State<Arc<SimulatorState>>, body: Strin
         );
         return (StatusCode::UNAUTHORIZED, Html(page.into_string())).into_response();
     };
-    let ticket = random_token();
+    let ticket = random_url_token();
     let page = consent_page(&server, &request, &patient.display_name, &ticket);
     server.auth().tickets.insert(
         ticket,
@@ -378,23 +330,6 @@ pub(crate) async fn login(State(server): State<Arc<SimulatorState>>, body: Strin
         },
     );
     Html(page.into_string()).into_response()
-}
-
-fn redirect_to(redirect_uri: &str, parameters: &[(&str, &str)]) -> Response {
-    let Ok(mut target) = url::Url::parse(redirect_uri) else {
-        return error_page(StatusCode::BAD_REQUEST, "redirect_uri is not a URL");
-    };
-    {
-        let mut query = target.query_pairs_mut();
-        for (name, value) in parameters {
-            query.append_pair(name, value);
-        }
-    }
-    let mut response = StatusCode::SEE_OTHER.into_response();
-    if let Ok(location) = HeaderValue::from_str(target.as_str()) {
-        response.headers_mut().insert(header::LOCATION, location);
-    }
-    response
 }
 
 pub(crate) async fn decision(State(server): State<Arc<SimulatorState>>, body: String) -> Response {
@@ -424,7 +359,7 @@ pub(crate) async fn decision(State(server): State<Arc<SimulatorState>>, body: St
         })
         .cloned()
         .collect();
-    let code = random_token();
+    let code = random_url_token();
     server.auth().codes.insert(
         code.clone(),
         IssuedCode {
@@ -463,7 +398,7 @@ pub(crate) fn retry_later(
     message: &str,
 ) -> Response {
     let retry_after = if faults.retry_after_as_http_date {
-        crate::fhir_r4::http::format_http_date(time::OffsetDateTime::now_utc() + faults.retry_after)
+        crate::http::format_http_date(time::OffsetDateTime::now_utc() + faults.retry_after)
     } else {
         faults.retry_after.as_secs().to_string()
     };
@@ -503,17 +438,6 @@ pub(crate) async fn token(
             "unsupported_grant_type",
             "grant_type not supported",
         ),
-    }
-}
-
-fn pkce_matches(method: &str, challenge: &str, verifier: &str) -> bool {
-    if !(43..=128).contains(&verifier.len()) {
-        return false;
-    }
-    match method {
-        "S256" => URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes())) == challenge,
-        "plain" => verifier == challenge,
-        _ => false,
     }
 }
 
@@ -560,7 +484,7 @@ fn authorization_code_grant(server: &SimulatorState, pairs: &[(String, String)])
         .scopes
         .iter()
         .any(|scope| scope == "offline_access")
-        .then(random_token);
+        .then(random_url_token);
     if let Some(refresh_token) = &refresh_token {
         server.auth().refresh_tokens.insert(
             refresh_token.clone(),
@@ -623,7 +547,7 @@ fn issue_access_token(
     refresh_token: Option<String>,
     lifetime: Duration,
 ) -> Response {
-    let access_token = random_token();
+    let access_token = random_url_token();
     server.auth().access_tokens.insert(
         access_token.clone(),
         AccessGrant {
@@ -673,8 +597,7 @@ fn client_credentials_grant(server: &SimulatorState, pairs: &[(String, String)])
     issue_access_token(server, None, scopes, None, BACKEND_TOKEN_LIFETIME)
 }
 
-/// Checks a `private_key_jwt` assertion against the registered public key: signature,
-/// iss = sub = client_id, aud = our token URL, exp at most five minutes ahead, fresh jti.
+/// Checks a `private_key_jwt` assertion against the registered backend client's key.
 fn verify_client_assertion(
     server: &SimulatorState,
     pairs: &[(String, String)],
@@ -684,56 +607,17 @@ fn verify_client_assertion(
         .backend_client
         .as_ref()
         .ok_or("no backend client is registered")?;
-    if first(pairs, "client_assertion_type") != Some(JWT_BEARER_ASSERTION_TYPE) {
-        return Err("client_assertion_type must be jwt-bearer".into());
-    }
-    let assertion = first(pairs, "client_assertion").ok_or("client_assertion missing")?;
-    let header = jsonwebtoken::decode_header(assertion)
-        .map_err(|error| format!("assertion header: {error}"))?;
-    if !matches!(
-        header.alg,
-        jsonwebtoken::Algorithm::ES384 | jsonwebtoken::Algorithm::RS384
-    ) {
-        return Err(format!("{:?} is not accepted (ES384, RS384)", header.alg));
-    }
-    let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(registration.public_jwk.clone())
-        .map_err(|error| format!("registered JWK unusable: {error}"))?;
-    if let (Some(sent), Some(registered)) = (&header.kid, &jwk.common.key_id) {
-        if sent != registered {
-            return Err("kid does not match the registered key".into());
-        }
-    }
-    let key = jsonwebtoken::DecodingKey::from_jwk(&jwk)
-        .map_err(|error| format!("registered JWK unusable: {error}"))?;
     let token_url = format!("{}/token", server.base_url);
-    let mut validation = jsonwebtoken::Validation::new(header.alg);
-    validation.set_audience(&[token_url.as_str()]);
-    validation.set_issuer(&[registration.client_id.as_str()]);
-    validation.set_required_spec_claims(&["exp", "aud", "iss", "sub"]);
-    validation.leeway = 5;
-    let claims = jsonwebtoken::decode::<Value>(assertion, &key, &validation)
-        .map_err(|error| format!("assertion rejected: {error}"))?
-        .claims;
-    if claims.get("sub").and_then(Value::as_str) != Some(registration.client_id.as_str()) {
-        return Err("sub must equal the client id".into());
-    }
-    let expires = claims.get("exp").and_then(Value::as_i64).unwrap_or(0);
-    let now = now_unix();
-    if expires > now + MAX_ASSERTION_LIFETIME_SECS {
-        return Err("exp is more than five minutes ahead".into());
-    }
-    let jti = claims
-        .get("jti")
-        .and_then(Value::as_str)
-        .filter(|jti| !jti.is_empty())
-        .ok_or("jti missing")?;
-    let mut auth = server.auth();
-    auth.used_jtis.retain(|_, expiry| *expiry >= now);
-    if auth.used_jtis.contains_key(jti) {
-        return Err("jti already used".into());
-    }
-    auth.used_jtis.insert(jti.to_string(), expires);
-    Ok(registration.client_id.clone())
+    oauth::verify_client_assertion(
+        &oauth::RegisteredClientKey {
+            client_id: &registration.client_id,
+            public_jwk: &registration.public_jwk,
+            token_url: &token_url,
+        },
+        first(pairs, "client_assertion_type"),
+        first(pairs, "client_assertion"),
+        &mut server.auth().used_jtis,
+    )
 }
 
 pub(crate) async fn revoke(State(server): State<Arc<SimulatorState>>, body: String) -> Response {

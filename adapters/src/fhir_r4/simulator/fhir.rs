@@ -9,11 +9,12 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 
-use super::auth::{self, first, form_pairs, AccessGrant};
+use super::auth::{self, AccessGrant};
 use super::data::{instant, StoredResource};
 use super::SimulatorState;
 use crate::fhir_r4::smart::scope_grants_read;
 use crate::fhir_r4::SUPPORTED_RESOURCE_TYPES;
+use crate::simulator_web::{first, form_pairs};
 
 const FHIR_JSON: &str = "application/fhir+json";
 

@@ -1,5 +1,6 @@
-//! HTTP to one hospital: TLS with the ring provider, a per-source concurrency limit, and
-//! retries of 429/502/503/504 and timeouts with bounded, jittered exponential backoff.
+//! HTTP to one source (a hospital, the portal): TLS with the ring provider, a per-source
+//! concurrency limit, and retries of 429/502/503/504 and timeouts with bounded, jittered
+//! exponential backoff. Shared by every adapter.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +11,6 @@ use reqwest::StatusCode;
 use time::OffsetDateTime;
 use tokio::sync::Semaphore;
 
-use super::FhirR4Config;
 use crate::error::SourceError;
 
 /// How hard to try before reporting a source `Unavailable`.
@@ -78,6 +78,16 @@ enum AttemptFailure {
     Fatal(SourceError),
 }
 
+/// How one source's HTTP client behaves (each adapter fills it from its own config).
+#[derive(Debug, Clone)]
+pub(crate) struct TransportSettings {
+    pub(crate) request_timeout: Duration,
+    pub(crate) max_concurrent_requests: usize,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) max_response_bytes: usize,
+    pub(crate) extra_root_certificates_der: Vec<Vec<u8>>,
+}
+
 pub(crate) struct Transport {
     pub(crate) client: reqwest::Client,
     /// Shared by every pull of this source, so N concurrent pulls cannot hammer it.
@@ -87,7 +97,7 @@ pub(crate) struct Transport {
 }
 
 impl Transport {
-    pub(crate) fn new(config: &FhirR4Config) -> Result<Self, SourceError> {
+    pub(crate) fn new(config: &TransportSettings) -> Result<Self, SourceError> {
         let client = build_http_client(config)?;
         Ok(Transport {
             client,
@@ -125,7 +135,7 @@ impl Transport {
                 ));
             }
             let delay = self.retry.delay_after(failures, retry_after);
-            tracing::debug!(%reason, ?delay, failures, "retrying request to FHIR source");
+            tracing::debug!(%reason, ?delay, failures, "retrying request to source");
             tokio::time::sleep(delay).await;
         }
     }
@@ -259,7 +269,7 @@ pub(crate) fn format_http_date(instant: OffsetDateTime) -> String {
 /// reqwest with our own rustls config: ring provider explicitly (no process default),
 /// webpki roots plus configured anchors, and no redirects (a redirect could carry the
 /// bearer token or the authorisation code somewhere else).
-fn build_http_client(config: &FhirR4Config) -> Result<reqwest::Client, SourceError> {
+fn build_http_client(config: &TransportSettings) -> Result<reqwest::Client, SourceError> {
     client_builder(&config.extra_root_certificates_der)?
         .timeout(config.request_timeout)
         .connect_timeout(config.request_timeout)
@@ -294,11 +304,11 @@ pub(crate) fn client_builder(
 pub(crate) fn validated_base_url(raw: &str) -> Result<String, SourceError> {
     let trimmed = raw.trim_end_matches('/');
     let parsed = url::Url::parse(trimmed)
-        .map_err(|error| SourceError::Config(format!("FHIR base URL {raw:?}: {error}")))?;
+        .map_err(|error| SourceError::Config(format!("base URL {raw:?}: {error}")))?;
     require_secure_scheme(&parsed)?;
     if parsed.query().is_some() || parsed.fragment().is_some() {
         return Err(SourceError::Config(
-            "FHIR base URL must not carry a query or fragment".into(),
+            "base URL must not carry a query or fragment".into(),
         ));
     }
     Ok(trimmed.to_string())
@@ -324,7 +334,7 @@ fn is_loopback(url: &url::Url) -> bool {
     }
 }
 
-/// Whether `candidate` lies under the FHIR base (same scheme, host, port and path prefix):
+/// Whether `candidate` lies under the base URL (same scheme, host, port and path prefix):
 /// the bearer token is only ever sent there.
 pub(crate) fn is_under_base(base_url: &str, candidate: &str) -> bool {
     let (Ok(base), Ok(candidate)) = (url::Url::parse(base_url), url::Url::parse(candidate)) else {
