@@ -9,6 +9,7 @@ pub mod codesystem;
 pub mod error;
 pub mod fhir_r4;
 pub mod source;
+pub mod tokutei_cda;
 
 pub use error::SourceError;
 pub use source::{
