@@ -6,17 +6,15 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use phr_adapters::tokutei_cda::{parse, to_fhir_bundle, validate, ItemTable};
+use phr_adapters::tokutei_cda::{parse, to_fhir_bundle, validate, ItemTable, ValueType};
 
-/// The test generator, built on the module's public API.
-mod tokutei {
-    pub use phr_adapters::tokutei_cda::*;
-    #[allow(dead_code)]
-    #[path = "../../src/tokutei_cda/generator.rs"]
-    pub mod generator;
-}
+/// The test generator, built on the module's public API (it imports `super::{ItemTable,
+/// ValueType}`).
+#[allow(dead_code)]
+#[path = "../src/tokutei_cda/generator.rs"]
+mod generator;
 
-use tokutei::generator::{render, GenObservation, Header};
+use generator::{render, GenObservation, Header};
 
 /// A document of typical size: the first 45 items of the table (a 特定健診 has 40–60).
 fn typical_document() -> Vec<u8> {
@@ -51,7 +49,10 @@ fn rate(label: &str, docs: usize, xml: &[u8], with_xsd: bool) {
 }
 
 fn main() {
-    let docs: usize = std::env::var("PHR_BENCH_DOCS").ok().and_then(|v| v.parse().ok()).unwrap_or(5_000);
+    let docs: usize = std::env::var("PHR_BENCH_DOCS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5_000);
     let xml = typical_document();
     println!("document: {} bytes, 45 results, one thread", xml.len());
     // Warm-up: item table, schema compile (per thread), caches.
@@ -60,7 +61,10 @@ fn main() {
     std::thread::spawn(move || validate(&typical_document()))
         .join()
         .ok();
-    println!("schema compile + first validation on a new thread: {:.0} ms", schema_start.elapsed().as_secs_f64() * 1e3);
+    println!(
+        "schema compile + first validation on a new thread: {:.0} ms",
+        schema_start.elapsed().as_secs_f64() * 1e3
+    );
     rate("parse + convert", docs, &xml, false);
     rate("validate (XSD) + parse + convert", docs / 5, &xml, true);
 }

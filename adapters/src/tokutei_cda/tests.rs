@@ -13,6 +13,9 @@ use super::*;
 const SAMPLE_BUNDLE: &str =
     include_str!("../../../fixtures/echeckup-report/Bundle-Bundle-eCheckupReport-Sample-01.json");
 
+type IsReason = fn(&ItemErrorReason) -> bool;
+type IsError = fn(&CdaError) -> bool;
+
 /// Renders and asserts the result passes the XSD.
 fn valid_document(header: &Header, observations: &[GenObservation]) -> Vec<u8> {
     let xml = render(header, observations);
@@ -403,6 +406,24 @@ fn matches_the_ig_sample_bundle_item_by_item() {
         differences.join("\n")
     );
     assert_eq!(ours.len(), sample_by_code.len());
+    // The comparison does see a changed value or unit.
+    for (pointer, changed) in [
+        ("/valueQuantity/value", serde_json::json!(162.4)),
+        ("/valueQuantity/code", serde_json::json!("m")),
+    ] {
+        let mut altered = ours["9N001000000000001"].clone();
+        if let Some(slot) = altered.pointer_mut(pointer) {
+            *slot = changed;
+        }
+        let mut found = Vec::new();
+        compare_item(
+            "altered",
+            sample_by_code["9N001000000000001"],
+            &altered,
+            &mut found,
+        );
+        assert_eq!(found.len(), 1, "{pointer}: {found:?}");
+    }
 
     // Header resources carry the same identifiers as the sample's.
     let patient = resources(&conversion.bundle, "Patient")
@@ -729,7 +750,7 @@ fn the_template_passes_the_xsd_but_its_placeholder_date_does_not_parse() {
 #[test]
 fn item_errors_are_reported_per_item() {
     use ItemErrorReason as R;
-    let cases: Vec<(GenObservation, fn(&ItemErrorReason) -> bool)> = vec![
+    let cases: Vec<(GenObservation, IsReason)> = vec![
         (
             GenObservation::new("9Z999000000000001", pq("1", "cm")),
             |r| *r == R::UnknownItem,
@@ -835,6 +856,28 @@ fn input_that_is_not_a_document_is_refused_clearly() {
     ));
 }
 
+#[test]
+fn validation_works_from_many_threads_at_once() {
+    let xml = valid_document(
+        &Header::default(),
+        &[GenObservation::typical("9N001000000000001", 1)],
+    );
+    let invalid = render(
+        &Header::default(),
+        &[GenObservation::new("9N001000000000001", pq("x", "cm"))],
+    );
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| {
+                for _ in 0..20 {
+                    validate(&xml).expect("valid");
+                    assert!(matches!(validate(&invalid), Err(CdaError::SchemaInvalid(v)) if v.len() == 1));
+                }
+            });
+        }
+    });
+}
+
 // ---- Exchange archive ----
 
 fn index_xml(count: usize) -> String {
@@ -921,7 +964,7 @@ fn exchange_archive_with_a_bad_index_is_refused() {
     let index_name = format!("{ROOT}/ix08_V08.xml");
     let no_count = index_xml(1).replace("<totalRecordCount value=\"1\"/>", "");
     let bad_sender = index_xml(1).replace("extension=\"1311234567\"", "extension=\"ABC\"");
-    let cases: Vec<(&str, Vec<u8>, fn(&CdaError) -> bool)> = vec![
+    let cases: Vec<(&str, Vec<u8>, IsError)> = vec![
         (
             "missing index",
             zip_of(&[(&doc_name, &a)]),
