@@ -146,8 +146,9 @@ impl<'a> Builder<'a> {
                 "period": {"start": checkup_date, "end": checkup_date},
                 "detail": [{"reference": encounter_url}],
             }],
-            "section": section_json,
         });
+        // Assigned, not interpolated: `json!` would copy the whole value by re-serialising it.
+        composition["section"] = Value::Array(section_json);
         if let Some(id) = &doc.document_id {
             composition["identifier"] = json!({
                 "system": "http://jpfhir.jp/fhir/core/IdSystem/resourceInstance-identifier",
@@ -189,7 +190,7 @@ impl<'a> Builder<'a> {
             "serviceProvider": {"reference": institution_url},
         }));
         self.coverages(&patient_url);
-        self.push(document_reference_url, json!({
+        let mut document_reference = json!({
             "resourceType": "DocumentReference",
             "status": "current",
             "type": {"coding": [coding("http://jpfhir.jp/fhir/Common/CodeSystem/doc-typecodes", "53576-5", Some("検診・健診報告書"))]},
@@ -197,11 +198,13 @@ impl<'a> Builder<'a> {
             "description": "特定健診情報ファイル (HL7 CDA R2, hc08)",
             "content": [{"attachment": {
                 "contentType": CDA_CONTENT_TYPE,
-                "data": base64::engine::general_purpose::STANDARD.encode(original_xml),
                 "size": original_xml.len(),
                 "title": "特定健診情報ファイル",
             }}],
-        }));
+        });
+        document_reference["content"][0]["attachment"]["data"] =
+            Value::String(base64::engine::general_purpose::STANDARD.encode(original_xml));
+        self.push(document_reference_url, document_reference);
     }
 
     fn coverages(&mut self, patient_url: &str) {
@@ -504,7 +507,10 @@ impl<'a> Builder<'a> {
                 if let Some(id) = url.strip_prefix("urn:uuid:") {
                     resource["id"] = json!(id);
                 }
-                json!({"fullUrl": url, "resource": resource})
+                let mut entry = Map::new();
+                entry.insert("fullUrl".into(), Value::String(url));
+                entry.insert("resource".into(), resource);
+                Value::Object(entry)
             })
             .collect();
         let mut bundle = json!({
@@ -512,8 +518,8 @@ impl<'a> Builder<'a> {
             "meta": {"profile": [format!("{SD}JP_Bundle_eCheckupGeneral")]},
             "type": "document",
             "timestamp": format!("{}T00:00:00+09:00", doc.effective_date),
-            "entry": entries,
         });
+        bundle["entry"] = Value::Array(entries);
         bundle["identifier"] = json!({
             "system": "http://jpfhir.jp/fhir/core/IdSystem/documentInstance-identifier",
             "value": match &doc.document_id {
@@ -842,5 +848,11 @@ fn deterministic_uuid(key: &str, local: &str) -> String {
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    out
 }

@@ -50,7 +50,9 @@ pub(crate) fn parse_document(xml: &str) -> Result<CheckupDocument, CdaError> {
             expected: "{urn:hl7-org:v3}ClinicalDocument",
         });
     }
-    let reader = Reader { tree: &tree };
+    let reader = Reader {
+        line_starts: line_starts(xml),
+    };
 
     let document_id = child(root, "id").and_then(instance_id);
     let report_category = child(root, "code").and_then(|c| code_of(c, Some(REPORT_CATEGORY_OID)));
@@ -138,11 +140,29 @@ pub(crate) fn parse_document(xml: &str) -> Result<CheckupDocument, CdaError> {
     })
 }
 
-struct Reader<'a, 'input> {
-    tree: &'a roxmltree::Document<'input>,
+struct Reader {
+    /// Byte offset where each line starts; `text_pos_at` would rescan the text per node.
+    line_starts: Vec<usize>,
 }
 
-impl Reader<'_, '_> {
+fn line_starts(text: &str) -> Vec<usize> {
+    std::iter::once(0)
+        .chain(
+            text.bytes()
+                .enumerate()
+                .filter(|(_, b)| *b == b'\n')
+                .map(|(i, _)| i + 1),
+        )
+        .collect()
+}
+
+impl Reader {
+    /// 1-based line of a byte offset.
+    fn line_at(&self, offset: usize) -> u32 {
+        let line = self.line_starts.partition_point(|start| *start <= offset);
+        u32::try_from(line).unwrap_or(u32::MAX)
+    }
+
     fn section(&self, section: Node) -> Section {
         let mut observations = Vec::new();
         for entry in children(section, "entry") {
@@ -213,7 +233,7 @@ impl Reader<'_, '_> {
                 .collect(),
             reference_range,
             members,
-            line: self.tree.text_pos_at(node.range().start).row,
+            line: self.line_at(node.range().start),
         }
     }
 }
