@@ -17,6 +17,9 @@ use super::model::*;
 
 const SD: &str = "http://jpfhir.jp/fhir/eCheckup/StructureDefinition/";
 const UCUM: &str = "http://unitsofmeasure.org";
+const OBSERVATION_PROFILE: &str =
+    "http://jpfhir.jp/fhir/eCheckup/StructureDefinition/JP_Observation_eCheckupGeneral";
+const ITEM_CODE_SYSTEM: &str = "urn:oid:1.2.392.200119.6.1005";
 const CATEGORY_SYSTEM: &str =
     "http://jpfhir.jp/fhir/core/CodeSystem/JP_SimpleObservationCategory_CS";
 const SECTION_SYSTEM: &str = "http://jpfhir.jp/fhir/eCheckup/CodeSystem/section-code";
@@ -376,16 +379,36 @@ impl<'a> Builder<'a> {
         let o = converted.observation;
         let d = converted.definition;
         let url = self.url(&format!("Observation/{path}/{}", o.line));
-        let mut resource = json!({
-            "resourceType": "Observation",
-            "meta": {"profile": [format!("{SD}JP_Observation_eCheckupGeneral")]},
-            "status": "final",
-            "category": [{"coding": [coding(CATEGORY_SYSTEM, category_code(d.category_number), None)]}],
-            "code": {"coding": [coding(&oid_system(ITEM_CODE_OID), d.code, Some(d.name))]},
-            "subject": {"reference": patient_url},
-            "effectiveDateTime": o.effective_date.as_deref().unwrap_or(checkup_date),
-            "performer": [{"reference": performer_url}],
-        });
+        // Built key by key: this is the hot path, and `json!` re-serialises nested values.
+        let mut resource = object([
+            ("resourceType", Value::from("Observation")),
+            (
+                "meta",
+                object([(
+                    "profile",
+                    Value::Array(vec![Value::from(OBSERVATION_PROFILE)]),
+                )]),
+            ),
+            ("status", Value::from("final")),
+            (
+                "category",
+                Value::Array(vec![codeable(coding(
+                    CATEGORY_SYSTEM,
+                    category_code(d.category_number),
+                    None,
+                ))]),
+            ),
+            (
+                "code",
+                codeable(coding(ITEM_CODE_SYSTEM, d.code, Some(d.name))),
+            ),
+            ("subject", reference(patient_url)),
+            (
+                "effectiveDateTime",
+                Value::from(o.effective_date.as_deref().unwrap_or(checkup_date)),
+            ),
+            ("performer", Value::Array(vec![reference(performer_url)])),
+        ]);
         lines.push(format!("{} {}", d.name, summary(&converted.value)));
         let map = resource.as_object_mut();
         if let Some(map) = map {
@@ -409,7 +432,7 @@ impl<'a> Builder<'a> {
                             }
                             Some(other) => oid_system(other),
                         };
-                        json!({"coding": [coding(&system, &i.code, i.display.as_deref())]})
+                        codeable(coding(&system, &i.code, i.display.as_deref()))
                     })
                     .collect();
                 map.insert("interpretation".into(), Value::Array(codings));
@@ -435,7 +458,11 @@ impl<'a> Builder<'a> {
                         let mut component = Map::new();
                         component.insert(
                             "code".into(),
-                            json!({"coding": [coding(&oid_system(ITEM_CODE_OID), c.definition.code, Some(c.definition.name))]}),
+                            codeable(coding(
+                                ITEM_CODE_SYSTEM,
+                                c.definition.code,
+                                Some(c.definition.name),
+                            )),
                         );
                         component.extend(c.value);
                         Value::Object(component)
@@ -604,7 +631,7 @@ fn value_of(o: &Observation, d: &ItemDefinition) -> Result<Map<String, Value>, I
                     c["extension"] = json!([{"url": "http://hl7.org/fhir/StructureDefinition/ordinalValue", "valueDecimal": ordinal}]);
                 }
             }
-            out.insert("valueCodeableConcept".into(), json!({"coding": [c]}));
+            out.insert("valueCodeableConcept".into(), codeable(c));
         }
         ObservationValue::Text(text) => {
             if d.value_type != ValueType::St {
@@ -667,16 +694,16 @@ fn quantity(value: &str, unit: Option<&str>, d: &ItemDefinition) -> Option<Value
     } else {
         serde_json::Number::from(value.parse::<u64>().ok()?)
     };
-    let mut q = json!({"value": number});
-    let display = d.display_unit.or(unit);
-    if let Some(display) = display {
-        q["unit"] = json!(display);
+    let mut q = Map::with_capacity(4);
+    q.insert("value".into(), Value::Number(number));
+    if let Some(display) = d.display_unit.or(unit) {
+        q.insert("unit".into(), Value::from(display));
     }
     if let Some(ucum) = d.ucum_unit {
-        q["system"] = json!(UCUM);
-        q["code"] = json!(ucum);
+        q.insert("system".into(), Value::from(UCUM));
+        q.insert("code".into(), Value::from(ucum));
     }
-    Some(q)
+    Some(Value::Object(q))
 }
 
 fn absent_reason(null_flavor: &str) -> Value {
@@ -782,11 +809,30 @@ fn address(a: &Address) -> Option<Value> {
 }
 
 fn coding(system: &str, code: &str, display: Option<&str>) -> Value {
-    let mut c = json!({"system": system, "code": code});
+    let mut c = Map::with_capacity(3);
+    c.insert("system".into(), Value::from(system));
+    c.insert("code".into(), Value::from(code));
     if let Some(display) = display {
-        c["display"] = json!(display);
+        c.insert("display".into(), Value::from(display));
     }
-    c
+    Value::Object(c)
+}
+
+/// `{"coding": [coding]}`.
+fn codeable(coding: Value) -> Value {
+    object([("coding", Value::Array(vec![coding]))])
+}
+
+fn reference(url: &str) -> Value {
+    object([("reference", Value::from(url))])
+}
+
+fn object<const N: usize>(pairs: [(&str, Value); N]) -> Value {
+    let mut map = Map::with_capacity(N);
+    for (key, value) in pairs {
+        map.insert(key.to_owned(), value);
+    }
+    Value::Object(map)
 }
 
 fn oid_system(oid: &str) -> String {
