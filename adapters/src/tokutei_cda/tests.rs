@@ -1073,6 +1073,19 @@ fn fuzz_base() -> Vec<u8> {
     )
 }
 
+/// A small valid archive, built once for the fuzz cases.
+fn fuzz_archive() -> &'static Vec<u8> {
+    static ARCHIVE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    ARCHIVE.get_or_init(|| {
+        let index = index_xml(1);
+        let document = fuzz_base();
+        zip_of(&[
+            ("ix08_V08.xml", index.as_bytes()),
+            ("DATA/h1.xml", &document),
+        ])
+    })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
@@ -1100,6 +1113,25 @@ proptest! {
         }
         if let Ok(doc) = parse(&xml) {
             let _ = to_fhir_bundle(&doc, &xml);
+        }
+    }
+
+    #[test]
+    fn mutated_archives_never_panic(
+        edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6)
+    ) {
+        let mut bytes = fuzz_archive().clone();
+        for (at, byte) in edits {
+            let i = at.index(bytes.len());
+            bytes[i] = byte;
+        }
+        if let Ok(archive) = read_exchange_zip(&bytes) {
+            for document in archive.checkup_documents() {
+                let _ = validate(&document.bytes);
+                if let Ok(doc) = parse(&document.bytes) {
+                    let _ = to_fhir_bundle(&doc, &document.bytes);
+                }
+            }
         }
     }
 
