@@ -41,7 +41,8 @@ pub(crate) fn convert(doc: &CheckupDocument, original_xml: &[u8]) -> Conversion 
     let mut b = Builder {
         key,
         doc,
-        entries: Vec::new(),
+        // Results plus the dozen header resources: sized once, grown never.
+        entries: Vec::with_capacity(doc.observations().count() + 12),
         item_errors: Vec::new(),
     };
     b.build(original_xml);
@@ -873,23 +874,27 @@ fn deterministic_uuid(key: &str, local: &str) -> String {
     b.copy_from_slice(&digest[..16]);
     b[6] = (b[6] & 0x0f) | 0x50;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let h = hex(&b);
-    format!(
-        "urn:uuid:{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
+    let mut url = String::with_capacity(45);
+    url.push_str("urn:uuid:");
+    for (i, byte) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            url.push('-');
+        }
+        push_hex(&mut url, *byte);
+    }
+    url
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    for byte in bytes {
+        push_hex(&mut out, *byte);
     }
     out
+}
+
+fn push_hex(out: &mut String, byte: u8) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    out.push(char::from(DIGITS[usize::from(byte >> 4)]));
+    out.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
 }
