@@ -14,6 +14,7 @@ pub mod oauth;
 pub mod self_info;
 pub mod simulator_web;
 pub mod source;
+pub mod tokutei_cda;
 
 pub use error::SourceError;
 pub use source::{
