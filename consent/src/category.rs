@@ -22,10 +22,12 @@ pub enum DataCategory {
     Encounters,
     /// 文書 (discharge summaries, referral letters, checkup report documents).
     Documents,
+    /// 医療費 (医療費通知: what was paid, per month and institution).
+    MedicalCosts,
 }
 
 impl DataCategory {
-    pub const ALL: [DataCategory; 8] = [
+    pub const ALL: [DataCategory; 9] = [
         DataCategory::Demographics,
         DataCategory::Observations,
         DataCategory::Conditions,
@@ -34,6 +36,7 @@ impl DataCategory {
         DataCategory::Immunizations,
         DataCategory::Encounters,
         DataCategory::Documents,
+        DataCategory::MedicalCosts,
     ];
 
     /// The FHIR resource types in this category.
@@ -51,7 +54,9 @@ impl DataCategory {
             ],
             DataCategory::Immunizations => &["Immunization"],
             DataCategory::Encounters => &["Encounter"],
-            DataCategory::Documents => &["DocumentReference", "Composition"],
+            // `Bundle`: a 健康診断結果報告書 document converted from a 特定健診 CDA.
+            DataCategory::Documents => &["DocumentReference", "Composition", "Bundle"],
+            DataCategory::MedicalCosts => &["ExplanationOfBenefit"],
         }
     }
 
@@ -74,6 +79,7 @@ impl DataCategory {
             DataCategory::Immunizations => "immunizations",
             DataCategory::Encounters => "encounters",
             DataCategory::Documents => "documents",
+            DataCategory::MedicalCosts => "medical-costs",
         }
     }
 
@@ -92,6 +98,7 @@ impl DataCategory {
             DataCategory::Immunizations => "予防接種",
             DataCategory::Encounters => "受診歴",
             DataCategory::Documents => "文書（退院時サマリー・紹介状・健診結果報告書など）",
+            DataCategory::MedicalCosts => "医療費（医療費通知）",
         }
     }
 
@@ -107,6 +114,7 @@ impl DataCategory {
             DataCategory::Documents => {
                 "Documents (discharge summaries, referrals, checkup reports)"
             }
+            DataCategory::MedicalCosts => "Medical costs (medical expense notices)",
         }
     }
 }

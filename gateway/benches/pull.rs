@@ -51,6 +51,7 @@ async fn run(engine: phr_gateway::store::Engine, patients: usize, per_patient: u
         page_size: Some(1000),
         max_concurrent_requests: Some(8),
         auth: Default::default(),
+        portal_categories: None,
     }];
     let gateway = env.gateway().await;
     let state = &gateway.state;

@@ -234,7 +234,9 @@ fn create_data_dir(config: &Config) -> Result<()> {
         .map_err(|e| Error::io(&config.data_dir, e))
 }
 
-fn load_or_generate_source_client_key(path: &std::path::Path) -> Result<(BackendKey, bool)> {
+/// The gateway's ES384 key for `private_key_jwt` at sources (published in its JWKS),
+/// generated (0600) on first use; `true` when it was generated now.
+pub fn load_or_generate_source_client_key(path: &std::path::Path) -> Result<(BackendKey, bool)> {
     if path.exists() {
         key_file::check_private(path)?;
         let pem =

@@ -229,6 +229,10 @@ pub struct SourceConfig {
     /// How the gateway authorises at the source.
     #[serde(default)]
     pub auth: SourceAuth,
+    /// For `self-info` sources: the portal categories (scope names) to ask for; by default
+    /// everything the portal offers today (`checkup.school` only when listed here).
+    #[serde(default)]
+    pub portal_categories: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -245,8 +249,19 @@ pub enum SourceAuth {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum SourceKind {
-    /// A hospital FHIR R4 server, SMART App Launch standalone patient launch.
+    /// A hospital FHIR R4 server (SMART App Launch, or Backend Services with `auth`).
     FhirR4,
+    /// A My Number Portal-style self-information API (自己情報取得API).
+    SelfInfo,
+}
+
+impl SourceKind {
+    pub fn code(self) -> &'static str {
+        match self {
+            SourceKind::FhirR4 => "fhir-r4",
+            SourceKind::SelfInfo => "self-info",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]

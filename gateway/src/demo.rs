@@ -7,6 +7,9 @@ use rand::distributions::{Alphanumeric, DistString};
 use serde_json::json;
 
 use phr_adapters::fhir_r4::simulator::{HospitalSimulator, RunningSimulator, SimulatorConfig};
+use phr_adapters::self_info::simulator::{
+    PortalSimulator, RunningSimulator as RunningPortal, SimulatorConfig as PortalSimulatorConfig,
+};
 
 use crate::app::{Gateway, RunningGateway};
 use crate::audit::{AccountRole, Agent};
@@ -23,6 +26,7 @@ const DEMO_SOURCE: &str = "demo-records";
 pub struct Demo {
     pub gateway: RunningGateway,
     pub hospital: RunningSimulator,
+    pub portal: RunningPortal,
 }
 
 impl Demo {
@@ -44,22 +48,56 @@ impl Demo {
             page_size: Some(20),
             max_concurrent_requests: None,
             auth: Default::default(),
+            portal_categories: None,
+        });
+        // The portal knows the gateway by its source-client key, as a real portal would
+        // after registration.
+        let (client_key, _) =
+            crate::app::load_or_generate_source_client_key(&config.source_client_key_path())?;
+        let portal = PortalSimulator::start(PortalSimulatorConfig::new(
+            "phr-gateway",
+            client_key.public_jwk(),
+        ))
+        .await
+        .map_err(|e| Error::config("demo", format!("cannot start the portal simulator: {e}")))?;
+        config.sources.retain(|s| s.id != DEMO_PORTAL);
+        config.sources.push(SourceConfig {
+            id: DEMO_PORTAL.into(),
+            display_name: "マイナポータル（模擬） (Simulated My Number Portal)".into(),
+            kind: SourceKind::SelfInfo,
+            base_url: portal.base_url.clone(),
+            client_id: "phr-gateway".into(),
+            page_size: Some(50),
+            max_concurrent_requests: None,
+            auth: Default::default(),
+            portal_categories: None,
         });
         let gateway = Gateway::build(config).await?;
         let credentials = seed(&gateway.state).await?;
         let gateway = gateway.start().await?;
-        print_welcome(gateway.addr, &credentials, &hospital.base_url);
-        Ok(Demo { gateway, hospital })
+        let card = portal
+            .handle
+            .person(1)
+            .map(|person| (person.card_number, person.pin))
+            .unwrap_or_default();
+        print_welcome(gateway.addr, &credentials, &hospital.base_url, &card);
+        Ok(Demo {
+            gateway,
+            hospital,
+            portal,
+        })
     }
 
     pub async fn run_until_signal(self) -> Result<()> {
         let result = self.gateway.run_until_signal().await;
         self.hospital.shutdown().await;
+        self.portal.shutdown().await;
         result
     }
 }
 
 pub const DEMO_HOSPITAL: &str = "demo-hospital";
+pub const DEMO_PORTAL: &str = "demo-portal";
 
 pub struct DemoCredentials {
     pub patient: (String, String),
@@ -181,13 +219,20 @@ fn demo_resources() -> Vec<(&'static str, &'static str, serde_json::Value)> {
     ]
 }
 
-pub fn print_welcome(addr: SocketAddr, credentials: &DemoCredentials, hospital: &str) {
+pub fn print_welcome(
+    addr: SocketAddr,
+    credentials: &DemoCredentials,
+    hospital: &str,
+    (card, pin): &(String, String),
+) {
     let base = format!("https://localhost:{}", addr.port());
     println!(
         "\nphr-gateway demo is running at {base} (self-signed dev certificate: use curl -k)\n\n\
          Patient portal: {base}/portal — sign in as the demo patient, choose デモ病院 and some\n\
          categories, continue to the hospital and sign in there as patient-0001 / phr-sim-0001;\n\
          back in the portal, watch the data arrive, then withdraw in one click.\n\
+         Or choose マイナポータル（模擬） and \"read\" the simulated My Number Card {card}\n\
+         with PIN {pin} to fetch 特定健診, medicines, immunizations and medical costs.\n\
          (Simulated hospital FHIR server: {hospital})\n\n\
          Demo patient:  {} / {}\n\
          Demo operator: {} / {}\n\n\

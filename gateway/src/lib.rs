@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod audit;
+pub mod checkups;
 pub mod cli;
 pub mod config;
 pub mod crypto;

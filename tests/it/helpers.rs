@@ -252,6 +252,7 @@ pub fn hospital_source(base_url: String, page_size: u32) -> phr_gateway::config:
         page_size: Some(page_size),
         max_concurrent_requests: None,
         auth: Default::default(),
+        portal_categories: None,
     }
 }
 

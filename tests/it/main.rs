@@ -11,5 +11,6 @@ mod openapi;
 mod portal;
 mod pull;
 mod pull_queue;
+mod pull_self_info;
 mod resources;
 mod security;

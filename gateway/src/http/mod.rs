@@ -1,6 +1,7 @@
 //! The HTTP API: one router, one state, one error renderer.
 
 pub mod auth;
+pub mod checkups;
 pub mod client_ip;
 pub mod error;
 pub mod fhir;
@@ -112,6 +113,7 @@ pub fn router(state: AppState) -> Router {
         .route("/auth/session", get(auth::session))
         .route("/patient/resources", get(patient::resources))
         .route("/patient/sources", get(pull::sources))
+        .route("/patient/checkups", post(checkups::upload))
         .route("/patient/sources/callback", get(pull::callback))
         .route("/patient/pull-instructions", get(pull::list).post(pull::give))
         .route("/patient/pull-instructions/{id}", get(pull::detail))

@@ -22,6 +22,7 @@ use utoipa::OpenApi;
         super::pull::detail,
         super::pull::withdraw,
         super::pull::jwks,
+        super::checkups::upload,
     ),
     tags(
         (name = "health", description = "Probes"),
@@ -30,6 +31,7 @@ use utoipa::OpenApi;
         (name = "operator", description = "Operator endpoints (operator session required)"),
         (name = "pull", description = "Pull instructions: fetching from sources on the patient's instruction"),
         (name = "keys", description = "The gateway's public keys"),
+        (name = "checkups", description = "特定健診 results uploaded as CDA or exchange ZIP"),
     )
 )]
 pub struct ApiDoc;

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use phr_adapters::fhir_r4::{BackendKey, FhirR4Config, FhirR4Source};
+use phr_adapters::self_info::{Category, SelfInfoConfig, SelfInfoSource};
 use phr_adapters::Source;
 
 use crate::config::{SourceAuth, SourceConfig, SourceKind};
@@ -79,11 +80,41 @@ impl SourceRegistry {
                         Error::config(format!("sources.{}", config.id), e.to_string())
                     })?)
                 }
+                SourceKind::SelfInfo => {
+                    let mut portal = SelfInfoConfig::new(
+                        &config.id,
+                        &config.base_url,
+                        &config.client_id,
+                        backend_key.clone(),
+                    );
+                    if let Some(page_size) = config.page_size {
+                        portal.page_size = page_size;
+                    }
+                    if let Some(limit) = config.max_concurrent_requests {
+                        portal.max_concurrent_requests = limit;
+                    }
+                    if let Some(scopes) = &config.portal_categories {
+                        portal.enabled_categories = scopes
+                            .iter()
+                            .map(|scope| {
+                                Category::from_scope(scope).ok_or_else(|| {
+                                    Error::config(
+                                        format!("sources.{}.portal_categories", config.id),
+                                        format!("unknown portal category {scope:?}"),
+                                    )
+                                })
+                            })
+                            .collect::<Result<_>>()?;
+                    }
+                    Arc::new(SelfInfoSource::new(portal).map_err(|e| {
+                        Error::config(format!("sources.{}", config.id), e.to_string())
+                    })?)
+                }
             };
             registry.add(
                 SourceInfo {
                     id: config.id.clone(),
-                    kind: "fhir-r4".into(),
+                    kind: config.kind.code().into(),
                     display_name: config.display_name.clone(),
                 },
                 source,

@@ -20,6 +20,7 @@ use super::instructions::{Instruction, InstructionStatus, Instructions};
 use super::queue::{BatchCounts, JobOutcome, JobQueue, PullJob};
 use super::registry::{mark_available, mark_unavailable, SourceInfo, SourceRegistry};
 use crate::audit::{self, Agent, AuditEvent, AuditLog, EventKind, Outcome};
+use crate::checkups;
 use crate::error::Result;
 use crate::store::resources::{
     NewResource, ResourceMeta, ResourceStore, SourceIdentity, WriteOutcome,
@@ -296,14 +297,38 @@ impl PullWorker {
                         },
                         body,
                     };
-                    match self.resources.validate(&new) {
-                        Ok(()) => accepted.push(new),
-                        Err(e) => refused.push((
+                    if let Err(e) = self.resources.validate(&new) {
+                        refused.push((
                             Some(resource.resource_type),
                             Some(resource.source_resource_id),
                             e.to_string(),
-                        )),
+                        ));
+                        continue;
                     }
+                    // A 特定健診 CDA also becomes its checkup report Bundle (stored once per
+                    // checkup, whoever sends it); the DocumentReference keeps the original.
+                    if resource.resource_type == "DocumentReference" {
+                        if let Some(xml) = checkups::cda_of_document_reference(&new.body) {
+                            match checkups::convert(&instruction.patient_id, &xml) {
+                                Ok(checkup) => {
+                                    for error in checkup.item_errors {
+                                        refused.push((
+                                            Some("Observation".into()),
+                                            Some(resource.source_resource_id.clone()),
+                                            format!("特定健診 result left out: {error}"),
+                                        ));
+                                    }
+                                    accepted.push(checkup.resource);
+                                }
+                                Err(e) => refused.push((
+                                    Some("Bundle".into()),
+                                    Some(resource.source_resource_id.clone()),
+                                    format!("特定健診 CDA not converted: {e}"),
+                                )),
+                            }
+                        }
+                    }
+                    accepted.push(new);
                 }
                 PullItem::Rejected {
                     resource_type,
@@ -482,9 +507,13 @@ fn provenance_of(
     source: &SourceInfo,
     written: &[(ResourceMeta, WriteOutcome)],
 ) -> Result<Option<NewResource>> {
+    // A reconciled checkup that another source already delivered is unchanged but still
+    // gets this source in its Provenance (the Provenance id makes a re-fetch idempotent).
     let targets: Vec<&ResourceMeta> = written
         .iter()
-        .filter(|(_, outcome)| *outcome != WriteOutcome::Unchanged)
+        .filter(|(meta, outcome)| {
+            *outcome != WriteOutcome::Unchanged || meta.resource_type == "Bundle"
+        })
         .map(|(meta, _)| meta)
         .collect();
     if targets.is_empty() {

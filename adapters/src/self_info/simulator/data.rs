@@ -424,8 +424,10 @@ fn xml_escape(value: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// A small hc08 document shaped after the MHLW template: header (報告区分 10 = 特定健診,
-/// 受診者, 作成機関, 実施日) and a 身体計測 section with 身長 and 体重. Not a complete report.
+/// A small hc08 document following the MHLW template, valid against the hc08 schema:
+/// header (報告区分 10 = 特定健診, the person's insurance card, 作成機関, 実施日 and
+/// 実施機関) and a 身体計測 section with 身長 and 体重. Not a complete report. Birth dates and
+/// card numbers are derived from the person's number.
 fn checkup_document(
     person: &PortalPerson,
     date: &str,
@@ -437,6 +439,14 @@ fn checkup_document(
     let compact_date = date.replace('-', "");
     let name = xml_escape(&person.display_name);
     let institution = xml_escape(institution);
+    let birth = format!("{}0401", 1950 + person.number % 40);
+    let sex = if person.number.is_multiple_of(2) {
+        "2"
+    } else {
+        "1"
+    };
+    let insurer = format!("{:08}", 6_130_000 + person.number);
+    let card_number = format!("{}", 100_000 + person.number);
     format!(
         r#"<?xml version="1.0" encoding="UTF-8"?>
 <ClinicalDocument xmlns="urn:hl7-org:v3" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xsi:schemaLocation="urn:hl7-org:v3 ../XSD/hc08_V08.xsd">
@@ -445,10 +455,19 @@ fn checkup_document(
   <code code="10" codeSystem="1.2.392.200119.6.1001"/>
   <effectiveTime value="{compact_date}"/>
   <confidentialityCode code="N"/>
-  <recordTarget><patientRole><patient><name>{name}</name></patient></patientRole></recordTarget>
+  <recordTarget><patientRole>
+    <id extension="{insurer}" root="1.2.392.200119.6.101"/>
+    <id extension="記号{number}" root="1.2.392.200119.6.204"/>
+    <id extension="{card_number}" root="1.2.392.200119.6.205"/>
+    <id extension="00" root="1.2.392.200119.6.211"/>
+    <addr><postalCode>100-0001</postalCode>東京都千代田区</addr>
+    <patient><name>{name}</name><administrativeGenderCode code="{sex}" codeSystem="1.2.392.200119.6.1104"/><birthTime value="{birth}"/></patient>
+  </patientRole></recordTarget>
   <author><time value="{compact_date}"/><assignedAuthor><id nullFlavor="NI"/><representedOrganization><id extension="{institution_code}" root="1.2.392.200119.6.102"/><name>{institution}</name></representedOrganization></assignedAuthor></author>
   <custodian><assignedCustodian><representedCustodianOrganization><id nullFlavor="NI"/></representedCustodianOrganization></assignedCustodian></custodian>
-  <documentationOf><serviceEvent><code code="1" codeSystem="1.2.392.200119.6.1002"/><effectiveTime value="{compact_date}"/></serviceEvent></documentationOf>
+  <documentationOf><serviceEvent><code code="1" codeSystem="1.2.392.200119.6.1002"/><effectiveTime value="{compact_date}"/>
+    <performer typeCode="PRF"><assignedEntity><id nullFlavor="NI"/><representedOrganization><id extension="{institution_code}" root="1.2.392.200119.6.102"/><name>{institution}</name></representedOrganization></assignedEntity></performer>
+  </serviceEvent></documentationOf>
   <component><structuredBody><component><section>
     <code code="01010" codeSystem="1.2.392.200119.6.1010" displayName="身体計測"/>
     <title>身体計測</title>
@@ -457,7 +476,8 @@ fn checkup_document(
     <entry><observation classCode="OBS" moodCode="EVN"><code code="9N006000000000001" codeSystem="1.2.392.200119.6.1005" displayName="体重"/><value xsi:type="PQ" value="{weight:.1}" unit="kg"/></observation></entry>
   </section></component></structuredBody></component>
 </ClinicalDocument>
-"#
+"#,
+        number = person.number,
     )
 }
 
@@ -485,6 +505,16 @@ mod unit_tests {
                 if record.category == Category::SpecificCheckup {
                     let listing = mapping::checkup_listing(&item).expect("listing");
                     let document = record.document.as_deref().unwrap_or_default();
+                    crate::tokutei_cda::validate(document.as_bytes())
+                        .expect("the simulator's 特定健診 documents pass the hc08 schema");
+                    let parsed = crate::tokutei_cda::parse(document.as_bytes()).expect("parses");
+                    let conversion =
+                        crate::tokutei_cda::to_fhir_bundle(&parsed, document.as_bytes());
+                    assert!(
+                        conversion.item_errors.is_empty(),
+                        "{:?}",
+                        conversion.item_errors
+                    );
                     mapping::map_checkup_document(&listing, document.as_bytes(), &person.subject)
                         .expect("document maps");
                 } else {

@@ -1,0 +1,210 @@
+//! 特定健診 uploads: the patient (or a checkup institution acting on the patient's
+//! instruction, through the patient's session) sends one hc08 CDA or the MHLW exchange ZIP.
+//! Every document is validated and converted before anything is stored; one bad document
+//! refuses the whole upload, so nothing is half-stored.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::TryStreamExt;
+use phr_adapters::tokutei_cda;
+use serde::Serialize;
+use serde_json::json;
+use utoipa::ToSchema;
+
+use super::error::ApiError;
+use super::session::PatientSession;
+use super::AppState;
+use crate::audit::{AuditEvent, EventKind, Outcome};
+use crate::checkups::{self, ConvertedCheckup};
+use crate::error::Error;
+use crate::store::resources::{NewResource, SourceIdentity, WriteOutcome};
+use crate::store::{millis_to_rfc3339, now_millis};
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StoredCheckup {
+    /// The gateway's id of the checkup report Bundle.
+    pub id: String,
+    pub checkup_date: String,
+    pub institution: Option<String>,
+    /// `created`, `updated`, or `unchanged` (already received, e.g. from the portal).
+    pub outcome: String,
+    /// Results left out of the report, with their item codes and reasons.
+    pub item_errors: Vec<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UploadedCheckups {
+    pub checkups: Vec<StoredCheckup>,
+}
+
+/// Uploads 特定健診 results: one CDA document (`application/hl7-v3+xml`, `application/xml`
+/// or `text/xml`) or an MHLW exchange ZIP (`application/zip`).
+#[utoipa::path(post, path = "/patient/checkups", tag = "checkups",
+    request_body(content = Vec<u8>, description = "hc08 CDA or exchange ZIP", content_type = "application/hl7-v3+xml"),
+    responses((status = 201, description = "Stored (one report per checkup, reconciled with other sources)", body = UploadedCheckups),
+        (status = 400, description = "Invalid document, archive or content type, or a document about someone else; nothing stored", content_type = "application/problem+json"),
+        (status = 401, description = "Not signed in", content_type = "application/problem+json")))]
+pub async fn upload(
+    State(state): State<AppState>,
+    patient: PatientSession,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    match convert_upload(&state, &patient, &headers, &body).await {
+        Ok(converted) => store(&state, &patient, converted).await,
+        Err(error) => {
+            let event = AuditEvent::new(EventKind::Create, patient.auth.agent())
+                .outcome(Outcome::MinorFailure)
+                .patient(&patient.patient_id)
+                .detail(format!("特定健診 upload refused: {error}"));
+            state.audit.record_now(&event).await?;
+            Err(error.into())
+        }
+    }
+}
+
+async fn convert_upload(
+    state: &AppState,
+    patient: &PatientSession,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Vec<ConvertedCheckup>, Error> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .map(|value| value.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    let documents: Vec<(String, Vec<u8>)> = match content_type.as_str() {
+        "application/zip" => {
+            let archive = tokutei_cda::read_exchange_zip(body)
+                .map_err(|e| Error::Invalid(format!("exchange ZIP: {e}")))?;
+            archive
+                .checkup_documents()
+                .map(|document| (document.path.clone(), document.bytes.clone()))
+                .collect()
+        }
+        "application/hl7-v3+xml" | "application/xml" | "text/xml" => {
+            vec![("the document".to_string(), body.to_vec())]
+        }
+        other => {
+            return Err(Error::Invalid(format!(
+                "content type {other:?}: send a 特定健診 CDA (application/hl7-v3+xml) or an \
+                 exchange ZIP (application/zip)"
+            )))
+        }
+    };
+    if documents.is_empty() {
+        return Err(Error::Invalid(
+            "the archive holds no checkup results".into(),
+        ));
+    }
+    let known = known_birth_dates(state, &patient.patient_id).await?;
+    let mut converted = Vec::with_capacity(documents.len());
+    for (name, xml) in documents {
+        let checkup = checkups::convert(&patient.patient_id, &xml)
+            .map_err(|e| Error::Invalid(format!("{name}: {e}")))?;
+        if let Some(birth_date) = &checkup.birth_date {
+            if !known.is_empty() && !known.contains(birth_date) {
+                return Err(Error::Invalid(format!(
+                    "{name} is about another person: its birth date does not match the \
+                     patient's records"
+                )));
+            }
+        }
+        converted.push(checkup);
+    }
+    Ok(converted)
+}
+
+/// Birth dates in the patient's records (Patients and checkup reports), to recognise a
+/// document about someone else. Empty when nothing is known yet.
+async fn known_birth_dates(state: &AppState, patient_id: &str) -> Result<Vec<String>, Error> {
+    let stream = match state.resources.stream_current(patient_id).await {
+        Ok(stream) => stream,
+        Err(Error::KeyMissing(_)) | Err(Error::NotFound(_)) => return Ok(Vec::new()),
+        Err(other) => return Err(other),
+    };
+    let mut dates: Vec<String> = stream
+        .try_filter_map(|resource| async move {
+            Ok(Some(checkups::birth_dates_in(
+                &resource.meta.resource_type,
+                &resource.body,
+            )))
+        })
+        .try_concat()
+        .await?;
+    dates.sort();
+    dates.dedup();
+    Ok(dates)
+}
+
+async fn store(
+    state: &AppState,
+    patient: &PatientSession,
+    converted: Vec<ConvertedCheckup>,
+) -> Result<Response, ApiError> {
+    let agent = patient.auth.agent();
+    let batch: Vec<NewResource> = converted.iter().map(|c| c.resource.clone()).collect();
+    let written = state
+        .resources
+        .put_batch_with_detail(&agent, batch, Some("特定健診 upload".into()))
+        .await?;
+    // Each upload is a source of its checkups: one Provenance naming the uploader.
+    let provenance_id = uuid::Uuid::now_v7().to_string();
+    let provenance = json!({
+        "resourceType": "Provenance",
+        "id": provenance_id,
+        "target": written.iter().map(|(meta, _)| json!({
+            "reference": format!("Bundle/{}/_history/{}", meta.id, meta.version)
+        })).collect::<Vec<_>>(),
+        "recorded": millis_to_rfc3339(now_millis()),
+        "activity": {"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
+            "code": "CREATE"
+        }]},
+        "agent": [{
+            "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type", "code": "author"}]},
+            "who": {"identifier": {"system": "urn:phr-gateway:source", "value": "upload"}, "display": "特定健診 upload"},
+            "onBehalfOf": {"reference": format!("Patient/{}", patient.patient_id)}
+        }]
+    });
+    state
+        .resources
+        .put(
+            &agent,
+            NewResource {
+                patient_id: patient.patient_id.clone(),
+                category: "provenance".into(),
+                source: SourceIdentity {
+                    source: "phr-gateway".into(),
+                    resource_type: "Provenance".into(),
+                    source_resource_id: provenance_id,
+                    version_id: Some("1".into()),
+                },
+                body: serde_json::to_vec(&provenance).map_err(|e| Error::Invalid(e.to_string()))?,
+            },
+        )
+        .await?;
+    state.audit.notify();
+    let checkups = converted
+        .into_iter()
+        .zip(written)
+        .map(|(checkup, (meta, outcome))| StoredCheckup {
+            id: meta.id,
+            checkup_date: checkup.checkup_date,
+            institution: checkup.institution,
+            outcome: match outcome {
+                WriteOutcome::Unchanged => "unchanged",
+                WriteOutcome::Created => "created",
+                _ => "updated",
+            }
+            .into(),
+            item_errors: checkup.item_errors,
+        })
+        .collect();
+    Ok((StatusCode::CREATED, Json(UploadedCheckups { checkups })).into_response())
+}

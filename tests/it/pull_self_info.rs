@@ -1,0 +1,286 @@
+//! The My Number Portal-style source end to end on both engines: the patient links the
+//! (simulated) portal with their card, the gateway pulls 薬剤情報, 予防接種, 医療費通知 and
+//! 特定健診 (converted into checkup report Bundles), and an uploaded copy of a checkup the
+//! portal already delivered is recognised and stored once.
+
+use phr_adapters::fhir_r4::BackendKey;
+use phr_adapters::self_info::simulator::patient_agent::read_card_and_decide;
+use phr_adapters::self_info::simulator::{PortalSimulator, RunningSimulator, SimulatorConfig};
+use phr_adapters::self_info::Category;
+use phr_gateway::audit::AccountRole;
+use phr_gateway::config::{SourceConfig, SourceKind};
+use phr_gateway::pull::queue::JobOutcome;
+use phr_gateway::pull::worker::RunResult;
+use reqwest::StatusCode;
+use serde_json::Value;
+use sqlx::Row;
+
+use crate::both_engines;
+use crate::helpers::{leaves_containing, spawn_app_with, Engine, TestApp, TestEnv};
+
+both_engines!(portal_checkups_medicines_and_uploads);
+
+async fn count(app: &TestApp, sql: &str) -> i64 {
+    sqlx::query(sql)
+        .fetch_one(app.gateway().state.db.read_pool())
+        .await
+        .expect(sql)
+        .get(0)
+}
+
+async fn of_type(app: &TestApp, resource_type: &str) -> i64 {
+    count(
+        app,
+        &format!(
+            "SELECT COUNT(*) FROM resources WHERE patient_id = 'p-hanako' AND resource_type = '{resource_type}'"
+        ),
+    )
+    .await
+}
+
+fn records_of(portal: &RunningSimulator, subject: &str, category: Category) -> Vec<String> {
+    portal
+        .handle
+        .records(subject)
+        .into_iter()
+        .filter(|(c, ..)| *c == category)
+        .map(|(_, id, ..)| id)
+        .collect()
+}
+
+async fn upload(
+    app: &TestApp,
+    token: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> reqwest::Response {
+    app.client
+        .post(app.url("/patient/checkups"))
+        .bearer_auth(token)
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .expect("upload")
+}
+
+async fn portal_checkups_medicines_and_uploads(engine: Engine) {
+    let key = BackendKey::generate_es384();
+    let portal = PortalSimulator::start(SimulatorConfig::new("phr-gateway", key.public_jwk()))
+        .await
+        .expect("portal");
+    let base_url = portal.base_url.clone();
+    let pem = key.to_pem().expect("pem");
+    let app = spawn_app_with(TestEnv::new(engine).await, move |c| {
+        c.pull.workers = 0;
+        c.sources = vec![SourceConfig {
+            id: "portal".into(),
+            display_name: "マイナポータル".into(),
+            kind: SourceKind::SelfInfo,
+            base_url,
+            client_id: "phr-gateway".into(),
+            page_size: Some(5),
+            max_concurrent_requests: None,
+            auth: Default::default(),
+            portal_categories: None,
+        }];
+        phr_gateway::crypto::key_file::write_private(&c.source_client_key_path(), pem.as_bytes())
+            .expect("key file");
+    })
+    .await;
+    let token = app
+        .sign_in(AccountRole::Patient, "hanako", Some("p-hanako"))
+        .await;
+
+    // Uploading before anything is known: a non-CDA content type and a broken document
+    // are refused with a reason, nothing is stored, and the audit log says so.
+    let wrong_type = upload(&app, &token, "application/pdf", b"%PDF".to_vec()).await;
+    assert_eq!(wrong_type.status(), StatusCode::BAD_REQUEST);
+    let broken = upload(
+        &app,
+        &token,
+        "application/hl7-v3+xml",
+        b"<ClinicalDocument xmlns=\"urn:hl7-org:v3\"><id/></ClinicalDocument>".to_vec(),
+    )
+    .await;
+    assert_eq!(broken.status(), StatusCode::BAD_REQUEST);
+    let problem: Value = broken.json().await.expect("problem");
+    assert!(problem["detail"].as_str().is_some_and(|d| !d.is_empty()));
+    let not_utf8 = upload(
+        &app,
+        &token,
+        "application/xml",
+        vec![0xff, 0xfe, 0x3c, 0x00],
+    )
+    .await;
+    assert_eq!(not_utf8.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(of_type(&app, "Bundle").await, 0);
+    assert!(leaves_containing(&app, "upload refused").await >= 3);
+
+    // The patient instructs a pull from the portal and reads their card there.
+    let given: Value = app
+        .client
+        .post(app.url("/patient/pull-instructions"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({
+            "source_id": "portal",
+            "categories": ["medications", "immunizations", "documents", "medical-costs"]
+        }))
+        .send()
+        .await
+        .expect("give")
+        .json()
+        .await
+        .expect("json");
+    let authorize_url = given["authorize_url"].as_str().expect("authorize_url");
+    let person = portal.handle.person(1).expect("person 1");
+    let visit = read_card_and_decide(authorize_url, &person.card_number, &person.pin, true)
+        .await
+        .expect("consent at the portal");
+    let linked = app
+        .client
+        .get(&visit.location)
+        .send()
+        .await
+        .expect("callback");
+    assert_eq!(linked.status(), StatusCode::OK);
+    let linked: Value = linked.json().await.expect("json");
+    assert_eq!(linked["instruction"]["status"], "active");
+
+    let worker = app.gateway().state.pull_worker();
+    let mut results = Vec::new();
+    while let Some((_, result)) = worker.run_once().await.expect("worker") {
+        results.push(result);
+    }
+    assert_eq!(results, vec![RunResult::Finished(JobOutcome::Done)]);
+
+    let subject = &person.subject;
+    let checkups = records_of(&portal, subject, Category::SpecificCheckup);
+    let immunizations = records_of(&portal, subject, Category::Immunization);
+    let costs = records_of(&portal, subject, Category::MedicalCost);
+    assert!(!checkups.is_empty() && !immunizations.is_empty() && !costs.is_empty());
+    assert_eq!(
+        of_type(&app, "Immunization").await,
+        immunizations.len() as i64
+    );
+    assert_eq!(
+        of_type(&app, "ExplanationOfBenefit").await,
+        costs.len() as i64
+    );
+    assert!(of_type(&app, "MedicationDispense").await > 0);
+    // Each 特定健診 arrives as its original (DocumentReference) and as its report Bundle.
+    let documents = of_type(&app, "DocumentReference").await;
+    assert_eq!(documents, checkups.len() as i64);
+    let bundles = of_type(&app, "Bundle").await;
+    let reasons: Vec<String> = sqlx::query_scalar("SELECT reason FROM pull_item_errors")
+        .fetch_all(app.gateway().state.db.read_pool())
+        .await
+        .expect("item errors");
+    assert!(
+        bundles >= 1 && bundles <= documents,
+        "{bundles} of {documents}: {reasons:?}"
+    );
+    assert_eq!(
+        of_type(&app, "Observation").await,
+        0,
+        "infant checkups were not instructed"
+    );
+
+    // The same checkup uploaded by the patient is recognised: stored once, not twice.
+    let withdrawn: Vec<String> = portal
+        .handle
+        .records(subject)
+        .into_iter()
+        .filter(|(c, _, _, entered_in_error)| *c == Category::SpecificCheckup && !entered_in_error)
+        .map(|(_, id, ..)| id)
+        .collect();
+    let id = withdrawn.first().expect("a live checkup");
+    let cda = portal
+        .handle
+        .checkup_document(subject, id)
+        .expect("document");
+    let again = upload(
+        &app,
+        &token,
+        "application/hl7-v3+xml",
+        cda.clone().into_bytes(),
+    )
+    .await;
+    assert_eq!(again.status(), StatusCode::CREATED);
+    let again: Value = again.json().await.expect("json");
+    assert_eq!(again["checkups"][0]["outcome"], "unchanged", "{again}");
+    assert_eq!(of_type(&app, "Bundle").await, bundles);
+    // Both arrivals are in its Provenance records.
+    let bundle_id = again["checkups"][0]["id"].as_str().expect("id").to_string();
+    let resources = app
+        .client
+        .get(app.url("/patient/resources"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("read")
+        .text()
+        .await
+        .expect("ndjson");
+    let provenance_sources: Vec<String> = resources
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|r| r["resourceType"] == "Provenance")
+        .filter(|r| {
+            r["target"].as_array().is_some_and(|targets| {
+                targets.iter().any(|t| {
+                    t["reference"]
+                        .as_str()
+                        .is_some_and(|reference| reference.contains(&bundle_id))
+                })
+            })
+        })
+        .filter_map(|r| {
+            r["agent"][0]["who"]["identifier"]["value"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert!(
+        provenance_sources.contains(&"portal".to_string()),
+        "{provenance_sources:?}"
+    );
+    assert!(
+        provenance_sources.contains(&"upload".to_string()),
+        "{provenance_sources:?}"
+    );
+
+    // A checkup of someone else (another birth date) is refused and nothing is stored.
+    let birth = birth_date_of(&cda);
+    assert_eq!(birth.len(), 8, "the document has a birth date");
+    let someone_else = cda.replace(
+        &format!("birthTime value=\"{birth}"),
+        "birthTime value=\"19010101",
+    );
+    let refused = upload(
+        &app,
+        &token,
+        "application/hl7-v3+xml",
+        someone_else.into_bytes(),
+    )
+    .await;
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    let problem: Value = refused.json().await.expect("problem");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("another person")),
+        "{problem}"
+    );
+    assert_eq!(of_type(&app, "Bundle").await, bundles);
+    portal.shutdown().await;
+}
+
+/// The `birthTime value="YYYYMMDD"` of a CDA, as text.
+fn birth_date_of(cda: &str) -> String {
+    cda.split("birthTime value=\"")
+        .nth(1)
+        .and_then(|rest| rest.get(..8))
+        .unwrap_or_default()
+        .to_string()
+}
