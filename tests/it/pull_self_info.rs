@@ -250,6 +250,69 @@ async fn portal_checkups_medicines_and_uploads(engine: Engine) {
         "{provenance_sources:?}"
     );
 
+    // An MHLW exchange ZIP with that checkup and a new one adds only the new one.
+    let compact_date = effective_date_of(&cda);
+    let earlier = cda.replace(&compact_date, "20230315");
+    let index = exchange_index(2);
+    let archive = zip_of(&[
+        (&format!("{ZIP_ROOT}/ix08_V08.xml"), index.as_bytes()),
+        (
+            &format!("{ZIP_ROOT}/DATA/h1311234567_00_1.xml"),
+            cda.as_bytes(),
+        ),
+        (
+            &format!("{ZIP_ROOT}/DATA/h1311234567_00_2.xml"),
+            earlier.as_bytes(),
+        ),
+    ]);
+    let zipped = upload(&app, &token, "application/zip", archive).await;
+    assert_eq!(zipped.status(), StatusCode::CREATED);
+    let zipped: Value = zipped.json().await.expect("json");
+    let outcomes: Vec<&str> = zipped["checkups"]
+        .as_array()
+        .expect("checkups")
+        .iter()
+        .filter_map(|c| c["outcome"].as_str())
+        .collect();
+    assert_eq!(outcomes, vec!["unchanged", "created"], "{zipped}");
+    assert_eq!(of_type(&app, "Bundle").await, bundles + 1);
+
+    // An archive with an entry escaping its folder, or whose index miscounts, stores nothing.
+    for entries in [
+        vec![
+            (
+                format!("{ZIP_ROOT}/ix08_V08.xml"),
+                exchange_index(1).into_bytes(),
+            ),
+            (
+                "../h1311234567_00_9.xml".to_string(),
+                earlier.clone().into_bytes(),
+            ),
+        ],
+        vec![
+            (
+                format!("{ZIP_ROOT}/ix08_V08.xml"),
+                exchange_index(3).into_bytes(),
+            ),
+            (
+                format!("{ZIP_ROOT}/DATA/h1311234567_00_1.xml"),
+                earlier.replace("20230315", "20220315").into_bytes(),
+            ),
+        ],
+    ] {
+        let entries: Vec<(&str, &[u8])> = entries
+            .iter()
+            .map(|(name, bytes)| (name.as_str(), bytes.as_slice()))
+            .collect();
+        let refused = upload(&app, &token, "application/zip", zip_of(&entries)).await;
+        assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            of_type(&app, "Bundle").await,
+            bundles + 1,
+            "nothing half-stored"
+        );
+    }
+
     // A checkup of someone else (another birth date) is refused and nothing is stored.
     let birth = birth_date_of(&cda);
     assert_eq!(birth.len(), 8, "the document has a birth date");
@@ -272,7 +335,7 @@ async fn portal_checkups_medicines_and_uploads(engine: Engine) {
             .is_some_and(|d| d.contains("another person")),
         "{problem}"
     );
-    assert_eq!(of_type(&app, "Bundle").await, bundles);
+    assert_eq!(of_type(&app, "Bundle").await, bundles + 1);
     portal.shutdown().await;
 }
 
@@ -283,4 +346,42 @@ fn birth_date_of(cda: &str) -> String {
         .and_then(|rest| rest.get(..8))
         .unwrap_or_default()
         .to_string()
+}
+
+/// The document's `effectiveTime value="YYYYMMDD"` (the checkup date in the portal's CDAs).
+fn effective_date_of(cda: &str) -> String {
+    cda.split("<effectiveTime value=\"")
+        .nth(1)
+        .and_then(|rest| rest.get(..8))
+        .unwrap_or_default()
+        .to_string()
+}
+
+const ZIP_ROOT: &str = "1311234567_00000000_202404050_1";
+
+/// An ix08 index as the MHLW exchange format writes it.
+fn exchange_index(count: usize) -> String {
+    format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<index xmlns="https://www.mhlw.go.jp/stf/seisakunitsuite/bunya/0000161103.html">
+ <interactionType code="1"/>
+ <creationTime value="20240405"/>
+ <sender><id root="1.2.392.200119.6.102" extension="1311234567"/></sender>
+ <receiver><id root="1.2.392.200119.6.101" extension="06123456"/></receiver>
+ <serviceEventType code="1"/>
+ <totalRecordCount value="{count}"/>
+</index>"#
+    )
+}
+
+fn zip_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    use std::io::Write;
+    let mut writer = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let options = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated);
+    for (name, bytes) in entries {
+        writer.start_file(*name, options).expect("start entry");
+        writer.write_all(bytes).expect("write entry");
+    }
+    writer.finish().expect("finish").into_inner()
 }
