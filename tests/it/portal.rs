@@ -208,3 +208,45 @@ async fn instruct_link_watch_and_withdraw_in_the_browser() {
     app.stop().await;
     hospital.shutdown().await;
 }
+
+/// A 特定健診 file chosen in the portal is added once; choosing it again adds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkup_file_is_added_from_the_portal_once() {
+    use phr_adapters::self_info::simulator::{SimulatorConfig as PortalConfig, SimulatorHandle};
+    use phr_adapters::self_info::Category;
+
+    // A checkup document as the portal would hand it out (the simulator's data, not served).
+    let jwk = phr_adapters::fhir_r4::BackendKey::generate_es384().public_jwk();
+    let portal = SimulatorHandle::new(PortalConfig::new("phr-gateway", jwk), "http://127.0.0.1:1");
+    let person = portal.person(1).expect("person");
+    let cda = portal
+        .records(&person.subject)
+        .into_iter()
+        .filter(|(category, ..)| *category == Category::SpecificCheckup)
+        .find_map(|(_, id, ..)| portal.checkup_document(&person.subject, &id))
+        .expect("a checkup document");
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("h1311234567_00_1.xml");
+    std::fs::write(&file, cda).expect("write file");
+
+    let app = spawn_app_with(TestEnv::new(Engine::Sqlite).await, |_| {}).await;
+    patient_account(&app).await;
+    let browser = Browser::start().await;
+    let c = &browser.client;
+    sign_in(c, &app, "hanako", "correct horse battery staple").await;
+    for expected in ["追加", "登録済み"] {
+        c.goto(&app.url("/portal")).await.expect("portal");
+        fill(c, "input[type=file]", &file.display().to_string()).await;
+        click(c, "form[action='/portal/checkups'] button[type=submit]").await;
+        wait_text(c, "tr.checkup", expected).await;
+    }
+    let bundles: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM resources WHERE patient_id = 'p-portal' AND resource_type = 'Bundle'",
+    )
+    .fetch_one(app.gateway().state.db.read_pool())
+    .await
+    .expect("count");
+    assert_eq!(bundles, 1, "one checkup, stored once");
+    browser.close().await;
+    app.stop().await;
+}

@@ -53,8 +53,23 @@ pub async fn upload(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    match convert_upload(&state, &patient, &headers, &body).await {
-        Ok(converted) => store(&state, &patient, converted).await,
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default();
+    let uploaded = upload_checkups(&state, &patient, content_type, &body).await?;
+    Ok((StatusCode::CREATED, Json(uploaded)).into_response())
+}
+
+/// Converts and stores an upload (API and portal share it); a refusal is audited.
+pub async fn upload_checkups(
+    state: &AppState,
+    patient: &PatientSession,
+    content_type: &str,
+    body: &[u8],
+) -> Result<UploadedCheckups, ApiError> {
+    match convert_upload(state, patient, content_type, body).await {
+        Ok(converted) => store(state, patient, converted).await,
         Err(error) => {
             let event = AuditEvent::new(EventKind::Create, patient.auth.agent())
                 .outcome(Outcome::MinorFailure)
@@ -69,15 +84,15 @@ pub async fn upload(
 async fn convert_upload(
     state: &AppState,
     patient: &PatientSession,
-    headers: &HeaderMap,
+    content_type: &str,
     body: &[u8],
 ) -> Result<Vec<ConvertedCheckup>, Error> {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.split(';').next())
-        .map(|value| value.trim().to_ascii_lowercase())
-        .unwrap_or_default();
+    let content_type = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
     let documents: Vec<(String, Vec<u8>)> = match content_type.as_str() {
         "application/zip" => {
             let archive = tokutei_cda::read_exchange_zip(body)
@@ -146,7 +161,7 @@ async fn store(
     state: &AppState,
     patient: &PatientSession,
     converted: Vec<ConvertedCheckup>,
-) -> Result<Response, ApiError> {
+) -> Result<UploadedCheckups, ApiError> {
     let agent = patient.auth.agent();
     let batch: Vec<NewResource> = converted.iter().map(|c| c.resource.clone()).collect();
     let written = state
@@ -206,5 +221,5 @@ async fn store(
             item_errors: checkup.item_errors,
         })
         .collect();
-    Ok((StatusCode::CREATED, Json(UploadedCheckups { checkups })).into_response())
+    Ok(UploadedCheckups { checkups })
 }

@@ -124,6 +124,7 @@ pub fn router(state: AppState) -> Router {
         .route("/portal/login", post(portal::login))
         .route("/portal/logout", post(portal::logout))
         .route("/portal/pull-instructions", post(portal::give))
+        .route("/portal/checkups", post(portal::upload_checkups))
         .route("/portal/pull-instructions/{id}/withdraw", post(portal::withdraw))
         .route("/operator/audit/checkpoint", get(operator::audit_checkpoint))
         .route("/fhir", get(fhir::not_supported))

@@ -173,6 +173,15 @@ pub async fn home(
                 }
                 button type="submit" { "指示して認証へ進む / Instruct and continue" }
             }
+            h2 { "健診結果ファイルの取り込み " span.en { "Add checkup result files" } }
+            p { "健診機関から受け取った特定健診の結果ファイル（XML）または提出用 ZIP を選んでください。同じ健診がすでにあれば重ねて登録しません。" }
+            p.en { "Choose a 特定健診 result file (XML) or exchange ZIP from your checkup institution. A checkup already received is not added twice." }
+            form method="post" action="/portal/checkups" enctype="multipart/form-data" {
+                label { "ファイル " span.en { "File" }
+                    input type="file" name="file" accept=".xml,.zip,application/xml,application/zip" required;
+                }
+                button type="submit" { "取り込む / Add" }
+            }
             form method="post" action="/portal/logout" { button type="submit" { "サインアウト / Sign out" } }
         },
     );
@@ -322,4 +331,58 @@ pub async fn withdraw(
     };
     super::pull::withdraw_instruction(&state, &patient, &id, request).await?;
     Ok(Redirect::to("/portal").into_response())
+}
+
+/// A checkup file chosen in the portal: one CDA (`.xml`) or an exchange ZIP (`.zip`).
+pub async fn upload_checkups(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    patient: PatientSession,
+    mut form: axum::extract::Multipart,
+) -> Result<Response, ApiError> {
+    same_origin(&headers, &state)?;
+    let mut file: Option<(String, Vec<u8>)> = None;
+    while let Some(field) = form
+        .next_field()
+        .await
+        .map_err(|e| Error::Invalid(format!("upload form: {e}")))?
+    {
+        if field.name() != Some("file") {
+            continue;
+        }
+        let name = field.file_name().unwrap_or_default().to_ascii_lowercase();
+        let bytes = field
+            .bytes()
+            .await
+            .map_err(|e| Error::Invalid(format!("upload form: {e}")))?;
+        file = Some((name, bytes.to_vec()));
+    }
+    let (name, bytes) = file.ok_or_else(|| Error::Invalid("choose a file".into()))?;
+    // Browsers label XML and ZIP files inconsistently: go by the extension.
+    let content_type = if name.ends_with(".zip") {
+        "application/zip"
+    } else {
+        "application/xml"
+    };
+    let uploaded = super::checkups::upload_checkups(&state, &patient, content_type, &bytes).await?;
+    let markup = page(
+        "取り込みました / Added",
+        html! {
+            h1 { "取り込みました " span.en { "Added" } }
+            table {
+                thead { tr { th { "実施日 / Date" } th { "実施機関 / Institution" } th { "結果 / Result" } } }
+                tbody {
+                    @for checkup in &uploaded.checkups {
+                        tr.checkup {
+                            td { (checkup.checkup_date) }
+                            td { (checkup.institution.clone().unwrap_or_default()) }
+                            td { @if checkup.outcome == "unchanged" { "登録済み / Already received" } @else { "追加 / Added" } }
+                        }
+                    }
+                }
+            }
+            p { a.button id="back" href="/portal" { "一覧へ / To the list" } }
+        },
+    );
+    Ok(html_response(StatusCode::OK, markup))
 }
