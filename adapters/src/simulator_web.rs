@@ -153,3 +153,57 @@ pub fn callback_from_redirect(location: &str) -> Result<Callback, String> {
         error_description: parameter("error_description"),
     })
 }
+
+/// A simulator's router served on its own task until `shutdown` (or drop).
+pub(crate) struct BackgroundServer {
+    stop_sender: Option<tokio::sync::oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl BackgroundServer {
+    pub(crate) fn serve(
+        listener: tokio::net::TcpListener,
+        app: axum::Router,
+        name: &'static str,
+    ) -> Self {
+        let (stop_sender, stop_receiver) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let stopped = async {
+                let _ = stop_receiver.await;
+            };
+            if let Err(error) = axum::serve(listener, app)
+                .with_graceful_shutdown(stopped)
+                .await
+            {
+                tracing::error!(%error, simulator = name, "simulator stopped with an error");
+            }
+        });
+        BackgroundServer {
+            stop_sender: Some(stop_sender),
+            server,
+        }
+    }
+
+    /// Stops accepting, lets requests in flight finish (at most 5 s), then returns.
+    pub(crate) async fn shutdown(mut self) {
+        if let Some(sender) = self.stop_sender.take() {
+            let _ = sender.send(());
+        }
+        let server = &mut self.server;
+        if tokio::time::timeout(std::time::Duration::from_secs(5), server)
+            .await
+            .is_err()
+        {
+            self.server.abort();
+        }
+    }
+}
+
+impl Drop for BackgroundServer {
+    fn drop(&mut self) {
+        // A simulator dropped without shutdown must not keep serving in the background.
+        if self.stop_sender.is_some() {
+            self.server.abort();
+        }
+    }
+}

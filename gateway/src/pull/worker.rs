@@ -188,7 +188,7 @@ impl PullWorker {
             cursor: self.instructions.cursor(&instruction.id).await?,
             resource_types: instruction.resource_types(),
         };
-        let mut stream = match source.pull(request).await {
+        let stream = match source.pull(request).await {
             Ok(stream) => stream,
             Err(e) => {
                 let result = self.on_source_error(job, &instruction, &info, e).await?;
@@ -198,7 +198,19 @@ impl PullWorker {
         // Each page is stored once the next one has arrived, so the last page, the job's
         // end and the claim of the next job commit together.
         let mut held: Option<PullBatch> = None;
-        while let Some(batch) = stream.next().await {
+        // The source is read ahead on a task of its own (fetching, parsing and checking the
+        // next page) while this one stores the current page, so the two use both cores.
+        let (pages, mut incoming) = tokio::sync::mpsc::channel(2);
+        let _reader = AbortOnDrop(tokio::spawn(async move {
+            let mut stream = stream;
+            while let Some(batch) = stream.next().await {
+                let failed = batch.is_err();
+                if pages.send(batch).await.is_err() || failed {
+                    break;
+                }
+            }
+        }));
+        while let Some(batch) = incoming.recv().await {
             if lost.load(Ordering::SeqCst) {
                 return Ok((RunResult::LeaseLost, false));
             }

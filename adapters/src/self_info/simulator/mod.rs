@@ -345,23 +345,11 @@ impl PortalSimulator {
         let base_url = format!("http://{address}");
         let handle = SimulatorHandle::new(config, &base_url);
         let app = router(&handle);
-        let (stop_sender, stop_receiver) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(async move {
-            let stopped = async {
-                let _ = stop_receiver.await;
-            };
-            if let Err(error) = axum::serve(listener, app)
-                .with_graceful_shutdown(stopped)
-                .await
-            {
-                tracing::error!(%error, "portal simulator stopped with an error");
-            }
-        });
+        let server = crate::simulator_web::BackgroundServer::serve(listener, app, "portal");
         tracing::info!(%base_url, "portal simulator listening");
         Ok(RunningSimulator {
             base_url,
             handle,
-            stop_sender: Some(stop_sender),
             server,
         })
     }
@@ -371,31 +359,12 @@ impl PortalSimulator {
 pub struct RunningSimulator {
     pub base_url: String,
     pub handle: SimulatorHandle,
-    stop_sender: Option<tokio::sync::oneshot::Sender<()>>,
-    server: tokio::task::JoinHandle<()>,
+    server: crate::simulator_web::BackgroundServer,
 }
 
 impl RunningSimulator {
     /// Stops accepting, lets requests in flight finish (at most 5 s), then returns.
-    pub async fn shutdown(mut self) {
-        if let Some(sender) = self.stop_sender.take() {
-            let _ = sender.send(());
-        }
-        let server = &mut self.server;
-        if tokio::time::timeout(Duration::from_secs(5), server)
-            .await
-            .is_err()
-        {
-            self.server.abort();
-        }
-    }
-}
-
-impl Drop for RunningSimulator {
-    fn drop(&mut self) {
-        // A simulator dropped without shutdown must not keep serving in the background.
-        if self.stop_sender.is_some() {
-            self.server.abort();
-        }
+    pub async fn shutdown(self) {
+        self.server.shutdown().await;
     }
 }
