@@ -336,6 +336,47 @@ async fn portal_checkups_medicines_and_uploads(engine: Engine) {
         "{problem}"
     );
     assert_eq!(of_type(&app, "Bundle").await, bundles + 1);
+
+    // When the 90-day linkage ends, the next pull stops and says so; nothing stored is lost.
+    let before = count(
+        &app,
+        "SELECT COUNT(*) FROM resources WHERE patient_id = 'p-hanako'",
+    )
+    .await;
+    portal.handle.expire_linkages();
+    sqlx::query("UPDATE pull_jobs SET not_before = 0 WHERE status = 'queued'")
+        .execute(app.gateway().state.db.write_pool())
+        .await
+        .expect("due now");
+    while worker.run_once().await.expect("worker").is_some() {}
+    let instruction_id = linked["instruction"]["id"].as_str().expect("id");
+    let view: Value = app
+        .client
+        .get(app.url(&format!("/patient/pull-instructions/{instruction_id}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("detail")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(view["instruction"]["status"], "failed", "{view}");
+    assert!(
+        view["history"]
+            .as_array()
+            .is_some_and(|events| events.iter().any(|e| e["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("連携期間が終了しました")))),
+        "{view}"
+    );
+    assert_eq!(
+        count(
+            &app,
+            "SELECT COUNT(*) FROM resources WHERE patient_id = 'p-hanako'"
+        )
+        .await,
+        before
+    );
     portal.shutdown().await;
 }
 

@@ -478,12 +478,15 @@ impl PullWorker {
             }
             SourceError::Unauthorized(_) | SourceError::LinkageExpired(_) => {
                 // The link stopped working: the patient has to authorise again.
+                let reason = match &error {
+                    SourceError::LinkageExpired(_) => format!(
+                        "連携期間が終了しました。もう一度指示してください / the linkage period \
+                         ended; give the instruction again to link anew ({error})"
+                    ),
+                    _ => format!("link no longer works: {error}"),
+                };
                 self.instructions
-                    .fail(
-                        &Agent::system(),
-                        instruction,
-                        &format!("link no longer works: {error}"),
-                    )
+                    .fail(&Agent::system(), instruction, &reason)
                     .await?;
                 JobOutcome::Failed {
                     error: error.to_string(),
