@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use phr_gateway::config::Config;
 use phr_gateway::{Gateway, RunningGateway};
-use sqlx::Executor;
+use sqlx::{Executor, Row};
 
 pub use phr_gateway::store::Engine;
 
@@ -270,9 +270,23 @@ pub async fn leaves_containing(app: &TestApp, needle: &str) -> i64 {
         .await
         .expect("leaves");
     rows.iter()
-        .filter(|r| {
-            use sqlx::Row;
-            String::from_utf8_lossy(&r.get::<Vec<u8>, _>(0)).contains(needle)
-        })
+        .filter(|r| String::from_utf8_lossy(&r.get::<Vec<u8>, _>(0)).contains(needle))
         .count() as i64
+}
+
+/// The first column of the first row of `sql`, as a count.
+pub async fn count(app: &TestApp, sql: &str) -> i64 {
+    sqlx::query(sql)
+        .fetch_one(app.gateway().state.db.read_pool())
+        .await
+        .expect(sql)
+        .get(0)
+}
+
+/// Makes every queued pull due now (instead of waiting for its retry or refresh time).
+pub async fn make_due(app: &TestApp) {
+    sqlx::query("UPDATE pull_jobs SET not_before = 0 WHERE status = 'queued'")
+        .execute(app.gateway().state.db.write_pool())
+        .await
+        .expect("due now");
 }

@@ -14,11 +14,10 @@ use phr_gateway::pull::queue::JobOutcome;
 use phr_gateway::pull::worker::RunResult;
 use reqwest::StatusCode;
 use serde_json::Value;
-use sqlx::Row;
 
 use crate::both_engines;
 use crate::helpers::{
-    hospital_source, leaves_containing, spawn_app_with, Engine, TestApp, TestEnv,
+    count, hospital_source, leaves_containing, make_due, spawn_app_with, Engine, TestApp, TestEnv,
 };
 
 both_engines!(
@@ -168,14 +167,6 @@ async fn drain(app: &TestApp) -> Vec<RunResult> {
     results
 }
 
-async fn count(app: &TestApp, sql: &str) -> i64 {
-    sqlx::query(sql)
-        .fetch_one(app.gateway().state.db.read_pool())
-        .await
-        .expect(sql)
-        .get(0)
-}
-
 /// Withdraws an instruction through the API, with an optional body.
 async fn withdraw(env: &PullEnv, token: &str, id: &str, body: Option<Value>) -> reqwest::Response {
     let request = env
@@ -191,14 +182,6 @@ async fn withdraw(env: &PullEnv, token: &str, id: &str, body: Option<Value>) -> 
         None => request,
     };
     request.send().await.expect("withdraw")
-}
-
-/// Makes every queued pull due now (instead of waiting for its retry or refresh time).
-async fn make_due(app: &TestApp) {
-    sqlx::query("UPDATE pull_jobs SET not_before = 0 WHERE status = 'queued'")
-        .execute(app.gateway().state.db.write_pool())
-        .await
-        .expect("due now");
 }
 
 async fn detail(env: &PullEnv, id: &str) -> Value {

@@ -13,20 +13,13 @@ use phr_gateway::pull::queue::JobOutcome;
 use phr_gateway::pull::worker::RunResult;
 use reqwest::StatusCode;
 use serde_json::Value;
-use sqlx::Row;
 
 use crate::both_engines;
-use crate::helpers::{leaves_containing, spawn_app_with, Engine, TestApp, TestEnv};
+use crate::helpers::{
+    count, leaves_containing, make_due, spawn_app_with, Engine, TestApp, TestEnv,
+};
 
 both_engines!(portal_checkups_medicines_and_uploads);
-
-async fn count(app: &TestApp, sql: &str) -> i64 {
-    sqlx::query(sql)
-        .fetch_one(app.gateway().state.db.read_pool())
-        .await
-        .expect(sql)
-        .get(0)
-}
 
 async fn of_type(app: &TestApp, resource_type: &str) -> i64 {
     count(
@@ -344,10 +337,7 @@ async fn portal_checkups_medicines_and_uploads(engine: Engine) {
     )
     .await;
     portal.handle.expire_linkages();
-    sqlx::query("UPDATE pull_jobs SET not_before = 0 WHERE status = 'queued'")
-        .execute(app.gateway().state.db.write_pool())
-        .await
-        .expect("due now");
+    make_due(&app).await;
     while worker.run_once().await.expect("worker").is_some() {}
     let instruction_id = linked["instruction"]["id"].as_str().expect("id");
     let view: Value = app
