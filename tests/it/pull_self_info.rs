@@ -330,6 +330,40 @@ async fn portal_checkups_medicines_and_uploads(engine: Engine) {
     );
     assert_eq!(of_type(&app, "Bundle").await, bundles + 1);
 
+    // A result with an unknown item code is left out with its code and reason; the rest of
+    // the checkup is stored.
+    let unknown_item = cda
+        .replace(&compact_date, "20220105")
+        .replace("9N006000000000001", "9Z999000000000001");
+    let partial = upload(
+        &app,
+        &token,
+        "application/hl7-v3+xml",
+        unknown_item.into_bytes(),
+    )
+    .await;
+    assert_eq!(partial.status(), StatusCode::CREATED);
+    let partial: Value = partial.json().await.expect("json");
+    let item_errors = partial["checkups"][0]["item_errors"].to_string();
+    assert!(item_errors.contains("9Z999000000000001"), "{partial}");
+    assert_eq!(of_type(&app, "Bundle").await, bundles + 2);
+
+    // A file over the body limit is refused before it is read; nothing is stored. (The
+    // server may answer 413 and close while the client is still sending: both are refusals.)
+    let huge = app
+        .client
+        .post(app.url("/patient/checkups"))
+        .bearer_auth(&token)
+        .header("content-type", "application/xml")
+        .body(vec![b' '; 5 * 1024 * 1024])
+        .send()
+        .await;
+    match huge {
+        Ok(response) => assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE),
+        Err(error) => assert!(error.is_request(), "{error}"),
+    }
+    assert_eq!(of_type(&app, "Bundle").await, bundles + 2);
+
     // When the 90-day linkage ends, the next pull stops and says so; nothing stored is lost.
     let before = count(
         &app,
