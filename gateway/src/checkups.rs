@@ -12,6 +12,7 @@ use phr_adapters::tokutei_cda::{self, CDA_CONTENT_TYPE};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use crate::error::{Error, Result};
 use crate::store::resources::{NewResource, SourceIdentity};
 
 /// The source identity's `source` for converted checkups (shared by every sender).
@@ -28,15 +29,12 @@ pub struct ConvertedCheckup {
     pub birth_date: Option<String>,
 }
 
-/// Why a CDA could not be converted (schema errors list the failing paths).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct CheckupError(String);
-
-/// Validates (XSD), parses and converts one hc08 document for `patient_id`.
-pub fn convert(patient_id: &str, xml: &[u8]) -> Result<ConvertedCheckup, CheckupError> {
-    tokutei_cda::validate(xml).map_err(|e| CheckupError(e.to_string()))?;
-    let document = tokutei_cda::parse(xml).map_err(|e| CheckupError(e.to_string()))?;
+/// Validates (XSD), parses and converts one hc08 document for `patient_id`. A document
+/// that cannot be used is `Error::Invalid` with the reason (schema errors list the paths).
+pub fn convert(patient_id: &str, xml: &[u8]) -> Result<ConvertedCheckup> {
+    let invalid = |e: tokutei_cda::CdaError| Error::Invalid(e.to_string());
+    tokutei_cda::validate(xml).map_err(invalid)?;
+    let document = tokutei_cda::parse(xml).map_err(invalid)?;
     let conversion = tokutei_cda::to_fhir_bundle(&document, xml);
     let key = document.reconciliation_key();
     let mut digest = Sha256::new();
@@ -51,7 +49,7 @@ pub fn convert(patient_id: &str, xml: &[u8]) -> Result<ConvertedCheckup, Checkup
         digest.update(part.as_bytes());
         digest.update([0x1f]);
     }
-    let body = serde_json::to_vec(&conversion.bundle).map_err(|e| CheckupError(e.to_string()))?;
+    let body = serde_json::to_vec(&conversion.bundle).map_err(|e| Error::Invalid(e.to_string()))?;
     Ok(ConvertedCheckup {
         resource: NewResource {
             patient_id: patient_id.to_string(),
@@ -155,6 +153,9 @@ mod tests {
     #[test]
     fn a_schema_invalid_document_is_refused_with_a_reason() {
         let error = convert("p1", b"<ClinicalDocument xmlns=\"urn:hl7-org:v3\"/>").unwrap_err();
-        assert!(!error.to_string().is_empty());
+        assert!(
+            matches!(&error, Error::Invalid(reason) if reason.contains("XSD")),
+            "{error}"
+        );
     }
 }

@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use serde_json::{json, Value};
 
-use super::smart::{self, is_fhir_id, is_resource_type_name, BackendKey};
+use super::smart::{self, is_fhir_id, BackendKey};
 use super::SourceContext;
 use crate::error::SourceError;
 use crate::source::{
@@ -42,19 +42,7 @@ pub fn is_backend_link(credentials: &LinkCredentials) -> bool {
 
 /// The system scopes for these resource types (SMART v2 `.rs`).
 pub fn system_scopes(resource_types: &[String]) -> Result<Vec<String>, SourceError> {
-    let mut scopes = Vec::new();
-    for resource_type in resource_types {
-        if !is_resource_type_name(resource_type) {
-            return Err(SourceError::Config(format!(
-                "{resource_type:?} is not a FHIR resource type"
-            )));
-        }
-        let scope = format!("system/{resource_type}.rs");
-        if !scopes.contains(&scope) {
-            scopes.push(scope);
-        }
-    }
-    Ok(scopes)
+    smart::read_scopes("system", resource_types)
 }
 
 /// Checks the server can do Backend Services and remembers what to ask for at finish.

@@ -158,13 +158,27 @@ pub(crate) fn is_fhir_id(id: &str) -> bool {
 /// The scopes of a standalone patient launch for these resource types (SMART v2 `.rs`).
 pub fn launch_scopes(resource_types: &[String]) -> Result<Vec<String>, SourceError> {
     let mut scopes: Vec<String> = LAUNCH_BASE_SCOPES.iter().map(|s| s.to_string()).collect();
+    for scope in read_scopes("patient", resource_types)? {
+        if !scopes.contains(&scope) {
+            scopes.push(scope);
+        }
+    }
+    Ok(scopes)
+}
+
+/// `<context>/<Type>.rs` for each resource type, once each; refuses non-type names.
+pub(crate) fn read_scopes(
+    context: &str,
+    resource_types: &[String],
+) -> Result<Vec<String>, SourceError> {
+    let mut scopes = Vec::new();
     for resource_type in resource_types {
         if !is_resource_type_name(resource_type) {
             return Err(SourceError::Config(format!(
                 "{resource_type:?} is not a FHIR resource type"
             )));
         }
-        let scope = format!("patient/{resource_type}.rs");
+        let scope = format!("{context}/{resource_type}.rs");
         if !scopes.contains(&scope) {
             scopes.push(scope);
         }

@@ -11,7 +11,6 @@ use axum::Json;
 use futures::TryStreamExt;
 use phr_adapters::tokutei_cda;
 use serde::Serialize;
-use serde_json::json;
 use utoipa::ToSchema;
 
 use super::error::ApiError;
@@ -20,8 +19,8 @@ use super::AppState;
 use crate::audit::{AuditEvent, EventKind, Outcome};
 use crate::checkups::{self, ConvertedCheckup};
 use crate::error::Error;
-use crate::store::resources::{NewResource, SourceIdentity, WriteOutcome};
-use crate::store::{millis_to_rfc3339, now_millis};
+use crate::provenance::{provenance_for, Origin};
+use crate::store::resources::{NewResource, WriteOutcome};
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct StoredCheckup {
@@ -120,8 +119,10 @@ async fn convert_upload(
     let known = known_birth_dates(state, &patient.patient_id).await?;
     let mut converted = Vec::with_capacity(documents.len());
     for (name, xml) in documents {
-        let checkup = checkups::convert(&patient.patient_id, &xml)
-            .map_err(|e| Error::Invalid(format!("{name}: {e}")))?;
+        let checkup = checkups::convert(&patient.patient_id, &xml).map_err(|e| match e {
+            Error::Invalid(reason) => Error::Invalid(format!("{name}: {reason}")),
+            other => other,
+        })?;
         if let Some(birth_date) = &checkup.birth_date {
             if !known.is_empty() && !known.contains(birth_date) {
                 return Err(Error::Invalid(format!(
@@ -157,6 +158,7 @@ async fn known_birth_dates(state: &AppState, patient_id: &str) -> Result<Vec<Str
     Ok(dates)
 }
 
+/// The checkups, their upload Provenance and the audit leaf commit together.
 async fn store(
     state: &AppState,
     patient: &PatientSession,
@@ -164,46 +166,37 @@ async fn store(
 ) -> Result<UploadedCheckups, ApiError> {
     let agent = patient.auth.agent();
     let batch: Vec<NewResource> = converted.iter().map(|c| c.resource.clone()).collect();
+    for new in &batch {
+        state.resources.validate(new)?;
+    }
+    let keys = state.resources.data_keys_for(&batch).await?;
+    let mut tx = state.db.begin().await?;
     let written = state
         .resources
-        .put_batch_with_detail(&agent, batch, Some("特定健診 upload".into()))
-        .await?;
-    // Each upload is a source of its checkups: one Provenance naming the uploader.
-    let provenance_id = uuid::Uuid::now_v7().to_string();
-    let provenance = json!({
-        "resourceType": "Provenance",
-        "id": provenance_id,
-        "target": written.iter().map(|(meta, _)| json!({
-            "reference": format!("Bundle/{}/_history/{}", meta.id, meta.version)
-        })).collect::<Vec<_>>(),
-        "recorded": millis_to_rfc3339(now_millis()),
-        "activity": {"coding": [{
-            "system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
-            "code": "CREATE"
-        }]},
-        "agent": [{
-            "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type", "code": "author"}]},
-            "who": {"identifier": {"system": "urn:phr-gateway:source", "value": "upload"}, "display": "特定健診 upload"},
-            "onBehalfOf": {"reference": format!("Patient/{}", patient.patient_id)}
-        }]
-    });
-    state
-        .resources
-        .put(
+        .put_batch_in(
+            &mut tx,
             &agent,
-            NewResource {
-                patient_id: patient.patient_id.clone(),
-                category: "provenance".into(),
-                source: SourceIdentity {
-                    source: "phr-gateway".into(),
-                    resource_type: "Provenance".into(),
-                    source_resource_id: provenance_id,
-                    version_id: Some("1".into()),
-                },
-                body: serde_json::to_vec(&provenance).map_err(|e| Error::Invalid(e.to_string()))?,
-            },
+            batch,
+            &keys,
+            Some("特定健診 upload".into()),
         )
         .await?;
+    // Each upload is a source of its checkups, even of those already received.
+    let targets: Vec<_> = written.iter().map(|(meta, _)| meta).collect();
+    let origin = Origin {
+        patient_id: &patient.patient_id,
+        source_id: "upload",
+        source_display: "特定健診 upload",
+        policy: None,
+        entity: None,
+    };
+    if let Some(provenance) = provenance_for(&origin, &targets)? {
+        state
+            .resources
+            .put_batch_in(&mut tx, &agent, vec![provenance], &keys, None)
+            .await?;
+    }
+    tx.commit().await.map_err(Error::from)?;
     state.audit.notify();
     let checkups = converted
         .into_iter()
@@ -215,7 +208,7 @@ async fn store(
             outcome: match outcome {
                 WriteOutcome::Unchanged => "unchanged",
                 WriteOutcome::Created => "created",
-                _ => "updated",
+                WriteOutcome::NewVersion => "updated",
             }
             .into(),
             item_errors: checkup.item_errors,

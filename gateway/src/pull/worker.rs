@@ -12,8 +12,6 @@ use phr_adapters::codesystem::normalize_json_bytes;
 use phr_adapters::{PullBatch, PullItem, PullRequest, SourceError};
 use phr_consent::DataCategory;
 use rand::Rng;
-use serde_json::json;
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use super::instructions::{Instruction, InstructionStatus, Instructions};
@@ -22,10 +20,11 @@ use super::registry::{mark_available, mark_unavailable, SourceInfo, SourceRegist
 use crate::audit::{self, Agent, AuditEvent, AuditLog, EventKind, Outcome};
 use crate::checkups;
 use crate::error::Result;
+use crate::provenance::{provenance_for, Origin};
+use crate::store::now_millis;
 use crate::store::resources::{
     NewResource, ResourceMeta, ResourceStore, SourceIdentity, WriteOutcome,
 };
-use crate::store::{millis_to_rfc3339, now_millis};
 
 /// Timing of the worker; defaults suit production, tests shorten them.
 #[derive(Debug, Clone)]
@@ -531,58 +530,19 @@ fn provenance_of(
         })
         .map(|(meta, _)| meta)
         .collect();
-    if targets.is_empty() {
-        return Ok(None);
-    }
-    let mut digest = Sha256::new();
-    for meta in &targets {
-        digest.update(format!(
-            "{}/{}/{};",
-            meta.resource_type, meta.id, meta.version
-        ));
-    }
-    let provenance_id = hex::encode(&digest.finalize()[..16]);
-    let participant = "http://terminology.hl7.org/CodeSystem/provenance-participant-type";
-    let body = json!({
-        "resourceType": "Provenance",
-        "id": provenance_id,
-        "target": targets.iter().map(|m| json!({
-            "reference": format!("{}/{}/_history/{}", m.resource_type, m.id, m.version)
-        })).collect::<Vec<_>>(),
-        "recorded": millis_to_rfc3339(now_millis()),
-        "policy": [format!("urn:phr-gateway:pull-instruction:{}", instruction.id)],
-        "activity": {"coding": [{
-            "system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
-            "code": "CREATE"
-        }]},
-        "agent": [{
-            "type": {"coding": [{"system": participant, "code": "author"}]},
-            "who": {
-                "identifier": {"system": "urn:phr-gateway:source", "value": source.id},
-                "display": source.display_name
-            }
-        }, {
-            "type": {"coding": [{"system": participant, "code": "assembler"}]},
-            "who": {"display": "phr-gateway"},
-            "onBehalfOf": {"reference": format!("Patient/{}", instruction.patient_id)}
-        }],
-        "entity": [{
-            "role": "source",
-            "what": {"identifier": {"system": "urn:phr-gateway:pull-job", "value": job.id}}
-        }]
-    });
-    let provenance = NewResource {
-        patient_id: instruction.patient_id.clone(),
-        category: "provenance".into(),
-        source: SourceIdentity {
-            source: "phr-gateway".into(),
-            resource_type: "Provenance".into(),
-            source_resource_id: provenance_id,
-            version_id: Some("1".into()),
+    provenance_for(
+        &Origin {
+            patient_id: &instruction.patient_id,
+            source_id: &source.id,
+            source_display: &source.display_name,
+            policy: Some(format!(
+                "urn:phr-gateway:pull-instruction:{}",
+                instruction.id
+            )),
+            entity: Some(("urn:phr-gateway:pull-job", &job.id)),
         },
-        body: serde_json::to_vec(&body).map_err(|e| crate::error::Error::Invalid(e.to_string()))?,
-    };
-    Ok(Some(provenance))
+        &targets,
+    )
 }
 
 fn summary(refused: &[(Option<String>, Option<String>, String)]) -> String {
