@@ -14,6 +14,7 @@ pub mod demo;
 pub mod error;
 pub mod http;
 pub mod keystore;
+pub mod medications;
 pub mod provenance;
 pub mod pull;
 pub mod receipts;

@@ -290,3 +290,37 @@ pub async fn make_due(app: &TestApp) {
         .await
         .expect("due now");
 }
+
+/// The sources named by the Provenance records (read through the patient's own API) that
+/// point at the stored resource `id`.
+pub async fn provenance_sources_of(app: &TestApp, token: &str, id: &str) -> Vec<String> {
+    let resources = app
+        .client
+        .get(app.url("/patient/resources"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("read")
+        .text()
+        .await
+        .expect("ndjson");
+    resources
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|r| r["resourceType"] == "Provenance")
+        .filter(|r| {
+            r["target"].as_array().is_some_and(|targets| {
+                targets.iter().any(|t| {
+                    t["reference"]
+                        .as_str()
+                        .is_some_and(|reference| reference.contains(id))
+                })
+            })
+        })
+        .filter_map(|r| {
+            r["agent"][0]["who"]["identifier"]["value"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect()
+}

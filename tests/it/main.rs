@@ -12,5 +12,6 @@ mod portal;
 mod pull;
 mod pull_queue;
 mod pull_self_info;
+mod reconciliation;
 mod resources;
 mod security;

@@ -16,7 +16,8 @@ use serde_json::Value;
 
 use crate::both_engines;
 use crate::helpers::{
-    count, leaves_containing, make_due, spawn_app_with, Engine, TestApp, TestEnv,
+    count, leaves_containing, make_due, provenance_sources_of, spawn_app_with, Engine, TestApp,
+    TestEnv,
 };
 
 both_engines!(portal_checkups_medicines_and_uploads);
@@ -205,35 +206,7 @@ async fn portal_checkups_medicines_and_uploads(engine: Engine) {
     assert_eq!(of_type(&app, "Bundle").await, bundles);
     // Both arrivals are in its Provenance records.
     let bundle_id = again["checkups"][0]["id"].as_str().expect("id").to_string();
-    let resources = app
-        .client
-        .get(app.url("/patient/resources"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .expect("read")
-        .text()
-        .await
-        .expect("ndjson");
-    let provenance_sources: Vec<String> = resources
-        .lines()
-        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .filter(|r| r["resourceType"] == "Provenance")
-        .filter(|r| {
-            r["target"].as_array().is_some_and(|targets| {
-                targets.iter().any(|t| {
-                    t["reference"]
-                        .as_str()
-                        .is_some_and(|reference| reference.contains(&bundle_id))
-                })
-            })
-        })
-        .filter_map(|r| {
-            r["agent"][0]["who"]["identifier"]["value"]
-                .as_str()
-                .map(str::to_string)
-        })
-        .collect();
+    let provenance_sources = provenance_sources_of(&app, &token, &bundle_id).await;
     assert!(
         provenance_sources.contains(&"portal".to_string()),
         "{provenance_sources:?}"
@@ -401,6 +374,28 @@ async fn portal_checkups_medicines_and_uploads(engine: Engine) {
         .await,
         before
     );
+
+    // Withdrawing with deletion removes the checkups only the portal delivered; the one
+    // the patient also uploaded and those only uploaded stay.
+    let withdrawn = app
+        .client
+        .post(app.url(&format!(
+            "/patient/pull-instructions/{instruction_id}/withdraw"
+        )))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"delete_received": true}))
+        .send()
+        .await
+        .expect("withdraw");
+    assert_eq!(withdrawn.status(), StatusCode::OK);
+    assert_eq!(of_type(&app, "Bundle").await, 3);
+    assert_eq!(of_type(&app, "MedicationDispense").await, 0);
+    let shared = count(
+        &app,
+        &format!("SELECT COUNT(*) FROM resources WHERE id = '{bundle_id}'"),
+    )
+    .await;
+    assert_eq!(shared, 1, "still delivered by the upload");
     portal.shutdown().await;
 }
 

@@ -20,7 +20,11 @@ use crate::audit::{AuditEvent, EventKind, Outcome};
 use crate::checkups::{self, ConvertedCheckup};
 use crate::error::Error;
 use crate::provenance::{provenance_for, Origin};
+use crate::store::reconciliation;
 use crate::store::resources::{NewResource, WriteOutcome};
+
+/// The source an uploaded checkup's Provenance names.
+const UPLOAD_SOURCE: &str = "upload";
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct StoredCheckup {
@@ -183,9 +187,19 @@ async fn store(
         .await?;
     // Each upload is a source of its checkups, even of those already received.
     let targets: Vec<_> = written.iter().map(|(meta, _)| meta).collect();
+    for meta in &targets {
+        reconciliation::record_origin_in(
+            &mut tx,
+            &patient.patient_id,
+            &meta.resource_type,
+            &meta.source_resource_id,
+            UPLOAD_SOURCE,
+        )
+        .await?;
+    }
     let origin = Origin {
         patient_id: &patient.patient_id,
-        source_id: "upload",
+        source_id: UPLOAD_SOURCE,
         source_display: "特定健診 upload",
         policy: None,
         entity: None,

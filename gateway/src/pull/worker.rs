@@ -20,8 +20,10 @@ use super::registry::{mark_available, mark_unavailable, SourceInfo, SourceRegist
 use crate::audit::{self, Agent, AuditEvent, AuditLog, EventKind, Outcome};
 use crate::checkups;
 use crate::error::Result;
+use crate::medications;
 use crate::provenance::{provenance_for, Origin};
 use crate::store::now_millis;
+use crate::store::reconciliation;
 use crate::store::resources::{
     NewResource, ResourceMeta, ResourceStore, SourceIdentity, WriteOutcome,
 };
@@ -366,6 +368,21 @@ impl PullWorker {
         // The page, its Provenance, the job's progress and the cursor commit together.
         let mut tx = self.queue_db().begin().await?;
         if !accepted.is_empty() {
+            // A dispensing another source already delivered is stored onto the same resource.
+            medications::reconcile_in(&mut tx, &mut accepted).await?;
+            for checkup in accepted
+                .iter()
+                .filter(|new| new.source.source == checkups::CHECKUP_SOURCE)
+            {
+                reconciliation::record_origin_in(
+                    &mut tx,
+                    &checkup.patient_id,
+                    &checkup.source.resource_type,
+                    &checkup.source.source_resource_id,
+                    &source.id,
+                )
+                .await?;
+            }
             let agent = Agent::system();
             let detail = format!(
                 "pull job {} from source {} (instruction {})",

@@ -6,6 +6,7 @@
 //! are the same pool.
 
 pub mod accounts;
+pub mod reconciliation;
 pub mod resources;
 
 use std::fmt;

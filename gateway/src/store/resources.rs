@@ -344,13 +344,15 @@ impl ResourceStore {
         let destroyed = self.keys.shred(patient_id).await?;
         let event = AuditEvent::new(EventKind::DataKeyDestroyed, agent.clone()).patient(patient_id);
         let mut tx = self.db.begin().await?;
+        super::reconciliation::forget_patient_in(&mut tx, patient_id).await?;
         audit::record(&mut tx, &event).await?;
         tx.commit().await?;
         Ok(destroyed)
     }
 
-    /// Deletes everything stored from one source for a patient (all versions), audited.
-    /// Used when the patient withdraws a pull instruction and also asks to delete its data.
+    /// Deletes everything stored from one source for a patient (all versions), and the
+    /// reconciled records only that source delivered; audited. Used when the patient
+    /// withdraws a pull instruction and also asks to delete its data.
     pub async fn delete_from_source(
         &self,
         agent: &Agent,
@@ -371,7 +373,8 @@ impl ResourceStore {
             .bind(source)
             .execute(&mut *tx)
             .await?
-            .rows_affected();
+            .rows_affected()
+            + super::reconciliation::delete_from_source_in(&mut tx, patient_id, source).await?;
         let event = AuditEvent::new(EventKind::DataDeleted, agent.clone())
             .patient(patient_id)
             .detail(format!(

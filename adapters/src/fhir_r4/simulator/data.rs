@@ -235,6 +235,23 @@ impl Store {
         }
         ids
     }
+
+    /// Adds one resource as given (its `id`, `meta.versionId` "1" and `meta.lastUpdated`
+    /// set here, newer than everything stored); returns its id, or `None` for an unknown
+    /// patient or a resource without a type.
+    pub(crate) fn add_resource(&mut self, patient_id: &str, mut resource: Value) -> Option<String> {
+        if !self.patients.contains_key(patient_id) {
+            return None;
+        }
+        let resource_type = resource.get("resourceType")?.as_str()?.to_string();
+        self.added += 1;
+        let updated_ms = self.clock_ms + 1_000;
+        let id = format!("added-{:06}", self.added);
+        resource["id"] = json!(id);
+        resource["meta"] = json!({"versionId": "1", "lastUpdated": instant(updated_ms)});
+        self.insert(&resource_type, &id, patient_id, updated_ms, &resource);
+        Some(id)
+    }
 }
 
 fn meta(updated_ms: i64, profile: &str) -> Value {

@@ -260,6 +260,12 @@ impl SimulatorHandle {
         self.state.store_mut().add_observations(patient_id, count)
     }
 
+    /// Adds one resource of the patient (for example a MedicationDispense the portal also
+    /// reports); returns the id it is served under.
+    pub fn add_resource(&self, patient_id: &str, resource: serde_json::Value) -> Option<String> {
+        self.state.store_mut().add_resource(patient_id, resource)
+    }
+
     pub fn faults(&self) -> SimulatorFaults {
         self.state.faults()
     }

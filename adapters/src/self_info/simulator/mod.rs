@@ -248,6 +248,19 @@ impl SimulatorHandle {
             .collect()
     }
 
+    /// A record as the list endpoint sends it.
+    pub fn record_json(&self, subject: &str, id: &str) -> Option<serde_json::Value> {
+        let base_url = self.base_url().to_string();
+        self.state
+            .store()
+            .records
+            .get(subject)?
+            .iter()
+            .filter(|record| record.id == id)
+            .max_by_key(|record| record.version)
+            .map(|record| record.to_json(&base_url))
+    }
+
     /// The hc08 document of a 特定健診 record.
     pub fn checkup_document(&self, subject: &str, id: &str) -> Option<String> {
         self.state
