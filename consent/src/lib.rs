@@ -1,8 +1,17 @@
-//! Disclosure consent: the FHIR R4 `Consent`-shaped model, `decide()`, and receipts; and the
-//! data categories that both consents and pull instructions are given for.
+//! Disclosure consent: the FHIR R4 `Consent`-shaped model ([`model`]) and the data
+//! categories that both consents and pull instructions are given for ([`category`]).
 //!
-//! Pure domain logic with no I/O. The gateway depends on this crate, never the other way.
+//! Pure domain logic with no I/O: no files, network, clock or randomness. Times, ids and
+//! everything else that varies are passed in. The gateway depends on this crate, never the
+//! other way.
 
 pub mod category;
+pub mod error;
+pub mod model;
 
 pub use category::DataCategory;
+pub use error::ConsentError;
+pub use model::{
+    to_fhir_json, Change, Coding, Consent, ConsentStatus, NewConsent, Performer, Period, PersonRef,
+    Provision, ProvisionKind, Purpose, Recipient, RecipientKind, Representation,
+};
