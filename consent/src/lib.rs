@@ -1,15 +1,18 @@
-//! Disclosure consent: the FHIR R4 `Consent`-shaped model ([`model`]) and the data
-//! categories that both consents and pull instructions are given for ([`category`]).
+//! Disclosure consent: the FHIR R4 `Consent`-shaped model ([`model`]), the access decision
+//! ([`decision::decide`]), and the data categories that both consents and pull instructions
+//! are given for ([`category`]).
 //!
 //! Pure domain logic with no I/O: no files, network, clock or randomness. Times, ids and
 //! everything else that varies are passed in. The gateway depends on this crate, never the
 //! other way.
 
 pub mod category;
+pub mod decision;
 pub mod error;
 pub mod model;
 
 pub use category::DataCategory;
+pub use decision::{decide, AccessRequest, ConsentRef, Decision, DenyReason, Effect, Requested};
 pub use error::ConsentError;
 pub use model::{
     to_fhir_json, Change, Coding, Consent, ConsentStatus, NewConsent, Performer, Period, PersonRef,
