@@ -525,14 +525,18 @@ impl Consent {
     }
 }
 
-/// `scheme:rest` with an RFC 3986 scheme; enough to tell a URI from a blank or a word.
+/// `scheme:rest` with an RFC 3986 scheme and no whitespace; enough to tell a URI from a
+/// blank or a word. Bytes, not chars: it runs on every decision.
 fn is_absolute_uri(s: &str) -> bool {
-    let Some((scheme, rest)) = s.split_once(':') else {
+    let bytes = s.as_bytes();
+    let Some(colon) = bytes.iter().position(|&b| b == b':') else {
         return false;
     };
-    let mut chars = scheme.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    let (scheme, rest) = (&bytes[..colon], &bytes[colon + 1..]);
+    scheme.first().is_some_and(u8::is_ascii_alphabetic)
+        && scheme
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
         && !rest.is_empty()
         && !s.chars().any(char::is_whitespace)
 }
