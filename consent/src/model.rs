@@ -554,7 +554,7 @@ pub const RESOURCE_TYPES_SYSTEM: &str = "http://hl7.org/fhir/resource-types";
 /// [`Consent::validate`], so every resource written meets ppc-1 and has a recipient.
 pub fn to_fhir_json(consent: &Consent) -> Result<Value, ConsentError> {
     consent.validate()?;
-    let performer = match consent.performer.representation {
+    let mut performer = match consent.performer.representation {
         Representation::OneSelf => json!({"reference": format!("Patient/{}", consent.patient.id)}),
         representation => json!({
             "reference": format!("RelatedPerson/{}", consent.performer.person.id),
@@ -564,7 +564,6 @@ pub fn to_fhir_json(consent: &Consent) -> Result<Value, ConsentError> {
             }],
         }),
     };
-    let mut performer = performer;
     if let Some(display) = &consent.performer.person.display {
         performer["display"] = json!(display);
     }
