@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 
 use crate::audit::{self, Agent, AuditEvent, AuditLog, EventKind};
 use crate::config::Config;
+use crate::consents::Consents;
 use crate::crypto::{key_file, Kek};
 use crate::error::{Error, Result};
 use crate::http::{self, AppState};
@@ -126,6 +127,7 @@ impl Gateway {
         let queue = JobQueue::new(db.clone());
         let instructions =
             Instructions::new(db.clone(), keys.clone(), receipts.clone(), queue.clone());
+        let consents = Consents::new(db.clone(), receipts.clone(), config.consent.clone());
         let state = AppState {
             tls: tls.is_some(),
             config: Arc::new(config),
@@ -136,6 +138,7 @@ impl Gateway {
             audit,
             metrics: Arc::default(),
             instructions,
+            consents,
             queue,
             registry: Arc::new(registry),
             receipts,

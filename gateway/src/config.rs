@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::tls::TlsConfig;
 
+mod consent;
+pub use consent::{ConsentConfig, ControllerConfig, PurposeConfig};
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -33,6 +36,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub sessions: SessionConfig,
     pub pull: PullConfig,
+    pub consent: ConsentConfig,
     /// Sources patients can instruct the gateway to fetch from.
     pub sources: Vec<SourceConfig>,
     pub log: LogConfig,
@@ -56,6 +60,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             sessions: SessionConfig::default(),
             pull: PullConfig::default(),
+            consent: ConsentConfig::default(),
             sources: Vec::new(),
             log: LogConfig::default(),
             public_url: None,
@@ -330,6 +335,9 @@ impl Config {
 
     /// Checks every value that serde's types cannot express; names the key at fault.
     pub fn validate(&self) -> Result<()> {
+        self.consent
+            .check()
+            .map_err(|(key, reason)| Error::config(key, reason))?;
         if self.insecure_http && !is_loopback(self.listen.ip()) {
             return Err(Error::config(
                 "insecure_http",

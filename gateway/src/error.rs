@@ -49,6 +49,10 @@ pub enum Error {
     #[error("forbidden: {0}")]
     Forbidden(&'static str),
 
+    /// The request does not fit the current state (e.g. withdrawing what is withdrawn).
+    #[error("conflict: {0}")]
+    Conflict(String),
+
     #[error("too many attempts; retry after {retry_after_secs} s")]
     RateLimited { retry_after_secs: u64 },
 

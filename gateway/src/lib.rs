@@ -9,6 +9,7 @@ pub mod audit;
 pub mod checkups;
 pub mod cli;
 pub mod config;
+pub mod consents;
 pub mod crypto;
 pub mod demo;
 pub mod error;

@@ -137,6 +137,11 @@ pub struct TestApp {
 }
 
 impl TestApp {
+    /// The test's database and data directory (to build a second gateway process on them).
+    pub fn env(&self) -> &TestEnv {
+        &self._env
+    }
+
     pub fn gateway(&self) -> &RunningGateway {
         self.gateway.as_ref().expect("running")
     }

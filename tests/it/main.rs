@@ -6,6 +6,7 @@ mod helpers;
 
 mod audit;
 mod config;
+mod consents;
 mod http;
 mod openapi;
 mod portal;

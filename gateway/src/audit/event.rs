@@ -37,6 +37,13 @@ pub enum EventKind {
     PullItemRejected,
     /// Stored data was deleted at the patient's request.
     DataDeleted,
+    /// A disclosure consent was given, changed, withdrawn, or a request for one declined.
+    ConsentGranted,
+    ConsentChanged,
+    ConsentWithdrawn,
+    ConsentDeclined,
+    /// A recipient's access was refused by the patient's consent.
+    ConsentDenied,
 }
 
 impl EventKind {
@@ -55,6 +62,11 @@ impl EventKind {
             }
             EventKind::PullItemRejected => coding(DCM, "110113", "Security Alert"),
             EventKind::DataDeleted => coding(DCM, "110110", "Patient Record"),
+            EventKind::ConsentGranted
+            | EventKind::ConsentChanged
+            | EventKind::ConsentWithdrawn
+            | EventKind::ConsentDeclined
+            | EventKind::ConsentDenied => coding(GATEWAY_EVENTS, "consent", "Disclosure consent"),
             EventKind::Create | EventKind::Update | EventKind::Read | EventKind::Search => {
                 coding(EVENT_TYPE, "rest", "RESTful Operation")
             }
@@ -87,6 +99,13 @@ impl EventKind {
                 coding(GATEWAY_EVENTS, "pull-item-rejected", "Pulled item rejected")
             }
             EventKind::DataDeleted => coding(RESTFUL, "delete", "delete"),
+            EventKind::ConsentGranted => coding(GATEWAY_EVENTS, "consent-granted", "Granted"),
+            EventKind::ConsentChanged => coding(GATEWAY_EVENTS, "consent-changed", "Changed"),
+            EventKind::ConsentWithdrawn => coding(GATEWAY_EVENTS, "consent-withdrawn", "Withdrawn"),
+            EventKind::ConsentDeclined => coding(GATEWAY_EVENTS, "consent-declined", "Declined"),
+            EventKind::ConsentDenied => {
+                coding(GATEWAY_EVENTS, "consent-denied", "Access denied by consent")
+            }
         }
     }
 
@@ -98,6 +117,10 @@ impl EventKind {
             | EventKind::PullInstructionWithdrawn
             | EventKind::DataDeleted => "D",
             EventKind::PullItemRejected => "E",
+            EventKind::ConsentGranted => "C",
+            EventKind::ConsentChanged => "U",
+            EventKind::ConsentWithdrawn => "D",
+            EventKind::ConsentDeclined | EventKind::ConsentDenied => "E",
             EventKind::Read | EventKind::Export => "R",
             EventKind::Search => "E",
             EventKind::ApplicationStart

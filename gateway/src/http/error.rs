@@ -42,6 +42,7 @@ impl From<Error> for ApiError {
             Error::KeyMissing(_) => StatusCode::GONE,
             Error::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
+            Error::Conflict(_) => StatusCode::CONFLICT,
             Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::Database(_) | Error::Migration(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Source(e) => match e {

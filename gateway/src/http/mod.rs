@@ -3,6 +3,8 @@
 pub mod auth;
 pub mod checkups;
 pub mod client_ip;
+pub mod consent_pages;
+pub mod consents;
 pub mod error;
 pub mod fhir;
 pub mod health;
@@ -51,6 +53,7 @@ pub struct AppState {
     pub audit: AuditLog,
     pub metrics: Arc<metrics::Metrics>,
     pub instructions: Instructions,
+    pub consents: crate::consents::Consents,
     pub queue: JobQueue,
     pub registry: Arc<SourceRegistry>,
     pub receipts: Arc<ReceiptSigner>,
@@ -118,6 +121,10 @@ pub fn router(state: AppState) -> Router {
         .route("/patient/pull-instructions", get(pull::list).post(pull::give))
         .route("/patient/pull-instructions/{id}", get(pull::detail))
         .route("/patient/pull-instructions/{id}/withdraw", post(pull::withdraw))
+        .route("/api/consents", get(consents::list))
+        .route("/api/consents/{id}", get(consents::detail))
+        .route("/api/consents/{id}/withdraw", post(consents::withdraw))
+        .route("/api/consents/{id}/change", post(consents::change))
         .route("/.well-known/jwks.json", get(pull::jwks))
         .route("/portal", get(portal::home))
         .route("/portal/style.css", get(portal::style))
@@ -126,6 +133,9 @@ pub fn router(state: AppState) -> Router {
         .route("/portal/pull-instructions", post(portal::give))
         .route("/portal/checkups", post(portal::upload_checkups))
         .route("/portal/pull-instructions/{id}/withdraw", post(portal::withdraw))
+        .route("/portal/consents", get(consent_pages::list))
+        .route("/portal/consents/{id}/withdraw", post(consent_pages::withdraw))
+        .route("/consent/notice", get(consent_pages::notice))
         .route("/operator/audit/checkpoint", get(operator::audit_checkpoint))
         .route("/fhir", get(fhir::not_supported))
         .route("/fhir/{*rest}", get(fhir::not_supported).post(fhir::not_supported))

@@ -23,6 +23,10 @@ use utoipa::OpenApi;
         super::pull::withdraw,
         super::pull::jwks,
         super::checkups::upload,
+        super::consents::list,
+        super::consents::detail,
+        super::consents::withdraw,
+        super::consents::change,
     ),
     tags(
         (name = "health", description = "Probes"),
@@ -32,6 +36,7 @@ use utoipa::OpenApi;
         (name = "pull", description = "Pull instructions: fetching from sources on the patient's instruction"),
         (name = "keys", description = "The gateway's public keys"),
         (name = "checkups", description = "特定健診 results uploaded as CDA or exchange ZIP"),
+        (name = "consent", description = "Disclosure consents: the patient's, to list, change and withdraw"),
     )
 )]
 pub struct ApiDoc;

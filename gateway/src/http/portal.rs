@@ -21,13 +21,16 @@ use crate::pull::InstructionStatus;
 const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:56rem;margin:2rem auto;padding:0 1rem;line-height:1.6}
 table{border-collapse:collapse;width:100%}th,td{border:1px solid #999;padding:.4rem;text-align:left;vertical-align:top}
 .en{color:#444;font-size:.9em}.warn{color:#8a1c00}button,.button{font-size:1rem;padding:.4rem 1rem}
-fieldset{margin:1rem 0}label{display:block}";
+fieldset{margin:1rem 0}label{display:block}nav{display:flex;gap:1.5rem;margin-bottom:1rem}
+.choices{display:flex;gap:1rem;flex-wrap:wrap;margin:1rem 0}
+.choice{font:inherit;font-size:1rem;line-height:1.4;padding:.6rem 1.2rem;width:14rem;border:2px solid #174ea6;border-radius:4px;background:#fff;color:#174ea6;cursor:pointer}
+.notice{border:1px solid #999;padding:.5rem 1rem;margin:1rem 0}";
 
 pub async fn style() -> Response {
     ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], STYLE).into_response()
 }
 
-fn page(title: &str, body: Markup) -> Markup {
+pub(super) fn page(title: &str, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="ja" {
@@ -42,7 +45,22 @@ fn page(title: &str, body: Markup) -> Markup {
     }
 }
 
-fn html_response(status: StatusCode, markup: Markup) -> Response {
+/// A page for a signed-in patient: the same navigation on every page, so consent settings
+/// are always one step away.
+pub(super) fn signed_in_page(title: &str, body: Markup) -> Markup {
+    page(
+        title,
+        html! {
+            nav aria-label="メニュー / Menu" {
+                a href="/portal" { "データ取得 " span.en { "Pull instructions" } }
+                a id="nav-consents" href="/portal/consents" { "同意の管理 " span.en { "Consents" } }
+            }
+            (body)
+        },
+    )
+}
+
+pub(super) fn html_response(status: StatusCode, markup: Markup) -> Response {
     (
         status,
         [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
@@ -68,7 +86,7 @@ fn login_page(message: Option<&str>) -> Markup {
 
 /// Form posts must come from our own pages (the cookie is SameSite=Lax; this also stops
 /// other sites' forms).
-fn same_origin(headers: &HeaderMap, state: &AppState) -> Result<(), ApiError> {
+pub(super) fn same_origin(headers: &HeaderMap, state: &AppState) -> Result<(), ApiError> {
     let origin = headers
         .get(header::ORIGIN)
         .or_else(|| headers.get(header::REFERER))
@@ -107,7 +125,7 @@ pub async fn home(
         rows.push((instruction.clone(), source_name, jobs, unavailable));
     }
     let sources = state.registry.infos();
-    let markup = page(
+    let markup = signed_in_page(
         "データ取得の指示 / Pull instructions",
         html! {
             h1 { "データ取得の指示 " span.en { "Your pull instructions" } }
@@ -288,7 +306,7 @@ pub async fn give(
     let info = &given.source;
     let Some(authorize_url) = &given.authorize_url else {
         // Linked at once with the code: the first pull is already queued.
-        let markup = page(
+        let markup = signed_in_page(
             "連携しました / Linked",
             html! {
                 h1 { "連携しました " span.en { "Linked" } }
@@ -300,7 +318,7 @@ pub async fn give(
         return Ok(html_response(StatusCode::OK, markup));
     };
     // A link, not a redirect: the patient sees where they are going before they leave.
-    let markup = page(
+    let markup = signed_in_page(
         "認証へ / Continue at the source",
         html! {
             h1 { "指示を受け付けました " span.en { "Instruction received" } }
@@ -365,7 +383,7 @@ pub async fn upload_checkups(
         "application/xml"
     };
     let uploaded = super::checkups::upload_checkups(&state, &patient, content_type, &bytes).await?;
-    let markup = page(
+    let markup = signed_in_page(
         "取り込みました / Added",
         html! {
             h1 { "取り込みました " span.en { "Added" } }

@@ -1,0 +1,38 @@
+-- Disclosure consents: a patient allowing a recipient (a PHR app, another provider) to
+-- receive data for stated purposes. Times are Unix milliseconds.
+
+-- The current state of each consent, for listing and for the decision on every access.
+CREATE TABLE consents (
+    id TEXT PRIMARY KEY,
+    patient_id TEXT NOT NULL REFERENCES patients(id),
+    -- The recipient's client id, and its name as shown when the patient decided.
+    recipient TEXT NOT NULL,
+    recipient_display TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('proposed', 'active', 'rejected', 'inactive')),
+    current_version BIGINT NOT NULL,
+    period_end BIGINT,
+    reminded_at BIGINT,
+    updated_at BIGINT NOT NULL
+);
+CREATE INDEX consents_by_patient ON consents (patient_id, recipient);
+
+-- Every version as recorded (the FHIR-shaped model as JSON), who made it and its receipt.
+CREATE TABLE consent_versions (
+    consent_id TEXT NOT NULL REFERENCES consents(id),
+    version BIGINT NOT NULL,
+    event TEXT NOT NULL CHECK (event IN ('granted', 'changed', 'withdrawn')),
+    body TEXT NOT NULL,
+    performer_account_id TEXT NOT NULL,
+    receipt TEXT NOT NULL,
+    recorded_at BIGINT NOT NULL,
+    PRIMARY KEY (consent_id, version)
+);
+
+-- Plain declines, so a recipient does not ask again too soon for the same thing.
+CREATE TABLE consent_declines (
+    patient_id TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    request_digest TEXT NOT NULL,
+    declined_at BIGINT NOT NULL,
+    PRIMARY KEY (patient_id, recipient, request_digest)
+);

@@ -1,0 +1,585 @@
+//! Disclosure consents, stored: each version as the patient (or their representative)
+//! made it, with a signed receipt and an audit leaf, in one transaction. The decision on
+//! every access reads the current versions from the database, so a withdrawal committed by
+//! any gateway process denies the very next request everywhere.
+
+mod receipts;
+
+use std::sync::Arc;
+
+use phr_consent::{
+    decide, AccessRequest, Change, Consent, ConsentStatus, DataCategory, Decision, NewConsent,
+    Performer, Period, PersonRef, Provision, Purpose, ReceiptEvent, Recipient, Requested,
+};
+use serde::Serialize;
+use sqlx::{AnyConnection, Row};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::audit::{self, Agent, AuditEvent, EventKind, Outcome};
+use crate::config::ConsentConfig;
+use crate::error::{Error, Result};
+use crate::receipts::ReceiptSigner;
+use crate::store::{insert_patient, now_millis, Database};
+
+pub use receipts::ReceiptContext;
+
+/// The policy every consent is given under: the PHR basic guideline.
+pub const POLICY_URI: &str = "urn:phr-gateway:policy:phr-basic-guideline-2025";
+
+/// What the patient chose on the consent screen.
+#[derive(Debug, Clone)]
+pub struct GrantRequest {
+    pub patient_id: String,
+    pub performer: Performer,
+    pub performer_account_id: String,
+    pub recipient: Recipient,
+    pub recipient_display: String,
+    pub purposes: Vec<Purpose>,
+    pub categories: Vec<DataCategory>,
+    /// The first instant the consent no longer covers (the day after the chosen end date).
+    pub ends_at: OffsetDateTime,
+}
+
+/// A consent as the patient's pages and API show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConsentView {
+    pub id: String,
+    pub version: u32,
+    pub status: ConsentStatus,
+    pub recipient: String,
+    pub recipient_display: String,
+    pub purposes: Vec<String>,
+    pub categories: Vec<DataCategory>,
+    /// RFC 3339; the consent covers nothing from this instant.
+    pub ends_at: Option<String>,
+    /// Whether it permits anything now (active and within its period).
+    pub in_force: bool,
+    #[serde(skip)]
+    pub consent: Consent,
+}
+
+/// One version in a consent's history, with its receipt.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConsentVersionView {
+    pub version: u32,
+    pub event: String,
+    pub status: ConsentStatus,
+    pub recorded_at: String,
+    pub performer: String,
+    pub receipt: String,
+}
+
+#[derive(Clone)]
+pub struct Consents {
+    db: Database,
+    receipts: Arc<ReceiptSigner>,
+    config: Arc<ConsentConfig>,
+}
+
+impl Consents {
+    pub fn new(db: Database, receipts: Arc<ReceiptSigner>, config: ConsentConfig) -> Self {
+        Consents {
+            db,
+            receipts,
+            config: Arc::new(config),
+        }
+    }
+
+    pub fn config(&self) -> &ConsentConfig {
+        &self.config
+    }
+
+    /// Records a new, active consent (the patient agreed on the consent screen). Returns it
+    /// with its signed receipt.
+    pub async fn grant(
+        &self,
+        agent: &Agent,
+        request: GrantRequest,
+        context: &ReceiptContext,
+    ) -> Result<(Consent, String)> {
+        let now = OffsetDateTime::now_utc();
+        let mut purposes = request.purposes.clone();
+        purposes.sort_by(|a, b| (&a.system, &a.code).cmp(&(&b.system, &b.code)));
+        purposes.dedup();
+        let mut categories = request.categories.clone();
+        categories.sort();
+        categories.dedup();
+        if purposes.is_empty() || categories.is_empty() {
+            return Err(Error::Invalid(
+                "choose at least one purpose and one category".into(),
+            ));
+        }
+        let latest = now + time::Duration::days(i64::from(self.config.max_period_days) + 1);
+        if request.ends_at <= now || request.ends_at > latest {
+            return Err(Error::Invalid(format!(
+                "the end date must be after today and at most {} days ahead",
+                self.config.max_period_days
+            )));
+        }
+        let patient = PersonRef::new(&request.patient_id);
+        let consent = Consent::create(NewConsent {
+            id: uuid::Uuid::new_v4().to_string(),
+            status: ConsentStatus::Active,
+            patient,
+            performer: request.performer.clone(),
+            policy_uri: POLICY_URI.into(),
+            recorded_at: now,
+            provision: Provision::permit(
+                Some(Period::between(now, request.ends_at)),
+                vec![request.recipient.clone()],
+                purposes,
+                categories,
+            ),
+        })
+        .map_err(|e| Error::Invalid(e.to_string()))?;
+        let receipt = self.sign_receipt(
+            ReceiptEvent::Granted,
+            &consent,
+            &request.recipient_display,
+            context,
+        )?;
+
+        let now_ms = now_millis();
+        let mut tx = self.db.begin().await?;
+        insert_patient(&mut tx, &request.patient_id, now_ms).await?;
+        sqlx::query(
+            "INSERT INTO consents (id, patient_id, recipient, recipient_display, status,
+                 current_version, period_end, updated_at)
+             VALUES ($1, $2, $3, $4, 'active', 1, $5, $6)",
+        )
+        .bind(&consent.id)
+        .bind(&request.patient_id)
+        .bind(&request.recipient.id)
+        .bind(&request.recipient_display)
+        .bind(millis_of(request.ends_at))
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?;
+        insert_version(
+            &mut tx,
+            &consent,
+            "granted",
+            &request.performer_account_id,
+            &receipt,
+        )
+        .await?;
+        let event = AuditEvent::new(EventKind::ConsentGranted, agent.clone())
+            .patient(&request.patient_id)
+            .detail(format!(
+                "consent {} for {} ({} purpose(s), {} categor(ies))",
+                consent.id,
+                request.recipient.id,
+                consent.provision.purposes.len(),
+                consent.provision.categories.len()
+            ));
+        audit::record(&mut tx, &event).await?;
+        tx.commit().await?;
+        Ok((consent, receipt))
+    }
+
+    /// Replaces what a consent permits (purposes, categories, end date). Returns the new
+    /// version with its receipt.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn amend(
+        &self,
+        agent: &Agent,
+        patient_id: &str,
+        consent_id: &str,
+        performer: Performer,
+        performer_account_id: &str,
+        purposes: Vec<Purpose>,
+        categories: Vec<DataCategory>,
+        ends_at: OffsetDateTime,
+        context: &ReceiptContext,
+    ) -> Result<(Consent, String)> {
+        let current = self.current(patient_id, consent_id).await?;
+        let mut provision = current.consent.provision.clone();
+        provision.purposes = purposes;
+        provision.categories = categories;
+        let start = provision
+            .period
+            .as_ref()
+            .and_then(|p| p.start)
+            .unwrap_or(current.consent.recorded_at);
+        provision.period = Some(Period::between(start, ends_at));
+        self.change(
+            agent,
+            current,
+            Change::Amend(provision),
+            performer,
+            performer_account_id,
+            context,
+        )
+        .await
+    }
+
+    /// Withdraws a consent: from this commit on, nothing is disclosed under it.
+    pub async fn withdraw(
+        &self,
+        agent: &Agent,
+        patient_id: &str,
+        consent_id: &str,
+        performer: Performer,
+        performer_account_id: &str,
+        context: &ReceiptContext,
+    ) -> Result<(Consent, String)> {
+        let current = self.current(patient_id, consent_id).await?;
+        self.change(
+            agent,
+            current,
+            Change::Withdraw,
+            performer,
+            performer_account_id,
+            context,
+        )
+        .await
+    }
+
+    async fn change(
+        &self,
+        agent: &Agent,
+        current: ConsentView,
+        change: Change,
+        performer: Performer,
+        performer_account_id: &str,
+        context: &ReceiptContext,
+    ) -> Result<(Consent, String)> {
+        let withdrawing = matches!(change, Change::Withdraw);
+        let now = OffsetDateTime::now_utc().max(current.consent.recorded_at);
+        let next = current
+            .consent
+            .apply(change, performer, now)
+            .map_err(|e| Error::Conflict(e.to_string()))?;
+        let (event, kind, receipt_event) = if withdrawing {
+            (
+                "withdrawn",
+                EventKind::ConsentWithdrawn,
+                ReceiptEvent::Withdrawn,
+            )
+        } else {
+            ("changed", EventKind::ConsentChanged, ReceiptEvent::Changed)
+        };
+        let receipt =
+            self.sign_receipt(receipt_event, &next, &current.recipient_display, context)?;
+        let mut tx = self.db.begin().await?;
+        // Optimistic: two changes racing on one version cannot both win.
+        let moved = sqlx::query(
+            "UPDATE consents SET status = $1, current_version = $2, period_end = $3,
+                 updated_at = $4
+             WHERE id = $5 AND current_version = $6",
+        )
+        .bind(next.status.code())
+        .bind(i64::from(next.version))
+        .bind(
+            next.provision
+                .period
+                .as_ref()
+                .and_then(|p| p.end)
+                .map(millis_of),
+        )
+        .bind(now_millis())
+        .bind(&next.id)
+        .bind(i64::from(current.version))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if moved != 1 {
+            return Err(Error::Conflict(
+                "the consent changed meanwhile; reload and try again".into(),
+            ));
+        }
+        insert_version(&mut tx, &next, event, performer_account_id, &receipt).await?;
+        let audit_event = AuditEvent::new(kind, agent.clone())
+            .patient(&next.patient.id)
+            .detail(format!(
+                "consent {} version {} ({event}) for {}",
+                next.id, next.version, current.recipient
+            ));
+        audit::record(&mut tx, &audit_event).await?;
+        tx.commit().await?;
+        Ok((next, receipt))
+    }
+
+    /// The patient's consent, current version. Another patient's consent is `NotFound`.
+    pub async fn current(&self, patient_id: &str, consent_id: &str) -> Result<ConsentView> {
+        let row = sqlx::query(&format!(
+            "{SELECT_CURRENT} WHERE c.id = $1 AND c.patient_id = $2"
+        ))
+        .bind(consent_id)
+        .bind(patient_id)
+        .fetch_optional(self.db.read_pool())
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("consent {consent_id}")))?;
+        view_of(&row)
+    }
+
+    /// The patient's consents, newest first.
+    pub async fn list(&self, patient_id: &str) -> Result<Vec<ConsentView>> {
+        let rows = sqlx::query(&format!(
+            "{SELECT_CURRENT} WHERE c.patient_id = $1 ORDER BY c.updated_at DESC, c.id"
+        ))
+        .bind(patient_id)
+        .fetch_all(self.db.read_pool())
+        .await?;
+        rows.iter().map(view_of).collect()
+    }
+
+    /// Every version of the patient's consent, oldest first, with receipts.
+    pub async fn history(
+        &self,
+        patient_id: &str,
+        consent_id: &str,
+    ) -> Result<Vec<ConsentVersionView>> {
+        self.current(patient_id, consent_id).await?;
+        let rows = sqlx::query(
+            "SELECT version, event, body, performer_account_id, receipt, recorded_at
+             FROM consent_versions WHERE consent_id = $1 ORDER BY version",
+        )
+        .bind(consent_id)
+        .fetch_all(self.db.read_pool())
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let consent = consent_of(&row.try_get::<String, _>(2)?)?;
+                Ok(ConsentVersionView {
+                    version: consent.version,
+                    event: row.try_get(1)?,
+                    status: consent.status,
+                    recorded_at: crate::store::millis_to_rfc3339(row.try_get(5)?),
+                    performer: row.try_get(3)?,
+                    receipt: row.try_get(4)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Decides one access by `recipient` to `patient_id`'s data, reading the consents as
+    /// committed now. A denial is audited with its reason.
+    pub async fn decide(
+        &self,
+        agent: &Agent,
+        patient_id: &str,
+        recipient: &Recipient,
+        purpose: &Purpose,
+        requested: Requested<'_>,
+    ) -> Result<ConsentOutcome> {
+        let consents = self.in_force_candidates(patient_id, &recipient.id).await?;
+        let request = AccessRequest {
+            patient: patient_id,
+            recipient,
+            purpose,
+            requested,
+        };
+        let outcome = match decide(&request, &consents, OffsetDateTime::now_utc()) {
+            Decision::Permit { consent } => ConsentOutcome::Permit {
+                consent_id: consent.id.to_string(),
+                version: consent.version,
+            },
+            Decision::Deny { reason, .. } => ConsentOutcome::Deny {
+                reason: reason.code(),
+                message_ja: reason.message_ja(),
+                message_en: reason.message_en(),
+            },
+        };
+        if let ConsentOutcome::Deny { reason, .. } = &outcome {
+            let event = AuditEvent::new(EventKind::ConsentDenied, agent.clone())
+                .patient(patient_id)
+                .outcome(Outcome::MinorFailure)
+                .detail(format!("access by {} denied: {reason}", recipient.id));
+            let mut tx = self.db.begin().await?;
+            audit::record(&mut tx, &event).await?;
+            tx.commit().await?;
+        }
+        Ok(outcome)
+    }
+
+    /// The current version of each of the patient's consents for this recipient.
+    async fn in_force_candidates(&self, patient_id: &str, recipient: &str) -> Result<Vec<Consent>> {
+        let rows = sqlx::query(&format!(
+            "{SELECT_CURRENT} WHERE c.patient_id = $1 AND c.recipient = $2"
+        ))
+        .bind(patient_id)
+        .bind(recipient)
+        .fetch_all(self.db.read_pool())
+        .await?;
+        rows.iter()
+            .map(|row| consent_of(&row.try_get::<String, _>(3)?))
+            .collect()
+    }
+
+    /// Records a plain decline, so the recipient does not ask again too soon for the same.
+    pub async fn record_decline(
+        &self,
+        agent: &Agent,
+        patient_id: &str,
+        recipient: &str,
+        request_digest: &str,
+    ) -> Result<()> {
+        let mut tx = self.db.begin().await?;
+        sqlx::query(
+            "DELETE FROM consent_declines
+             WHERE patient_id = $1 AND recipient = $2 AND request_digest = $3",
+        )
+        .bind(patient_id)
+        .bind(recipient)
+        .bind(request_digest)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO consent_declines (patient_id, recipient, request_digest, declined_at)
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(patient_id)
+        .bind(recipient)
+        .bind(request_digest)
+        .bind(now_millis())
+        .execute(&mut *tx)
+        .await?;
+        let event = AuditEvent::new(EventKind::ConsentDeclined, agent.clone())
+            .patient(patient_id)
+            .detail(format!("request by {recipient} declined"));
+        audit::record(&mut tx, &event).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Whether the patient declined this same request from this recipient within the
+    /// configured quiet period.
+    pub async fn declined_recently(
+        &self,
+        patient_id: &str,
+        recipient: &str,
+        request_digest: &str,
+    ) -> Result<bool> {
+        let since =
+            now_millis() - i64::from(self.config.reask_after_decline_days) * 24 * 60 * 60 * 1000;
+        let found: Option<i64> = sqlx::query_scalar(
+            "SELECT declined_at FROM consent_declines
+             WHERE patient_id = $1 AND recipient = $2 AND request_digest = $3
+               AND declined_at >= $4",
+        )
+        .bind(patient_id)
+        .bind(recipient)
+        .bind(request_digest)
+        .bind(since)
+        .fetch_optional(self.db.read_pool())
+        .await?;
+        Ok(found.is_some())
+    }
+
+    /// Active consents ending within the reminder window that have not been reminded yet;
+    /// marks them reminded. The caller notifies the patient.
+    pub async fn due_for_reminder(&self) -> Result<Vec<ConsentView>> {
+        let now = now_millis();
+        let horizon = now + i64::from(self.config.remind_before_days) * 24 * 60 * 60 * 1000;
+        let rows = sqlx::query(&format!(
+            "{SELECT_CURRENT} WHERE c.status = 'active' AND c.period_end IS NOT NULL
+               AND c.period_end > $1 AND c.period_end <= $2 AND c.reminded_at IS NULL"
+        ))
+        .bind(now)
+        .bind(horizon)
+        .fetch_all(self.db.read_pool())
+        .await?;
+        let due: Vec<ConsentView> = rows.iter().map(view_of).collect::<Result<_>>()?;
+        for consent in &due {
+            sqlx::query("UPDATE consents SET reminded_at = $1 WHERE id = $2")
+                .bind(now)
+                .bind(&consent.id)
+                .execute(self.db.write_pool())
+                .await?;
+        }
+        Ok(due)
+    }
+
+    fn sign_receipt(
+        &self,
+        event: ReceiptEvent,
+        consent: &Consent,
+        recipient_display: &str,
+        context: &ReceiptContext,
+    ) -> Result<String> {
+        receipts::sign(
+            &self.receipts,
+            &self.config,
+            event,
+            consent,
+            recipient_display,
+            context,
+        )
+    }
+}
+
+/// The decision on one access, in words the gateway can show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsentOutcome {
+    Permit {
+        consent_id: String,
+        version: u32,
+    },
+    Deny {
+        reason: &'static str,
+        message_ja: &'static str,
+        message_en: &'static str,
+    },
+}
+
+const SELECT_CURRENT: &str = "SELECT c.id, c.recipient, c.recipient_display, v.body
+     FROM consents c JOIN consent_versions v
+       ON v.consent_id = c.id AND v.version = c.current_version";
+
+fn view_of(row: &sqlx::any::AnyRow) -> Result<ConsentView> {
+    let consent = consent_of(&row.try_get::<String, _>(3)?)?;
+    let now = OffsetDateTime::now_utc();
+    let provision = &consent.provision;
+    Ok(ConsentView {
+        id: row.try_get(0)?,
+        version: consent.version,
+        status: consent.status,
+        recipient: row.try_get(1)?,
+        recipient_display: row.try_get(2)?,
+        purposes: provision.purposes.iter().map(|p| p.code.clone()).collect(),
+        categories: provision.categories.clone(),
+        ends_at: provision
+            .period
+            .as_ref()
+            .and_then(|p| p.end)
+            .and_then(|end| end.format(&Rfc3339).ok()),
+        in_force: consent.status == ConsentStatus::Active
+            && provision.period.as_ref().is_none_or(|p| p.contains(now)),
+        consent,
+    })
+}
+
+fn consent_of(body: &str) -> Result<Consent> {
+    serde_json::from_str(body).map_err(|e| Error::Invalid(format!("stored consent: {e}")))
+}
+
+async fn insert_version(
+    tx: &mut AnyConnection,
+    consent: &Consent,
+    event: &str,
+    performer_account_id: &str,
+    receipt: &str,
+) -> Result<()> {
+    let body = serde_json::to_string(consent).map_err(|e| Error::Invalid(e.to_string()))?;
+    sqlx::query(
+        "INSERT INTO consent_versions (consent_id, version, event, body, performer_account_id,
+             receipt, recorded_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(&consent.id)
+    .bind(i64::from(consent.version))
+    .bind(event)
+    .bind(body)
+    .bind(performer_account_id)
+    .bind(receipt)
+    .bind(now_millis())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+fn millis_of(at: OffsetDateTime) -> i64 {
+    (at.unix_timestamp_nanos() / 1_000_000) as i64
+}

@@ -1,0 +1,169 @@
+//! The consent pages (server-rendered, escaped by maud, Japanese first with English beside
+//! it): the patient's consents in the portal, withdrawal in one click with its receipt, and
+//! the privacy notice every consent screen and receipt points to.
+//!
+//! The rules these pages keep (tested in headless Chromium): withdrawing takes no more
+//! clicks than granting; nothing optional is pre-selected; accept, decline and withdraw are
+//! the same control (`.choice`) side by side in the same order; a plain decline is always
+//! offered; no pressure wording; the notice is on the screen before the action.
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use maud::html;
+use serde::Deserialize;
+
+use super::consents::{receipt_context, withdraw_consent};
+use super::error::ApiError;
+use super::portal::{html_response, page, same_origin, signed_in_page};
+use super::session::PatientSession;
+use super::AppState;
+use crate::audit::{AuditEvent, EventKind};
+use crate::consents::ConsentView;
+
+/// The patient's consents, each withdrawable with one button.
+pub async fn list(
+    State(state): State<AppState>,
+    patient: PatientSession,
+) -> Result<Response, ApiError> {
+    let consents = state.consents.list(&patient.patient_id).await?;
+    let event = AuditEvent::new(EventKind::Search, patient.auth.agent())
+        .patient(&patient.patient_id)
+        .detail("consents (portal)");
+    state.audit.record_now(&event).await?;
+    let config = state.consents.config();
+    let purpose_label = |code: &str| {
+        config
+            .purpose(code)
+            .map(|p| (p.label_ja.clone(), p.label_en.clone()))
+            .unwrap_or_else(|| (code.to_string(), code.to_string()))
+    };
+    let markup = signed_in_page(
+        "同意の管理 / Your consents",
+        html! {
+            h1 { "同意の管理 " span.en { "Your consents" } }
+            p { "あなたが情報の提供に同意した相手と、その目的・情報の種類・期限です。撤回はボタンひとつで、すぐに効力を持ちます。撤回しても、このサービスはこれまでどおり使えます。" }
+            p.en { "Who you agreed to share your data with, for what, which data and until when. Withdrawing takes one button and works at once. You can keep using this service as before." }
+            @if consents.is_empty() {
+                p id="no-consents" { "同意はまだありません。 " span.en { "No consents yet." } }
+            } @else {
+                table {
+                    thead { tr {
+                        th { "提供先 " span.en { "Recipient" } }
+                        th { "目的 " span.en { "Purposes" } }
+                        th { "情報の種類 " span.en { "Data" } }
+                        th { "期限 " span.en { "Until" } }
+                        th { "状態 " span.en { "Status" } }
+                        th { "操作 " span.en { "Action" } }
+                    } }
+                    tbody {
+                        @for consent in &consents {
+                            tr data-consent=(consent.id) {
+                                td { (consent.recipient_display) }
+                                td { @for code in &consent.purposes {
+                                    @let (ja, en) = purpose_label(code);
+                                    div { (ja) " " span.en { (en) } }
+                                } }
+                                td { @for category in &consent.categories { div { (category.label_ja()) " " span.en { (category.label_en()) } } } }
+                                td { (consent.ends_at.as_deref().map(day_of).unwrap_or("—")) }
+                                td class="status" { (status_label(consent)) }
+                                td {
+                                    @if consent.status == phr_consent::ConsentStatus::Active {
+                                        form method="post" action={ "/portal/consents/" (consent.id) "/withdraw" } {
+                                            div.choices {
+                                                button type="submit" class="choice withdraw" { "撤回する / Withdraw" }
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            p { a href="/consent/notice" { "個人情報の取扱いについて / Privacy notice" } }
+        },
+    );
+    Ok(html_response(StatusCode::OK, markup))
+}
+
+fn status_label(consent: &ConsentView) -> &'static str {
+    match consent.status {
+        phr_consent::ConsentStatus::Active if consent.in_force => "有効 / In force",
+        phr_consent::ConsentStatus::Active => "期限切れ / Ended",
+        phr_consent::ConsentStatus::Inactive => "撤回済み / Withdrawn",
+        phr_consent::ConsentStatus::Proposed => "未回答 / Not answered",
+        phr_consent::ConsentStatus::Rejected => "同意しなかった / Declined",
+    }
+}
+
+/// The last day covered. The exclusive end is midnight Japan time, i.e. 15:00 UTC the day
+/// before, so the UTC date of the stored end is that last day.
+fn day_of(ends_at: &str) -> &str {
+    ends_at.get(..10).unwrap_or(ends_at)
+}
+
+/// Withdraws from the portal: one click, then the receipt.
+pub async fn withdraw(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    patient: PatientSession,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    same_origin(&headers, &state)?;
+    let context = receipt_context(&state, "ja", "web-form");
+    let withdrawn = withdraw_consent(&state, &patient, &id, &context).await?;
+    let markup = signed_in_page(
+        "撤回しました / Withdrawn",
+        html! {
+            h1 id="withdrawn" { "撤回しました " span.en { "Withdrawn" } }
+            p { (withdrawn.consent.recipient_display) " への情報の提供を止めました。今後、この同意にもとづく提供はありません。" }
+            p.en { "Sharing with " (withdrawn.consent.recipient_display) " has stopped. Nothing more is shared under this consent." }
+            h2 { "受領証 " span.en { "Receipt" } }
+            p { "ゲートウェイの署名付きの記録です。保存しておくと、いつ撤回したかを示せます。" }
+            p.en { "A record signed by the gateway; keep it to show when you withdrew." }
+            pre id="receipt" style="white-space:pre-wrap;word-break:break-all" { (withdrawn.receipt) }
+            p { a href="/consent/notice" { "個人情報の取扱いについて / Privacy notice" } }
+            p { a href="/portal/consents" { "同意の管理へ戻る / Back to your consents" } }
+        },
+    );
+    Ok(html_response(StatusCode::OK, markup))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct NoticeQuery {
+    pub version: Option<String>,
+}
+
+/// The privacy notice: what the gateway does with data shared under a consent.
+pub async fn notice(State(state): State<AppState>, Query(query): Query<NoticeQuery>) -> Response {
+    let config = state.consents.config();
+    let version = query
+        .version
+        .unwrap_or_else(|| config.notice_version.clone());
+    html_response(
+        StatusCode::OK,
+        page(
+            "個人情報の取扱いについて / Privacy notice",
+            html! {
+                h1 { "個人情報の取扱いについて " span.en { "Privacy notice" } }
+                p { "版 / Version: " (version) }
+                (notice_text(&config.controller.name))
+            },
+        ),
+    )
+}
+
+/// The notice's words, shown on every consent screen before the choice and on its own page.
+pub fn notice_text(controller: &str) -> maud::Markup {
+    html! {
+        div.notice lang="ja" {
+            p { "あなたの健康・医療の情報は、あなたが同意した相手に、同意した目的と種類の範囲でだけ提供します。同意はいつでも撤回でき、撤回はすぐに効力を持ちます。撤回しても、このサービスは変わらず使えます。" }
+            p { "提供した記録はすべて残り、あなたはいつでも確認できます。責任者: " (controller) }
+        }
+        div.notice lang="en" {
+            p.en { "Your health data goes only to those you agree to, only for the purposes and data you choose. You can withdraw at any time and it works at once; the service stays the same for you." }
+            p.en { "Every disclosure is recorded and you can always see it. Responsible: " (controller) }
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! The patient's disclosure consents over the API: list, read with history and receipts,
+//! change, and withdraw in one call. Every read and change is audited; another patient's
+//! consent is reported as absent.
+
+use axum::extract::{Path, State};
+use axum::Json;
+use phr_consent::{DataCategory, Performer, PersonRef, Purpose};
+use serde::{Deserialize, Serialize};
+use time::{Date, OffsetDateTime, Time, UtcOffset};
+use utoipa::ToSchema;
+
+use super::error::ApiError;
+use super::session::PatientSession;
+use super::AppState;
+use crate::audit::{AuditEvent, EventKind};
+use crate::consents::{ConsentVersionView, ConsentView, ReceiptContext};
+use crate::error::Error;
+
+/// One consent as listed.
+#[derive(Serialize, ToSchema)]
+pub struct ConsentSummary {
+    pub id: String,
+    pub version: u32,
+    /// `active`, `inactive` (withdrawn), `proposed` or `rejected`.
+    pub status: String,
+    /// The recipient's client id and name.
+    pub recipient: String,
+    pub recipient_display: String,
+    /// Purpose codes.
+    pub purposes: Vec<String>,
+    /// Data category codes.
+    pub categories: Vec<String>,
+    /// RFC 3339; nothing is disclosed from this instant.
+    pub ends_at: Option<String>,
+    /// Whether anything may be disclosed under it now.
+    pub in_force: bool,
+}
+
+impl ConsentSummary {
+    fn of(view: &ConsentView) -> Self {
+        ConsentSummary {
+            id: view.id.clone(),
+            version: view.version,
+            status: view.status.code().to_string(),
+            recipient: view.recipient.clone(),
+            recipient_display: view.recipient_display.clone(),
+            purposes: view.purposes.clone(),
+            categories: view
+                .categories
+                .iter()
+                .map(|c| c.code().to_string())
+                .collect(),
+            ends_at: view.ends_at.clone(),
+            in_force: view.in_force,
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ConsentVersion {
+    pub version: u32,
+    /// `granted`, `changed` or `withdrawn`.
+    pub event: String,
+    pub status: String,
+    pub recorded_at: String,
+    /// The account that made this version (the patient or their representative).
+    pub performer: String,
+    /// Signed receipt (compact JWS; keys at `/.well-known/jwks.json`).
+    pub receipt: String,
+}
+
+impl ConsentVersion {
+    fn of(view: ConsentVersionView) -> Self {
+        ConsentVersion {
+            version: view.version,
+            event: view.event,
+            status: view.status.code().to_string(),
+            recorded_at: view.recorded_at,
+            performer: view.performer,
+            receipt: view.receipt,
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ConsentDetail {
+    pub consent: ConsentSummary,
+    /// The current version as a FHIR R4 `Consent`.
+    #[schema(value_type = Object)]
+    pub fhir: serde_json::Value,
+    pub history: Vec<ConsentVersion>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ConsentChanged {
+    pub consent: ConsentSummary,
+    /// Signed receipt of this change.
+    pub receipt: String,
+}
+
+/// A change to what a consent permits. Everything is stated in full: what is not listed
+/// is no longer permitted.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeConsent {
+    /// Purpose codes, from those the gateway offers.
+    pub purposes: Vec<String>,
+    /// Data category codes.
+    pub categories: Vec<String>,
+    /// The last day covered (`YYYY-MM-DD`, Japan time).
+    pub ends_on: String,
+}
+
+/// The patient's consents, newest first.
+#[utoipa::path(get, path = "/api/consents", tag = "consent",
+    responses((status = 200, description = "The patient's consents", body = [ConsentSummary]),
+        (status = 401, description = "Not signed in", content_type = "application/problem+json")))]
+pub async fn list(
+    State(state): State<AppState>,
+    patient: PatientSession,
+) -> Result<Json<Vec<ConsentSummary>>, ApiError> {
+    let consents = state.consents.list(&patient.patient_id).await?;
+    audit_read(&state, &patient, None).await?;
+    Ok(Json(consents.iter().map(ConsentSummary::of).collect()))
+}
+
+/// One consent: its current version (also as FHIR `Consent`) and its history with receipts.
+#[utoipa::path(get, path = "/api/consents/{id}", tag = "consent",
+    params(("id" = String, Path)),
+    responses((status = 200, description = "The consent", body = ConsentDetail),
+        (status = 404, description = "No such consent for this patient", content_type = "application/problem+json")))]
+pub async fn detail(
+    State(state): State<AppState>,
+    patient: PatientSession,
+    Path(id): Path<String>,
+) -> Result<Json<ConsentDetail>, ApiError> {
+    let view = state.consents.current(&patient.patient_id, &id).await?;
+    let history = state.consents.history(&patient.patient_id, &id).await?;
+    let fhir = phr_consent::to_fhir_json(&view.consent)
+        .map_err(|e| Error::Invalid(format!("stored consent: {e}")))?;
+    audit_read(&state, &patient, Some(&id)).await?;
+    Ok(Json(ConsentDetail {
+        consent: ConsentSummary::of(&view),
+        fhir,
+        history: history.into_iter().map(ConsentVersion::of).collect(),
+    }))
+}
+
+/// Withdraws a consent in one call: the next request under it is denied, and the patient
+/// gets a signed withdrawal receipt.
+#[utoipa::path(post, path = "/api/consents/{id}/withdraw", tag = "consent",
+    params(("id" = String, Path)),
+    responses((status = 200, description = "Withdrawn", body = ConsentChanged),
+        (status = 404, description = "No such consent for this patient", content_type = "application/problem+json"),
+        (status = 409, description = "Already withdrawn", content_type = "application/problem+json")))]
+pub async fn withdraw(
+    State(state): State<AppState>,
+    patient: PatientSession,
+    Path(id): Path<String>,
+) -> Result<Json<ConsentChanged>, ApiError> {
+    let context = receipt_context(&state, "ja", "api");
+    Ok(Json(
+        withdraw_consent(&state, &patient, &id, &context).await?,
+    ))
+}
+
+/// Withdrawal, shared by the API and the portal.
+pub async fn withdraw_consent(
+    state: &AppState,
+    patient: &PatientSession,
+    id: &str,
+    context: &ReceiptContext,
+) -> Result<ConsentChanged, ApiError> {
+    let (consent, receipt) = state
+        .consents
+        .withdraw(
+            &patient.auth.agent(),
+            &patient.patient_id,
+            id,
+            performer_of(patient),
+            &patient.auth.session.account.id,
+            context,
+        )
+        .await?;
+    let view = state
+        .consents
+        .current(&consent.patient.id, &consent.id)
+        .await?;
+    Ok(ConsentChanged {
+        consent: ConsentSummary::of(&view),
+        receipt,
+    })
+}
+
+/// Changes what a consent permits (narrow or widen purposes and categories, move the end
+/// date); a new version with its own receipt.
+#[utoipa::path(post, path = "/api/consents/{id}/change", tag = "consent",
+    params(("id" = String, Path)), request_body = ChangeConsent,
+    responses((status = 200, description = "Changed", body = ConsentChanged),
+        (status = 400, description = "Bad purposes, categories or end date", content_type = "application/problem+json"),
+        (status = 404, description = "No such consent for this patient", content_type = "application/problem+json"),
+        (status = 409, description = "Withdrawn, or changed meanwhile", content_type = "application/problem+json")))]
+pub async fn change(
+    State(state): State<AppState>,
+    patient: PatientSession,
+    Path(id): Path<String>,
+    Json(request): Json<ChangeConsent>,
+) -> Result<Json<ConsentChanged>, ApiError> {
+    let purposes = purposes_of(&state, &request.purposes)?;
+    let categories = categories_of(&request.categories)?;
+    if purposes.is_empty() || categories.is_empty() {
+        return Err(Error::Invalid(
+            "choose at least one purpose and one category; to stop sharing, withdraw".into(),
+        )
+        .into());
+    }
+    let ends_at = end_of_day(&request.ends_on, state.consents.config().max_period_days)?;
+    let context = receipt_context(&state, "ja", "api");
+    let (consent, receipt) = state
+        .consents
+        .amend(
+            &patient.auth.agent(),
+            &patient.patient_id,
+            &id,
+            performer_of(&patient),
+            &patient.auth.session.account.id,
+            purposes,
+            categories,
+            ends_at,
+            &context,
+        )
+        .await?;
+    let view = state
+        .consents
+        .current(&consent.patient.id, &consent.id)
+        .await?;
+    Ok(Json(ConsentChanged {
+        consent: ConsentSummary::of(&view),
+        receipt,
+    }))
+}
+
+/// The configured purposes with these codes; an unknown code is refused by name.
+pub fn purposes_of(state: &AppState, codes: &[String]) -> Result<Vec<Purpose>, ApiError> {
+    codes
+        .iter()
+        .map(|code| {
+            state
+                .consents
+                .config()
+                .purpose(code)
+                .map(|p| Purpose::new(&p.system, &p.code))
+                .ok_or_else(|| Error::Invalid(format!("unknown purpose {code:?}")).into())
+        })
+        .collect()
+}
+
+/// The categories with these codes; an unknown code is refused by name.
+pub fn categories_of(codes: &[String]) -> Result<Vec<DataCategory>, ApiError> {
+    codes
+        .iter()
+        .map(|code| {
+            DataCategory::from_code(code)
+                .ok_or_else(|| Error::Invalid(format!("unknown category {code:?}")).into())
+        })
+        .collect()
+}
+
+/// The first instant after the chosen last day (Japan time), checked against the maximum.
+pub fn end_of_day(ends_on: &str, max_days: u32) -> Result<OffsetDateTime, ApiError> {
+    let format = time::macros::format_description!("[year]-[month]-[day]");
+    let day = Date::parse(ends_on.trim(), &format)
+        .map_err(|_| Error::Invalid(format!("end date {ends_on:?} is not YYYY-MM-DD")))?;
+    let jst = UtcOffset::from_hms(9, 0, 0).map_err(|_| Error::Invalid("offset".into()))?;
+    let today = OffsetDateTime::now_utc().to_offset(jst).date();
+    if day < today {
+        return Err(Error::Invalid("the end date has passed".into()).into());
+    }
+    if day > today + time::Duration::days(i64::from(max_days)) {
+        return Err(
+            Error::Invalid(format!("the end date may be at most {max_days} days ahead")).into(),
+        );
+    }
+    let next = day
+        .next_day()
+        .ok_or_else(|| Error::Invalid("end date out of range".into()))?;
+    Ok(next.with_time(Time::MIDNIGHT).assume_offset(jst))
+}
+
+/// The patient acting for themself. (Representatives act through their own sessions for
+/// the represented person; see the representation records.)
+pub fn performer_of(patient: &PatientSession) -> Performer {
+    Performer::patient(&PersonRef::new(&patient.patient_id))
+}
+
+pub fn receipt_context(state: &AppState, language: &str, method: &str) -> ReceiptContext {
+    ReceiptContext {
+        notice_url: format!(
+            "{}/consent/notice?version={}",
+            state.public_url(),
+            state.consents.config().notice_version
+        ),
+        language: language.to_string(),
+        collection_method: method.to_string(),
+    }
+}
+
+async fn audit_read(
+    state: &AppState,
+    patient: &PatientSession,
+    id: Option<&str>,
+) -> Result<(), ApiError> {
+    let (kind, detail) = match id {
+        Some(id) => (EventKind::Read, format!("consent {id}")),
+        None => (EventKind::Search, "consents".to_string()),
+    };
+    let event = AuditEvent::new(kind, patient.auth.agent())
+        .patient(&patient.patient_id)
+        .detail(detail);
+    state.audit.record_now(&event).await?;
+    Ok(())
+}

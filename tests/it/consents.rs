@@ -1,0 +1,359 @@
+//! Disclosure consents end to end on both engines: the patient's API lists, reads (with
+//! history, FHIR `Consent` and signed receipts), changes and withdraws; the decision on every
+//! access reads what is committed, so a withdrawal denies the very next request, also in a
+//! second gateway process on the same database.
+
+use phr_consent::{DataCategory, Performer, PersonRef, Purpose, Recipient, Requested};
+use phr_gateway::audit::{AccountRole, Agent};
+use phr_gateway::consents::{ConsentOutcome, GrantRequest, ReceiptContext};
+use phr_gateway::http::AppState;
+use phr_gateway::Gateway;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::both_engines;
+use crate::helpers::{leaves_containing, spawn_app, Engine, TestApp};
+
+both_engines!(
+    grant_read_change_and_withdraw,
+    a_withdrawal_denies_the_next_request_in_every_process,
+    bad_consent_requests_get_clear_errors,
+);
+
+const APP: &str = "demo-phr-app";
+
+fn context() -> ReceiptContext {
+    ReceiptContext {
+        notice_url: "https://gw.example/consent/notice?version=2026-04".into(),
+        language: "ja".into(),
+        collection_method: "web-form".into(),
+    }
+}
+
+/// The patient agrees, on the consent screen, to `purposes` and `categories` for a year.
+async fn grant(
+    app: &TestApp,
+    patient: &str,
+    purposes: &[&str],
+    categories: &[DataCategory],
+) -> (String, String) {
+    let state = &app.gateway().state;
+    let config = state.consents.config();
+    let (consent, receipt) = state
+        .consents
+        .grant(
+            &Agent::system(),
+            GrantRequest {
+                patient_id: patient.into(),
+                performer: Performer::patient(&PersonRef::new(patient)),
+                performer_account_id: format!("account-of-{patient}"),
+                recipient: Recipient::client(APP),
+                recipient_display: "デモPHRアプリ".into(),
+                purposes: purposes
+                    .iter()
+                    .map(|code| {
+                        let p = config.purpose(code).expect("configured purpose");
+                        Purpose::new(&p.system, &p.code)
+                    })
+                    .collect(),
+                categories: categories.to_vec(),
+                ends_at: time::OffsetDateTime::now_utc() + time::Duration::days(365),
+            },
+            &context(),
+        )
+        .await
+        .expect("grant");
+    (consent.id, receipt)
+}
+
+async fn decide(
+    state: &AppState,
+    patient: &str,
+    purpose: &str,
+    category: DataCategory,
+) -> ConsentOutcome {
+    let p = state
+        .consents
+        .config()
+        .purpose(purpose)
+        .expect("purpose")
+        .clone();
+    state
+        .consents
+        .decide(
+            &Agent::system(),
+            patient,
+            &Recipient::client(APP),
+            &Purpose::new(&p.system, &p.code),
+            Requested::Category(category),
+        )
+        .await
+        .expect("decide")
+}
+
+fn permits(outcome: &ConsentOutcome) -> bool {
+    matches!(outcome, ConsentOutcome::Permit { .. })
+}
+
+async fn verified_claims(app: &TestApp, receipt: &str) -> Value {
+    let jwks: jsonwebtoken::jwk::JwkSet = app
+        .client
+        .get(app.url("/.well-known/jwks.json"))
+        .send()
+        .await
+        .expect("jwks")
+        .json()
+        .await
+        .expect("jwk set");
+    let header = jsonwebtoken::decode_header(receipt).expect("jws header");
+    let jwk = jwks
+        .find(header.kid.as_deref().expect("kid"))
+        .expect("key in jwks");
+    let key = jsonwebtoken::DecodingKey::from_jwk(jwk).expect("key");
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::EdDSA);
+    validation.required_spec_claims.clear();
+    validation.validate_exp = false;
+    jsonwebtoken::decode::<Value>(receipt, &key, &validation)
+        .expect("valid signature")
+        .claims
+}
+
+async fn grant_read_change_and_withdraw(engine: Engine) {
+    let app = spawn_app(engine).await;
+    let token = app
+        .sign_in(AccountRole::Patient, "hanako", Some("p-hanako"))
+        .await;
+    let (id, receipt) = grant(
+        &app,
+        "p-hanako",
+        &["PATRQT", "TREAT"],
+        &[DataCategory::Observations, DataCategory::Medications],
+    )
+    .await;
+    let claims = verified_claims(&app, &receipt).await;
+    assert_eq!(claims["event"], "granted");
+    assert_eq!(claims["consent"]["id"], id);
+    assert_eq!(claims["piiPrincipalId"], "p-hanako");
+    assert!(claims["notice"]["url"]
+        .as_str()
+        .is_some_and(|u| u.contains("/consent/notice")));
+
+    let listed: Value = app
+        .client
+        .get(app.url("/api/consents"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(listed[0]["status"], "active");
+    assert_eq!(listed[0]["in_force"], true);
+    assert_eq!(listed[0]["recipient_display"], "デモPHRアプリ");
+
+    // Narrowing: medications no longer shared; a new version with its own receipt.
+    let ends_on = (time::OffsetDateTime::now_utc() + time::Duration::days(30))
+        .date()
+        .to_string();
+    let changed = app
+        .client
+        .post(app.url(&format!("/api/consents/{id}/change")))
+        .bearer_auth(&token)
+        .json(&json!({"purposes": ["PATRQT", "TREAT"], "categories": ["observations"], "ends_on": ends_on}))
+        .send()
+        .await
+        .expect("change");
+    assert_eq!(changed.status(), StatusCode::OK);
+    let changed: Value = changed.json().await.expect("json");
+    assert_eq!(changed["consent"]["version"], 2);
+    let claims = verified_claims(&app, changed["receipt"].as_str().expect("receipt")).await;
+    assert_eq!(claims["event"], "changed");
+    let gateway = app.gateway();
+    assert!(permits(
+        &decide(&gateway.state, "p-hanako", "TREAT", DataCategory::Observations).await
+    ));
+    assert!(!permits(
+        &decide(&gateway.state, "p-hanako", "TREAT", DataCategory::Medications).await
+    ));
+    assert!(!permits(
+        &decide(&gateway.state, "p-hanako", "HRESCH", DataCategory::Observations).await
+    ));
+
+    // Withdrawal in one call.
+    let withdrawn = app
+        .client
+        .post(app.url(&format!("/api/consents/{id}/withdraw")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("withdraw");
+    assert_eq!(withdrawn.status(), StatusCode::OK);
+    let withdrawn: Value = withdrawn.json().await.expect("json");
+    assert_eq!(withdrawn["consent"]["status"], "inactive");
+    assert_eq!(withdrawn["consent"]["in_force"], false);
+    let claims = verified_claims(&app, withdrawn["receipt"].as_str().expect("receipt")).await;
+    assert_eq!(claims["event"], "withdrawn");
+    assert_eq!(claims["consent"]["version"], 3);
+    match decide(&gateway.state, "p-hanako", "PATRQT", DataCategory::Observations).await {
+        ConsentOutcome::Deny { reason, .. } => assert_eq!(reason, "withdrawn"),
+        other => panic!("{other:?}"),
+    }
+
+    // The full history, each version with its receipt, and the FHIR Consent.
+    let detail: Value = app
+        .client
+        .get(app.url(&format!("/api/consents/{id}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("detail")
+        .json()
+        .await
+        .expect("json");
+    let events: Vec<&str> = detail["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .filter_map(|v| v["event"].as_str())
+        .collect();
+    assert_eq!(events, vec!["granted", "changed", "withdrawn"]);
+    assert_eq!(detail["fhir"]["resourceType"], "Consent");
+    assert_eq!(detail["fhir"]["status"], "inactive");
+    assert_eq!(detail["fhir"]["patient"]["reference"], "Patient/p-hanako");
+
+    // Every change and the denial are in the audit log.
+    assert!(leaves_containing(&app, &format!("consent {id}")).await >= 3);
+    assert!(leaves_containing(&app, "denied: withdrawn").await >= 1);
+}
+
+async fn a_withdrawal_denies_the_next_request_in_every_process(engine: Engine) {
+    let app = spawn_app(engine).await;
+    let token = app
+        .sign_in(AccountRole::Patient, "hanako", Some("p-hanako"))
+        .await;
+    let (id, _) = grant(&app, "p-hanako", &["PATRQT"], &[DataCategory::Observations]).await;
+    // A second gateway process on the same database.
+    let second = Gateway::build(app.env().config())
+        .await
+        .expect("second process");
+    assert!(permits(
+        &decide(
+            &app.gateway().state,
+            "p-hanako",
+            "PATRQT",
+            DataCategory::Observations
+        )
+        .await
+    ));
+    assert!(permits(
+        &decide(&second.state, "p-hanako", "PATRQT", DataCategory::Observations).await
+    ));
+
+    let withdrawn = app
+        .client
+        .post(app.url(&format!("/api/consents/{id}/withdraw")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("withdraw");
+    assert_eq!(withdrawn.status(), StatusCode::OK);
+    // No sleep: the very next decision, here and there, is a denial.
+    assert!(!permits(
+        &decide(&second.state, "p-hanako", "PATRQT", DataCategory::Observations).await
+    ));
+    assert!(!permits(
+        &decide(
+            &app.gateway().state,
+            "p-hanako",
+            "PATRQT",
+            DataCategory::Observations
+        )
+        .await
+    ));
+}
+
+async fn bad_consent_requests_get_clear_errors(engine: Engine) {
+    let app = spawn_app(engine).await;
+    let hanako = app
+        .sign_in(AccountRole::Patient, "hanako", Some("p-hanako"))
+        .await;
+    let taro = app
+        .sign_in(AccountRole::Patient, "taro", Some("p-taro"))
+        .await;
+    let (id, _) = grant(&app, "p-hanako", &["PATRQT"], &[DataCategory::Observations]).await;
+
+    // Another patient's consent is absent to them, and stays as it was.
+    for path in [
+        format!("/api/consents/{id}"),
+        format!("/api/consents/{id}/withdraw"),
+    ] {
+        let request = if path.ends_with("withdraw") {
+            app.client.post(app.url(&path))
+        } else {
+            app.client.get(app.url(&path))
+        };
+        let response = request.bearer_auth(&taro).send().await.expect("request");
+        assert_eq!(response.status(), StatusCode::NOT_FOUND, "{path}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
+    }
+    assert!(permits(
+        &decide(
+            &app.gateway().state,
+            "p-hanako",
+            "PATRQT",
+            DataCategory::Observations
+        )
+        .await
+    ));
+
+    // Unknown purposes or categories, an end date in the past or too far, nothing chosen.
+    let today = time::OffsetDateTime::now_utc().date();
+    for body in [
+        json!({"purposes": ["MARKETING"], "categories": ["observations"], "ends_on": (today + time::Duration::days(10)).to_string()}),
+        json!({"purposes": ["PATRQT"], "categories": ["everything"], "ends_on": (today + time::Duration::days(10)).to_string()}),
+        json!({"purposes": ["PATRQT"], "categories": ["observations"], "ends_on": "2001-01-01"}),
+        json!({"purposes": ["PATRQT"], "categories": ["observations"], "ends_on": (today + time::Duration::days(4000)).to_string()}),
+        json!({"purposes": ["PATRQT"], "categories": ["observations"], "ends_on": "next year"}),
+        json!({"purposes": [], "categories": ["observations"], "ends_on": (today + time::Duration::days(10)).to_string()}),
+    ] {
+        let response = app
+            .client
+            .post(app.url(&format!("/api/consents/{id}/change")))
+            .bearer_auth(&hanako)
+            .json(&body)
+            .send()
+            .await
+            .expect("change");
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{body}");
+        let problem: Value = response.json().await.expect("problem");
+        assert!(
+            problem["detail"].as_str().is_some_and(|d| !d.is_empty()),
+            "{problem}"
+        );
+    }
+
+    // Withdrawing twice: the second is a conflict, not a second receipt.
+    for expected in [StatusCode::OK, StatusCode::CONFLICT] {
+        let response = app
+            .client
+            .post(app.url(&format!("/api/consents/{id}/withdraw")))
+            .bearer_auth(&hanako)
+            .send()
+            .await
+            .expect("withdraw");
+        assert_eq!(response.status(), expected);
+    }
+    // Not signed in.
+    let anonymous = app
+        .client
+        .get(app.url("/api/consents"))
+        .send()
+        .await
+        .expect("list");
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+}
