@@ -11,6 +11,7 @@ pub mod decision;
 pub mod error;
 pub mod model;
 pub mod receipt;
+pub mod representation;
 
 pub use category::DataCategory;
 pub use decision::{decide, AccessRequest, ConsentRef, Decision, DenyReason, Effect, Requested};
@@ -22,3 +23,4 @@ pub use model::{
 pub use receipt::{
     build_receipt, ConsentReceipt, Notice, PiiController, ReceiptEvent, ReceiptInput,
 };
+pub use representation::{majority_day, representation_ended};

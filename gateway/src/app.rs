@@ -21,6 +21,7 @@ use crate::keystore::KeyStore;
 use crate::pull::{Instructions, JobQueue, SourceRegistry};
 use crate::receipts::ReceiptSigner;
 use crate::store::accounts::Accounts;
+use crate::store::representations::Representations;
 use crate::store::resources::ResourceStore;
 use crate::store::Database;
 use crate::tls;
@@ -128,6 +129,7 @@ impl Gateway {
         let instructions =
             Instructions::new(db.clone(), keys.clone(), receipts.clone(), queue.clone());
         let consents = Consents::new(db.clone(), receipts.clone(), config.consent.clone());
+        let representations = Representations::new(db.clone(), config.consent.age_of_majority);
         let state = AppState {
             tls: tls.is_some(),
             config: Arc::new(config),
@@ -139,6 +141,7 @@ impl Gateway {
             metrics: Arc::default(),
             instructions,
             consents,
+            representations,
             queue,
             registry: Arc::new(registry),
             receipts,

@@ -172,13 +172,31 @@ async fn grant_read_change_and_withdraw(engine: Engine) {
     assert_eq!(claims["event"], "changed");
     let gateway = app.gateway();
     assert!(permits(
-        &decide(&gateway.state, "p-hanako", "TREAT", DataCategory::Observations).await
+        &decide(
+            &gateway.state,
+            "p-hanako",
+            "TREAT",
+            DataCategory::Observations
+        )
+        .await
     ));
     assert!(!permits(
-        &decide(&gateway.state, "p-hanako", "TREAT", DataCategory::Medications).await
+        &decide(
+            &gateway.state,
+            "p-hanako",
+            "TREAT",
+            DataCategory::Medications
+        )
+        .await
     ));
     assert!(!permits(
-        &decide(&gateway.state, "p-hanako", "HRESCH", DataCategory::Observations).await
+        &decide(
+            &gateway.state,
+            "p-hanako",
+            "HRESCH",
+            DataCategory::Observations
+        )
+        .await
     ));
 
     // Withdrawal in one call.
@@ -196,7 +214,14 @@ async fn grant_read_change_and_withdraw(engine: Engine) {
     let claims = verified_claims(&app, withdrawn["receipt"].as_str().expect("receipt")).await;
     assert_eq!(claims["event"], "withdrawn");
     assert_eq!(claims["consent"]["version"], 3);
-    match decide(&gateway.state, "p-hanako", "PATRQT", DataCategory::Observations).await {
+    match decide(
+        &gateway.state,
+        "p-hanako",
+        "PATRQT",
+        DataCategory::Observations,
+    )
+    .await
+    {
         ConsentOutcome::Deny { reason, .. } => assert_eq!(reason, "withdrawn"),
         other => panic!("{other:?}"),
     }
@@ -248,7 +273,13 @@ async fn a_withdrawal_denies_the_next_request_in_every_process(engine: Engine) {
         .await
     ));
     assert!(permits(
-        &decide(&second.state, "p-hanako", "PATRQT", DataCategory::Observations).await
+        &decide(
+            &second.state,
+            "p-hanako",
+            "PATRQT",
+            DataCategory::Observations
+        )
+        .await
     ));
 
     let withdrawn = app
@@ -261,7 +292,13 @@ async fn a_withdrawal_denies_the_next_request_in_every_process(engine: Engine) {
     assert_eq!(withdrawn.status(), StatusCode::OK);
     // No sleep: the very next decision, here and there, is a denial.
     assert!(!permits(
-        &decide(&second.state, "p-hanako", "PATRQT", DataCategory::Observations).await
+        &decide(
+            &second.state,
+            "p-hanako",
+            "PATRQT",
+            DataCategory::Observations
+        )
+        .await
     ));
     assert!(!permits(
         &decide(

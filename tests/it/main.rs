@@ -14,5 +14,6 @@ mod pull;
 mod pull_queue;
 mod pull_self_info;
 mod reconciliation;
+mod representations;
 mod resources;
 mod security;

@@ -12,6 +12,9 @@ CREATE TABLE consents (
     current_version BIGINT NOT NULL,
     period_end BIGINT,
     reminded_at BIGINT,
+    -- Set when a representative gave it and their representation ended: the person is
+    -- asked to confirm or withdraw it.
+    confirmation_requested_at BIGINT,
     updated_at BIGINT NOT NULL
 );
 CREATE INDEX consents_by_patient ON consents (patient_id, recipient);
@@ -23,6 +26,8 @@ CREATE TABLE consent_versions (
     event TEXT NOT NULL CHECK (event IN ('granted', 'changed', 'withdrawn')),
     body TEXT NOT NULL,
     performer_account_id TEXT NOT NULL,
+    -- The representative's own patient id when someone acted for the patient.
+    representative_patient_id TEXT,
     receipt TEXT NOT NULL,
     recorded_at BIGINT NOT NULL,
     PRIMARY KEY (consent_id, version)
@@ -36,3 +41,20 @@ CREATE TABLE consent_declines (
     declined_at BIGINT NOT NULL,
     PRIMARY KEY (patient_id, recipient, request_digest)
 );
+
+-- Acting for someone else: a parent for a dependent child (ends at the age of majority) or
+-- a registered proxy (代理人, ends when revoked). Registered by operators after checking.
+CREATE TABLE representations (
+    id TEXT PRIMARY KEY,
+    representative_patient_id TEXT NOT NULL,
+    represented_patient_id TEXT NOT NULL REFERENCES patients(id),
+    kind TEXT NOT NULL CHECK (kind IN ('parent-of-dependent', 'registered-proxy')),
+    -- YYYY-MM-DD; needed for a dependent.
+    represented_birth_date TEXT,
+    status TEXT NOT NULL CHECK (status IN ('active', 'ended')),
+    created_at BIGINT NOT NULL,
+    ended_at BIGINT,
+    end_reason TEXT
+);
+CREATE INDEX representations_by_representative
+    ON representations (representative_patient_id, represented_patient_id);

@@ -44,6 +44,9 @@ pub enum EventKind {
     ConsentDeclined,
     /// A recipient's access was refused by the patient's consent.
     ConsentDenied,
+    /// Someone may now act for a patient (parent, registered proxy), or no longer.
+    RepresentationRegistered,
+    RepresentationEnded,
 }
 
 impl EventKind {
@@ -67,6 +70,9 @@ impl EventKind {
             | EventKind::ConsentWithdrawn
             | EventKind::ConsentDeclined
             | EventKind::ConsentDenied => coding(GATEWAY_EVENTS, "consent", "Disclosure consent"),
+            EventKind::RepresentationRegistered | EventKind::RepresentationEnded => {
+                coding(GATEWAY_EVENTS, "representation", "Acting for a patient")
+            }
             EventKind::Create | EventKind::Update | EventKind::Read | EventKind::Search => {
                 coding(EVENT_TYPE, "rest", "RESTful Operation")
             }
@@ -106,6 +112,12 @@ impl EventKind {
             EventKind::ConsentDenied => {
                 coding(GATEWAY_EVENTS, "consent-denied", "Access denied by consent")
             }
+            EventKind::RepresentationRegistered => {
+                coding(GATEWAY_EVENTS, "representation-registered", "Registered")
+            }
+            EventKind::RepresentationEnded => {
+                coding(GATEWAY_EVENTS, "representation-ended", "Ended")
+            }
         }
     }
 
@@ -121,6 +133,8 @@ impl EventKind {
             EventKind::ConsentChanged => "U",
             EventKind::ConsentWithdrawn => "D",
             EventKind::ConsentDeclined | EventKind::ConsentDenied => "E",
+            EventKind::RepresentationRegistered => "C",
+            EventKind::RepresentationEnded => "D",
             EventKind::Read | EventKind::Export => "R",
             EventKind::Search => "E",
             EventKind::ApplicationStart

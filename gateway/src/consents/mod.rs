@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use phr_consent::{
     decide, AccessRequest, Change, Consent, ConsentStatus, DataCategory, Decision, NewConsent,
-    Performer, Period, PersonRef, Provision, Purpose, ReceiptEvent, Recipient, Requested,
+    Performer, Period, PersonRef, Provision, Purpose, ReceiptEvent, Recipient, Representation,
+    Requested,
 };
 use serde::Serialize;
 use sqlx::{AnyConnection, Row};
@@ -55,6 +56,9 @@ pub struct ConsentView {
     pub ends_at: Option<String>,
     /// Whether it permits anything now (active and within its period).
     pub in_force: bool,
+    /// A representative gave it and no longer acts for the patient: the patient is asked
+    /// to keep it or withdraw it.
+    pub needs_confirmation: bool,
     #[serde(skip)]
     pub consent: Consent,
 }
@@ -214,6 +218,35 @@ impl Consents {
         .await
     }
 
+    /// The patient keeps a consent a representative gave for them: a new version made by the
+    /// patient themself, with the same terms and its own receipt.
+    pub async fn confirm(
+        &self,
+        agent: &Agent,
+        patient_id: &str,
+        consent_id: &str,
+        performer_account_id: &str,
+        context: &ReceiptContext,
+    ) -> Result<(Consent, String)> {
+        let current = self.current(patient_id, consent_id).await?;
+        if !current.needs_confirmation {
+            return Err(Error::Conflict(
+                "this consent is not waiting for confirmation".into(),
+            ));
+        }
+        let provision = current.consent.provision.clone();
+        let performer = Performer::patient(&PersonRef::new(patient_id));
+        self.change(
+            agent,
+            current,
+            Change::Amend(provision),
+            performer,
+            performer_account_id,
+            context,
+        )
+        .await
+    }
+
     /// Withdraws a consent: from this commit on, nothing is disclosed under it.
     pub async fn withdraw(
         &self,
@@ -246,6 +279,8 @@ impl Consents {
         context: &ReceiptContext,
     ) -> Result<(Consent, String)> {
         let withdrawing = matches!(change, Change::Withdraw);
+        // Whatever the patient decides themself answers a pending confirmation.
+        let by_patient = performer.representation == Representation::OneSelf;
         let now = OffsetDateTime::now_utc().max(current.consent.recorded_at);
         let next = current
             .consent
@@ -266,7 +301,9 @@ impl Consents {
         // Optimistic: two changes racing on one version cannot both win.
         let moved = sqlx::query(
             "UPDATE consents SET status = $1, current_version = $2, period_end = $3,
-                 updated_at = $4
+                 updated_at = $4,
+                 confirmation_requested_at = CASE WHEN $7 = 1 THEN NULL
+                     ELSE confirmation_requested_at END
              WHERE id = $5 AND current_version = $6",
         )
         .bind(next.status.code())
@@ -281,6 +318,7 @@ impl Consents {
         .bind(now_millis())
         .bind(&next.id)
         .bind(i64::from(current.version))
+        .bind(i64::from(by_patient))
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -524,7 +562,8 @@ pub enum ConsentOutcome {
     },
 }
 
-const SELECT_CURRENT: &str = "SELECT c.id, c.recipient, c.recipient_display, v.body
+const SELECT_CURRENT: &str = "SELECT c.id, c.recipient, c.recipient_display, v.body,
+         c.confirmation_requested_at
      FROM consents c JOIN consent_versions v
        ON v.consent_id = c.id AND v.version = c.current_version";
 
@@ -547,6 +586,8 @@ fn view_of(row: &sqlx::any::AnyRow) -> Result<ConsentView> {
             .and_then(|end| end.format(&Rfc3339).ok()),
         in_force: consent.status == ConsentStatus::Active
             && provision.period.as_ref().is_none_or(|p| p.contains(now)),
+        needs_confirmation: consent.status == ConsentStatus::Active
+            && row.try_get::<Option<i64>, _>(4)?.is_some(),
         consent,
     })
 }
@@ -563,16 +604,19 @@ async fn insert_version(
     receipt: &str,
 ) -> Result<()> {
     let body = serde_json::to_string(consent).map_err(|e| Error::Invalid(e.to_string()))?;
+    let representative = (consent.performer.representation != Representation::OneSelf)
+        .then_some(consent.performer.person.id.as_str());
     sqlx::query(
         "INSERT INTO consent_versions (consent_id, version, event, body, performer_account_id,
-             receipt, recorded_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+             representative_patient_id, receipt, recorded_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(&consent.id)
     .bind(i64::from(consent.version))
     .bind(event)
     .bind(body)
     .bind(performer_account_id)
+    .bind(representative)
     .bind(receipt)
     .bind(now_millis())
     .execute(&mut *tx)

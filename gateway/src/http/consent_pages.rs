@@ -13,7 +13,7 @@ use axum::response::Response;
 use maud::html;
 use serde::Deserialize;
 
-use super::consents::{receipt_context, withdraw_consent};
+use super::consents::{confirm_consent, receipt_context, withdraw_consent};
 use super::error::ApiError;
 use super::portal::{html_response, page, same_origin, signed_in_page};
 use super::session::PatientSession;
@@ -27,6 +27,12 @@ pub async fn list(
     patient: PatientSession,
 ) -> Result<Response, ApiError> {
     let consents = state.consents.list(&patient.patient_id).await?;
+    let own = patient
+        .acting
+        .as_ref()
+        .map(|a| a.representative_patient_id.clone())
+        .unwrap_or_else(|| patient.patient_id.clone());
+    let represented = state.representations.represented_by(&own).await?;
     let event = AuditEvent::new(EventKind::Search, patient.auth.agent())
         .patient(&patient.patient_id)
         .detail("consents (portal)");
@@ -42,6 +48,43 @@ pub async fn list(
         "同意の管理 / Your consents",
         html! {
             h1 { "同意の管理 " span.en { "Your consents" } }
+            @if let Some(acting) = &patient.acting {
+                p.warn id="acting-for" { (patient.patient_id) " さんの代わりに手続きしています（" (acting.representation.code()) "）。 " span.en { "You are acting for " (patient.patient_id) "." } }
+            }
+            @if !represented.is_empty() || patient.acting.is_some() {
+                form method="post" action="/portal/acting-for" {
+                    label { "手続きする人 " span.en { "Acting for" }
+                        select name="patient_id" {
+                            option value="" selected[patient.acting.is_none()] { "自分 / Myself" }
+                            @for r in &represented {
+                                option value=(r.represented_patient_id) selected[r.represented_patient_id == patient.patient_id] { (r.represented_patient_id) }
+                            }
+                        }
+                    }
+                    button type="submit" { "切り替える / Switch" }
+                }
+            }
+            @let waiting: Vec<&ConsentView> = consents.iter().filter(|c| c.needs_confirmation).collect();
+            @if !waiting.is_empty() && patient.acting.is_none() {
+                section id="to-confirm" {
+                    h2 { "確認をお願いします " span.en { "Please decide" } }
+                    p { "次の同意は、保護者などがあなたの代わりに行ったものです。続けるか撤回するかを選んでください。どちらを選んでも、このサービスは変わらず使えます。" }
+                    p.en { "Someone acted for you when these were given. Keep or withdraw each; the service stays the same either way." }
+                    @for consent in &waiting {
+                        div data-confirm=(consent.id) {
+                            p { (consent.recipient_display) }
+                            div.choices {
+                                form method="post" action={ "/portal/consents/" (consent.id) "/confirm" } {
+                                    button type="submit" class="choice accept" { "続ける / Keep" }
+                                }
+                                form method="post" action={ "/portal/consents/" (consent.id) "/withdraw" } {
+                                    button type="submit" class="choice withdraw" { "撤回する / Withdraw" }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
             p { "あなたが情報の提供に同意した相手と、その目的・情報の種類・期限です。撤回はボタンひとつで、すぐに効力を持ちます。撤回しても、このサービスはこれまでどおり使えます。" }
             p.en { "Who you agreed to share your data with, for what, which data and until when. Withdrawing takes one button and works at once. You can keep using this service as before." }
             @if consents.is_empty() {
@@ -124,6 +167,30 @@ pub async fn withdraw(
             p.en { "A record signed by the gateway; keep it to show when you withdrew." }
             pre id="receipt" style="white-space:pre-wrap;word-break:break-all" { (withdrawn.receipt) }
             p { a href="/consent/notice" { "個人情報の取扱いについて / Privacy notice" } }
+            p { a href="/portal/consents" { "同意の管理へ戻る / Back to your consents" } }
+        },
+    );
+    Ok(html_response(StatusCode::OK, markup))
+}
+
+/// Keeps a consent a representative gave, from the portal.
+pub async fn confirm(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    patient: PatientSession,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    same_origin(&headers, &state)?;
+    let context = receipt_context(&state, "ja", "web-form");
+    let kept = confirm_consent(&state, &patient, &id, &context).await?;
+    let markup = signed_in_page(
+        "続けます / Kept",
+        html! {
+            h1 id="kept" { "続けます " span.en { "Kept" } }
+            p { (kept.consent.recipient_display) " への提供を、あなた自身の同意として続けます。いつでも撤回できます。" }
+            p.en { "Sharing with " (kept.consent.recipient_display) " continues as your own consent. You can withdraw it at any time." }
+            h2 { "受領証 " span.en { "Receipt" } }
+            pre id="receipt" style="white-space:pre-wrap;word-break:break-all" { (kept.receipt) }
             p { a href="/portal/consents" { "同意の管理へ戻る / Back to your consents" } }
         },
     );

@@ -4,7 +4,7 @@
 
 use axum::extract::{Path, State};
 use axum::Json;
-use phr_consent::{DataCategory, Performer, PersonRef, Purpose};
+use phr_consent::{DataCategory, Purpose};
 use serde::{Deserialize, Serialize};
 use time::{Date, OffsetDateTime, Time, UtcOffset};
 use utoipa::ToSchema;
@@ -34,6 +34,9 @@ pub struct ConsentSummary {
     pub ends_at: Option<String>,
     /// Whether anything may be disclosed under it now.
     pub in_force: bool,
+    /// A representative gave it and no longer acts for the patient: keep it
+    /// (`/confirm`) or withdraw it.
+    pub needs_confirmation: bool,
 }
 
 impl ConsentSummary {
@@ -52,6 +55,7 @@ impl ConsentSummary {
                 .collect(),
             ends_at: view.ends_at.clone(),
             in_force: view.in_force,
+            needs_confirmation: view.needs_confirmation,
         }
     }
 }
@@ -177,7 +181,56 @@ pub async fn withdraw_consent(
             &patient.auth.agent(),
             &patient.patient_id,
             id,
-            performer_of(patient),
+            patient.performer(),
+            &patient.auth.session.account.id,
+            context,
+        )
+        .await?;
+    let view = state
+        .consents
+        .current(&consent.patient.id, &consent.id)
+        .await?;
+    Ok(ConsentChanged {
+        consent: ConsentSummary::of(&view),
+        receipt,
+    })
+}
+
+/// Keeps a consent a representative gave (the patient now acts for themself): a new version
+/// made by the patient, with the same terms and its own receipt.
+#[utoipa::path(post, path = "/api/consents/{id}/confirm", tag = "consent",
+    params(("id" = String, Path)),
+    responses((status = 200, description = "Kept, now as the patient's own", body = ConsentChanged),
+        (status = 403, description = "Only the patient themself can confirm", content_type = "application/problem+json"),
+        (status = 404, description = "No such consent for this patient", content_type = "application/problem+json"),
+        (status = 409, description = "Not waiting for confirmation", content_type = "application/problem+json")))]
+pub async fn confirm(
+    State(state): State<AppState>,
+    patient: PatientSession,
+    Path(id): Path<String>,
+) -> Result<Json<ConsentChanged>, ApiError> {
+    let context = receipt_context(&state, "ja", "api");
+    Ok(Json(
+        confirm_consent(&state, &patient, &id, &context).await?,
+    ))
+}
+
+/// Confirmation, shared by the API and the portal.
+pub async fn confirm_consent(
+    state: &AppState,
+    patient: &PatientSession,
+    id: &str,
+    context: &ReceiptContext,
+) -> Result<ConsentChanged, ApiError> {
+    if patient.acting.is_some() {
+        return Err(Error::Forbidden("only the person themself can confirm").into());
+    }
+    let (consent, receipt) = state
+        .consents
+        .confirm(
+            &patient.auth.agent(),
+            &patient.patient_id,
+            id,
             &patient.auth.session.account.id,
             context,
         )
@@ -222,7 +275,7 @@ pub async fn change(
             &patient.auth.agent(),
             &patient.patient_id,
             &id,
-            performer_of(&patient),
+            patient.performer(),
             &patient.auth.session.account.id,
             purposes,
             categories,
@@ -285,12 +338,6 @@ pub fn end_of_day(ends_on: &str, max_days: u32) -> Result<OffsetDateTime, ApiErr
         .next_day()
         .ok_or_else(|| Error::Invalid("end date out of range".into()))?;
     Ok(next.with_time(Time::MIDNIGHT).assume_offset(jst))
-}
-
-/// The patient acting for themself. (Representatives act through their own sessions for
-/// the represented person; see the representation records.)
-pub fn performer_of(patient: &PatientSession) -> Performer {
-    Performer::patient(&PersonRef::new(&patient.patient_id))
 }
 
 pub fn receipt_context(state: &AppState, language: &str, method: &str) -> ReceiptContext {

@@ -14,6 +14,7 @@ pub mod operator;
 pub mod patient;
 pub mod portal;
 pub mod pull;
+pub mod representations;
 pub mod session;
 
 use std::net::IpAddr;
@@ -54,6 +55,7 @@ pub struct AppState {
     pub metrics: Arc<metrics::Metrics>,
     pub instructions: Instructions,
     pub consents: crate::consents::Consents,
+    pub representations: crate::store::representations::Representations,
     pub queue: JobQueue,
     pub registry: Arc<SourceRegistry>,
     pub receipts: Arc<ReceiptSigner>,
@@ -125,6 +127,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/consents/{id}", get(consents::detail))
         .route("/api/consents/{id}/withdraw", post(consents::withdraw))
         .route("/api/consents/{id}/change", post(consents::change))
+        .route("/api/consents/{id}/confirm", post(consents::confirm))
+        .route("/api/representations", get(representations::list))
+        .route("/operator/representations", post(representations::register))
+        .route("/portal/acting-for", post(representations::choose))
         .route("/.well-known/jwks.json", get(pull::jwks))
         .route("/portal", get(portal::home))
         .route("/portal/style.css", get(portal::style))
@@ -135,6 +141,7 @@ pub fn router(state: AppState) -> Router {
         .route("/portal/pull-instructions/{id}/withdraw", post(portal::withdraw))
         .route("/portal/consents", get(consent_pages::list))
         .route("/portal/consents/{id}/withdraw", post(consent_pages::withdraw))
+        .route("/portal/consents/{id}/confirm", post(consent_pages::confirm))
         .route("/consent/notice", get(consent_pages::notice))
         .route("/operator/audit/checkpoint", get(operator::audit_checkpoint))
         .route("/fhir", get(fhir::not_supported))

@@ -27,6 +27,9 @@ use utoipa::OpenApi;
         super::consents::detail,
         super::consents::withdraw,
         super::consents::change,
+        super::consents::confirm,
+        super::representations::register,
+        super::representations::list,
     ),
     tags(
         (name = "health", description = "Probes"),

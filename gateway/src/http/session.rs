@@ -7,11 +7,28 @@ use axum::http::request::Parts;
 
 use super::error::ApiError;
 use super::{AppState, ClientAddr};
+use phr_consent::{Performer, PersonRef, Representation};
+
 use crate::audit::{AccountRole, Agent};
 use crate::error::Error;
 use crate::store::accounts::{agent_of, Session};
 
 pub const SESSION_COOKIE: &str = "__Host-phr_session";
+/// The person a representative is acting for, chosen in the portal (the API sends the
+/// `Acting-For` header instead). Checked against the registered representations on every
+/// request.
+pub const ACTING_FOR_COOKIE: &str = "__Host-phr_acting_for";
+pub const ACTING_FOR_HEADER: &str = "acting-for";
+
+/// The cookie choosing whom to act for (an empty value with age 0 clears it).
+pub fn acting_for_cookie(patient_id: &str, max_age_secs: u64) -> axum::http::HeaderValue {
+    let cookie = format!(
+        "{ACTING_FOR_COOKIE}={patient_id}; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age={max_age_secs}"
+    );
+    axum::http::HeaderValue::from_str(&cookie).unwrap_or_else(|_| {
+        axum::http::HeaderValue::from_static("__Host-phr_acting_for=; Max-Age=0")
+    })
+}
 
 /// The session cookie (an empty token with age 0 clears it). SameSite=Lax, not Strict: the
 /// patient comes back from a source's authorisation page by a cross-site redirect.
@@ -40,10 +57,32 @@ impl AuthSession {
 /// A signed-in operator.
 pub struct OperatorSession(pub AuthSession);
 
-/// A signed-in patient, with the patient id the account belongs to.
+/// A signed-in patient. `patient_id` is whose data the request is about: the account's own
+/// patient, or the person it is acting for as a registered representative.
 pub struct PatientSession {
     pub auth: AuthSession,
     pub patient_id: String,
+    pub acting: Option<Acting>,
+}
+
+/// Acting for someone else: the representative's own patient id and on what standing.
+#[derive(Debug, Clone)]
+pub struct Acting {
+    pub representative_patient_id: String,
+    pub representation: Representation,
+}
+
+impl PatientSession {
+    /// Who is acting, for consent records: the patient, or their representative.
+    pub fn performer(&self) -> Performer {
+        match &self.acting {
+            None => Performer::patient(&PersonRef::new(&self.patient_id)),
+            Some(acting) => Performer {
+                person: PersonRef::new(&acting.representative_patient_id),
+                representation: acting.representation,
+            },
+        }
+    }
 }
 
 fn token_from(parts: &Parts) -> Option<String> {
@@ -52,11 +91,26 @@ fn token_from(parts: &Parts) -> Option<String> {
         let token = value.strip_prefix("Bearer ")?;
         return Some(token.trim().to_string());
     }
+    cookie(parts, SESSION_COOKIE)
+}
+
+fn cookie(parts: &Parts, wanted: &str) -> Option<String> {
     let cookies = parts.headers.get(header::COOKIE)?.to_str().ok()?;
     cookies.split(';').find_map(|c| {
         let (name, value) = c.trim().split_once('=')?;
-        (name == SESSION_COOKIE).then(|| value.to_string())
+        (name == wanted && !value.is_empty()).then(|| value.to_string())
     })
+}
+
+/// Whom the request asks to act for, if anyone: the header first, then the portal's cookie.
+fn acting_for(parts: &Parts) -> Option<String> {
+    parts
+        .headers
+        .get(ACTING_FOR_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+        .or_else(|| cookie(parts, ACTING_FOR_COOKIE))
 }
 
 impl FromRequestParts<AppState> for AuthSession {
@@ -95,7 +149,34 @@ impl FromRequestParts<AppState> for PatientSession {
             auth.session.account.role,
             auth.session.account.patient_id.clone(),
         ) {
-            (AccountRole::Patient, Some(patient_id)) => Ok(PatientSession { auth, patient_id }),
+            (AccountRole::Patient, Some(own)) => match acting_for(parts) {
+                None => Ok(PatientSession {
+                    auth,
+                    patient_id: own,
+                    acting: None,
+                }),
+                Some(other) if other == own => Ok(PatientSession {
+                    auth,
+                    patient_id: own,
+                    acting: None,
+                }),
+                Some(other) => {
+                    let Some(record) = state.representations.active(&own, &other).await? else {
+                        return Err(Error::Forbidden(
+                            "you are not registered to act for this person",
+                        )
+                        .into());
+                    };
+                    Ok(PatientSession {
+                        auth,
+                        patient_id: other,
+                        acting: Some(Acting {
+                            representative_patient_id: own,
+                            representation: record.kind,
+                        }),
+                    })
+                }
+            },
             _ => Err(Error::Forbidden("patients only").into()),
         }
     }

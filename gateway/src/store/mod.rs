@@ -7,6 +7,7 @@
 
 pub mod accounts;
 pub mod reconciliation;
+pub mod representations;
 pub mod resources;
 
 use std::fmt;

@@ -1,0 +1,268 @@
+//! Acting for someone else, end to end on both engines: an operator registers a parent for
+//! a child and a registered proxy; the parent acts for the child (their consent records say
+//! who acted); at the age of majority the parent can no longer act and the child is asked
+//! to keep or withdraw each consent the parent gave.
+
+use phr_consent::{DataCategory, Performer, PersonRef, Purpose, Recipient, Representation};
+use phr_gateway::audit::{AccountRole, Agent};
+use phr_gateway::consents::{GrantRequest, ReceiptContext};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::both_engines;
+use crate::helpers::{count, spawn_app, Engine, TestApp};
+
+both_engines!(
+    a_parent_acts_for_a_child_until_majority,
+    bad_representations_are_refused,
+);
+
+/// A birth date `years` ago plus `plus_days`, by the calendar in Japan (as the gateway counts).
+fn years_ago(years: i64, plus_days: i64) -> String {
+    let jst = time::UtcOffset::from_hms(9, 0, 0).expect("offset");
+    let today = time::OffsetDateTime::now_utc().to_offset(jst).date();
+    let born = today
+        .replace_year(today.year() - years as i32)
+        .unwrap_or(today)
+        + time::Duration::days(plus_days);
+    born.to_string()
+}
+
+async fn register(app: &TestApp, operator: &str, body: Value) -> reqwest::Response {
+    app.client
+        .post(app.url("/operator/representations"))
+        .bearer_auth(operator)
+        .json(&body)
+        .send()
+        .await
+        .expect("register")
+}
+
+/// The parent grants, for the child, on the consent screen.
+async fn grant_by_parent(app: &TestApp) -> String {
+    let state = &app.gateway().state;
+    let purpose = state
+        .consents
+        .config()
+        .purpose("PATRQT")
+        .expect("purpose")
+        .clone();
+    let (consent, _) = state
+        .consents
+        .grant(
+            &Agent::system(),
+            GrantRequest {
+                patient_id: "p-child".into(),
+                performer: Performer {
+                    person: PersonRef::new("p-hanako"),
+                    representation: Representation::ParentOfDependent,
+                },
+                performer_account_id: "account-of-hanako".into(),
+                recipient: Recipient::client("school-app"),
+                recipient_display: "学校健康アプリ".into(),
+                purposes: vec![Purpose::new(&purpose.system, &purpose.code)],
+                categories: vec![DataCategory::Immunizations],
+                ends_at: time::OffsetDateTime::now_utc() + time::Duration::days(200),
+            },
+            &ReceiptContext {
+                notice_url: "https://gw.example/consent/notice".into(),
+                language: "ja".into(),
+                collection_method: "web-form".into(),
+            },
+        )
+        .await
+        .expect("grant");
+    consent.id
+}
+
+async fn a_parent_acts_for_a_child_until_majority(engine: Engine) {
+    let app = spawn_app(engine).await;
+    let operator = app.sign_in(AccountRole::Operator, "op", None).await;
+    let parent = app
+        .sign_in(AccountRole::Patient, "hanako", Some("p-hanako"))
+        .await;
+    // Turns 18 tomorrow: still a dependent today.
+    let registered = register(
+        &app,
+        &operator,
+        json!({"representative_patient_id": "p-hanako", "represented_patient_id": "p-child",
+               "kind": "parent-of-dependent", "represented_birth_date": years_ago(18, 1)}),
+    )
+    .await;
+    assert_eq!(registered.status(), StatusCode::CREATED);
+    let listed: Value = app
+        .client
+        .get(app.url("/api/representations"))
+        .bearer_auth(&parent)
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(listed[0]["represented_patient_id"], "p-child", "{listed}");
+
+    // Acting for the child: the child's consents, and the records say who acted.
+    let id = grant_by_parent(&app).await;
+    let as_parent = |path: &str| {
+        app.client
+            .get(app.url(path))
+            .bearer_auth(&parent)
+            .header("acting-for", "p-child")
+    };
+    let childs: Value = as_parent("/api/consents")
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(childs.as_array().map(Vec::len), Some(1));
+    let own: Value = app
+        .client
+        .get(app.url("/api/consents"))
+        .bearer_auth(&parent)
+        .send()
+        .await
+        .expect("own")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        own.as_array().map(Vec::len),
+        Some(0),
+        "the parent's own list is separate"
+    );
+    let detail: Value = as_parent(&format!("/api/consents/{id}"))
+        .send()
+        .await
+        .expect("detail")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(detail["fhir"]["patient"]["reference"], "Patient/p-child");
+    assert!(
+        detail["fhir"]["performer"].to_string().contains("p-hanako"),
+        "{}",
+        detail["fhir"]
+    );
+
+    // Someone the parent does not represent.
+    let stranger = app
+        .client
+        .get(app.url("/api/consents"))
+        .bearer_auth(&parent)
+        .header("acting-for", "p-someone")
+        .send()
+        .await
+        .expect("stranger");
+    assert_eq!(stranger.status(), StatusCode::FORBIDDEN);
+
+    // The child comes of age (the birth date moves a day back, as the calendar would).
+    sqlx::query("UPDATE representations SET represented_birth_date = $1")
+        .bind(years_ago(18, 0))
+        .execute(app.gateway().state.db.write_pool())
+        .await
+        .expect("birthday");
+    let after = as_parent("/api/consents").send().await.expect("list");
+    assert_eq!(
+        after.status(),
+        StatusCode::FORBIDDEN,
+        "representation ended"
+    );
+    assert_eq!(
+        count(
+            &app,
+            "SELECT COUNT(*) FROM representations WHERE status = 'ended'"
+        )
+        .await,
+        1
+    );
+
+    // The child, now acting for themself, is asked to keep or withdraw it.
+    let child = app
+        .sign_in(AccountRole::Patient, "child", Some("p-child"))
+        .await;
+    let listed: Value = app
+        .client
+        .get(app.url("/api/consents"))
+        .bearer_auth(&child)
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(listed[0]["needs_confirmation"], true, "{listed}");
+    let kept = app
+        .client
+        .post(app.url(&format!("/api/consents/{id}/confirm")))
+        .bearer_auth(&child)
+        .send()
+        .await
+        .expect("confirm");
+    assert_eq!(kept.status(), StatusCode::OK);
+    let kept: Value = kept.json().await.expect("json");
+    assert_eq!(kept["consent"]["needs_confirmation"], false);
+    assert_eq!(kept["consent"]["version"], 2);
+    assert_eq!(kept["consent"]["status"], "active");
+    // Confirming twice is a conflict.
+    let again = app
+        .client
+        .post(app.url(&format!("/api/consents/{id}/confirm")))
+        .bearer_auth(&child)
+        .send()
+        .await
+        .expect("confirm again");
+    assert_eq!(again.status(), StatusCode::CONFLICT);
+
+    // A registered proxy does not end by age.
+    let registered = register(
+        &app,
+        &operator,
+        json!({"representative_patient_id": "p-hanako", "represented_patient_id": "p-grandma",
+               "kind": "registered-proxy"}),
+    )
+    .await;
+    assert_eq!(registered.status(), StatusCode::CREATED);
+    let proxy = app
+        .client
+        .get(app.url("/api/consents"))
+        .bearer_auth(&parent)
+        .header("acting-for", "p-grandma")
+        .send()
+        .await
+        .expect("proxy");
+    assert_eq!(proxy.status(), StatusCode::OK);
+}
+
+async fn bad_representations_are_refused(engine: Engine) {
+    let app = spawn_app(engine).await;
+    let operator = app.sign_in(AccountRole::Operator, "op", None).await;
+    let patient = app
+        .sign_in(AccountRole::Patient, "hanako", Some("p-hanako"))
+        .await;
+    for body in [
+        json!({"representative_patient_id": "p-hanako", "represented_patient_id": "p-child", "kind": "friend"}),
+        json!({"representative_patient_id": "p-hanako", "represented_patient_id": "p-child", "kind": "parent-of-dependent"}),
+        json!({"representative_patient_id": "p-hanako", "represented_patient_id": "p-child", "kind": "parent-of-dependent", "represented_birth_date": "yesterday"}),
+        json!({"representative_patient_id": "p-hanako", "represented_patient_id": "p-adult", "kind": "parent-of-dependent", "represented_birth_date": years_ago(30, 0)}),
+        json!({"representative_patient_id": "p-hanako", "represented_patient_id": "p-hanako", "kind": "registered-proxy"}),
+    ] {
+        let response = register(&app, &operator, body.clone()).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
+    }
+    // Only operators register.
+    let response = register(
+        &app,
+        &patient,
+        json!({"representative_patient_id": "p-hanako", "represented_patient_id": "p-child", "kind": "registered-proxy"}),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    assert_eq!(count(&app, "SELECT COUNT(*) FROM representations").await, 0);
+}
