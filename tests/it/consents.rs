@@ -259,6 +259,33 @@ async fn a_withdrawal_denies_the_next_request_in_every_process(engine: Engine) {
         .sign_in(AccountRole::Patient, "hanako", Some("p-hanako"))
         .await;
     let (id, _) = grant(&app, "p-hanako", &["PATRQT"], &[DataCategory::Observations]).await;
+    let listed: Value = app
+        .client
+        .get(app.url("/api/consents"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(listed[0]["ends_soon"], false, "a year ahead");
+    // Moving the end date into the reminder window: the patient is reminded.
+    let ends_on = (time::OffsetDateTime::now_utc() + time::Duration::days(7))
+        .date()
+        .to_string();
+    let changed: Value = app
+        .client
+        .post(app.url(&format!("/api/consents/{id}/change")))
+        .bearer_auth(&token)
+        .json(&json!({"purposes": ["PATRQT"], "categories": ["observations"], "ends_on": ends_on}))
+        .send()
+        .await
+        .expect("change")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(changed["consent"]["ends_soon"], true, "{changed}");
     // A second gateway process on the same database.
     let second = Gateway::build(app.env().config())
         .await

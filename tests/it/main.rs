@@ -6,6 +6,8 @@ mod helpers;
 
 mod audit;
 mod config;
+mod consent_pages;
+mod consent_rules;
 mod consents;
 mod http;
 mod openapi;

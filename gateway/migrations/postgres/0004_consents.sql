@@ -11,7 +11,6 @@ CREATE TABLE consents (
     status TEXT NOT NULL CHECK (status IN ('proposed', 'active', 'rejected', 'inactive')),
     current_version BIGINT NOT NULL,
     period_end BIGINT,
-    reminded_at BIGINT,
     -- Set when a representative gave it and their representation ended: the person is
     -- asked to confirm or withdraw it.
     confirmation_requested_at BIGINT,

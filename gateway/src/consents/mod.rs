@@ -59,6 +59,8 @@ pub struct ConsentView {
     /// A representative gave it and no longer acts for the patient: the patient is asked
     /// to keep it or withdraw it.
     pub needs_confirmation: bool,
+    /// In force and ending within the reminder window (`consent.remind_before_days`).
+    pub ends_soon: bool,
     #[serde(skip)]
     pub consent: Consent,
 }
@@ -349,7 +351,7 @@ impl Consents {
         .fetch_optional(self.db.read_pool())
         .await?
         .ok_or_else(|| Error::NotFound(format!("consent {consent_id}")))?;
-        view_of(&row)
+        view_of(&row, self.config.remind_before_days)
     }
 
     /// The patient's consents, newest first.
@@ -360,7 +362,9 @@ impl Consents {
         .bind(patient_id)
         .fetch_all(self.db.read_pool())
         .await?;
-        rows.iter().map(view_of).collect()
+        rows.iter()
+            .map(|row| view_of(row, self.config.remind_before_days))
+            .collect()
     }
 
     /// Every version of the patient's consent, oldest first, with receipts.
@@ -506,30 +510,6 @@ impl Consents {
         Ok(found.is_some())
     }
 
-    /// Active consents ending within the reminder window that have not been reminded yet;
-    /// marks them reminded. The caller notifies the patient.
-    pub async fn due_for_reminder(&self) -> Result<Vec<ConsentView>> {
-        let now = now_millis();
-        let horizon = now + i64::from(self.config.remind_before_days) * 24 * 60 * 60 * 1000;
-        let rows = sqlx::query(&format!(
-            "{SELECT_CURRENT} WHERE c.status = 'active' AND c.period_end IS NOT NULL
-               AND c.period_end > $1 AND c.period_end <= $2 AND c.reminded_at IS NULL"
-        ))
-        .bind(now)
-        .bind(horizon)
-        .fetch_all(self.db.read_pool())
-        .await?;
-        let due: Vec<ConsentView> = rows.iter().map(view_of).collect::<Result<_>>()?;
-        for consent in &due {
-            sqlx::query("UPDATE consents SET reminded_at = $1 WHERE id = $2")
-                .bind(now)
-                .bind(&consent.id)
-                .execute(self.db.write_pool())
-                .await?;
-        }
-        Ok(due)
-    }
-
     fn sign_receipt(
         &self,
         event: ReceiptEvent,
@@ -567,7 +547,7 @@ const SELECT_CURRENT: &str = "SELECT c.id, c.recipient, c.recipient_display, v.b
      FROM consents c JOIN consent_versions v
        ON v.consent_id = c.id AND v.version = c.current_version";
 
-fn view_of(row: &sqlx::any::AnyRow) -> Result<ConsentView> {
+fn view_of(row: &sqlx::any::AnyRow, remind_before_days: u32) -> Result<ConsentView> {
     let consent = consent_of(&row.try_get::<String, _>(3)?)?;
     let now = OffsetDateTime::now_utc();
     let provision = &consent.provision;
@@ -588,6 +568,14 @@ fn view_of(row: &sqlx::any::AnyRow) -> Result<ConsentView> {
             && provision.period.as_ref().is_none_or(|p| p.contains(now)),
         needs_confirmation: consent.status == ConsentStatus::Active
             && row.try_get::<Option<i64>, _>(4)?.is_some(),
+        ends_soon: consent.status == ConsentStatus::Active
+            && provision
+                .period
+                .as_ref()
+                .and_then(|p| p.end)
+                .is_some_and(|end| {
+                    end > now && end - now <= time::Duration::days(i64::from(remind_before_days))
+                }),
         consent,
     })
 }

@@ -64,6 +64,14 @@ pub async fn list(
                     button type="submit" { "切り替える / Switch" }
                 }
             }
+            @let ending: Vec<&ConsentView> = consents.iter().filter(|c| c.ends_soon).collect();
+            @if !ending.is_empty() {
+                section id="ending-soon" role="status" {
+                    p { "まもなく期限になる同意があります。期限が来ると提供は自動的に止まります。続けたい場合は、提供先のアプリからもう一度同意してください。" }
+                    p.en { "Some consents end soon. Sharing stops by itself then; to continue, agree again from the recipient's app." }
+                    ul { @for consent in &ending { li { (consent.recipient_display) " — " (consent.ends_at.as_deref().map(day_of).unwrap_or("")) } } }
+                }
+            }
             @let waiting: Vec<&ConsentView> = consents.iter().filter(|c| c.needs_confirmation).collect();
             @if !waiting.is_empty() && patient.acting.is_none() {
                 section id="to-confirm" {

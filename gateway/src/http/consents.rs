@@ -37,6 +37,8 @@ pub struct ConsentSummary {
     /// A representative gave it and no longer acts for the patient: keep it
     /// (`/confirm`) or withdraw it.
     pub needs_confirmation: bool,
+    /// In force and ending soon: the patient is reminded to renew or let it end.
+    pub ends_soon: bool,
 }
 
 impl ConsentSummary {
@@ -56,6 +58,7 @@ impl ConsentSummary {
             ends_at: view.ends_at.clone(),
             in_force: view.in_force,
             needs_confirmation: view.needs_confirmation,
+            ends_soon: view.ends_soon,
         }
     }
 }

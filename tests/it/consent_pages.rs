@@ -1,0 +1,195 @@
+//! The consent pages in real headless Chromium, checked against the rules for screens free
+//! of dark patterns (`consent_rules`): from the portal home, withdrawing takes two clicks
+//! and ends on a signed receipt; the consent settings are one step from every portal page;
+//! every page passes the portal checks; and the next decision under the consent is a denial.
+
+use fantoccini::Locator;
+use phr_consent::{DataCategory, Performer, PersonRef, Purpose, Recipient, Requested};
+use phr_gateway::audit::{AccountRole, Agent};
+use phr_gateway::consents::{ConsentOutcome, GrantRequest, ReceiptContext};
+
+use crate::browser::Browser;
+use crate::consent_rules::{assert_at_most, check_portal_page, links_reaching, ClickCounter};
+use crate::helpers::{spawn_app, Engine, TestApp};
+
+const PASSWORD: &str = "correct horse battery staple";
+
+async fn granted(app: &TestApp) -> String {
+    let state = &app.gateway().state;
+    let purpose = state
+        .consents
+        .config()
+        .purpose("PATRQT")
+        .expect("purpose")
+        .clone();
+    let (consent, _) = state
+        .consents
+        .grant(
+            &Agent::system(),
+            GrantRequest {
+                patient_id: "p-portal".into(),
+                performer: Performer::patient(&PersonRef::new("p-portal")),
+                performer_account_id: "account".into(),
+                recipient: Recipient::client("demo-phr-app"),
+                recipient_display: "デモPHRアプリ".into(),
+                purposes: vec![Purpose::new(&purpose.system, &purpose.code)],
+                categories: vec![DataCategory::Observations],
+                ends_at: time::OffsetDateTime::now_utc() + time::Duration::days(90),
+            },
+            &ReceiptContext {
+                notice_url: app.url("/consent/notice"),
+                language: "ja".into(),
+                collection_method: "web-form".into(),
+            },
+        )
+        .await
+        .expect("grant");
+    consent.id
+}
+
+async fn assert_rules(client: &fantoccini::Client, page: &str) {
+    let violations = check_portal_page(client).await;
+    assert!(violations.is_empty(), "{page}: {violations:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn withdrawing_from_the_portal_takes_two_clicks_and_keeps_the_rules() {
+    let app = spawn_app(Engine::Sqlite).await;
+    app.gateway()
+        .state
+        .accounts
+        .create(AccountRole::Patient, "hanako", PASSWORD, Some("p-portal"))
+        .await
+        .expect("account");
+    let id = granted(&app).await;
+    let browser = Browser::start().await;
+    let c = &browser.client;
+    c.goto(&app.url("/portal")).await.expect("portal");
+    c.find(Locator::Css("input[name=username]"))
+        .await
+        .expect("username")
+        .send_keys("hanako")
+        .await
+        .expect("type");
+    c.find(Locator::Css("input[name=password]"))
+        .await
+        .expect("password")
+        .send_keys(PASSWORD)
+        .await
+        .expect("type");
+    c.find(Locator::Css("button[type=submit]"))
+        .await
+        .expect("sign in")
+        .click()
+        .await
+        .expect("click");
+    c.wait()
+        .for_element(Locator::Css("select[name=source_id]"))
+        .await
+        .expect("portal home");
+    assert_rules(c, "portal home").await;
+    assert!(
+        links_reaching(c, "/portal/consents").await,
+        "home → consents"
+    );
+
+    // From the signed-in home to done.
+    let clicks = ClickCounter::new(c);
+    clicks
+        .click(Locator::Css("#nav-consents"))
+        .await
+        .expect("to consents");
+    let row = c
+        .wait()
+        .for_element(Locator::Css(&format!("tr[data-consent='{id}']")))
+        .await
+        .expect("the consent is listed");
+    assert!(row.text().await.expect("text").contains("デモPHRアプリ"));
+    assert_rules(c, "consents").await;
+    assert!(
+        links_reaching(c, "/portal/consents").await,
+        "consents → consents"
+    );
+    clicks
+        .click(Locator::Css(&format!(
+            "tr[data-consent='{id}'] button.withdraw"
+        )))
+        .await
+        .expect("withdraw");
+    let done = c
+        .wait()
+        .for_element(Locator::Css("#withdrawn"))
+        .await
+        .expect("done");
+    assert!(done.text().await.expect("text").contains("撤回しました"));
+    let receipt = c
+        .find(Locator::Css("#receipt"))
+        .await
+        .expect("receipt")
+        .text()
+        .await
+        .expect("text");
+    assert_eq!(receipt.split('.').count(), 3, "a compact JWS: {receipt}");
+    assert_rules(c, "withdrawn").await;
+    assert!(
+        links_reaching(c, "/portal/consents").await,
+        "done → consents"
+    );
+    // Granting on the consent screen takes at least one purpose, one category and the
+    // button: three clicks. Withdrawing took two.
+    assert_at_most(clicks.take(), 2);
+
+    // The very next decision under it is a denial.
+    let state = &app.gateway().state;
+    let purpose = state
+        .consents
+        .config()
+        .purpose("PATRQT")
+        .expect("purpose")
+        .clone();
+    let outcome = state
+        .consents
+        .decide(
+            &Agent::system(),
+            "p-portal",
+            &Recipient::client("demo-phr-app"),
+            &Purpose::new(&purpose.system, &purpose.code),
+            Requested::Category(DataCategory::Observations),
+        )
+        .await
+        .expect("decide");
+    assert!(
+        matches!(
+            outcome,
+            ConsentOutcome::Deny {
+                reason: "withdrawn",
+                ..
+            }
+        ),
+        "{outcome:?}"
+    );
+
+    // The list now says so, and offers no second withdrawal.
+    c.goto(&app.url("/portal/consents"))
+        .await
+        .expect("consents");
+    let status = c
+        .wait()
+        .for_element(Locator::Css(&format!("tr[data-consent='{id}'] .status")))
+        .await
+        .expect("status")
+        .text()
+        .await
+        .expect("text");
+    assert!(status.contains("撤回済み"), "{status}");
+    assert!(c
+        .find(Locator::Css(&format!(
+            "tr[data-consent='{id}'] button.withdraw"
+        )))
+        .await
+        .is_err());
+    c.goto(&app.url("/consent/notice")).await.expect("notice");
+    assert_rules(c, "notice").await;
+    browser.close().await;
+    app.stop().await;
+}
