@@ -401,6 +401,26 @@ async fn bad_consent_requests_get_clear_errors(engine: Engine) {
         );
     }
 
+    // A withdrawal form posted from another site (CSRF) is refused and changes nothing.
+    let forged = app
+        .client
+        .post(app.url(&format!("/portal/consents/{id}/withdraw")))
+        .bearer_auth(&hanako)
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .expect("forged");
+    assert_eq!(forged.status(), StatusCode::FORBIDDEN);
+    assert!(permits(
+        &decide(
+            &app.gateway().state,
+            "p-hanako",
+            "PATRQT",
+            DataCategory::Observations
+        )
+        .await
+    ));
+
     // Withdrawing twice: the second is a conflict, not a second receipt.
     for expected in [StatusCode::OK, StatusCode::CONFLICT] {
         let response = app
