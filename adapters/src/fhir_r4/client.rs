@@ -31,7 +31,29 @@ pub(crate) struct CapabilitySummary {
     pub(crate) supports_everything: bool,
 }
 
+/// How long a CapabilityStatement summary is reused.
+const CAPABILITIES_TTL: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+
+/// The server's capabilities, read at most once per [`CAPABILITIES_TTL`] (failures are not
+/// remembered: the next pull asks again).
 pub(crate) async fn fetch_capability_statement(
+    context: &SourceContext,
+) -> Result<CapabilitySummary, SourceError> {
+    if let Ok(cached) = context.capabilities.lock() {
+        if let Some((at, summary)) = cached.as_ref() {
+            if at.elapsed() < CAPABILITIES_TTL {
+                return Ok(summary.clone());
+            }
+        }
+    }
+    let summary = read_capability_statement(context).await?;
+    if let Ok(mut cached) = context.capabilities.lock() {
+        *cached = Some((std::time::Instant::now(), summary.clone()));
+    }
+    Ok(summary)
+}
+
+async fn read_capability_statement(
     context: &SourceContext,
 ) -> Result<CapabilitySummary, SourceError> {
     let request = context

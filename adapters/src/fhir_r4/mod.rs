@@ -120,6 +120,10 @@ pub(crate) struct SourceContext {
     /// The FHIR base without a trailing slash.
     pub(crate) base_url: String,
     pub(crate) transport: http::Transport,
+    /// The last CapabilityStatement summary and when it was read: a server's capabilities
+    /// change rarely, and asking before every pull costs a round trip per job.
+    pub(crate) capabilities:
+        std::sync::Mutex<Option<(std::time::Instant, client::CapabilitySummary)>>,
 }
 
 /// A hospital FHIR R4 server reached through SMART App Launch.
@@ -144,6 +148,7 @@ impl FhirR4Source {
                 config,
                 base_url,
                 transport,
+                capabilities: std::sync::Mutex::new(None),
             }),
         })
     }

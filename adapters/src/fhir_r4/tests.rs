@@ -772,6 +772,33 @@ async fn other_patients_resources_are_rejected_never_yielded() {
 }
 
 #[tokio::test]
+async fn the_capability_statement_is_read_once_for_several_pulls() {
+    let simulator = start(simulator_config(1, 30)).await;
+    let mut config = source_config(&simulator);
+    config.prefer_everything = true;
+    let source = source(config);
+    let credentials = link_patient_one(&source, keep_all).await;
+    simulator.handle.clear_request_log();
+    for _ in 0..3 {
+        let (batches, error) = pull_all(&source, pull_request(&credentials, None)).await;
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(resources(&batches).len(), 30);
+    }
+    let log = simulator.handle.request_log();
+    let metadata = log
+        .iter()
+        .filter(|line| line.starts_with("GET /metadata"))
+        .count();
+    let everything = log
+        .iter()
+        .filter(|line| line.contains("$everything"))
+        .count();
+    assert_eq!(metadata, 1, "{log:?}");
+    assert!(everything >= 3, "each pull still used $everything: {log:?}");
+    simulator.shutdown().await;
+}
+
+#[tokio::test]
 async fn resuming_from_a_cursor_fetches_only_what_is_new() {
     let simulator = start(simulator_config(1, 90)).await;
     let source = source(source_config(&simulator));
