@@ -69,13 +69,14 @@ pub(super) fn html_response(status: StatusCode, markup: Markup) -> Response {
         .into_response()
 }
 
-fn login_page(message: Option<&str>) -> Markup {
+fn login_page(message: Option<&str>, next: Option<&str>) -> Markup {
     page(
         "サインイン / Sign in",
         html! {
             h1 { "サインイン " span.en { "Sign in" } }
             @if let Some(message) = message { p.warn role="alert" { (message) } }
             form method="post" action="/portal/login" {
+                @if let Some(next) = next { input type="hidden" name="next" value=(next); }
                 label { "ユーザー名 " span.en { "Username" } input name="username" autocomplete="username" required; }
                 label { "パスワード " span.en { "Password" } input name="password" type="password" autocomplete="current-password" required; }
                 button type="submit" { "サインイン / Sign in" }
@@ -108,7 +109,7 @@ pub async fn home(
     patient: Option<PatientSession>,
 ) -> Result<Response, ApiError> {
     let Some(patient) = patient else {
-        return Ok(html_response(StatusCode::OK, login_page(None)));
+        return Ok(html_response(StatusCode::OK, login_page(None, None)));
     };
     let instructions = state.instructions.list(&patient.patient_id).await?;
     super::pull::audit_instruction_read(&state, &patient, None).await?;
@@ -219,6 +220,16 @@ fn status_label(status: InstructionStatus) -> &'static str {
 pub struct LoginForm {
     pub username: String,
     pub password: String,
+    /// Where to go after signing in: only a consent screen of the authorize flow.
+    #[serde(default)]
+    pub next: Option<String>,
+}
+
+/// `next` if it is one of our consent screens (never an arbitrary URL: no open redirect).
+fn safe_next(next: Option<&str>) -> Option<&str> {
+    let next = next?;
+    let id = next.strip_prefix("/consent/authorize/")?;
+    (!id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')).then_some(next)
 }
 
 pub async fn login(
@@ -235,7 +246,8 @@ pub async fn login(
     {
         Ok((_, token)) => {
             state.audit.notify();
-            let mut response = Redirect::to("/portal").into_response();
+            let target = safe_next(form.next.as_deref()).unwrap_or("/portal");
+            let mut response = Redirect::to(target).into_response();
             response.headers_mut().insert(
                 header::SET_COOKIE,
                 session_cookie(&token, state.config.sessions.absolute_timeout_secs),
@@ -246,9 +258,10 @@ pub async fn login(
             state.audit.notify();
             Ok(html_response(
                 StatusCode::UNAUTHORIZED,
-                login_page(Some(
-                    "ユーザー名またはパスワードが違います。 / Wrong username or password.",
-                )),
+                login_page(
+                    Some("ユーザー名またはパスワードが違います。 / Wrong username or password."),
+                    safe_next(form.next.as_deref()),
+                ),
             ))
         }
         Err(e) => Err(e.into()),
