@@ -23,6 +23,14 @@ use utoipa::OpenApi;
         super::pull::withdraw,
         super::pull::jwks,
         super::checkups::upload,
+        super::oauth::register_client,
+        super::oauth::list_clients,
+        super::oauth::smart_configuration,
+        super::oauth::authorize,
+        super::oauth::token,
+        super::oauth::revoke,
+        super::oauth::introspect,
+        super::oauth::grant,
     ),
     tags(
         (name = "health", description = "Probes"),
@@ -32,6 +40,7 @@ use utoipa::OpenApi;
         (name = "pull", description = "Pull instructions: fetching from sources on the patient's instruction"),
         (name = "keys", description = "The gateway's public keys"),
         (name = "checkups", description = "特定健診 results uploaded as CDA or exchange ZIP"),
+        (name = "oauth", description = "The OAuth 2 authorisation server for PHR apps (SMART App Launch style)"),
     )
 )]
 pub struct ApiDoc;
