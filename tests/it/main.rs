@@ -7,6 +7,7 @@ mod helpers;
 mod audit;
 mod config;
 mod http;
+mod oauth;
 mod openapi;
 mod portal;
 mod pull;
