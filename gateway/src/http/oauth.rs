@@ -611,11 +611,15 @@ where
         Ok(response) => response,
         Err(Error::OAuth(error)) => {
             let mut who = agent(address, claimed.as_deref());
+            let mut place = endpoint.to_string();
             if error.code == OAuthErrorCode::InvalidClient {
-                // Not authenticated: name no client as the actor.
+                // Not authenticated: name no client as the actor, only as a claim.
                 who.actor = Actor::Anonymous;
+                if let Some(claimed) = &claimed {
+                    place = format!("{endpoint} (claimed client {claimed})");
+                }
             }
-            audit_refusal(state, &who, endpoint, &error).await;
+            audit_refusal(state, &who, &place, &error).await;
             oauth_error_response(&error)
         }
         Err(other) => ApiError::from(other).into_response(),
