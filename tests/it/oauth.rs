@@ -26,6 +26,7 @@ both_engines!(
     replayed_codes_and_pkce_mismatches_are_refused,
     refresh_reuse_revokes_the_family_and_scopes_never_widen,
     client_assertions_are_checked,
+    rsa_clients_sign_with_rs384_and_rs256_is_refused,
     forged_and_expired_access_tokens_are_refused,
     withdrawing_a_consent_revokes_its_tokens,
 );
@@ -1257,5 +1258,90 @@ async fn withdrawing_a_consent_revokes_its_tokens(engine: Engine) {
     );
     assert!(leaves_containing(&env.app, "Consent/consent-w").await >= 1);
     assert_eq!(leaves_containing(&env.app, "oauth-token-revoked").await, 1);
+    env.stop().await;
+}
+
+async fn rsa_clients_sign_with_rs384_and_rs256_is_refused(engine: Engine) {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine as _;
+    use rsa::pkcs1::EncodeRsaPrivateKey;
+    use rsa::traits::PublicKeyParts;
+
+    let env = env(engine).await;
+    let jwk_of = |key: &rsa::RsaPrivateKey, kid: &str| {
+        json!({
+            "kty": "RSA",
+            "kid": kid,
+            "alg": "RS384",
+            "n": URL_SAFE_NO_PAD.encode(key.n().to_bytes_be()),
+            "e": URL_SAFE_NO_PAD.encode(key.e().to_bytes_be()),
+        })
+    };
+    let weak = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 1024).expect("rsa 1024");
+    let response = env
+        .register(&registration(json!({
+            "token_endpoint_auth_method": "private_key_jwt",
+            "jwks": {"keys": [jwk_of(&weak, "weak")]}
+        })))
+        .await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let problem: Value = response.json().await.expect("problem");
+    assert!(problem["detail"].as_str().expect("detail").contains("2048"));
+
+    let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).expect("rsa 2048");
+    let response = env
+        .register(&registration(json!({
+            "token_endpoint_auth_method": "private_key_jwt",
+            "jwks": {"keys": [jwk_of(&key, "rsa-1")]}
+        })))
+        .await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let client_id = response.json::<Value>().await.expect("json")["client_id"]
+        .as_str()
+        .expect("client_id")
+        .to_string();
+    let der = key.to_pkcs1_der().expect("der");
+    let encoding = jsonwebtoken::EncodingKey::from_rsa_der(der.as_bytes());
+    let sign = |alg: jsonwebtoken::Algorithm, jti: &str| {
+        let mut header = jsonwebtoken::Header::new(alg);
+        header.kid = Some("rsa-1".into());
+        let claims = json!({"iss": client_id, "sub": client_id, "aud": env.token_url(),
+            "exp": now_secs() + 120, "jti": jti});
+        jsonwebtoken::encode(&header, &claims, &encoding).expect("sign")
+    };
+    let send = |assertion: String| {
+        let env = &env;
+        async move {
+            env.post_form(
+                "/oauth/token",
+                &[
+                    ("grant_type", "client_credentials"),
+                    ("scope", "system/Immunization.rs"),
+                    (
+                        "client_assertion_type",
+                        "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                    ),
+                    ("client_assertion", &assertion),
+                ],
+                None,
+            )
+            .await
+        }
+    };
+    let (status, _, body) = send(sign(jsonwebtoken::Algorithm::RS384, "rs384")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for alg in [
+        jsonwebtoken::Algorithm::RS256,
+        jsonwebtoken::Algorithm::RS512,
+        jsonwebtoken::Algorithm::PS384,
+    ] {
+        let (status, _, body) = send(sign(alg, &format!("{alg:?}"))).await;
+        assert_oauth_error(status, &body, StatusCode::UNAUTHORIZED, "invalid_client");
+        assert!(
+            str_of(&body, "error_description").contains("not accepted"),
+            "{body}"
+        );
+    }
+    assert_eq!(leaves_containing(&env.app, "is not accepted").await, 3);
     env.stop().await;
 }
