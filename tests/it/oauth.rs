@@ -209,6 +209,7 @@ impl Env {
         let params = query_of(&back);
         assert!(back.starts_with(REDIRECT), "{back}");
         assert_eq!(params["state"], "st-123");
+        assert_eq!(params["iss"], self.app.base, "RFC 9207 issuer");
         params["code"].clone()
     }
 
@@ -491,6 +492,11 @@ async fn code_flow_with_private_key_jwt_refresh_introspect_and_revoke(engine: En
         .await
         .expect("json");
     assert_eq!(discovery["token_endpoint"], env.token_url());
+    assert_eq!(discovery["issuer"], env.app.base);
+    assert_eq!(
+        discovery["authorization_response_iss_parameter_supported"],
+        true
+    );
     assert_eq!(
         discovery["authorization_endpoint"],
         env.url("/oauth/authorize")
@@ -846,6 +852,7 @@ async fn bad_authorization_requests_are_refused_and_bad_redirects_never_followed
         let query = query_of(&back);
         assert_eq!(query["error"], error, "{back}");
         assert_eq!(query["state"], "st-123");
+        assert_eq!(query["iss"], env.app.base);
         assert!(!query.contains_key("code"));
     }
     assert_eq!(
@@ -866,6 +873,7 @@ async fn bad_authorization_requests_are_refused_and_bad_redirects_never_followed
     let query = query_of(&back);
     assert_eq!(query["error"], "access_denied");
     assert_eq!(query["state"], "st-123");
+    assert_eq!(query["iss"], env.app.base);
     assert!(oauth::pending_request(db, &request_id)
         .await
         .expect("read")

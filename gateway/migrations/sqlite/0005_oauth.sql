@@ -27,6 +27,8 @@ CREATE TABLE oauth_authorization_requests (
     state TEXT NOT NULL,
     code_challenge TEXT NOT NULL,
     scopes TEXT NOT NULL,
+    -- The gateway's issuer identifier, returned as `iss` with the answer (RFC 9207).
+    issuer TEXT NOT NULL,
     created_at BIGINT NOT NULL,
     expires_at BIGINT NOT NULL,
     decision TEXT CHECK (decision IN ('approved', 'declined')),

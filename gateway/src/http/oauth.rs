@@ -266,6 +266,7 @@ pub async fn smart_configuration(State(state): State<AppState>) -> Response {
         "response_types_supported": ["code"],
         "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
         "code_challenge_methods_supported": ["S256"],
+        "authorization_response_iss_parameter_supported": true,
         "token_endpoint_auth_methods_supported": ["private_key_jwt", "client_secret_basic"],
         "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
         "scopes_supported": scopes,
@@ -362,6 +363,7 @@ pub async fn authorize(
             state: app_state.clone(),
             code_challenge: query.code_challenge.clone().unwrap_or_default(),
             scopes,
+            issuer: state.public_url(),
         },
         Err(error) => {
             audit_refusal(&state, &who, "authorize", &error).await;
@@ -371,6 +373,7 @@ pub async fn authorize(
                     ("error", error.code.code()),
                     ("error_description", &error.description),
                     ("state", &app_state),
+                    ("iss", &state.public_url()),
                 ],
             )?;
             return Ok(Redirect::to(&location).into_response());

@@ -24,6 +24,8 @@ pub struct NewAuthorization {
     pub state: String,
     pub code_challenge: String,
     pub scopes: Vec<Scope>,
+    /// The gateway's issuer identifier, sent back as `iss` (RFC 9207).
+    pub issuer: String,
 }
 
 /// What the consent page shows the patient and needs to finish the request.
@@ -60,8 +62,9 @@ pub async fn create_request(
     let mut tx = db.begin().await?;
     sqlx::query(
         "INSERT INTO oauth_authorization_requests
-             (id, client_id, redirect_uri, state, code_challenge, scopes, created_at, expires_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+             (id, client_id, redirect_uri, state, code_challenge, scopes, issuer, created_at,
+              expires_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
     .bind(&id)
     .bind(&request.client_id)
@@ -69,6 +72,7 @@ pub async fn create_request(
     .bind(&request.state)
     .bind(&request.code_challenge)
     .bind(format_scopes(&request.scopes))
+    .bind(&request.issuer)
     .bind(now)
     .bind(now + lifetime_secs as i64 * 1000)
     .execute(&mut *tx)
@@ -89,13 +93,15 @@ struct StoredRequest {
     state: String,
     code_challenge: String,
     scopes: Vec<Scope>,
+    issuer: String,
     expires_at: i64,
     decided: bool,
 }
 
 async fn load(conn: &mut sqlx::AnyConnection, request_id: &str) -> Result<Option<StoredRequest>> {
     let row = sqlx::query(
-        "SELECT client_id, redirect_uri, state, code_challenge, scopes, expires_at, decision
+        "SELECT client_id, redirect_uri, state, code_challenge, scopes, expires_at, decision,
+             issuer
          FROM oauth_authorization_requests WHERE id = $1",
     )
     .bind(request_id)
@@ -112,6 +118,7 @@ async fn load(conn: &mut sqlx::AnyConnection, request_id: &str) -> Result<Option
             .map_err(|e| Error::Invalid(format!("stored request has a bad scope: {e}")))?,
         expires_at: row.try_get(5)?,
         decided: row.try_get::<Option<String>, _>(6)?.is_some(),
+        issuer: row.try_get(7)?,
     }))
 }
 
@@ -187,7 +194,7 @@ async fn decide(
 
 /// The patient approved, under consent `consent_id`, the `granted_scopes` (the requested
 /// scopes or fewer). Issues a one-time code (60 s) and returns the app's redirect URL with
-/// `code` and `state`. `openid` and `fhirUser` are not granted (no id_token is issued).
+/// `code`, `state` and `iss`. `openid` and `fhirUser` are not granted (no id_token is issued).
 pub async fn approve(
     db: &Database,
     request_id: &str,
@@ -254,12 +261,16 @@ pub async fn approve(
     tx.commit().await?;
     redirect_with(
         &request.redirect_uri,
-        &[("code", &code), ("state", &request.state)],
+        &[
+            ("code", &code),
+            ("state", &request.state),
+            ("iss", &request.issuer),
+        ],
     )
 }
 
-/// The patient declined: returns the app's redirect URL with `error=access_denied` and
-/// `state`.
+/// The patient declined: returns the app's redirect URL with `error=access_denied`, `state`
+/// and `iss`.
 pub async fn decline(db: &Database, request_id: &str) -> Result<String> {
     let mut tx = db.begin().await?;
     let request = decide(&mut tx, request_id, "declined").await?;
@@ -279,6 +290,7 @@ pub async fn decline(db: &Database, request_id: &str) -> Result<String> {
             ("error", "access_denied"),
             ("error_description", "the patient declined"),
             ("state", &request.state),
+            ("iss", &request.issuer),
         ],
     )
 }
