@@ -43,6 +43,8 @@ pub struct Config {
     /// The gateway's external base URL (e.g. `https://phr.example.jp`): receipts' issuer and
     /// the callback sources redirect to. Unset: `https://localhost:<port>`.
     pub public_url: Option<String>,
+    /// The OAuth 2 authorisation server for PHR apps.
+    pub oauth: OAuthConfig,
 }
 
 impl Default for Config {
@@ -64,6 +66,7 @@ impl Default for Config {
             sources: Vec::new(),
             log: LogConfig::default(),
             public_url: None,
+            oauth: OAuthConfig::default(),
         }
     }
 }
@@ -294,6 +297,27 @@ impl Default for LogConfig {
     }
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OAuthConfig {
+    /// Access-token lifetime; at most 300 (five minutes), lower is allowed.
+    pub access_token_secs: u64,
+    /// Refresh-token lifetime (each rotation starts a new one).
+    pub refresh_token_days: u64,
+    /// How long an authorisation request waits for the patient's decision.
+    pub authorization_request_secs: u64,
+}
+
+impl Default for OAuthConfig {
+    fn default() -> Self {
+        OAuthConfig {
+            access_token_secs: 300,
+            refresh_token_days: 90,
+            authorization_request_secs: 600,
+        }
+    }
+}
+
 /// Values given as command-line flags: the top layer.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct FlagOverrides {
@@ -411,6 +435,21 @@ impl Config {
                 "must not be shorter than sessions.idle_timeout_secs",
             ));
         }
+        positive("oauth.access_token_secs", self.oauth.access_token_secs)?;
+        if self.oauth.access_token_secs > crate::oauth::MAX_ACCESS_TOKEN_SECS {
+            return Err(Error::config(
+                "oauth.access_token_secs",
+                format!(
+                    "must not exceed {} (five minutes)",
+                    crate::oauth::MAX_ACCESS_TOKEN_SECS
+                ),
+            ));
+        }
+        positive("oauth.refresh_token_days", self.oauth.refresh_token_days)?;
+        positive(
+            "oauth.authorization_request_secs",
+            self.oauth.authorization_request_secs,
+        )?;
         tracing_subscriber::EnvFilter::try_new(&self.log.filter)
             .map_err(|e| Error::config("log.filter", e.to_string()))?;
         self.tls
@@ -560,6 +599,10 @@ mod tests {
                 "insecure_http",
             ),
             ("[log]\nfilter = \"[[[\"\n", "log.filter"),
+            (
+                "[oauth]\naccess_token_secs = 301\n",
+                "oauth.access_token_secs",
+            ),
             ("this is not toml", "gateway.toml"),
         ];
         for (file, key) in cases {

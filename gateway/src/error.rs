@@ -65,6 +65,10 @@ pub enum Error {
     /// Raised by a test-only fault point between two statements of one transaction.
     #[error("injected fault at {0}")]
     InjectedFault(&'static str),
+
+    /// A refusal in OAuth terms (RFC 6749 §5.2): the OAuth endpoints render it as such.
+    #[error("{0}")]
+    OAuth(crate::oauth::OAuthError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -16,6 +16,7 @@ pub mod error;
 pub mod http;
 pub mod keystore;
 pub mod medications;
+pub mod oauth;
 pub mod provenance;
 pub mod pull;
 pub mod receipts;

@@ -10,6 +10,7 @@ mod consent_pages;
 mod consent_rules;
 mod consents;
 mod http;
+mod oauth;
 mod openapi;
 mod portal;
 mod pull;

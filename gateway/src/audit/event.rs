@@ -47,6 +47,24 @@ pub enum EventKind {
     /// Someone may now act for a patient (parent, registered proxy), or no longer.
     RepresentationRegistered,
     RepresentationEnded,
+    /// An operator registered an OAuth client (an app of a recipient).
+    ClientRegistered,
+    /// An app's authorisation request was checked and now waits for the patient.
+    AuthorizationRequested,
+    /// The patient approved: an authorisation code was issued.
+    AuthorizationCodeIssued,
+    /// The patient declined an app's request.
+    AuthorizationDeclined,
+    /// Tokens were issued at the token endpoint (code exchange or client credentials).
+    TokenIssued,
+    /// A refresh token was rotated.
+    TokenRefreshed,
+    /// Tokens were revoked (by the client, or with the consent they rest on).
+    TokenRevoked,
+    /// An OAuth request was refused; the detail starts with the OAuth error code.
+    OAuthRefused,
+    /// A spent code or refresh token came back: its token family was revoked.
+    TokenReuseDetected,
 }
 
 impl EventKind {
@@ -76,6 +94,17 @@ impl EventKind {
             EventKind::Create | EventKind::Update | EventKind::Read | EventKind::Search => {
                 coding(EVENT_TYPE, "rest", "RESTful Operation")
             }
+            EventKind::ClientRegistered | EventKind::TokenReuseDetected => {
+                coding(DCM, "110113", "Security Alert")
+            }
+            // IHE IUA records its transactions as User Authentication.
+            EventKind::AuthorizationRequested
+            | EventKind::AuthorizationCodeIssued
+            | EventKind::AuthorizationDeclined
+            | EventKind::TokenIssued
+            | EventKind::TokenRefreshed
+            | EventKind::TokenRevoked
+            | EventKind::OAuthRefused => coding(DCM, "110114", "User Authentication"),
         }
     }
 
@@ -118,6 +147,41 @@ impl EventKind {
             EventKind::RepresentationEnded => {
                 coding(GATEWAY_EVENTS, "representation-ended", "Ended")
             }
+            EventKind::ClientRegistered => coding(
+                GATEWAY_EVENTS,
+                "oauth-client-registered",
+                "OAuth client registered",
+            ),
+            EventKind::AuthorizationRequested => coding(
+                GATEWAY_EVENTS,
+                "oauth-authorization-requested",
+                "Authorisation requested",
+            ),
+            EventKind::AuthorizationCodeIssued => coding(
+                GATEWAY_EVENTS,
+                "oauth-code-issued",
+                "Authorisation code issued",
+            ),
+            EventKind::AuthorizationDeclined => coding(
+                GATEWAY_EVENTS,
+                "oauth-authorization-declined",
+                "Authorisation declined",
+            ),
+            EventKind::TokenIssued => coding(GATEWAY_EVENTS, "oauth-token-issued", "Token issued"),
+            EventKind::TokenRefreshed => {
+                coding(GATEWAY_EVENTS, "oauth-token-refreshed", "Token refreshed")
+            }
+            EventKind::TokenRevoked => {
+                coding(GATEWAY_EVENTS, "oauth-token-revoked", "Token revoked")
+            }
+            EventKind::OAuthRefused => {
+                coding(GATEWAY_EVENTS, "oauth-refused", "OAuth request refused")
+            }
+            EventKind::TokenReuseDetected => coding(
+                GATEWAY_EVENTS,
+                "oauth-token-reuse",
+                "Code or refresh token reused",
+            ),
         }
     }
 
@@ -141,6 +205,15 @@ impl EventKind {
             | EventKind::Login
             | EventKind::Logout
             | EventKind::SecurityConfiguration => "E",
+            EventKind::ClientRegistered
+            | EventKind::AuthorizationRequested
+            | EventKind::AuthorizationCodeIssued
+            | EventKind::TokenIssued
+            | EventKind::TokenRefreshed => "C",
+            EventKind::TokenRevoked => "D",
+            EventKind::AuthorizationDeclined
+            | EventKind::OAuthRefused
+            | EventKind::TokenReuseDetected => "E",
         }
     }
 }

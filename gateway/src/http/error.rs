@@ -44,6 +44,11 @@ impl From<Error> for ApiError {
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Error::OAuth(e) => match e.code {
+                crate::oauth::OAuthErrorCode::InvalidClient
+                | crate::oauth::OAuthErrorCode::InvalidToken => StatusCode::UNAUTHORIZED,
+                _ => StatusCode::BAD_REQUEST,
+            },
             Error::Database(_) | Error::Migration(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Source(e) => match e {
                 phr_adapters::SourceError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -140,6 +145,11 @@ pub fn operation_outcome(status: StatusCode, detail: &str) -> Response {
         .into_response()
 }
 
+/// Marks an error response already in its protocol's own shape (OAuth's JSON errors, RFC
+/// 6749 §5.2): `render_errors` leaves it as it is.
+#[derive(Debug, Clone, Copy)]
+pub struct ProtocolError;
+
 /// Largest error body read back when converting it.
 const MAX_ERROR_BODY: usize = 16 * 1024;
 
@@ -147,7 +157,9 @@ pub async fn render_errors(request: Request, next: Next) -> Response {
     let fhir = request.uri().path().starts_with("/fhir");
     let response = next.run(request).await;
     let status = response.status();
-    if !(status.is_client_error() || status.is_server_error()) {
+    if !(status.is_client_error() || status.is_server_error())
+        || response.extensions().get::<ProtocolError>().is_some()
+    {
         return response;
     }
     let content_type = response

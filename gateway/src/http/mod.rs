@@ -9,6 +9,7 @@ pub mod error;
 pub mod fhir;
 pub mod health;
 pub mod metrics;
+pub mod oauth;
 pub mod openapi;
 pub mod operator;
 pub mod patient;
@@ -146,6 +147,13 @@ pub fn router(state: AppState) -> Router {
         .route("/operator/audit/checkpoint", get(operator::audit_checkpoint))
         .route("/fhir", get(fhir::not_supported))
         .route("/fhir/{*rest}", get(fhir::not_supported).post(fhir::not_supported))
+        .route("/.well-known/smart-configuration", get(oauth::smart_configuration))
+        .route("/oauth/authorize", get(oauth::authorize))
+        .route("/oauth/token", post(oauth::token))
+        .route("/oauth/revoke", post(oauth::revoke))
+        .route("/oauth/introspect", post(oauth::introspect))
+        .route("/oauth/grant", get(oauth::grant))
+        .route("/operator/clients", get(oauth::list_clients).post(oauth::register_client))
         .fallback(error::not_found)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(RequestBodyLimitLayer::new(body_limit))

@@ -30,6 +30,14 @@ use utoipa::OpenApi;
         super::consents::confirm,
         super::representations::register,
         super::representations::list,
+        super::oauth::register_client,
+        super::oauth::list_clients,
+        super::oauth::smart_configuration,
+        super::oauth::authorize,
+        super::oauth::token,
+        super::oauth::revoke,
+        super::oauth::introspect,
+        super::oauth::grant,
     ),
     tags(
         (name = "health", description = "Probes"),
@@ -40,6 +48,7 @@ use utoipa::OpenApi;
         (name = "keys", description = "The gateway's public keys"),
         (name = "checkups", description = "特定健診 results uploaded as CDA or exchange ZIP"),
         (name = "consent", description = "Disclosure consents: the patient's, to list, change and withdraw"),
+        (name = "oauth", description = "The OAuth 2 authorisation server for PHR apps (SMART App Launch style)"),
     )
 )]
 pub struct ApiDoc;
