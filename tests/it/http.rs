@@ -431,10 +431,20 @@ async fn bad_input_gets_clear_errors_never_500(engine: Engine) {
         .expect("bad token");
     assert_problem(&bad_token, StatusCode::UNAUTHORIZED);
 
-    // FHIR paths answer with OperationOutcome.
-    let fhir = app
+    // FHIR paths answer with OperationOutcome: a read without a token, and an
+    // interaction not supported yet.
+    let unauthenticated = app
         .client
         .get(app.url("/fhir/Patient/x"))
+        .send()
+        .await
+        .expect("fhir");
+    assert_eq!(unauthenticated.status(), 401);
+    let outcome: serde_json::Value = unauthenticated.json().await.expect("json");
+    assert_eq!(outcome["resourceType"], "OperationOutcome");
+    let fhir = app
+        .client
+        .get(app.url("/fhir/Encounter/x"))
         .send()
         .await
         .expect("fhir");

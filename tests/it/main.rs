@@ -6,6 +6,7 @@ mod helpers;
 
 mod audit;
 mod config;
+mod consent_flow;
 mod consent_pages;
 mod consent_rules;
 mod consents;

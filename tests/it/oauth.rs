@@ -31,15 +31,15 @@ both_engines!(
     withdrawing_a_consent_revokes_its_tokens,
 );
 
-const REDIRECT: &str = "https://app.example.jp/callback";
+pub(crate) const REDIRECT: &str = "https://app.example.jp/callback";
 const SCOPE: &str =
     "launch/patient patient/Observation.rs patient/MedicationDispense.rs offline_access";
 
-struct Env {
-    app: TestApp,
-    operator: String,
+pub(crate) struct Env {
+    pub(crate) app: TestApp,
+    pub(crate) operator: String,
     /// Does not follow redirects: the tests read `Location`.
-    browser: reqwest::Client,
+    pub(crate) browser: reqwest::Client,
 }
 
 async fn env_with(engine: Engine, adjust: impl FnOnce(&mut phr_gateway::Config)) -> Env {
@@ -64,7 +64,7 @@ async fn env_with(engine: Engine, adjust: impl FnOnce(&mut phr_gateway::Config))
     }
 }
 
-async fn env(engine: Engine) -> Env {
+pub(crate) async fn env(engine: Engine) -> Env {
     env_with(engine, |_| {}).await
 }
 
@@ -107,15 +107,15 @@ fn registration(auth: Value) -> Value {
 }
 
 impl Env {
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         self.app.url(path)
     }
 
-    fn token_url(&self) -> String {
+    pub(crate) fn token_url(&self) -> String {
         self.url("/oauth/token")
     }
 
-    async fn register(&self, body: &Value) -> reqwest::Response {
+    pub(crate) async fn register(&self, body: &Value) -> reqwest::Response {
         self.app
             .client
             .post(self.url("/operator/clients"))
@@ -126,7 +126,7 @@ impl Env {
             .expect("register")
     }
 
-    async fn key_client(&self, key: &BackendKey) -> String {
+    pub(crate) async fn key_client(&self, key: &BackendKey) -> String {
         let response = self
             .register(&registration(json!({
                 "token_endpoint_auth_method": "private_key_jwt",
@@ -139,7 +139,7 @@ impl Env {
         body["client_id"].as_str().expect("client_id").to_string()
     }
 
-    async fn secret_client(&self) -> (String, String) {
+    pub(crate) async fn secret_client(&self) -> (String, String) {
         let response = self
             .register(&registration(
                 json!({"token_endpoint_auth_method": "client_secret_basic"}),
@@ -153,7 +153,11 @@ impl Env {
         )
     }
 
-    fn authorize_params(&self, client_id: &str, challenge: &str) -> Vec<(String, String)> {
+    pub(crate) fn authorize_params(
+        &self,
+        client_id: &str,
+        challenge: &str,
+    ) -> Vec<(String, String)> {
         [
             ("response_type", "code"),
             ("client_id", client_id),
@@ -169,7 +173,7 @@ impl Env {
         .collect()
     }
 
-    async fn authorize(&self, params: &[(String, String)]) -> reqwest::Response {
+    pub(crate) async fn authorize(&self, params: &[(String, String)]) -> reqwest::Response {
         self.browser
             .get(self.url("/oauth/authorize"))
             .query(params)
@@ -180,7 +184,7 @@ impl Env {
 
     /// A valid authorisation request; returns the request id read from the consent page
     /// URL, and the PKCE verifier.
-    async fn start(&self, client_id: &str) -> (String, String) {
+    pub(crate) async fn start(&self, client_id: &str) -> (String, String) {
         let (verifier, challenge) = pkce_s256_pair();
         let response = self
             .authorize(&self.authorize_params(client_id, &challenge))
@@ -195,7 +199,7 @@ impl Env {
     }
 
     /// Approves as the consent page would; returns the code.
-    async fn approve(&self, request_id: &str, consent_id: &str, scope: &str) -> String {
+    pub(crate) async fn approve(&self, request_id: &str, consent_id: &str, scope: &str) -> String {
         let granted: Vec<Scope> = oauth::scopes::parse_scopes(scope).expect("scopes");
         let back = oauth::approve(
             &self.app.gateway().state.db,
@@ -213,7 +217,7 @@ impl Env {
         params["code"].clone()
     }
 
-    async fn post_form(
+    pub(crate) async fn post_form(
         &self,
         path: &str,
         form: &[(&str, &str)],
@@ -236,7 +240,7 @@ impl Env {
     }
 
     /// A form authenticated with a fresh assertion of `key` for `client_id`.
-    async fn with_key(
+    pub(crate) async fn with_key(
         &self,
         path: &str,
         key: &BackendKey,
@@ -255,7 +259,7 @@ impl Env {
         self.post_form(path, &full, None).await
     }
 
-    async fn exchange(
+    pub(crate) async fn exchange(
         &self,
         key: &BackendKey,
         client_id: &str,
@@ -279,7 +283,7 @@ impl Env {
         (status, body)
     }
 
-    async fn refresh(
+    pub(crate) async fn refresh(
         &self,
         key: &BackendKey,
         client_id: &str,
@@ -298,7 +302,7 @@ impl Env {
     }
 
     /// `GET /oauth/grant` with the token: the bearer extractor's answer.
-    async fn use_token(&self, access_token: &str) -> reqwest::Response {
+    pub(crate) async fn use_token(&self, access_token: &str) -> reqwest::Response {
         self.app
             .client
             .get(self.url("/oauth/grant"))
@@ -308,7 +312,7 @@ impl Env {
             .expect("grant")
     }
 
-    async fn introspect(&self, key: &BackendKey, client_id: &str, token: &str) -> Value {
+    pub(crate) async fn introspect(&self, key: &BackendKey, client_id: &str, token: &str) -> Value {
         let (status, _, body) = self
             .with_key("/oauth/introspect", key, client_id, &[("token", token)])
             .await;
@@ -317,7 +321,12 @@ impl Env {
     }
 
     /// A whole authorisation for a key client: returns the token response.
-    async fn tokens(&self, key: &BackendKey, client_id: &str, consent_id: &str) -> Value {
+    pub(crate) async fn tokens(
+        &self,
+        key: &BackendKey,
+        client_id: &str,
+        consent_id: &str,
+    ) -> Value {
         let (request_id, verifier) = self.start(client_id).await;
         let code = self.approve(&request_id, consent_id, SCOPE).await;
         let (status, body) = self.exchange(key, client_id, &code, &verifier).await;
@@ -325,12 +334,12 @@ impl Env {
         body
     }
 
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.app.stop().await;
     }
 }
 
-fn location(response: &reqwest::Response) -> String {
+pub(crate) fn location(response: &reqwest::Response) -> String {
     response
         .headers()
         .get(header::LOCATION)
@@ -340,7 +349,7 @@ fn location(response: &reqwest::Response) -> String {
         .to_string()
 }
 
-fn query_of(url: &str) -> HashMap<String, String> {
+pub(crate) fn query_of(url: &str) -> HashMap<String, String> {
     reqwest::Url::parse(url)
         .expect("url")
         .query_pairs()

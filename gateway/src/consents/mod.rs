@@ -8,9 +8,9 @@ mod receipts;
 use std::sync::Arc;
 
 use phr_consent::{
-    decide, AccessRequest, Change, Consent, ConsentStatus, DataCategory, Decision, NewConsent,
-    Performer, Period, PersonRef, Provision, Purpose, ReceiptEvent, Recipient, Representation,
-    Requested,
+    decide, AccessRequest, Change, Consent, ConsentStatus, DataCategory, Decision, DenyReason,
+    NewConsent, Performer, Period, PersonRef, Provision, Purpose, ReceiptEvent, Recipient,
+    Representation, Requested,
 };
 use serde::Serialize;
 use sqlx::{AnyConnection, Row};
@@ -429,6 +429,72 @@ impl Consents {
                 .patient(patient_id)
                 .outcome(Outcome::MinorFailure)
                 .detail(format!("access by {} denied: {reason}", recipient.id));
+            let mut tx = self.db.begin().await?;
+            audit::record(&mut tx, &event).await?;
+            tx.commit().await?;
+        }
+        Ok(outcome)
+    }
+
+    /// Decides an access made with a token issued under `consent_id`: only that consent
+    /// counts, for any of the purposes the patient agreed to in it. Audited when denied.
+    pub async fn decide_under(
+        &self,
+        agent: &Agent,
+        patient_id: &str,
+        recipient: &Recipient,
+        consent_id: &str,
+        requested: Requested<'_>,
+    ) -> Result<ConsentOutcome> {
+        let consents: Vec<Consent> = match self.current(patient_id, consent_id).await {
+            Ok(view) => vec![view.consent],
+            Err(Error::NotFound(_)) => Vec::new(),
+            Err(other) => return Err(other),
+        };
+        let now = OffsetDateTime::now_utc();
+        let purposes: Vec<Purpose> = consents
+            .first()
+            .map(|c| c.provision.purposes.clone())
+            .unwrap_or_default();
+        let mut outcome = None;
+        for purpose in &purposes {
+            let request = AccessRequest {
+                patient: patient_id,
+                recipient,
+                purpose,
+                requested,
+            };
+            let decision = decide(&request, &consents, now);
+            match decision {
+                Decision::Permit { consent } => {
+                    return Ok(ConsentOutcome::Permit {
+                        consent_id: consent.id.to_string(),
+                        version: consent.version,
+                    })
+                }
+                Decision::Deny { reason, .. } => {
+                    outcome.get_or_insert(ConsentOutcome::Deny {
+                        reason: reason.code(),
+                        message_ja: reason.message_ja(),
+                        message_en: reason.message_en(),
+                    });
+                }
+            }
+        }
+        // No such consent for this patient: nothing to permit under.
+        let outcome = outcome.unwrap_or(ConsentOutcome::Deny {
+            reason: DenyReason::NoConsent.code(),
+            message_ja: DenyReason::NoConsent.message_ja(),
+            message_en: DenyReason::NoConsent.message_en(),
+        });
+        if let ConsentOutcome::Deny { reason, .. } = &outcome {
+            let event = AuditEvent::new(EventKind::ConsentDenied, agent.clone())
+                .patient(patient_id)
+                .outcome(Outcome::MinorFailure)
+                .detail(format!(
+                    "access by {} under consent {consent_id} denied: {reason}",
+                    recipient.id
+                ));
             let mut tx = self.db.begin().await?;
             audit::record(&mut tx, &event).await?;
             tx.commit().await?;

@@ -189,6 +189,9 @@ pub async fn withdraw_consent(
             context,
         )
         .await?;
+    // Every access re-checks the consent anyway; revoking also ends refreshes at once.
+    crate::oauth::revoke_by_consent(&state.db, &consent.id).await?;
+    state.audit.notify();
     let view = state
         .consents
         .current(&consent.patient.id, &consent.id)

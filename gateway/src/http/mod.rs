@@ -4,6 +4,7 @@ pub mod auth;
 pub mod checkups;
 pub mod client_ip;
 pub mod consent_pages;
+pub mod consent_screen;
 pub mod consents;
 pub mod error;
 pub mod fhir;
@@ -144,7 +145,12 @@ pub fn router(state: AppState) -> Router {
         .route("/portal/consents/{id}/withdraw", post(consent_pages::withdraw))
         .route("/portal/consents/{id}/confirm", post(consent_pages::confirm))
         .route("/consent/notice", get(consent_pages::notice))
+        .route(
+            "/consent/authorize/{id}",
+            get(consent_screen::show).post(consent_screen::answer),
+        )
         .route("/operator/audit/checkpoint", get(operator::audit_checkpoint))
+        .route("/fhir/Patient/{id}", get(fhir::read_patient))
         .route("/fhir", get(fhir::not_supported))
         .route("/fhir/{*rest}", get(fhir::not_supported).post(fhir::not_supported))
         .route("/.well-known/smart-configuration", get(oauth::smart_configuration))

@@ -289,6 +289,26 @@ impl ResourceStore {
         decode_row(&row, &key, self.max_resource_bytes)
     }
 
+    /// The most recently updated current resource of one type, decrypted (the patient's
+    /// newest `Patient`, say); `NotFound` when there is none.
+    pub async fn latest_of_type(
+        &self,
+        patient_id: &str,
+        resource_type: &str,
+    ) -> Result<StoredResource> {
+        let row = sqlx::query(&format!(
+            "{SELECT_CURRENT} WHERE r.patient_id = $1 AND r.resource_type = $2
+             ORDER BY v.last_updated DESC, r.id DESC LIMIT 1"
+        ))
+        .bind(patient_id)
+        .bind(resource_type)
+        .fetch_optional(self.db.read_pool())
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("{resource_type} of patient {patient_id}")))?;
+        let key = self.keys.data_key(patient_id).await?;
+        decode_row(&row, &key, self.max_resource_bytes)
+    }
+
     /// Every version of one resource, oldest first.
     pub async fn history(&self, patient_id: &str, id: &str) -> Result<Vec<StoredResource>> {
         let rows = sqlx::query(
