@@ -1,6 +1,8 @@
 //! `phr-gateway demo`: a demo patient with simulated hospital data and a demo operator, so a
 //! newcomer sees the whole flow. Later issues grow it (simulated portal, pulls, consents).
 
+pub mod phr_app;
+
 use std::net::SocketAddr;
 
 use rand::distributions::{Alphanumeric, DistString};
@@ -27,6 +29,8 @@ pub struct Demo {
     pub gateway: RunningGateway,
     pub hospital: RunningSimulator,
     pub portal: RunningPortal,
+    /// A PHR app the demo patient can grant consent to.
+    pub phr_app: phr_app::DemoPhrApp,
 }
 
 impl Demo {
@@ -75,25 +79,46 @@ impl Demo {
         let gateway = Gateway::build(config).await?;
         let credentials = seed(&gateway.state).await?;
         let gateway = gateway.start().await?;
+        let phr_app = start_phr_app(&gateway).await?;
         let card = portal
             .handle
             .person(1)
             .map(|person| (person.card_number, person.pin))
             .unwrap_or_default();
-        print_welcome(gateway.addr, &credentials, &hospital.base_url, &card);
+        print_welcome(
+            gateway.addr,
+            &credentials,
+            &hospital.base_url,
+            &card,
+            &phr_app.base_url,
+        );
         Ok(Demo {
             gateway,
             hospital,
             portal,
+            phr_app,
         })
     }
 
     pub async fn run_until_signal(self) -> Result<()> {
         let result = self.gateway.run_until_signal().await;
+        self.phr_app.shutdown().await;
         self.hospital.shutdown().await;
         self.portal.shutdown().await;
         result
     }
+}
+
+/// Starts the demo PHR app beside a running gateway, trusting the gateway's certificate.
+pub async fn start_phr_app(gateway: &RunningGateway) -> Result<phr_app::DemoPhrApp> {
+    let config = &gateway.state.config;
+    let cert_path = config
+        .tls
+        .cert_file
+        .clone()
+        .unwrap_or_else(|| config.data_dir.join("tls").join("dev-cert.pem"));
+    let cert = std::fs::read(&cert_path).map_err(|e| Error::io(&cert_path, e))?;
+    phr_app::DemoPhrApp::start(&gateway.state, &gateway.state.public_url(), &cert).await
 }
 
 pub const DEMO_HOSPITAL: &str = "demo-hospital";
@@ -224,6 +249,7 @@ pub fn print_welcome(
     credentials: &DemoCredentials,
     hospital: &str,
     (card, pin): &(String, String),
+    phr_app: &str,
 ) {
     let base = format!("https://localhost:{}", addr.port());
     println!(
@@ -234,6 +260,9 @@ pub fn print_welcome(
          Or choose マイナポータル（模擬） and \"read\" the simulated My Number Card {card}\n\
          with PIN {pin} to fetch 特定健診, medicines, immunizations and medical costs.\n\
          (Simulated hospital FHIR server: {hospital})\n\n\
+         Demo PHR app: {phr_app} — \"connect\" sends you to the gateway's consent screen; agree\n\
+         to some purposes and data, see what the app reads, then withdraw under 同意の管理 in\n\
+         the portal and press \"read again\" in the app: the gateway refuses.\n\n\
          Demo patient:  {} / {}\n\
          Demo operator: {} / {}\n\n\
          Try:\n  curl -k {base}/healthz\n  \

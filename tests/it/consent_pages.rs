@@ -9,7 +9,9 @@ use phr_gateway::audit::{AccountRole, Agent};
 use phr_gateway::consents::{ConsentOutcome, GrantRequest, ReceiptContext};
 
 use crate::browser::Browser;
-use crate::consent_rules::{assert_at_most, check_portal_page, links_reaching, ClickCounter};
+use crate::consent_rules::{
+    assert_at_most, check_consent_screen, check_portal_page, links_reaching, ClickCounter,
+};
 use crate::helpers::{spawn_app, Engine, TestApp};
 
 const PASSWORD: &str = "correct horse battery staple";
@@ -191,5 +193,124 @@ async fn withdrawing_from_the_portal_takes_two_clicks_and_keeps_the_rules() {
     c.goto(&app.url("/consent/notice")).await.expect("notice");
     assert_rules(c, "notice").await;
     browser.close().await;
+    app.stop().await;
+}
+
+/// The whole demo in the browser: the demo app sends the patient to the consent screen
+/// (which keeps every rule), the patient grants two of three purposes, the app reads, the
+/// patient withdraws from the portal in fewer clicks than granting took, and the app's next
+/// call is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_app_reads_until_the_patient_withdraws() {
+    let app = spawn_app(Engine::Sqlite).await;
+    let credentials = phr_gateway::demo::seed(&app.gateway().state)
+        .await
+        .expect("demo accounts");
+    let phr_app = phr_gateway::demo::start_phr_app(app.gateway())
+        .await
+        .expect("demo app");
+    let browser = Browser::start().await;
+    let c = &browser.client;
+
+    c.goto(&phr_app.base_url).await.expect("app");
+    c.wait()
+        .for_element(Locator::Css("#connect"))
+        .await
+        .expect("connect link")
+        .click()
+        .await
+        .expect("connect");
+    // The gateway asks the patient to sign in first, then shows the consent screen.
+    c.wait()
+        .for_element(Locator::Css("input[name=username]"))
+        .await
+        .expect("sign-in")
+        .send_keys(&credentials.patient.0)
+        .await
+        .expect("type");
+    c.find(Locator::Css("input[name=password]"))
+        .await
+        .expect("password")
+        .send_keys(&credentials.patient.1)
+        .await
+        .expect("type");
+    c.find(Locator::Css("button[type=submit]"))
+        .await
+        .expect("submit")
+        .click()
+        .await
+        .expect("sign in");
+    c.wait()
+        .for_element(Locator::Css("button.choice.accept"))
+        .await
+        .expect("consent screen");
+    let violations = check_consent_screen(c).await;
+    assert!(violations.is_empty(), "consent screen: {violations:?}");
+
+    // Granting: two of the three purposes, one kind of data, agree.
+    let clicks = ClickCounter::new(c);
+    for css in [
+        "input[name=purpose][value=PATRQT]",
+        "input[name=purpose][value=TREAT]",
+        "input[name=category][value=demographics]",
+        "button.choice.accept",
+    ] {
+        clicks.click(Locator::Css(css)).await.expect(css);
+    }
+    let granting = clicks.take();
+    let status = c
+        .wait()
+        .for_element(Locator::Css("#read-status"))
+        .await
+        .expect("the app read")
+        .text()
+        .await
+        .expect("text");
+    assert!(status.contains("200"), "{status}");
+    let body = c
+        .find(Locator::Css("#read-body"))
+        .await
+        .expect("body")
+        .text()
+        .await
+        .expect("text");
+    assert!(body.contains("デモ 花子"), "{body}");
+
+    // Withdrawing from the portal home: fewer clicks than granting, at most three.
+    c.goto(&app.url("/portal")).await.expect("portal");
+    c.wait()
+        .for_element(Locator::Css("#nav-consents"))
+        .await
+        .expect("portal home");
+    clicks
+        .click(Locator::Css("#nav-consents"))
+        .await
+        .expect("consents");
+    clicks
+        .click(Locator::Css("button.choice.withdraw"))
+        .await
+        .expect("withdraw");
+    c.wait()
+        .for_element(Locator::Css("#withdrawn"))
+        .await
+        .expect("withdrawn");
+    let withdrawing = clicks.take();
+    assert_at_most(withdrawing, granting.min(3));
+
+    // The app's next call is refused.
+    c.goto(&format!("{}/read", phr_app.base_url))
+        .await
+        .expect("read again");
+    let status = c
+        .wait()
+        .for_element(Locator::Css("#read-status"))
+        .await
+        .expect("status")
+        .text()
+        .await
+        .expect("text");
+    assert!(status.contains("401"), "{status}");
+    browser.close().await;
+    phr_app.shutdown().await;
     app.stop().await;
 }

@@ -48,10 +48,32 @@ pub async fn show(
         let location = authorize::decline(&state.db, &request_id).await?;
         return Ok(Redirect::to(&location).into_response());
     }
-    Ok(html_response(
-        StatusCode::OK,
-        screen(&state, &request, &request_id, None),
+    Ok(with_form_target(
+        html_response(StatusCode::OK, screen(&state, &request, &request_id, None)),
+        &request,
     ))
+}
+
+/// The screen's form may end at the app (the redirect after agreeing or declining), so the
+/// page's policy names the app's origin besides our own.
+fn with_form_target(mut response: Response, request: &PendingAuthorization) -> Response {
+    let origin = url::Url::parse(&request.redirect_uri)
+        .ok()
+        .map(|url| url.origin().ascii_serialization())
+        .filter(|origin| origin != "null");
+    let policy = match origin {
+        Some(origin) => format!(
+            "default-src 'none'; style-src 'self'; frame-ancestors 'none'; base-uri 'none'; \
+             form-action 'self' {origin}"
+        ),
+        None => super::DEFAULT_CSP.to_string(),
+    };
+    if let Ok(value) = axum::http::HeaderValue::from_str(&policy) {
+        response
+            .headers_mut()
+            .insert(axum::http::header::CONTENT_SECURITY_POLICY, value);
+    }
+    response
 }
 
 /// The patient's answer.
@@ -97,9 +119,12 @@ pub async fn answer(
     }
     if purposes.is_empty() || categories.is_empty() {
         let message = "目的と情報の種類を、それぞれ1つ以上選んでください。同意しない場合は「同意しない」を押してください。 / Choose at least one purpose and one kind of data, or press \"Do not agree\".";
-        return Ok(html_response(
-            StatusCode::BAD_REQUEST,
-            screen(&state, &request, &request_id, Some(message)),
+        return Ok(with_form_target(
+            html_response(
+                StatusCode::BAD_REQUEST,
+                screen(&state, &request, &request_id, Some(message)),
+            ),
+            &request,
         ));
     }
     let ends_on = values("ends_on").pop().unwrap_or_default();

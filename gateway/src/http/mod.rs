@@ -106,6 +106,9 @@ impl AppState {
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub Option<IpAddr>);
 
+pub const DEFAULT_CSP: &str =
+    "default-src 'none'; style-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
+
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 pub fn router(state: AppState) -> Router {
@@ -212,11 +215,11 @@ async fn request_context(
     // `same-origin`, not `no-referrer`: the latter makes browsers send `Origin: null` on our
     // own form posts, which the portal checks.
     set(headers, header::REFERRER_POLICY, "same-origin");
-    set(
-        headers,
-        header::CONTENT_SECURITY_POLICY,
-        "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
-    );
+    // Our stylesheet only; a page whose form ends elsewhere (the consent screen sends the
+    // browser back to the app) sets its own policy naming that origin.
+    if !headers.contains_key(header::CONTENT_SECURITY_POLICY) {
+        set(headers, header::CONTENT_SECURITY_POLICY, DEFAULT_CSP);
+    }
     if !headers.contains_key(header::CACHE_CONTROL) {
         set(headers, header::CACHE_CONTROL, "no-store");
     }
