@@ -314,3 +314,173 @@ async fn the_demo_app_reads_until_the_patient_withdraws() {
     phr_app.shutdown().await;
     app.stop().await;
 }
+
+/// Every portal and consent page a patient can reach passes the portal checks, and each
+/// signed-in page links to the consent settings (R10): sign-in, home, consents (with a
+/// consent ending soon, one waiting for the patient's confirmation, and the switch to act
+/// for a child), acting for the child, keeping a consent, withdrawing, and the notice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_portal_and_consent_page_keeps_the_rules() {
+    let app = spawn_app(Engine::Sqlite).await;
+    let state = &app.gateway().state;
+    state
+        .accounts
+        .create(AccountRole::Patient, "hanako", PASSWORD, Some("p-portal"))
+        .await
+        .expect("account");
+    let jst = time::UtcOffset::from_hms(9, 0, 0).expect("offset");
+    let born = time::OffsetDateTime::now_utc().to_offset(jst).date() - time::Duration::days(3650);
+    state
+        .representations
+        .register(
+            &Agent::system(),
+            "p-portal",
+            "p-kid",
+            phr_consent::Representation::ParentOfDependent,
+            Some(&born.to_string()),
+        )
+        .await
+        .expect("representation");
+    let ending = granted(&app).await;
+    let waiting = granted(&app).await;
+    // One ends within the reminder window; one was given by a representative whose
+    // representation has ended (the patient is asked to keep or withdraw it).
+    sqlx::query("UPDATE consents SET confirmation_requested_at = 1 WHERE id = $1")
+        .bind(&waiting)
+        .execute(state.db.write_pool())
+        .await
+        .expect("waiting");
+    let ten_days = time::OffsetDateTime::now_utc() + time::Duration::days(10);
+    let body: String =
+        sqlx::query_scalar("SELECT body FROM consent_versions WHERE consent_id = $1")
+            .bind(&ending)
+            .fetch_one(state.db.read_pool())
+            .await
+            .expect("body");
+    let mut body: serde_json::Value = serde_json::from_str(&body).expect("json");
+    body["provision"]["period"]["end"] = serde_json::json!(ten_days
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("format"));
+    sqlx::query("UPDATE consent_versions SET body = $1 WHERE consent_id = $2")
+        .bind(body.to_string())
+        .bind(&ending)
+        .execute(state.db.write_pool())
+        .await
+        .expect("ending");
+
+    let browser = Browser::start().await;
+    let c = &browser.client;
+    c.goto(&app.url("/portal")).await.expect("portal");
+    c.wait()
+        .for_element(Locator::Css("input[name=username]"))
+        .await
+        .expect("sign-in page");
+    assert_rules(c, "sign-in").await;
+    c.find(Locator::Css("input[name=username]"))
+        .await
+        .expect("username")
+        .send_keys("hanako")
+        .await
+        .expect("type");
+    c.find(Locator::Css("input[name=password]"))
+        .await
+        .expect("password")
+        .send_keys(PASSWORD)
+        .await
+        .expect("type");
+    c.find(Locator::Css("button[type=submit]"))
+        .await
+        .expect("submit")
+        .click()
+        .await
+        .expect("sign in");
+    c.wait()
+        .for_element(Locator::Css("#nav-consents"))
+        .await
+        .expect("home");
+
+    let reaches = |page: &'static str| async move {
+        assert_rules(c, page).await;
+        assert!(
+            links_reaching(c, "/portal/consents").await,
+            "{page} → consents"
+        );
+    };
+    reaches("home").await;
+    c.goto(&app.url("/portal/consents"))
+        .await
+        .expect("consents");
+    c.wait()
+        .for_element(Locator::Css("#to-confirm"))
+        .await
+        .expect("waiting for confirmation");
+    c.find(Locator::Css("#ending-soon"))
+        .await
+        .expect("ending soon is shown");
+    reaches("consents").await;
+
+    // Acting for the child: the child's (empty) consents, and a banner saying so.
+    c.find(Locator::Css("button[data-acting-for='p-kid']"))
+        .await
+        .expect("the child is offered")
+        .click()
+        .await
+        .expect("switch");
+    c.wait()
+        .for_element(Locator::Css("#acting-for"))
+        .await
+        .expect("acting for the child");
+    c.find(Locator::Css("#no-consents"))
+        .await
+        .expect("the child's consents");
+    reaches("acting for a child").await;
+    c.find(Locator::Css("#acting-switch form button"))
+        .await
+        .expect("back to myself")
+        .click()
+        .await
+        .expect("switch back");
+    c.wait()
+        .for_element(Locator::Css("#to-confirm"))
+        .await
+        .expect("own consents again");
+
+    // Keeping the consent that waited for confirmation.
+    c.wait()
+        .for_element(Locator::Css(&format!(
+            "[data-confirm='{waiting}'] button.accept"
+        )))
+        .await
+        .expect("keep")
+        .click()
+        .await
+        .expect("keep");
+    c.wait()
+        .for_element(Locator::Css("#kept"))
+        .await
+        .expect("kept");
+    reaches("kept").await;
+
+    // Withdrawing the one ending soon.
+    c.goto(&app.url("/portal/consents"))
+        .await
+        .expect("consents");
+    c.wait()
+        .for_element(Locator::Css(&format!(
+            "tr[data-consent='{ending}'] button.withdraw"
+        )))
+        .await
+        .expect("withdraw")
+        .click()
+        .await
+        .expect("withdraw");
+    c.wait()
+        .for_element(Locator::Css("#withdrawn"))
+        .await
+        .expect("withdrawn");
+    reaches("withdrawn").await;
+    c.goto(&app.url("/consent/notice")).await.expect("notice");
+    assert_rules(c, "notice").await;
+    browser.close().await;
+    app.stop().await;
+}

@@ -147,6 +147,21 @@ async fn a_parent_acts_for_a_child_until_majority(engine: Engine) {
         detail["fhir"]
     );
 
+    // The portal's choice travels in a cookie; browsers on HTTP/2 send each cookie in its
+    // own header field, and every field counts.
+    let split: Value = app
+        .client
+        .get(app.url("/api/consents"))
+        .header("cookie", format!("__Host-phr_session={parent}"))
+        .header("cookie", "__Host-phr_acting_for=p-child")
+        .send()
+        .await
+        .expect("split cookies")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(split.as_array().map(Vec::len), Some(1), "{split}");
+
     // Someone the parent does not represent.
     let stranger = app
         .client

@@ -52,16 +52,20 @@ pub async fn list(
                 p.warn id="acting-for" { (patient.patient_id) " さんの代わりに手続きしています（" (acting.representation.code()) "）。 " span.en { "You are acting for " (patient.patient_id) "." } }
             }
             @if !represented.is_empty() || patient.acting.is_some() {
-                form method="post" action="/portal/acting-for" {
-                    label { "手続きする人 " span.en { "Acting for" }
-                        select name="patient_id" {
-                            option value="" selected[patient.acting.is_none()] { "自分 / Myself" }
-                            @for r in &represented {
-                                option value=(r.represented_patient_id) selected[r.represented_patient_id == patient.patient_id] { (r.represented_patient_id) }
-                            }
+                section id="acting-switch" {
+                    p { "手続きする人を切り替える " span.en { "Act for someone else" } }
+                    @if patient.acting.is_some() {
+                        form method="post" action="/portal/acting-for" {
+                            input type="hidden" name="patient_id" value="";
+                            button type="submit" { "自分の手続きに戻る / Back to myself" }
                         }
                     }
-                    button type="submit" { "切り替える / Switch" }
+                    @for r in represented.iter().filter(|r| r.represented_patient_id != patient.patient_id) {
+                        form method="post" action="/portal/acting-for" {
+                            input type="hidden" name="patient_id" value=(r.represented_patient_id);
+                            button type="submit" data-acting-for=(r.represented_patient_id) { (r.represented_patient_id) " さんの手続きをする / Act for " (r.represented_patient_id) }
+                        }
+                    }
                 }
             }
             @let ending: Vec<&ConsentView> = consents.iter().filter(|c| c.ends_soon).collect();

@@ -94,12 +94,19 @@ fn token_from(parts: &Parts) -> Option<String> {
     cookie(parts, SESSION_COOKIE)
 }
 
+/// A cookie's value. Over HTTP/2 browsers may send each cookie in its own `cookie` header
+/// field (RFC 9113 §8.2.3), so every field is read.
 fn cookie(parts: &Parts, wanted: &str) -> Option<String> {
-    let cookies = parts.headers.get(header::COOKIE)?.to_str().ok()?;
-    cookies.split(';').find_map(|c| {
-        let (name, value) = c.trim().split_once('=')?;
-        (name == wanted && !value.is_empty()).then(|| value.to_string())
-    })
+    parts
+        .headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|field| field.to_str().ok())
+        .flat_map(|field| field.split(';'))
+        .find_map(|c| {
+            let (name, value) = c.trim().split_once('=')?;
+            (name == wanted && !value.is_empty()).then(|| value.to_string())
+        })
 }
 
 /// Whom the request asks to act for, if anyone: the header first, then the portal's cookie.
