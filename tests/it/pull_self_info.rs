@@ -4,7 +4,9 @@
 //! portal already delivered is recognised and stored once.
 
 use phr_adapters::fhir_r4::BackendKey;
-use phr_adapters::self_info::simulator::patient_agent::read_card_and_decide;
+use phr_adapters::self_info::simulator::patient_agent::{
+    read_card_and_decide, read_card_choose_and_decide,
+};
 use phr_adapters::self_info::simulator::{PortalSimulator, RunningSimulator, SimulatorConfig};
 use phr_adapters::self_info::Category;
 use phr_gateway::audit::AccountRole;
@@ -20,7 +22,10 @@ use crate::helpers::{
     TestEnv,
 };
 
-both_engines!(portal_checkups_medicines_and_uploads);
+both_engines!(
+    portal_checkups_medicines_and_uploads,
+    a_parent_links_the_portal_for_their_child,
+);
 
 async fn of_type(app: &TestApp, resource_type: &str) -> i64 {
     count(
@@ -444,4 +449,132 @@ fn zip_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
         writer.write_all(bytes).expect("write entry");
     }
     writer.finish().expect("finish").into_inner()
+}
+
+/// A parent, registered to act for their child, instructs a pull from the portal for the
+/// child: the gateway asks the portal for proxy access, the parent reads their own card and
+/// chooses the child there, and the child's records are stored as the child's.
+async fn a_parent_links_the_portal_for_their_child(engine: Engine) {
+    let key = BackendKey::generate_es384();
+    let portal = PortalSimulator::start(SimulatorConfig::new("phr-gateway", key.public_jwk()))
+        .await
+        .expect("portal");
+    let base_url = portal.base_url.clone();
+    let pem = key.to_pem().expect("pem");
+    let app = spawn_app_with(TestEnv::new(engine).await, move |c| {
+        c.pull.workers = 0;
+        c.sources = vec![SourceConfig {
+            id: "portal".into(),
+            display_name: "マイナポータル".into(),
+            kind: SourceKind::SelfInfo,
+            base_url,
+            client_id: "phr-gateway".into(),
+            page_size: Some(20),
+            max_concurrent_requests: None,
+            auth: Default::default(),
+            portal_categories: None,
+        }];
+        phr_gateway::crypto::key_file::write_private(&c.source_client_key_path(), pem.as_bytes())
+            .expect("key file");
+    })
+    .await;
+    let operator = app.sign_in(AccountRole::Operator, "op", None).await;
+    let parent = app
+        .sign_in(AccountRole::Patient, "hanako", Some("p-hanako"))
+        .await;
+    let registered = app
+        .client
+        .post(app.url("/operator/representations"))
+        .bearer_auth(&operator)
+        .json(&serde_json::json!({
+            "representative_patient_id": "p-hanako",
+            "represented_patient_id": "p-child",
+            "kind": "registered-proxy"
+        }))
+        .send()
+        .await
+        .expect("register");
+    assert_eq!(registered.status(), StatusCode::CREATED);
+
+    let give = |categories: serde_json::Value| {
+        app.client
+            .post(app.url("/patient/pull-instructions"))
+            .bearer_auth(&parent)
+            .header("acting-for", "p-child")
+            .json(&serde_json::json!({"source_id": "portal", "categories": categories}))
+            .send()
+    };
+    let given: Value = give(serde_json::json!(["immunizations", "observations"]))
+        .await
+        .expect("give")
+        .json()
+        .await
+        .expect("json");
+    let authorize_url = given["authorize_url"].as_str().expect("authorize_url");
+    assert!(
+        authorize_url.contains("represented=choose"),
+        "{authorize_url}"
+    );
+    // Person 1 is the registered proxy of person 2, a child.
+    let proxy = portal.handle.person(1).expect("person 1");
+    let child = portal.handle.person(2).expect("person 2");
+    // Choosing someone they do not act for is refused at the portal.
+    let stranger =
+        read_card_choose_and_decide(authorize_url, &proxy.card_number, &proxy.pin, 3, true).await;
+    assert!(stranger.is_err(), "{stranger:?}");
+    let given: Value = give(serde_json::json!(["immunizations", "observations"]))
+        .await
+        .expect("give")
+        .json()
+        .await
+        .expect("json");
+    let authorize_url = given["authorize_url"].as_str().expect("authorize_url");
+    let visit = read_card_choose_and_decide(authorize_url, &proxy.card_number, &proxy.pin, 2, true)
+        .await
+        .expect("the proxy chooses the child");
+    assert!(visit.consent_page.contains(&child.display_name));
+    let linked = app
+        .client
+        .get(&visit.location)
+        .send()
+        .await
+        .expect("callback");
+    assert_eq!(linked.status(), StatusCode::OK);
+    let worker = app.gateway().state.pull_worker();
+    while let Some((_, result)) = worker.run_once().await.expect("worker") {
+        assert_eq!(result, RunResult::Finished(JobOutcome::Done));
+    }
+
+    // The child's records, stored as the child's; nothing under the parent.
+    let count_of = |patient: &'static str, resource_type: &'static str| {
+        let app = &app;
+        async move {
+            count(
+                app,
+                &format!(
+                    "SELECT COUNT(*) FROM resources WHERE patient_id = '{patient}' AND resource_type = '{resource_type}'"
+                ),
+            )
+            .await
+        }
+    };
+    let immunizations = records_of(&portal, &child.subject, Category::Immunization);
+    assert!(!immunizations.is_empty());
+    assert_eq!(
+        count_of("p-child", "Immunization").await,
+        immunizations.len() as i64
+    );
+    assert!(
+        count_of("p-child", "Observation").await > 0,
+        "infant checkups"
+    );
+    assert_eq!(
+        count(
+            &app,
+            "SELECT COUNT(*) FROM resources WHERE patient_id = 'p-hanako'"
+        )
+        .await,
+        0
+    );
+    portal.shutdown().await;
 }

@@ -33,6 +33,9 @@ pub const EXTRA_ON_BEHALF_OF: &str = "on_behalf_of";
 
 /// The authorise URL's parameter naming the represented person (proxy access).
 pub const REPRESENTED_PARAMETER: &str = "represented";
+/// `on_behalf_of` for a registered proxy (代理人) who chooses at the portal whom they act
+/// for: the portal knows its proxies, the provider does not know the portal's persons.
+pub const CHOOSE_AT_PORTAL: &str = "choose";
 
 /// The portal's token response.
 #[derive(Debug, Deserialize)]

@@ -238,7 +238,12 @@ pub async fn give_instruction(
             instruction_id: instruction_id.clone(),
             resource_types,
             redirect_uri: format!("{}/patient/sources/callback", state.public_url()),
-            on_behalf_of: None,
+            // A representative asks the source for proxy access and chooses the person
+            // there (the source knows its proxies); sources without proxy access refuse.
+            on_behalf_of: patient
+                .acting
+                .as_ref()
+                .map(|_| phr_adapters::self_info::CHOOSE_AT_PORTAL.to_string()),
         })
         .await
         .map_err(Error::from)?;

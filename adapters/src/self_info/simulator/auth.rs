@@ -86,6 +86,8 @@ impl AuthState {
 
 struct CardTicket {
     subject: String,
+    /// A proxy choosing at the portal: the persons (number, subject) they may act for.
+    proxy_choices: Vec<(usize, String)>,
     request: AuthorizeRequest,
     expires_at: Instant,
 }
@@ -224,6 +226,7 @@ fn consent_page(
     request: &AuthorizeRequest,
     card_holder: &PortalPerson,
     represented: Option<&PortalPerson>,
+    choices: &[PortalPerson],
     ticket: &str,
 ) -> Markup {
     let linkage = match request.linkage {
@@ -247,6 +250,17 @@ fn consent_page(
         p { "連携の期間: " (linkage) }
         form method="post" action={ (server.base_url) "/authorize/decision" } {
             input type="hidden" name="ticket" value=(ticket);
+            @if !choices.is_empty() {
+                fieldset.proxy {
+                    legend { "代理人として、どなたの情報を提供しますか。" }
+                    @for person in choices {
+                        label {
+                            input type="radio" name="represented_number" value=(person.number);
+                            " " (person.display_name) " 様"
+                        }
+                    }
+                }
+            }
             // Both answers look the same: the screen must not steer the person.
             div.choices {
                 button type="submit" name="decision" value="consent" { "同意する" }
@@ -285,9 +299,11 @@ pub(crate) async fn read_card(State(server): State<Arc<SimulatorState>>, body: S
         let represented = request
             .represented
             .as_deref()
+            .filter(|value| *value != crate::self_info::CHOOSE_AT_PORTAL)
             .map(|card| store.person_by_card(card).cloned());
         (holder, represented)
     };
+    let choosing = request.represented.as_deref() == Some(crate::self_info::CHOOSE_AT_PORTAL);
     let Some(card_holder) = card_holder else {
         let page = card_page(
             &server,
@@ -309,18 +325,39 @@ pub(crate) async fn read_card(State(server): State<Arc<SimulatorState>>, body: S
     let subject = represented
         .as_ref()
         .map_or(card_holder.subject.clone(), |person| person.subject.clone());
+    let choices: Vec<PortalPerson> = if choosing {
+        let store = server.store();
+        card_holder
+            .represents
+            .iter()
+            .filter_map(|number| store.person(*number).cloned())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if choosing && choices.is_empty() {
+        return error_page(
+            StatusCode::FORBIDDEN,
+            "代理人として登録されている方がいません。",
+        );
+    }
     let ticket = random_url_token();
     let page = consent_page(
         &server,
         &request,
         &card_holder,
         represented.as_ref(),
+        &choices,
         &ticket,
     );
     server.auth().tickets.insert(
         ticket,
         CardTicket {
             subject,
+            proxy_choices: choices
+                .iter()
+                .map(|person| (person.number, person.subject.clone()))
+                .collect(),
             request,
             expires_at: Instant::now() + TICKET_LIFETIME,
         },
@@ -344,13 +381,35 @@ pub(crate) async fn decision(State(server): State<Arc<SimulatorState>>, body: St
             &[("error", "access_denied"), ("state", &request.state)],
         );
     }
+    let subject = if ticket.proxy_choices.is_empty() {
+        ticket.subject
+    } else {
+        let chosen = first(&pairs, "represented_number")
+            .and_then(|number| number.parse::<usize>().ok())
+            .and_then(|number| {
+                ticket
+                    .proxy_choices
+                    .iter()
+                    .find(|(n, _)| *n == number)
+                    .map(|(_, subject)| subject.clone())
+            });
+        match chosen {
+            Some(subject) => subject,
+            None => {
+                return error_page(
+                    StatusCode::BAD_REQUEST,
+                    "代理する方を選んでから、もう一度最初からやり直してください。",
+                )
+            }
+        }
+    };
     let code = random_url_token();
     let redirect_uri = request.redirect_uri.clone();
     let state = request.state.clone();
     server.auth().codes.insert(
         code.clone(),
         IssuedCode {
-            subject: ticket.subject,
+            subject,
             request,
             expires_at: Instant::now() + CODE_LIFETIME,
         },

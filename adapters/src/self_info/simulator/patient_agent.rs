@@ -28,6 +28,35 @@ pub async fn read_card_and_decide(
     pin: &str,
     consent: bool,
 ) -> Result<PortalVisit, String> {
+    visit(authorize_url, card_number, pin, None, consent).await
+}
+
+/// As [`read_card_and_decide`], for a registered proxy who chooses at the portal, on the
+/// consent screen, the person (by number) they act for.
+pub async fn read_card_choose_and_decide(
+    authorize_url: &str,
+    card_number: &str,
+    pin: &str,
+    represented_number: usize,
+    consent: bool,
+) -> Result<PortalVisit, String> {
+    visit(
+        authorize_url,
+        card_number,
+        pin,
+        Some(represented_number),
+        consent,
+    )
+    .await
+}
+
+async fn visit(
+    authorize_url: &str,
+    card_number: &str,
+    pin: &str,
+    represented_number: Option<usize>,
+    consent: bool,
+) -> Result<PortalVisit, String> {
     let client = browser_client()?;
     let card_page = client
         .get(authorize_url)
@@ -54,6 +83,9 @@ pub async fn read_card_and_decide(
     let mut fields = hidden_fields(inputs);
     let decision = if consent { "consent" } else { "decline" };
     fields.push(("decision".into(), decision.into()));
+    if let Some(number) = represented_number {
+        fields.push(("represented_number".into(), number.to_string()));
+    }
     let redirect = post_form(&client, &action, &fields).await?;
     if redirect.status() != 303 {
         return Err(format!("decision answered {}", redirect.status()));
