@@ -6,47 +6,30 @@
 use fantoccini::Locator;
 use phr_consent::{DataCategory, Performer, PersonRef, Purpose, Recipient, Requested};
 use phr_gateway::audit::{AccountRole, Agent};
-use phr_gateway::consents::{ConsentOutcome, GrantRequest, ReceiptContext};
+use phr_gateway::consents::ConsentOutcome;
 
 use crate::browser::Browser;
 use crate::consent_rules::{
     assert_at_most, check_consent_screen, check_portal_page, links_reaching, ClickCounter,
 };
-use crate::helpers::{spawn_app, Engine, TestApp};
+use crate::helpers::{grant_consent, spawn_app, Engine, TestApp};
 
 const PASSWORD: &str = "correct horse battery staple";
 
 async fn granted(app: &TestApp) -> String {
-    let state = &app.gateway().state;
-    let purpose = state
-        .consents
-        .config()
-        .purpose("PATRQT")
-        .expect("purpose")
-        .clone();
-    let (consent, _) = state
-        .consents
-        .grant(
-            &Agent::system(),
-            GrantRequest {
-                patient_id: "p-portal".into(),
-                performer: Performer::patient(&PersonRef::new("p-portal")),
-                performer_account_id: "account".into(),
-                recipient: Recipient::client("demo-phr-app"),
-                recipient_display: "デモPHRアプリ".into(),
-                purposes: vec![Purpose::new(&purpose.system, &purpose.code)],
-                categories: vec![DataCategory::Observations],
-                ends_at: time::OffsetDateTime::now_utc() + time::Duration::days(90),
-            },
-            &ReceiptContext {
-                notice_url: app.url("/consent/notice"),
-                language: "ja".into(),
-                collection_method: "web-form".into(),
-            },
-        )
-        .await
-        .expect("grant");
-    consent.id
+    let performer = Performer::patient(&PersonRef::new("p-portal"));
+    let categories = [DataCategory::Observations];
+    grant_consent(
+        app,
+        "p-portal",
+        performer,
+        "demo-phr-app",
+        &["PATRQT"],
+        &categories,
+        90,
+    )
+    .await
+    .0
 }
 
 async fn assert_rules(client: &fantoccini::Client, page: &str) {

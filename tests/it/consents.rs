@@ -5,14 +5,14 @@
 
 use phr_consent::{DataCategory, Performer, PersonRef, Purpose, Recipient, Requested};
 use phr_gateway::audit::{AccountRole, Agent};
-use phr_gateway::consents::{ConsentOutcome, GrantRequest, ReceiptContext};
+use phr_gateway::consents::ConsentOutcome;
 use phr_gateway::http::AppState;
 use phr_gateway::Gateway;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::both_engines;
-use crate::helpers::{leaves_containing, spawn_app, Engine, TestApp};
+use crate::helpers::{grant_consent, leaves_containing, spawn_app, Engine, TestApp};
 
 both_engines!(
     grant_read_change_and_withdraw,
@@ -22,14 +22,6 @@ both_engines!(
 
 const APP: &str = "demo-phr-app";
 
-fn context() -> ReceiptContext {
-    ReceiptContext {
-        notice_url: "https://gw.example/consent/notice?version=2026-04".into(),
-        language: "ja".into(),
-        collection_method: "web-form".into(),
-    }
-}
-
 /// The patient agrees, on the consent screen, to `purposes` and `categories` for a year.
 async fn grant(
     app: &TestApp,
@@ -37,33 +29,8 @@ async fn grant(
     purposes: &[&str],
     categories: &[DataCategory],
 ) -> (String, String) {
-    let state = &app.gateway().state;
-    let config = state.consents.config();
-    let (consent, receipt) = state
-        .consents
-        .grant(
-            &Agent::system(),
-            GrantRequest {
-                patient_id: patient.into(),
-                performer: Performer::patient(&PersonRef::new(patient)),
-                performer_account_id: format!("account-of-{patient}"),
-                recipient: Recipient::client(APP),
-                recipient_display: "デモPHRアプリ".into(),
-                purposes: purposes
-                    .iter()
-                    .map(|code| {
-                        let p = config.purpose(code).expect("configured purpose");
-                        Purpose::new(&p.system, &p.code)
-                    })
-                    .collect(),
-                categories: categories.to_vec(),
-                ends_at: time::OffsetDateTime::now_utc() + time::Duration::days(365),
-            },
-            &context(),
-        )
-        .await
-        .expect("grant");
-    (consent.id, receipt)
+    let performer = Performer::patient(&PersonRef::new(patient));
+    grant_consent(app, patient, performer, APP, purposes, categories, 365).await
 }
 
 async fn decide(

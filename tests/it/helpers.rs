@@ -329,3 +329,48 @@ pub async fn provenance_sources_of(app: &TestApp, token: &str, id: &str) -> Vec<
         })
         .collect()
 }
+
+/// A consent as the consent screen records it: `performer` lets `recipient` have
+/// `categories` of `patient`'s data for the configured `purposes`, for `days`. Returns the
+/// consent id and its receipt.
+pub async fn grant_consent(
+    app: &TestApp,
+    patient: &str,
+    performer: phr_consent::Performer,
+    recipient: &str,
+    purposes: &[&str],
+    categories: &[phr_consent::DataCategory],
+    days: i64,
+) -> (String, String) {
+    let state = &app.gateway().state;
+    let config = state.consents.config();
+    let (consent, receipt) = state
+        .consents
+        .grant(
+            &phr_gateway::audit::Agent::system(),
+            phr_gateway::consents::GrantRequest {
+                patient_id: patient.into(),
+                performer,
+                performer_account_id: format!("account-of-{patient}"),
+                recipient: phr_consent::Recipient::client(recipient),
+                recipient_display: "デモPHRアプリ".into(),
+                purposes: purposes
+                    .iter()
+                    .map(|code| {
+                        let p = config.purpose(code).expect("configured purpose");
+                        phr_consent::Purpose::new(&p.system, &p.code)
+                    })
+                    .collect(),
+                categories: categories.to_vec(),
+                ends_at: time::OffsetDateTime::now_utc() + time::Duration::days(days),
+            },
+            &phr_gateway::consents::ReceiptContext {
+                notice_url: app.url("/consent/notice"),
+                language: "ja".into(),
+                collection_method: "web-form".into(),
+            },
+        )
+        .await
+        .expect("grant");
+    (consent.id, receipt)
+}

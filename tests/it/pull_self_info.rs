@@ -47,6 +47,35 @@ fn records_of(portal: &RunningSimulator, subject: &str, category: Category) -> V
         .collect()
 }
 
+/// The portal simulator, and a gateway (no background workers) that knows it as source
+/// `portal` and holds the client key the portal trusts.
+async fn portal_app(engine: Engine, page_size: u32) -> (RunningSimulator, TestApp) {
+    let key = BackendKey::generate_es384();
+    let portal = PortalSimulator::start(SimulatorConfig::new("phr-gateway", key.public_jwk()))
+        .await
+        .expect("portal");
+    let base_url = portal.base_url.clone();
+    let pem = key.to_pem().expect("pem");
+    let app = spawn_app_with(TestEnv::new(engine).await, move |c| {
+        c.pull.workers = 0;
+        c.sources = vec![SourceConfig {
+            id: "portal".into(),
+            display_name: "マイナポータル".into(),
+            kind: SourceKind::SelfInfo,
+            base_url,
+            client_id: "phr-gateway".into(),
+            page_size: Some(page_size),
+            max_concurrent_requests: None,
+            auth: Default::default(),
+            portal_categories: None,
+        }];
+        phr_gateway::crypto::key_file::write_private(&c.source_client_key_path(), pem.as_bytes())
+            .expect("key file");
+    })
+    .await;
+    (portal, app)
+}
+
 async fn upload(
     app: &TestApp,
     token: &str,
@@ -64,29 +93,7 @@ async fn upload(
 }
 
 async fn portal_checkups_medicines_and_uploads(engine: Engine) {
-    let key = BackendKey::generate_es384();
-    let portal = PortalSimulator::start(SimulatorConfig::new("phr-gateway", key.public_jwk()))
-        .await
-        .expect("portal");
-    let base_url = portal.base_url.clone();
-    let pem = key.to_pem().expect("pem");
-    let app = spawn_app_with(TestEnv::new(engine).await, move |c| {
-        c.pull.workers = 0;
-        c.sources = vec![SourceConfig {
-            id: "portal".into(),
-            display_name: "マイナポータル".into(),
-            kind: SourceKind::SelfInfo,
-            base_url,
-            client_id: "phr-gateway".into(),
-            page_size: Some(5),
-            max_concurrent_requests: None,
-            auth: Default::default(),
-            portal_categories: None,
-        }];
-        phr_gateway::crypto::key_file::write_private(&c.source_client_key_path(), pem.as_bytes())
-            .expect("key file");
-    })
-    .await;
+    let (portal, app) = portal_app(engine, 5).await;
     let token = app
         .sign_in(AccountRole::Patient, "hanako", Some("p-hanako"))
         .await;
@@ -455,29 +462,7 @@ fn zip_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
 /// child: the gateway asks the portal for proxy access, the parent reads their own card and
 /// chooses the child there, and the child's records are stored as the child's.
 async fn a_parent_links_the_portal_for_their_child(engine: Engine) {
-    let key = BackendKey::generate_es384();
-    let portal = PortalSimulator::start(SimulatorConfig::new("phr-gateway", key.public_jwk()))
-        .await
-        .expect("portal");
-    let base_url = portal.base_url.clone();
-    let pem = key.to_pem().expect("pem");
-    let app = spawn_app_with(TestEnv::new(engine).await, move |c| {
-        c.pull.workers = 0;
-        c.sources = vec![SourceConfig {
-            id: "portal".into(),
-            display_name: "マイナポータル".into(),
-            kind: SourceKind::SelfInfo,
-            base_url,
-            client_id: "phr-gateway".into(),
-            page_size: Some(20),
-            max_concurrent_requests: None,
-            auth: Default::default(),
-            portal_categories: None,
-        }];
-        phr_gateway::crypto::key_file::write_private(&c.source_client_key_path(), pem.as_bytes())
-            .expect("key file");
-    })
-    .await;
+    let (portal, app) = portal_app(engine, 20).await;
     let operator = app.sign_in(AccountRole::Operator, "op", None).await;
     let parent = app
         .sign_in(AccountRole::Patient, "hanako", Some("p-hanako"))

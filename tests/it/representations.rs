@@ -3,14 +3,13 @@
 //! who acted); at the age of majority the parent can no longer act and the child is asked
 //! to keep or withdraw each consent the parent gave.
 
-use phr_consent::{DataCategory, Performer, PersonRef, Purpose, Recipient, Representation};
-use phr_gateway::audit::{AccountRole, Agent};
-use phr_gateway::consents::{GrantRequest, ReceiptContext};
+use phr_consent::{DataCategory, Performer, PersonRef, Representation};
+use phr_gateway::audit::AccountRole;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::both_engines;
-use crate::helpers::{count, spawn_app, Engine, TestApp};
+use crate::helpers::{count, grant_consent, spawn_app, Engine, TestApp};
 
 both_engines!(
     a_parent_acts_for_a_child_until_majority,
@@ -40,39 +39,22 @@ async fn register(app: &TestApp, operator: &str, body: Value) -> reqwest::Respon
 
 /// The parent grants, for the child, on the consent screen.
 async fn grant_by_parent(app: &TestApp) -> String {
-    let state = &app.gateway().state;
-    let purpose = state
-        .consents
-        .config()
-        .purpose("PATRQT")
-        .expect("purpose")
-        .clone();
-    let (consent, _) = state
-        .consents
-        .grant(
-            &Agent::system(),
-            GrantRequest {
-                patient_id: "p-child".into(),
-                performer: Performer {
-                    person: PersonRef::new("p-hanako"),
-                    representation: Representation::ParentOfDependent,
-                },
-                performer_account_id: "account-of-hanako".into(),
-                recipient: Recipient::client("school-app"),
-                recipient_display: "学校健康アプリ".into(),
-                purposes: vec![Purpose::new(&purpose.system, &purpose.code)],
-                categories: vec![DataCategory::Immunizations],
-                ends_at: time::OffsetDateTime::now_utc() + time::Duration::days(200),
-            },
-            &ReceiptContext {
-                notice_url: "https://gw.example/consent/notice".into(),
-                language: "ja".into(),
-                collection_method: "web-form".into(),
-            },
-        )
-        .await
-        .expect("grant");
-    consent.id
+    let performer = Performer {
+        person: PersonRef::new("p-hanako"),
+        representation: Representation::ParentOfDependent,
+    };
+    let categories = [DataCategory::Immunizations];
+    grant_consent(
+        app,
+        "p-child",
+        performer,
+        "school-app",
+        &["PATRQT"],
+        &categories,
+        200,
+    )
+    .await
+    .0
 }
 
 async fn a_parent_acts_for_a_child_until_majority(engine: Engine) {

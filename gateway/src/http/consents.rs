@@ -192,14 +192,7 @@ pub async fn withdraw_consent(
     // Every access re-checks the consent anyway; revoking also ends refreshes at once.
     crate::oauth::revoke_by_consent(&state.db, &consent.id).await?;
     state.audit.notify();
-    let view = state
-        .consents
-        .current(&consent.patient.id, &consent.id)
-        .await?;
-    Ok(ConsentChanged {
-        consent: ConsentSummary::of(&view),
-        receipt,
-    })
+    changed(state, &consent, receipt).await
 }
 
 /// Keeps a consent a representative gave (the patient now acts for themself): a new version
@@ -241,14 +234,7 @@ pub async fn confirm_consent(
             context,
         )
         .await?;
-    let view = state
-        .consents
-        .current(&consent.patient.id, &consent.id)
-        .await?;
-    Ok(ConsentChanged {
-        consent: ConsentSummary::of(&view),
-        receipt,
-    })
+    changed(state, &consent, receipt).await
 }
 
 /// Changes what a consent permits (narrow or widen purposes and categories, move the end
@@ -289,14 +275,23 @@ pub async fn change(
             &context,
         )
         .await?;
+    Ok(Json(changed(&state, &consent, receipt).await?))
+}
+
+/// The answer to a change: the consent as it now stands, and the change's receipt.
+async fn changed(
+    state: &AppState,
+    consent: &phr_consent::Consent,
+    receipt: String,
+) -> Result<ConsentChanged, ApiError> {
     let view = state
         .consents
         .current(&consent.patient.id, &consent.id)
         .await?;
-    Ok(Json(ConsentChanged {
+    Ok(ConsentChanged {
         consent: ConsentSummary::of(&view),
         receipt,
-    }))
+    })
 }
 
 /// The configured purposes with these codes; an unknown code is refused by name.
