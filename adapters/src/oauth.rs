@@ -86,6 +86,15 @@ impl BackendKey {
         BackendKey { secret, kid }
     }
 
+    /// A compact ES384 JWS over `claims`, with this key's `kid` (client assertions, and the
+    /// gateway's ID tokens).
+    pub fn sign(&self, claims: &Value) -> Result<String, SourceError> {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES384);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, claims, &self.encoding_key()?)
+            .map_err(|error| SourceError::Config(format!("signing a JWT: {error}")))
+    }
+
     fn encoding_key(&self) -> Result<jsonwebtoken::EncodingKey, SourceError> {
         let der = self
             .secret
@@ -125,10 +134,7 @@ pub fn client_assertion(
         "exp": now + lifetime.as_secs() as i64,
         "jti": URL_SAFE_NO_PAD.encode(jti),
     });
-    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES384);
-    header.kid = Some(key.kid.clone());
-    jsonwebtoken::encode(&header, &claims, &key.encoding_key()?)
-        .map_err(|error| SourceError::Config(format!("signing client assertion: {error}")))
+    key.sign(&claims)
 }
 
 /// An assertion may not claim to live longer than this (SMART Backend Services; the

@@ -79,6 +79,8 @@ impl Gateway {
 
         let (source_client_key, source_key_created) =
             load_or_generate_source_client_key(&config.source_client_key_path())?;
+        let (id_token_key, id_token_key_created) =
+            load_or_generate_source_client_key(&config.id_token_key_path())?;
         let registry = match registry {
             Some(registry) => registry,
             None => SourceRegistry::from_config(&config.sources, &source_client_key)?,
@@ -107,6 +109,7 @@ impl Gateway {
             (signing_created, "audit signing key"),
             (receipt_created, "receipt signing key"),
             (source_key_created, "source client key"),
+            (id_token_key_created, "ID token signing key"),
         ]
         .into_iter()
         .filter_map(|(created, name)| created.then_some(name))
@@ -146,6 +149,7 @@ impl Gateway {
             registry: Arc::new(registry),
             receipts,
             source_client_key: Arc::new(source_client_key),
+            id_token_key: Arc::new(id_token_key),
             public_url: Arc::new(OnceLock::new()),
         };
         Ok(Gateway { state, tls })
@@ -240,8 +244,8 @@ fn create_data_dir(config: &Config) -> Result<()> {
         .map_err(|e| Error::io(&config.data_dir, e))
 }
 
-/// The gateway's ES384 key for `private_key_jwt` at sources (published in its JWKS),
-/// generated (0600) on first use; `true` when it was generated now.
+/// An ES384 key of the gateway (for `private_key_jwt` at sources, or signing ID tokens;
+/// published in its JWKS), generated (0600) on first use; `true` when it was generated now.
 pub fn load_or_generate_source_client_key(path: &std::path::Path) -> Result<(BackendKey, bool)> {
     if path.exists() {
         key_file::check_private(path)?;

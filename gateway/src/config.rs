@@ -109,6 +109,9 @@ pub struct KeysConfig {
     /// ES384 private key (PKCS#8 PEM) for `private_key_jwt` client authentication at sources
     /// (SMART Backend Services). Unset: `<data_dir>/keys/source-client.pem`.
     pub source_client_key_file: Option<PathBuf>,
+    /// ES384 private key (PKCS#8 PEM) signing the ID tokens given to apps that ask for
+    /// `openid`. Unset: `<data_dir>/keys/id-token-signing.pem`.
+    pub id_token_signing_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -493,6 +496,13 @@ impl Config {
             .source_client_key_file
             .clone()
             .unwrap_or_else(|| self.data_dir.join("keys").join("source-client.pem"))
+    }
+
+    pub fn id_token_key_path(&self) -> PathBuf {
+        self.keys
+            .id_token_signing_key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("keys").join("id-token-signing.pem"))
     }
 
     /// Settings that weaken a secure default; each is logged and audited at start.

@@ -22,7 +22,8 @@ both_engines!(
     a_declined_app_is_not_asked_again,
 );
 
-const SCOPE: &str = "launch/patient patient/Patient.rs patient/Observation.rs offline_access";
+const SCOPE: &str =
+    "launch/patient openid fhirUser patient/Patient.rs patient/Observation.rs offline_access";
 
 async fn store_patient(env: &Env) {
     env.app
@@ -180,6 +181,38 @@ async fn the_app_reads_under_the_consent_until_it_is_withdrawn(engine: Engine) {
         "{scope}"
     );
     let access = tokens["access_token"].as_str().expect("access").to_string();
+    // The ID token says who the patient is, signed with a key in the gateway's JWKS.
+    let id_token = tokens["id_token"].as_str().expect("id_token");
+    let jwks: jsonwebtoken::jwk::JwkSet = env
+        .app
+        .client
+        .get(env.url("/.well-known/jwks.json"))
+        .send()
+        .await
+        .expect("jwks")
+        .json()
+        .await
+        .expect("jwk set");
+    let header = jsonwebtoken::decode_header(id_token).expect("header");
+    assert_eq!(header.alg, jsonwebtoken::Algorithm::ES384);
+    let jwk = jwks
+        .find(header.kid.as_deref().expect("kid"))
+        .expect("key in jwks");
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES384);
+    validation.set_audience(&[client_id.as_str()]);
+    validation.set_issuer(&[env.app.base.as_str()]);
+    let claims = jsonwebtoken::decode::<Value>(
+        id_token,
+        &jsonwebtoken::DecodingKey::from_jwk(jwk).expect("key"),
+        &validation,
+    )
+    .expect("a valid ID token")
+    .claims;
+    assert_eq!(claims["sub"], "p-hanako");
+    assert_eq!(
+        claims["fhirUser"],
+        format!("{}/fhir/Patient/p-hanako", env.app.base)
+    );
     assert!(tokens["expires_in"].as_i64().is_some_and(|s| s <= 300));
 
     // The consent the patient gave: two purposes, recorded with its receipt.

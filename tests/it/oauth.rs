@@ -522,7 +522,11 @@ async fn code_flow_with_private_key_jwt_refresh_introspect_and_revoke(engine: En
     let capabilities = discovery["capabilities"].to_string();
     assert!(capabilities.contains("client-confidential-asymmetric"));
     assert!(!capabilities.contains("client-public"));
-    assert!(!capabilities.contains("sso-openid-connect"));
+    assert!(capabilities.contains("sso-openid-connect"));
+    assert_eq!(
+        discovery["id_token_signing_alg_values_supported"],
+        json!(["ES384"])
+    );
 
     let key = BackendKey::generate_es384();
     let client_id = env.key_client(&key).await;

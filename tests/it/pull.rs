@@ -131,7 +131,11 @@ async fn verify_receipt(app: &TestApp, receipt: &str, event: &str) {
         .json()
         .await
         .expect("jwk set");
-    assert_eq!(jwks.keys.len(), 2, "receipt key and source client key");
+    assert_eq!(
+        jwks.keys.len(),
+        3,
+        "receipt key, source client key and ID token key"
+    );
     assert!(jwks
         .keys
         .iter()

@@ -175,7 +175,8 @@ pub fn granted_scopes(
     let mut granted = Vec::new();
     for scope in &request.requested_scopes {
         match scope {
-            Scope::LaunchPatient => granted.push(scope.clone()),
+            // Who the patient is, for the app's sign-in: part of the same consent.
+            Scope::LaunchPatient | Scope::OpenId | Scope::FhirUser => granted.push(scope.clone()),
             Scope::OfflineAccess if offline => granted.push(scope.clone()),
             Scope::Resource {
                 context,

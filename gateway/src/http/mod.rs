@@ -63,6 +63,8 @@ pub struct AppState {
     pub receipts: Arc<ReceiptSigner>,
     /// Authenticates the gateway to sources (SMART Backend Services `private_key_jwt`).
     pub source_client_key: Arc<phr_adapters::fhir_r4::BackendKey>,
+    /// Signs the ID tokens given to apps that ask for `openid`.
+    pub id_token_key: Arc<phr_adapters::fhir_r4::BackendKey>,
     /// Whether connections are TLS (HSTS is only meaningful then).
     pub tls: bool,
     /// The external base URL, known once the listener is bound (port 0 in tests).

@@ -253,7 +253,12 @@ pub async fn list_clients(
     responses((status = 200, description = "SMART configuration", content_type = "application/json")))]
 pub async fn smart_configuration(State(state): State<AppState>) -> Response {
     let base = state.public_url();
-    let mut scopes = vec!["launch/patient".to_string(), "offline_access".to_string()];
+    let mut scopes = vec![
+        "launch/patient".to_string(),
+        "offline_access".to_string(),
+        "openid".to_string(),
+        "fhirUser".to_string(),
+    ];
     scopes.extend(scopes::supported_resource_scopes(Context::Patient));
     scopes.extend(scopes::supported_resource_scopes(Context::System));
     let body = json!({
@@ -270,7 +275,9 @@ pub async fn smart_configuration(State(state): State<AppState>) -> Response {
         "token_endpoint_auth_methods_supported": ["private_key_jwt", "client_secret_basic"],
         "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
         "scopes_supported": scopes,
+        "id_token_signing_alg_values_supported": ["ES384"],
         "capabilities": [
+            "sso-openid-connect",
             "launch-standalone",
             "client-confidential-asymmetric",
             "client-confidential-symmetric",
@@ -483,6 +490,10 @@ pub struct TokenResponse {
     /// Only when `offline_access` was granted; rotated on every use.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refresh_token: Option<String>,
+    /// OpenID Connect ID token (ES384, keys at the JWKS URL) when `openid` was granted:
+    /// `sub` is the patient, and `fhirUser` their Patient URL when that scope was granted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id_token: Option<String>,
 }
 
 impl From<IssuedTokens> for TokenResponse {
@@ -494,8 +505,40 @@ impl From<IssuedTokens> for TokenResponse {
             scope: format_scopes(&issued.scopes),
             patient: issued.patient_id,
             refresh_token: issued.refresh_token,
+            id_token: None,
         }
     }
+}
+
+/// The ID token for an authorisation-code grant that includes `openid`.
+fn id_token(
+    state: &AppState,
+    client_id: &str,
+    issued: &IssuedTokens,
+) -> Result<Option<String>, Error> {
+    let Some(patient) = issued.patient_id.as_deref() else {
+        return Ok(None);
+    };
+    if !issued.scopes.contains(&scopes::Scope::OpenId) {
+        return Ok(None);
+    }
+    let base = state.public_url();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let mut claims = json!({
+        "iss": base,
+        "sub": patient,
+        "aud": client_id,
+        "iat": now,
+        "exp": now + issued.expires_in as i64,
+    });
+    if issued.scopes.contains(&scopes::Scope::FhirUser) {
+        claims["fhirUser"] = json!(format!("{base}/fhir/Patient/{patient}"));
+    }
+    state
+        .id_token_key
+        .sign(&claims)
+        .map(Some)
+        .map_err(|e| Error::Invalid(format!("ID token: {e}")))
 }
 
 /// A form body, refused when it is not a form or repeats a parameter (RFC 6749 §3.2).
@@ -644,6 +687,7 @@ pub async fn token(
 ) -> Response {
     let lifetimes = Lifetimes::of(&state.config.oauth);
     let db = state.db.clone();
+    let state_for_tokens = state.clone();
     let response = oauth_endpoint(
         &state,
         address,
@@ -703,7 +747,14 @@ pub async fn token(
                 }
                 None => return Err(OAuthError::invalid_request("grant_type is required").into()),
             };
-            let body = serde_json::to_value(TokenResponse::from(issued)).unwrap_or_default();
+            let id_token = if param("grant_type") == Some("authorization_code") {
+                id_token(&state_for_tokens, &client.id, &issued)?
+            } else {
+                None
+            };
+            let mut response = TokenResponse::from(issued);
+            response.id_token = id_token;
+            let body = serde_json::to_value(response).unwrap_or_default();
             Ok(no_store_json(body))
         },
     )

@@ -632,7 +632,11 @@ pub async fn withdraw_instruction(
     responses((status = 200, description = "JWK Set", content_type = "application/jwk-set+json")))]
 pub async fn jwks(State(state): State<AppState>) -> Response {
     let keys = serde_json::json!({
-        "keys": [state.receipts.public_jwk(), state.source_client_key.public_jwk()]
+        "keys": [
+            state.receipts.public_jwk(),
+            state.source_client_key.public_jwk(),
+            state.id_token_key.public_jwk(),
+        ]
     });
     (
         [(axum::http::header::CONTENT_TYPE, "application/jwk-set+json")],

@@ -207,11 +207,7 @@ pub async fn approve(
             "approval needs the patient and the consent".into(),
         ));
     }
-    let mut granted: Vec<Scope> = granted_scopes
-        .iter()
-        .filter(|s| !matches!(s, Scope::OpenId | Scope::FhirUser))
-        .cloned()
-        .collect();
+    let mut granted: Vec<Scope> = granted_scopes.to_vec();
     granted.sort();
     granted.dedup();
     if !granted.iter().any(Scope::is_patient_resource) {
