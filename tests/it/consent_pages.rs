@@ -444,6 +444,33 @@ async fn every_portal_and_consent_page_keeps_the_rules() {
         .expect("kept");
     reaches("kept").await;
 
+    // Narrowing the one ending soon: nothing pre-ticked, the same two controls.
+    c.goto(&app.url(&format!("/portal/consents/{ending}/change")))
+        .await
+        .expect("change");
+    c.wait()
+        .for_element(Locator::Css("button.choice.accept"))
+        .await
+        .expect("change form");
+    reaches("change").await;
+    for css in [
+        "input[name=purpose][value=PATRQT]",
+        "input[name=category][value=observations]",
+        "button.choice.accept",
+    ] {
+        c.find(Locator::Css(css))
+            .await
+            .expect(css)
+            .click()
+            .await
+            .expect(css);
+    }
+    c.wait()
+        .for_element(Locator::Css("#changed"))
+        .await
+        .expect("changed");
+    reaches("changed").await;
+
     // Withdrawing the one ending soon.
     c.goto(&app.url("/portal/consents"))
         .await

@@ -352,6 +352,23 @@ async fn bad_consent_requests_get_clear_errors(engine: Engine) {
         );
     }
 
+    // Widening from the portal (a category the consent does not cover) is refused.
+    let widened = app
+        .client
+        .post(app.url(&format!("/portal/consents/{id}/change")))
+        .bearer_auth(&hanako)
+        .header("origin", app.base.clone())
+        .form(&[
+            ("action", "change"),
+            ("purpose", "PATRQT"),
+            ("category", "medications"),
+            ("ends_on", "2099-01-01"),
+        ])
+        .send()
+        .await
+        .expect("widen");
+    assert_eq!(widened.status(), StatusCode::BAD_REQUEST);
+
     // A withdrawal form posted from another site (CSRF) is refused and changes nothing.
     let forged = app
         .client

@@ -9,17 +9,20 @@
 
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use maud::html;
 use serde::Deserialize;
 
-use super::consents::{confirm_consent, receipt_context, withdraw_consent};
+use super::consents::{
+    categories_of, confirm_consent, end_of_day, purposes_of, receipt_context, withdraw_consent,
+};
 use super::error::ApiError;
 use super::portal::{html_response, page, same_origin, signed_in_page};
 use super::session::PatientSession;
 use super::AppState;
 use crate::audit::{AuditEvent, EventKind};
 use crate::consents::ConsentView;
+use crate::error::Error;
 
 /// The patient's consents, each withdrawable with one button.
 pub async fn list(
@@ -129,6 +132,7 @@ pub async fn list(
                                                 button type="submit" class="choice withdraw" { "撤回する / Withdraw" }
                                             }
                                         }
+                                        a.change href={ "/portal/consents/" (consent.id) "/change" } { "範囲を狭める / Narrow" }
                                     }
                                 }
                             }
@@ -203,6 +207,149 @@ pub async fn confirm(
             p.en { "Sharing with " (kept.consent.recipient_display) " continues as your own consent. You can withdraw it at any time." }
             h2 { "受領証 " span.en { "Receipt" } }
             pre id="receipt" style="white-space:pre-wrap;word-break:break-all" { (kept.receipt) }
+            p { a href="/portal/consents" { "同意の管理へ戻る / Back to your consents" } }
+        },
+    );
+    Ok(html_response(StatusCode::OK, markup))
+}
+
+/// Narrowing a consent from the portal: its current terms as text, and one unticked box per
+/// purpose and category it covers (choose again what to keep); the end date may move
+/// earlier or, within the limit, later. Widening is the recipient's to ask for.
+pub async fn change_form(
+    State(state): State<AppState>,
+    patient: PatientSession,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let consent = state.consents.current(&patient.patient_id, &id).await?;
+    if consent.status != phr_consent::ConsentStatus::Active {
+        return Err(Error::Conflict("only a consent in force can be changed".into()).into());
+    }
+    Ok(html_response(
+        StatusCode::OK,
+        change_page(&state, &consent, None),
+    ))
+}
+
+fn change_page(state: &AppState, consent: &ConsentView, error: Option<&str>) -> maud::Markup {
+    let config = state.consents.config();
+    let jst = time::UtcOffset::from_hms(9, 0, 0).unwrap_or(time::UtcOffset::UTC);
+    let today = time::OffsetDateTime::now_utc().to_offset(jst).date();
+    let latest = today + time::Duration::days(i64::from(config.max_period_days));
+    let current_end = consent.ends_at.as_deref().map(day_of).unwrap_or("");
+    let label = |code: &str| {
+        config
+            .purpose(code)
+            .map(|p| (p.label_ja.clone(), p.label_en.clone()))
+            .unwrap_or_else(|| (code.to_string(), code.to_string()))
+    };
+    signed_in_page(
+        "同意の範囲を狭める / Narrow a consent",
+        html! {
+            h1 { "同意の範囲を狭める " span.en { "Narrow a consent" } }
+            @if let Some(error) = error { p.warn role="alert" { (error) } }
+            p { (consent.recipient_display) " への提供について、続ける目的と情報の種類を選び直してください。選ばなかったものは提供を止めます。すべて止める場合は、同意の管理から撤回してください。" }
+            p.en { "Choose again what " (consent.recipient_display) " may keep receiving; what you leave unticked stops. To stop everything, withdraw instead." }
+            (notice_text(&config.controller.name))
+            form method="post" action={ "/portal/consents/" (consent.id) "/change" } {
+                fieldset {
+                    legend { "続ける目的 " span.en { "Purposes to keep" } }
+                    @for code in &consent.purposes {
+                        @let (ja, en) = label(code);
+                        div data-purpose=(code) {
+                            label { input type="checkbox" name="purpose" value=(code); " " (ja) " " span.en { (en) } }
+                        }
+                    }
+                }
+                fieldset {
+                    legend { "続ける情報の種類 " span.en { "Data to keep sharing" } }
+                    @for category in &consent.categories {
+                        label { input type="checkbox" name="category" value=(category.code()); " " (category.label_ja()) " " span.en { (category.label_en()) } }
+                    }
+                }
+                label {
+                    "期限（この日まで） " span.en { "Until" }
+                    input type="date" name="ends_on" value=(current_end) min=(today) max=(latest) required;
+                }
+                div.choices {
+                    button type="submit" name="action" value="change" class="choice accept" { "この内容に変更する / Change" }
+                    button type="submit" name="action" value="keep" class="choice decline" formnovalidate { "変更しない / Do not change" }
+                }
+            }
+        },
+    )
+}
+
+/// The narrowed terms: a new version with its receipt. Only what the consent already covers
+/// can be kept.
+pub async fn change(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    patient: PatientSession,
+    Path(id): Path<String>,
+    body: String,
+) -> Result<Response, ApiError> {
+    same_origin(&headers, &state)?;
+    let values = |name: &str| -> Vec<String> {
+        form_urlencoded::parse(body.as_bytes())
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+            .collect()
+    };
+    if values("action").first().map(String::as_str) != Some("change") {
+        return Ok(axum::response::Redirect::to("/portal/consents").into_response());
+    }
+    let current = state.consents.current(&patient.patient_id, &id).await?;
+    let purposes = values("purpose");
+    let categories = categories_of(&values("category"))?;
+    if let Some(extra) = purposes.iter().find(|p| !current.purposes.contains(p)) {
+        return Err(Error::Invalid(format!(
+            "purpose {extra} is not part of this consent; the recipient must ask for it"
+        ))
+        .into());
+    }
+    if let Some(extra) = categories.iter().find(|c| !current.categories.contains(c)) {
+        return Err(Error::Invalid(format!(
+            "{} is not part of this consent; the recipient must ask for it",
+            extra.code()
+        ))
+        .into());
+    }
+    if purposes.is_empty() || categories.is_empty() {
+        let message = "目的と情報の種類を、それぞれ1つ以上選んでください。すべて止める場合は撤回してください。 / Keep at least one purpose and one kind of data, or withdraw.";
+        return Ok(html_response(
+            StatusCode::BAD_REQUEST,
+            change_page(&state, &current, Some(message)),
+        ));
+    }
+    let purposes = purposes_of(&state, &purposes)?;
+    let ends_at = end_of_day(
+        &values("ends_on").pop().unwrap_or_default(),
+        state.consents.config().max_period_days,
+    )?;
+    let context = receipt_context(&state, "ja", "web-form");
+    let (_, receipt) = state
+        .consents
+        .amend(
+            &patient.auth.agent(),
+            &patient.patient_id,
+            &id,
+            patient.performer(),
+            &patient.auth.session.account.id,
+            purposes,
+            categories,
+            ends_at,
+            &context,
+        )
+        .await?;
+    let markup = signed_in_page(
+        "変更しました / Changed",
+        html! {
+            h1 id="changed" { "変更しました " span.en { "Changed" } }
+            p { (current.recipient_display) " への提供の範囲を変更しました。" }
+            p.en { "What " (current.recipient_display) " receives has changed." }
+            h2 { "受領証 " span.en { "Receipt" } }
+            pre id="receipt" style="white-space:pre-wrap;word-break:break-all" { (receipt) }
             p { a href="/portal/consents" { "同意の管理へ戻る / Back to your consents" } }
         },
     );

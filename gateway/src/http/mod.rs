@@ -149,6 +149,10 @@ pub fn router(state: AppState) -> Router {
         .route("/portal/consents", get(consent_pages::list))
         .route("/portal/consents/{id}/withdraw", post(consent_pages::withdraw))
         .route("/portal/consents/{id}/confirm", post(consent_pages::confirm))
+        .route(
+            "/portal/consents/{id}/change",
+            get(consent_pages::change_form).post(consent_pages::change),
+        )
         .route("/consent/notice", get(consent_pages::notice))
         .route(
             "/consent/authorize/{id}",
