@@ -50,10 +50,26 @@ fn records_of(portal: &RunningSimulator, subject: &str, category: Category) -> V
 /// The portal simulator, and a gateway (no background workers) that knows it as source
 /// `portal` and holds the client key the portal trusts.
 async fn portal_app(engine: Engine, page_size: u32) -> (RunningSimulator, TestApp) {
+    portal_app_with(engine, page_size, false).await
+}
+
+/// As [`portal_app`]; with `school_checkups` the portal offers 学校健診 and the gateway's
+/// source configuration asks for it (it is off unless configured).
+async fn portal_app_with(
+    engine: Engine,
+    page_size: u32,
+    school_checkups: bool,
+) -> (RunningSimulator, TestApp) {
     let key = BackendKey::generate_es384();
-    let portal = PortalSimulator::start(SimulatorConfig::new("phr-gateway", key.public_jwk()))
-        .await
-        .expect("portal");
+    let mut portal_config = SimulatorConfig::new("phr-gateway", key.public_jwk());
+    portal_config.offer_school_checkups = school_checkups;
+    let portal = PortalSimulator::start(portal_config).await.expect("portal");
+    let portal_categories = school_checkups.then(|| {
+        Category::ALL
+            .iter()
+            .map(|category| category.scope().to_string())
+            .collect::<Vec<_>>()
+    });
     let base_url = portal.base_url.clone();
     let pem = key.to_pem().expect("pem");
     let app = spawn_app_with(TestEnv::new(engine).await, move |c| {
@@ -67,7 +83,7 @@ async fn portal_app(engine: Engine, page_size: u32) -> (RunningSimulator, TestAp
             page_size: Some(page_size),
             max_concurrent_requests: None,
             auth: Default::default(),
-            portal_categories: None,
+            portal_categories,
         }];
         phr_gateway::crypto::key_file::write_private(&c.source_client_key_path(), pem.as_bytes())
             .expect("key file");
@@ -460,9 +476,10 @@ fn zip_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
 
 /// A parent, registered to act for their child, instructs a pull from the portal for the
 /// child: the gateway asks the portal for proxy access, the parent reads their own card and
-/// chooses the child there, and the child's records are stored as the child's.
+/// chooses the child there, and the child's records (infant and, configured here, school
+/// checkups too) are stored as the child's.
 async fn a_parent_links_the_portal_for_their_child(engine: Engine) {
-    let (portal, app) = portal_app(engine, 20).await;
+    let (portal, app) = portal_app_with(engine, 20, true).await;
     let operator = app.sign_in(AccountRole::Operator, "op", None).await;
     let parent = app
         .sign_in(AccountRole::Patient, "hanako", Some("p-hanako"))
@@ -549,10 +566,23 @@ async fn a_parent_links_the_portal_for_their_child(engine: Engine) {
         count_of("p-child", "Immunization").await,
         immunizations.len() as i64
     );
+    let infant = records_of(&portal, &child.subject, Category::InfantCheckup);
+    let school = records_of(&portal, &child.subject, Category::SchoolCheckup);
+    assert!(!infant.is_empty() && !school.is_empty());
+    let observations = count_of("p-child", "Observation").await;
     assert!(
-        count_of("p-child", "Observation").await > 0,
-        "infant checkups"
+        observations >= (infant.len() + school.len()) as i64,
+        "{observations} observations for {} infant and {} school checkups",
+        infant.len(),
+        school.len()
     );
+    let school_observations = count(
+        &app,
+        "SELECT COUNT(*) FROM resources WHERE patient_id = 'p-child' \
+         AND resource_type = 'Observation' AND source_resource_id LIKE 'sch-%'",
+    )
+    .await;
+    assert!(school_observations > 0, "school checkups stored");
     assert_eq!(
         count(
             &app,
