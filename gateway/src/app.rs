@@ -40,6 +40,7 @@ pub struct RunningGateway {
     shutdown: watch::Sender<bool>,
     server: JoinHandle<std::io::Result<()>>,
     sequencer: JoinHandle<()>,
+    housekeeping: JoinHandle<()>,
     workers: Vec<JoinHandle<()>>,
 }
 
@@ -176,6 +177,10 @@ impl Gateway {
             .public_url
             .set(format!("{scheme}://{host}:{}", addr.port()));
         let sequencer = tokio::spawn(self.state.audit.clone().run_sequencer(shutdown.subscribe()));
+        let housekeeping = tokio::spawn(crate::oauth::housekeeping::run(
+            self.state.db.clone(),
+            shutdown.subscribe(),
+        ));
         let workers = (0..self.state.config.pull.workers)
             .map(|_| tokio::spawn(self.state.pull_worker().run(shutdown.subscribe())))
             .collect();
@@ -190,6 +195,7 @@ impl Gateway {
             shutdown,
             server,
             sequencer,
+            housekeeping,
             workers,
         })
     }
@@ -204,6 +210,7 @@ impl RunningGateway {
             let _ = worker.await;
         }
         let _ = self.sequencer.await;
+        let _ = self.housekeeping.await;
         self.state.keys.close().await;
         self.state.db.close().await;
     }

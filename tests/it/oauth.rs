@@ -16,7 +16,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::both_engines;
-use crate::helpers::{leaves_containing, spawn_app_with, Engine, TestApp, TestEnv};
+use crate::helpers::{count, leaves_containing, spawn_app_with, Engine, TestApp, TestEnv};
 
 both_engines!(
     operators_register_clients_with_a_compliance_declaration,
@@ -29,6 +29,7 @@ both_engines!(
     rsa_clients_sign_with_rs384_and_rs256_is_refused,
     forged_and_expired_access_tokens_are_refused,
     withdrawing_a_consent_revokes_its_tokens,
+    expired_records_are_purged_and_live_ones_kept,
 );
 
 pub(crate) const REDIRECT: &str = "https://app.example.jp/callback";
@@ -1364,5 +1365,53 @@ async fn rsa_clients_sign_with_rs384_and_rs256_is_refused(engine: Engine) {
         );
     }
     assert_eq!(leaves_containing(&env.app, "is not accepted").await, 3);
+    env.stop().await;
+}
+
+async fn expired_records_are_purged_and_live_ones_kept(engine: Engine) {
+    let env = env(engine).await;
+    let key = BackendKey::generate_es384();
+    let client_id = env.key_client(&key).await;
+    let old = env.tokens(&key, &client_id, "consent-old").await;
+    let live = env.tokens(&key, &client_id, "consent-live").await;
+    let db = &env.app.gateway().state.db;
+    // The first grant's request, code and tokens expired long ago.
+    for sql in [
+        "UPDATE oauth_authorization_requests SET expires_at = 0 WHERE id IN
+             (SELECT request_id FROM oauth_codes WHERE consent_id = 'consent-old')",
+        "UPDATE oauth_codes SET expires_at = 0 WHERE consent_id = 'consent-old'",
+        "UPDATE oauth_tokens SET expires_at = 0 WHERE consent_id = 'consent-old'",
+    ] {
+        sqlx::query(sql)
+            .execute(db.write_pool())
+            .await
+            .expect("age");
+    }
+    let purged = oauth::housekeeping::purge_expired(db, phr_gateway::store::now_millis())
+        .await
+        .expect("purge");
+    assert_eq!(purged.tokens, 2, "access and refresh token: {purged:?}");
+    assert_eq!(purged.codes, 1);
+    assert_eq!(purged.requests, 1);
+    assert_eq!(
+        count(
+            &env.app,
+            "SELECT COUNT(*) FROM oauth_tokens WHERE consent_id = 'consent-old'"
+        )
+        .await,
+        0
+    );
+    // Nothing live is touched, and a second purge finds nothing.
+    let access = live["access_token"].as_str().expect("access");
+    assert_eq!(env.use_token(access).await.status(), StatusCode::OK);
+    let old_access = old["access_token"].as_str().expect("access");
+    assert_eq!(
+        env.use_token(old_access).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let again = oauth::housekeeping::purge_expired(db, phr_gateway::store::now_millis())
+        .await
+        .expect("purge");
+    assert_eq!(again.tokens + again.codes + again.requests, 0);
     env.stop().await;
 }

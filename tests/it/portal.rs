@@ -234,6 +234,11 @@ async fn a_checkup_file_is_added_from_the_portal_once() {
     let browser = Browser::start().await;
     let c = &browser.client;
     sign_in(c, &app, "hanako", "correct horse battery staple").await;
+    // Signed in (the session cookie is set) before the next navigation.
+    c.wait()
+        .for_element(Locator::Css("#nav-consents"))
+        .await
+        .expect("signed in");
     for expected in ["追加", "登録済み"] {
         c.goto(&app.url("/portal")).await.expect("portal");
         fill(c, "input[type=file]", &file.display().to_string()).await;

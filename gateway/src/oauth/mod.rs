@@ -11,6 +11,7 @@
 pub mod assertion;
 pub mod authorize;
 pub mod clients;
+pub mod housekeeping;
 pub mod scopes;
 pub mod tokens;
 
