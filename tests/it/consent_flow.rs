@@ -14,7 +14,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::both_engines;
-use crate::helpers::{leaves_containing, Engine};
+use crate::helpers::{get_json, leaves_containing, Engine};
 use crate::oauth::{env, location, query_of, Env, REDIRECT};
 
 both_engines!(
@@ -216,17 +216,7 @@ async fn the_app_reads_under_the_consent_until_it_is_withdrawn(engine: Engine) {
     assert!(tokens["expires_in"].as_i64().is_some_and(|s| s <= 300));
 
     // The consent the patient gave: two purposes, recorded with its receipt.
-    let consents: Value = env
-        .app
-        .client
-        .get(env.url("/api/consents"))
-        .bearer_auth(&patient)
-        .send()
-        .await
-        .expect("list")
-        .json()
-        .await
-        .expect("json");
+    let consents = get_json(&env.app, "/api/consents", &patient).await;
     assert_eq!(consents[0]["purposes"], json!(["PATRQT", "TREAT"]));
     let consent_id = consents[0]["id"].as_str().expect("id").to_string();
 

@@ -12,7 +12,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::both_engines;
-use crate::helpers::{grant_consent, leaves_containing, spawn_app, Engine, TestApp};
+use crate::helpers::{get_json, grant_consent, leaves_containing, spawn_app, Engine, TestApp};
 
 both_engines!(
     grant_read_change_and_withdraw,
@@ -105,16 +105,7 @@ async fn grant_read_change_and_withdraw(engine: Engine) {
         .as_str()
         .is_some_and(|u| u.contains("/consent/notice")));
 
-    let listed: Value = app
-        .client
-        .get(app.url("/api/consents"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .expect("list")
-        .json()
-        .await
-        .expect("json");
+    let listed = get_json(&app, "/api/consents", &token).await;
     assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
     assert_eq!(listed[0]["status"], "active");
     assert_eq!(listed[0]["in_force"], true);
@@ -226,16 +217,7 @@ async fn a_withdrawal_denies_the_next_request_in_every_process(engine: Engine) {
         .sign_in(AccountRole::Patient, "hanako", Some("p-hanako"))
         .await;
     let (id, _) = grant(&app, "p-hanako", &["PATRQT"], &[DataCategory::Observations]).await;
-    let listed: Value = app
-        .client
-        .get(app.url("/api/consents"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .expect("list")
-        .json()
-        .await
-        .expect("json");
+    let listed = get_json(&app, "/api/consents", &token).await;
     assert_eq!(listed[0]["ends_soon"], false, "a year ahead");
     // Moving the end date into the reminder window: the patient is reminded.
     let ends_on = (time::OffsetDateTime::now_utc() + time::Duration::days(7))

@@ -374,3 +374,16 @@ pub async fn grant_consent(
         .expect("grant");
     (consent.id, receipt)
 }
+
+/// `GET path` with the bearer `token`, answered 200 with JSON; returns the JSON.
+pub async fn get_json(app: &TestApp, path: &str, token: &str) -> serde_json::Value {
+    let response = app
+        .client
+        .get(app.url(path))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    assert_eq!(response.status(), 200, "GET {path}");
+    response.json().await.expect("JSON")
+}

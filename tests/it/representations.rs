@@ -9,7 +9,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::both_engines;
-use crate::helpers::{count, grant_consent, spawn_app, Engine, TestApp};
+use crate::helpers::{count, get_json, grant_consent, spawn_app, Engine, TestApp};
 
 both_engines!(
     a_parent_acts_for_a_child_until_majority,
@@ -72,16 +72,7 @@ async fn a_parent_acts_for_a_child_until_majority(engine: Engine) {
     )
     .await;
     assert_eq!(registered.status(), StatusCode::CREATED);
-    let listed: Value = app
-        .client
-        .get(app.url("/api/representations"))
-        .bearer_auth(&parent)
-        .send()
-        .await
-        .expect("list")
-        .json()
-        .await
-        .expect("json");
+    let listed = get_json(&app, "/api/representations", &parent).await;
     assert_eq!(listed[0]["represented_patient_id"], "p-child", "{listed}");
 
     // Acting for the child: the child's consents, and the records say who acted.
@@ -100,16 +91,7 @@ async fn a_parent_acts_for_a_child_until_majority(engine: Engine) {
         .await
         .expect("json");
     assert_eq!(childs.as_array().map(Vec::len), Some(1));
-    let own: Value = app
-        .client
-        .get(app.url("/api/consents"))
-        .bearer_auth(&parent)
-        .send()
-        .await
-        .expect("own")
-        .json()
-        .await
-        .expect("json");
+    let own = get_json(&app, "/api/consents", &parent).await;
     assert_eq!(
         own.as_array().map(Vec::len),
         Some(0),
@@ -180,16 +162,7 @@ async fn a_parent_acts_for_a_child_until_majority(engine: Engine) {
     let child = app
         .sign_in(AccountRole::Patient, "child", Some("p-child"))
         .await;
-    let listed: Value = app
-        .client
-        .get(app.url("/api/consents"))
-        .bearer_auth(&child)
-        .send()
-        .await
-        .expect("list")
-        .json()
-        .await
-        .expect("json");
+    let listed = get_json(&app, "/api/consents", &child).await;
     assert_eq!(listed[0]["needs_confirmation"], true, "{listed}");
     let kept = app
         .client
