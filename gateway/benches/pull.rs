@@ -18,7 +18,14 @@ use phr_gateway::config::{SourceConfig, SourceKind};
 use sqlx::Row;
 use support::{engines, timed, BenchEnv};
 
-const WORKERS: usize = 2;
+/// Pull workers (`PHR_BENCH_WORKERS`, default 2: the gateway's default `pull.workers`).
+fn workers() -> usize {
+    std::env::var("PHR_BENCH_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(2)
+}
 
 #[tokio::main]
 async fn main() {
@@ -125,8 +132,9 @@ async fn run_portal(engine: phr_gateway::store::Engine, persons: usize) {
     )
     .await;
     println!(
-        "{engine}: portal pull {persons} person(s): {stored} resources ({bundles} checkup reports) in {secs:.2} s = {:>8.0} resources/s ({WORKERS} workers)",
-        stored as f64 / secs
+        "{engine}: portal pull {persons} person(s): {stored} resources ({bundles} checkup reports) in {secs:.2} s = {:>8.0} resources/s ({} workers)",
+        stored as f64 / secs,
+        workers()
     );
     portal.shutdown().await;
     state.db.close().await;
@@ -225,17 +233,18 @@ async fn run(engine: phr_gateway::store::Engine, patients: usize, per_patient: u
         "every resource stored once"
     );
     println!(
-        "{engine}: pull {patients} patient(s) × {per_patient}: {stored} resources in {secs:.1} s = {:>8.0} resources/s ({WORKERS} workers)",
-        stored as f64 / secs
+        "{engine}: pull {patients} patient(s) × {per_patient}: {stored} resources in {secs:.1} s = {:>8.0} resources/s ({} workers)",
+        stored as f64 / secs,
+        workers()
     );
     hospital.shutdown().await;
     state.db.close().await;
     env.cleanup().await;
 }
 
-/// Runs `WORKERS` pull workers until no job is ready; the seconds it took.
+/// Runs `workers()` pull workers until no job is ready; the seconds it took.
 async fn drain_with_workers(state: &phr_gateway::http::AppState) -> f64 {
-    let workers: Vec<_> = (0..WORKERS)
+    let workers: Vec<_> = (0..workers())
         .map(|_| Arc::new(state.pull_worker()))
         .collect();
     let ((), secs) = timed(async {
