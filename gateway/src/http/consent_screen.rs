@@ -318,3 +318,88 @@ fn screen(
         },
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oauth::clients::{ComplianceDeclaration, Recipient as ClientRecipient};
+    use crate::oauth::scopes::parse_scopes;
+
+    fn request(scope: &str) -> PendingAuthorization {
+        let requested_scopes = parse_scopes(scope).expect("scopes");
+        PendingAuthorization {
+            request_id: "r".into(),
+            client_id: "c".into(),
+            client_name: "App".into(),
+            recipient: ClientRecipient {
+                name: "Org".into(),
+                identifier: "1".into(),
+            },
+            compliance: ComplianceDeclaration {
+                declared: true,
+                statement: "yes".into(),
+                declared_on: "2026-01-01".into(),
+            },
+            categories: crate::oauth::scopes::categories_of(&requested_scopes),
+            requested_scopes,
+            offline_access: scope.contains("offline_access"),
+            redirect_uri: "https://app.example/cb".into(),
+            state: "s".into(),
+            expires_at: 0,
+        }
+    }
+
+    fn granted(scope: &str, chosen: &[DataCategory], offline: bool) -> String {
+        let mut scopes: Vec<String> = granted_scopes(&request(scope), chosen, offline)
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        scopes.sort();
+        scopes.join(" ")
+    }
+
+    #[test]
+    fn only_the_chosen_categories_are_granted() {
+        let cases: [(&str, &[DataCategory], bool, &str); 5] = [
+            (
+                "launch/patient patient/Patient.rs patient/Observation.rs",
+                &[DataCategory::Demographics],
+                false,
+                "launch/patient patient/Patient.rs",
+            ),
+            (
+                "launch/patient patient/Observation.rs offline_access",
+                &[DataCategory::Observations],
+                false,
+                "launch/patient patient/Observation.rs",
+            ),
+            (
+                "launch/patient patient/Observation.rs offline_access",
+                &[DataCategory::Observations],
+                true,
+                "launch/patient offline_access patient/Observation.rs",
+            ),
+            (
+                "launch/patient openid fhirUser patient/Patient.rs",
+                &[DataCategory::Demographics],
+                false,
+                "fhirUser launch/patient openid patient/Patient.rs",
+            ),
+            (
+                "launch/patient patient/*.rs",
+                &[DataCategory::Immunizations],
+                false,
+                "launch/patient patient/Immunization.rs",
+            ),
+        ];
+        for (scope, chosen, offline, expected) in cases {
+            assert_eq!(granted(scope, chosen, offline), expected, "{scope}");
+        }
+    }
+
+    #[test]
+    fn nothing_chosen_grants_no_resource_scope() {
+        let scopes = granted_scopes(&request("launch/patient patient/Observation.rs"), &[], true);
+        assert!(!scopes.iter().any(Scope::is_patient_resource));
+    }
+}
