@@ -10,9 +10,9 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use phr_adapters::tokutei_cda::{self, CDA_CONTENT_TYPE};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::store::reconciliation::digest;
 use crate::store::resources::{NewResource, SourceIdentity};
 
 /// The source identity's `source` for converted checkups (shared by every sender).
@@ -37,18 +37,15 @@ pub fn convert(patient_id: &str, xml: &[u8]) -> Result<ConvertedCheckup> {
     let document = tokutei_cda::parse(xml).map_err(invalid)?;
     let conversion = tokutei_cda::to_fhir_bundle(&document, xml);
     let key = document.reconciliation_key();
-    let mut digest = Sha256::new();
-    for part in [
+    // The checkup's identity: the same digest whichever source sends it.
+    let identity = digest(&[
         key.institution_number.as_deref().unwrap_or_default(),
         &key.checkup_date,
         key.insurance.insurer_number.as_deref().unwrap_or_default(),
         key.insurance.symbol.as_deref().unwrap_or_default(),
         key.insurance.number.as_deref().unwrap_or_default(),
         key.insurance.branch.as_deref().unwrap_or_default(),
-    ] {
-        digest.update(part.as_bytes());
-        digest.update([0x1f]);
-    }
+    ]);
     let body = serde_json::to_vec(&conversion.bundle).map_err(|e| Error::Invalid(e.to_string()))?;
     Ok(ConvertedCheckup {
         resource: NewResource {
@@ -57,7 +54,7 @@ pub fn convert(patient_id: &str, xml: &[u8]) -> Result<ConvertedCheckup> {
             source: SourceIdentity {
                 source: CHECKUP_SOURCE.into(),
                 resource_type: "Bundle".into(),
-                source_resource_id: hex::encode(&digest.finalize()[..16]),
+                source_resource_id: identity,
                 version_id: None,
             },
             body,

@@ -14,7 +14,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::both_engines;
-use crate::helpers::{get_json, leaves_containing, Engine};
+use crate::helpers::{get_json, jwks, leaves_containing, Engine};
 use crate::oauth::{env, location, query_of, Env, REDIRECT};
 
 both_engines!(
@@ -183,16 +183,7 @@ async fn the_app_reads_under_the_consent_until_it_is_withdrawn(engine: Engine) {
     let access = tokens["access_token"].as_str().expect("access").to_string();
     // The ID token says who the patient is, signed with a key in the gateway's JWKS.
     let id_token = tokens["id_token"].as_str().expect("id_token");
-    let jwks: jsonwebtoken::jwk::JwkSet = env
-        .app
-        .client
-        .get(env.url("/.well-known/jwks.json"))
-        .send()
-        .await
-        .expect("jwks")
-        .json()
-        .await
-        .expect("jwk set");
+    let jwks = jwks(&env.app).await;
     let header = jsonwebtoken::decode_header(id_token).expect("header");
     assert_eq!(header.alg, jsonwebtoken::Algorithm::ES384);
     let jwk = jwks

@@ -12,7 +12,9 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::both_engines;
-use crate::helpers::{get_json, grant_consent, leaves_containing, spawn_app, Engine, TestApp};
+use crate::helpers::{
+    get_json, grant_consent, leaves_containing, receipt_claims, spawn_app, Engine, TestApp,
+};
 
 both_engines!(
     grant_read_change_and_withdraw,
@@ -62,29 +64,6 @@ fn permits(outcome: &ConsentOutcome) -> bool {
     matches!(outcome, ConsentOutcome::Permit { .. })
 }
 
-async fn verified_claims(app: &TestApp, receipt: &str) -> Value {
-    let jwks: jsonwebtoken::jwk::JwkSet = app
-        .client
-        .get(app.url("/.well-known/jwks.json"))
-        .send()
-        .await
-        .expect("jwks")
-        .json()
-        .await
-        .expect("jwk set");
-    let header = jsonwebtoken::decode_header(receipt).expect("jws header");
-    let jwk = jwks
-        .find(header.kid.as_deref().expect("kid"))
-        .expect("key in jwks");
-    let key = jsonwebtoken::DecodingKey::from_jwk(jwk).expect("key");
-    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::EdDSA);
-    validation.required_spec_claims.clear();
-    validation.validate_exp = false;
-    jsonwebtoken::decode::<Value>(receipt, &key, &validation)
-        .expect("valid signature")
-        .claims
-}
-
 async fn grant_read_change_and_withdraw(engine: Engine) {
     let app = spawn_app(engine).await;
     let token = app
@@ -97,7 +76,7 @@ async fn grant_read_change_and_withdraw(engine: Engine) {
         &[DataCategory::Observations, DataCategory::Medications],
     )
     .await;
-    let claims = verified_claims(&app, &receipt).await;
+    let claims = receipt_claims(&app, &receipt).await;
     assert_eq!(claims["event"], "granted");
     assert_eq!(claims["consent"]["id"], id);
     assert_eq!(claims["piiPrincipalId"], "p-hanako");
@@ -126,7 +105,7 @@ async fn grant_read_change_and_withdraw(engine: Engine) {
     assert_eq!(changed.status(), StatusCode::OK);
     let changed: Value = changed.json().await.expect("json");
     assert_eq!(changed["consent"]["version"], 2);
-    let claims = verified_claims(&app, changed["receipt"].as_str().expect("receipt")).await;
+    let claims = receipt_claims(&app, changed["receipt"].as_str().expect("receipt")).await;
     assert_eq!(claims["event"], "changed");
     let gateway = app.gateway();
     assert!(permits(
@@ -169,7 +148,7 @@ async fn grant_read_change_and_withdraw(engine: Engine) {
     let withdrawn: Value = withdrawn.json().await.expect("json");
     assert_eq!(withdrawn["consent"]["status"], "inactive");
     assert_eq!(withdrawn["consent"]["in_force"], false);
-    let claims = verified_claims(&app, withdrawn["receipt"].as_str().expect("receipt")).await;
+    let claims = receipt_claims(&app, withdrawn["receipt"].as_str().expect("receipt")).await;
     assert_eq!(claims["event"], "withdrawn");
     assert_eq!(claims["consent"]["version"], 3);
     match decide(
@@ -333,6 +312,29 @@ async fn bad_consent_requests_get_clear_errors(engine: Engine) {
             "{problem}"
         );
     }
+
+    // The portal's change form: another patient's consent is absent; reading it is audited.
+    let foreign = app
+        .client
+        .get(app.url(&format!("/portal/consents/{id}/change")))
+        .bearer_auth(&taro)
+        .send()
+        .await
+        .expect("foreign form");
+    assert_eq!(foreign.status(), StatusCode::NOT_FOUND);
+    let reads_before = leaves_containing(&app, &format!("consent {id}")).await;
+    let form = app
+        .client
+        .get(app.url(&format!("/portal/consents/{id}/change")))
+        .bearer_auth(&hanako)
+        .send()
+        .await
+        .expect("form");
+    assert_eq!(form.status(), StatusCode::OK);
+    assert_eq!(
+        leaves_containing(&app, &format!("consent {id}")).await,
+        reads_before + 1
+    );
 
     // Widening from the portal (a category the consent does not cover) is refused.
     let widened = app

@@ -387,3 +387,32 @@ pub async fn get_json(app: &TestApp, path: &str, token: &str) -> serde_json::Val
     assert_eq!(response.status(), 200, "GET {path}");
     response.json().await.expect("JSON")
 }
+
+/// The gateway's published keys.
+pub async fn jwks(app: &TestApp) -> jsonwebtoken::jwk::JwkSet {
+    app.client
+        .get(app.url("/.well-known/jwks.json"))
+        .send()
+        .await
+        .expect("jwks")
+        .json()
+        .await
+        .expect("jwk set")
+}
+
+/// The claims of a signed receipt (EdDSA), checked against the key its `kid` names in the
+/// gateway's JWKS.
+pub async fn receipt_claims(app: &TestApp, receipt: &str) -> serde_json::Value {
+    let jwks = jwks(app).await;
+    let header = jsonwebtoken::decode_header(receipt).expect("jws header");
+    let jwk = jwks
+        .find(header.kid.as_deref().expect("kid"))
+        .expect("key in jwks");
+    let key = jsonwebtoken::DecodingKey::from_jwk(jwk).expect("key");
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::EdDSA);
+    validation.required_spec_claims.clear();
+    validation.validate_exp = false;
+    jsonwebtoken::decode::<serde_json::Value>(receipt, &key, &validation)
+        .expect("valid signature")
+        .claims
+}

@@ -17,7 +17,8 @@ use serde_json::Value;
 
 use crate::both_engines;
 use crate::helpers::{
-    count, hospital_source, leaves_containing, make_due, spawn_app_with, Engine, TestApp, TestEnv,
+    count, hospital_source, jwks, leaves_containing, make_due, receipt_claims, spawn_app_with,
+    Engine, TestApp, TestEnv,
 };
 
 both_engines!(
@@ -122,15 +123,7 @@ async fn link(env: &PullEnv, categories: &[&str]) -> String {
 }
 
 async fn verify_receipt(app: &TestApp, receipt: &str, event: &str) {
-    let jwks: jsonwebtoken::jwk::JwkSet = app
-        .client
-        .get(app.url("/.well-known/jwks.json"))
-        .send()
-        .await
-        .expect("jwks")
-        .json()
-        .await
-        .expect("jwk set");
+    let jwks = jwks(app).await;
     assert_eq!(
         jwks.keys.len(),
         3,
@@ -140,17 +133,7 @@ async fn verify_receipt(app: &TestApp, receipt: &str, event: &str) {
         .keys
         .iter()
         .any(|k| k.common.key_algorithm == Some(jsonwebtoken::jwk::KeyAlgorithm::ES384)));
-    let header = jsonwebtoken::decode_header(receipt).expect("jws header");
-    let jwk = jwks
-        .find(header.kid.as_deref().expect("kid"))
-        .expect("key in jwks");
-    let key = jsonwebtoken::DecodingKey::from_jwk(jwk).expect("key");
-    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::EdDSA);
-    validation.required_spec_claims.clear();
-    validation.validate_exp = false;
-    let claims = jsonwebtoken::decode::<Value>(receipt, &key, &validation)
-        .expect("valid signature")
-        .claims;
+    let claims = receipt_claims(app, receipt).await;
     assert_eq!(claims["event"], event);
     assert_eq!(claims["receipt_type"], "pull-instruction");
     assert!(claims["notice"]["ja"]

@@ -9,7 +9,9 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::both_engines;
-use crate::helpers::{count, get_json, grant_consent, spawn_app, Engine, TestApp};
+use crate::helpers::{
+    count, get_json, grant_consent, leaves_containing, spawn_app, Engine, TestApp,
+};
 
 both_engines!(
     a_parent_acts_for_a_child_until_majority,
@@ -73,6 +75,7 @@ async fn a_parent_acts_for_a_child_until_majority(engine: Engine) {
     .await;
     assert_eq!(registered.status(), StatusCode::CREATED);
     let listed = get_json(&app, "/api/representations", &parent).await;
+    assert!(leaves_containing(&app, "whom this patient may act for").await >= 1);
     assert_eq!(listed[0]["represented_patient_id"], "p-child", "{listed}");
 
     // Acting for the child: the child's consents, and the records say who acted.
@@ -226,6 +229,18 @@ async fn bad_representations_are_refused(engine: Engine) {
             "application/problem+json"
         );
     }
+    // The portal's switch refuses someone the patient does not represent.
+    let switched = app
+        .client
+        .post(app.url("/portal/acting-for"))
+        .bearer_auth(&patient)
+        .header("origin", app.base.clone())
+        .form(&[("patient_id", "p-child")])
+        .send()
+        .await
+        .expect("switch");
+    assert_eq!(switched.status(), StatusCode::FORBIDDEN);
+
     // Only operators register.
     let response = register(
         &app,

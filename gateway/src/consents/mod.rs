@@ -21,7 +21,7 @@ use crate::audit::{self, Agent, AuditEvent, EventKind, Outcome};
 use crate::config::ConsentConfig;
 use crate::error::{Error, Result};
 use crate::receipts::ReceiptSigner;
-use crate::store::{insert_patient, now_millis, Database};
+use crate::store::{insert_patient, millis_of, now_millis, Database};
 
 pub use receipts::ReceiptContext;
 
@@ -413,27 +413,27 @@ impl Consents {
             purpose,
             requested,
         };
-        let outcome = match decide(&request, &consents, OffsetDateTime::now_utc()) {
-            Decision::Permit { consent } => ConsentOutcome::Permit {
-                consent_id: consent.id.to_string(),
-                version: consent.version,
-            },
-            Decision::Deny { reason, .. } => ConsentOutcome::Deny {
-                reason: reason.code(),
-                message_ja: reason.message_ja(),
-                message_en: reason.message_en(),
-            },
-        };
+        let outcome = ConsentOutcome::of(decide(&request, &consents, OffsetDateTime::now_utc()));
         if let ConsentOutcome::Deny { reason, .. } = &outcome {
-            let event = AuditEvent::new(EventKind::ConsentDenied, agent.clone())
-                .patient(patient_id)
-                .outcome(Outcome::MinorFailure)
-                .detail(format!("access by {} denied: {reason}", recipient.id));
-            let mut tx = self.db.begin().await?;
-            audit::record(&mut tx, &event).await?;
-            tx.commit().await?;
+            self.audit_denial(
+                agent,
+                patient_id,
+                format!("access by {} denied: {reason}", recipient.id),
+            )
+            .await?;
         }
         Ok(outcome)
+    }
+
+    async fn audit_denial(&self, agent: &Agent, patient_id: &str, detail: String) -> Result<()> {
+        let event = AuditEvent::new(EventKind::ConsentDenied, agent.clone())
+            .patient(patient_id)
+            .outcome(Outcome::MinorFailure)
+            .detail(detail);
+        let mut tx = self.db.begin().await?;
+        audit::record(&mut tx, &event).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Decides an access made with a token issued under `consent_id`: only that consent
@@ -456,6 +456,8 @@ impl Consents {
             .first()
             .map(|c| c.provision.purposes.clone())
             .unwrap_or_default();
+        // The first permit under any of the consent's purposes; else the first denial. No such
+        // consent for this patient: nothing to permit under.
         let mut outcome = None;
         for purpose in &purposes {
             let request = AccessRequest {
@@ -464,40 +466,24 @@ impl Consents {
                 purpose,
                 requested,
             };
-            let decision = decide(&request, &consents, now);
-            match decision {
-                Decision::Permit { consent } => {
-                    return Ok(ConsentOutcome::Permit {
-                        consent_id: consent.id.to_string(),
-                        version: consent.version,
-                    })
-                }
-                Decision::Deny { reason, .. } => {
-                    outcome.get_or_insert(ConsentOutcome::Deny {
-                        reason: reason.code(),
-                        message_ja: reason.message_ja(),
-                        message_en: reason.message_en(),
-                    });
+            match ConsentOutcome::of(decide(&request, &consents, now)) {
+                permit @ ConsentOutcome::Permit { .. } => return Ok(permit),
+                deny => {
+                    outcome.get_or_insert(deny);
                 }
             }
         }
-        // No such consent for this patient: nothing to permit under.
-        let outcome = outcome.unwrap_or(ConsentOutcome::Deny {
-            reason: DenyReason::NoConsent.code(),
-            message_ja: DenyReason::NoConsent.message_ja(),
-            message_en: DenyReason::NoConsent.message_en(),
-        });
+        let outcome = outcome.unwrap_or_else(|| ConsentOutcome::denied(DenyReason::NoConsent));
         if let ConsentOutcome::Deny { reason, .. } = &outcome {
-            let event = AuditEvent::new(EventKind::ConsentDenied, agent.clone())
-                .patient(patient_id)
-                .outcome(Outcome::MinorFailure)
-                .detail(format!(
+            self.audit_denial(
+                agent,
+                patient_id,
+                format!(
                     "access by {} under consent {consent_id} denied: {reason}",
                     recipient.id
-                ));
-            let mut tx = self.db.begin().await?;
-            audit::record(&mut tx, &event).await?;
-            tx.commit().await?;
+                ),
+            )
+            .await?;
         }
         Ok(outcome)
     }
@@ -608,6 +594,26 @@ pub enum ConsentOutcome {
     },
 }
 
+impl ConsentOutcome {
+    fn of(decision: Decision<'_>) -> Self {
+        match decision {
+            Decision::Permit { consent } => ConsentOutcome::Permit {
+                consent_id: consent.id.to_string(),
+                version: consent.version,
+            },
+            Decision::Deny { reason, .. } => ConsentOutcome::denied(reason),
+        }
+    }
+
+    fn denied(reason: DenyReason) -> Self {
+        ConsentOutcome::Deny {
+            reason: reason.code(),
+            message_ja: reason.message_ja(),
+            message_en: reason.message_en(),
+        }
+    }
+}
+
 const SELECT_CURRENT: &str = "SELECT c.id, c.recipient, c.recipient_display, v.body,
          c.confirmation_requested_at
      FROM consents c JOIN consent_versions v
@@ -676,8 +682,4 @@ async fn insert_version(
     .execute(&mut *tx)
     .await?;
     Ok(())
-}
-
-fn millis_of(at: OffsetDateTime) -> i64 {
-    (at.unix_timestamp_nanos() / 1_000_000) as i64
 }

@@ -14,13 +14,13 @@ use maud::html;
 use serde::Deserialize;
 
 use super::consents::{
-    categories_of, confirm_consent, end_of_day, purposes_of, receipt_context, withdraw_consent,
+    audit_read, categories_of, confirm_consent, end_of_day, purposes_of, receipt_context,
+    withdraw_consent,
 };
 use super::error::ApiError;
-use super::portal::{html_response, page, same_origin, signed_in_page};
+use super::portal::{form_values, html_response, page, same_origin, signed_in_page};
 use super::session::PatientSession;
 use super::AppState;
-use crate::audit::{AuditEvent, EventKind};
 use crate::consents::ConsentView;
 use crate::error::Error;
 
@@ -30,16 +30,11 @@ pub async fn list(
     patient: PatientSession,
 ) -> Result<Response, ApiError> {
     let consents = state.consents.list(&patient.patient_id).await?;
-    let own = patient
-        .acting
-        .as_ref()
-        .map(|a| a.representative_patient_id.clone())
-        .unwrap_or_else(|| patient.patient_id.clone());
-    let represented = state.representations.represented_by(&own).await?;
-    let event = AuditEvent::new(EventKind::Search, patient.auth.agent())
-        .patient(&patient.patient_id)
-        .detail("consents (portal)");
-    state.audit.record_now(&event).await?;
+    let represented = state
+        .representations
+        .represented_by(patient.own_patient_id())
+        .await?;
+    audit_read(&state, &patient, None).await?;
     let config = state.consents.config();
     let purpose_label = |code: &str| {
         config
@@ -222,6 +217,7 @@ pub async fn change_form(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let consent = state.consents.current(&patient.patient_id, &id).await?;
+    audit_read(&state, &patient, Some(&id)).await?;
     if consent.status != phr_consent::ConsentStatus::Active {
         return Err(Error::Conflict("only a consent in force can be changed".into()).into());
     }
@@ -233,8 +229,7 @@ pub async fn change_form(
 
 fn change_page(state: &AppState, consent: &ConsentView, error: Option<&str>) -> maud::Markup {
     let config = state.consents.config();
-    let jst = time::UtcOffset::from_hms(9, 0, 0).unwrap_or(time::UtcOffset::UTC);
-    let today = time::OffsetDateTime::now_utc().to_offset(jst).date();
+    let today = crate::store::japan_today();
     let latest = today + time::Duration::days(i64::from(config.max_period_days));
     let current_end = consent.ends_at.as_deref().map(day_of).unwrap_or("");
     let label = |code: &str| {
@@ -290,12 +285,7 @@ pub async fn change(
     body: String,
 ) -> Result<Response, ApiError> {
     same_origin(&headers, &state)?;
-    let values = |name: &str| -> Vec<String> {
-        form_urlencoded::parse(body.as_bytes())
-            .filter(|(k, _)| k == name)
-            .map(|(_, v)| v.into_owned())
-            .collect()
-    };
+    let values = |name: &str| form_values(&body, name);
     if values("action").first().map(String::as_str) != Some("change") {
         return Ok(axum::response::Redirect::to("/portal/consents").into_response());
     }

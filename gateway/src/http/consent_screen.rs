@@ -13,18 +13,19 @@ use maud::{html, Markup};
 use phr_consent::{DataCategory, Recipient};
 use sha2::{Digest, Sha256};
 use time::format_description::well_known::Rfc3339;
-use time::{OffsetDateTime, UtcOffset};
+use time::OffsetDateTime;
 
 use super::consent_pages::notice_text;
 use super::consents::{categories_of, end_of_day, purposes_of, receipt_context};
 use super::error::ApiError;
-use super::portal::{html_response, page, same_origin};
+use super::portal::{form_values, html_response, page, same_origin};
 use super::session::PatientSession;
 use super::AppState;
 use crate::consents::GrantRequest;
 use crate::error::Error;
 use crate::oauth::authorize::{self, PendingAuthorization};
 use crate::oauth::scopes::Scope;
+use crate::store::japan_today;
 
 /// Shows the request, or a sign-in form that comes back here.
 pub async fn show(
@@ -88,12 +89,7 @@ pub async fn answer(
     let Some(request) = authorize::pending_request(&state.db, &request_id).await? else {
         return Ok(gone());
     };
-    let values = |name: &str| -> Vec<String> {
-        form_urlencoded::parse(body.as_bytes())
-            .filter(|(k, _)| k == name)
-            .map(|(_, v)| v.into_owned())
-            .collect()
-    };
+    let values = |name: &str| form_values(&body, name);
     let agent = patient.auth.agent();
     if values("action").first().map(String::as_str) != Some("grant") {
         state
@@ -251,8 +247,7 @@ fn screen(
     error: Option<&str>,
 ) -> Markup {
     let config = state.consents.config();
-    let jst = UtcOffset::from_hms(9, 0, 0).unwrap_or(UtcOffset::UTC);
-    let today = OffsetDateTime::now_utc().to_offset(jst).date();
+    let today = japan_today();
     let default_end = today + time::Duration::days(i64::from(config.default_period_days));
     let latest_end = today + time::Duration::days(i64::from(config.max_period_days));
     let declared_on = &request.compliance.declared_on;

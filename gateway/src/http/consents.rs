@@ -6,7 +6,7 @@ use axum::extract::{Path, State};
 use axum::Json;
 use phr_consent::{DataCategory, Purpose};
 use serde::{Deserialize, Serialize};
-use time::{Date, OffsetDateTime, Time, UtcOffset};
+use time::{OffsetDateTime, Time};
 use utoipa::ToSchema;
 
 use super::error::ApiError;
@@ -15,6 +15,7 @@ use super::AppState;
 use crate::audit::{AuditEvent, EventKind};
 use crate::consents::{ConsentVersionView, ConsentView, ReceiptContext};
 use crate::error::Error;
+use crate::store::{japan_today, parse_day, JAPAN};
 
 /// One consent as listed.
 #[derive(Serialize, ToSchema)]
@@ -322,11 +323,8 @@ pub fn categories_of(codes: &[String]) -> Result<Vec<DataCategory>, ApiError> {
 
 /// The first instant after the chosen last day (Japan time), checked against the maximum.
 pub fn end_of_day(ends_on: &str, max_days: u32) -> Result<OffsetDateTime, ApiError> {
-    let format = time::macros::format_description!("[year]-[month]-[day]");
-    let day = Date::parse(ends_on.trim(), &format)
-        .map_err(|_| Error::Invalid(format!("end date {ends_on:?} is not YYYY-MM-DD")))?;
-    let jst = UtcOffset::from_hms(9, 0, 0).map_err(|_| Error::Invalid("offset".into()))?;
-    let today = OffsetDateTime::now_utc().to_offset(jst).date();
+    let day = parse_day(ends_on, "end date")?;
+    let today = japan_today();
     if day < today {
         return Err(Error::Invalid("the end date has passed".into()).into());
     }
@@ -338,7 +336,7 @@ pub fn end_of_day(ends_on: &str, max_days: u32) -> Result<OffsetDateTime, ApiErr
     let next = day
         .next_day()
         .ok_or_else(|| Error::Invalid("end date out of range".into()))?;
-    Ok(next.with_time(Time::MIDNIGHT).assume_offset(jst))
+    Ok(next.with_time(Time::MIDNIGHT).assume_offset(JAPAN))
 }
 
 pub fn receipt_context(state: &AppState, language: &str, method: &str) -> ReceiptContext {
@@ -353,7 +351,8 @@ pub fn receipt_context(state: &AppState, language: &str, method: &str) -> Receip
     }
 }
 
-async fn audit_read(
+/// Audits a read of the patient's consents (one, or the list).
+pub(super) async fn audit_read(
     state: &AppState,
     patient: &PatientSession,
     id: Option<&str>,

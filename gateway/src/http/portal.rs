@@ -290,8 +290,8 @@ pub async fn logout(
     Ok(response)
 }
 
-/// The form sends `category` once per ticked box.
-fn form_values(body: &str, name: &str) -> Vec<String> {
+/// Every value of a form field (a ticked box sends its name once per box).
+pub(super) fn form_values(body: &str, name: &str) -> Vec<String> {
     form_urlencoded::parse(body.as_bytes())
         .filter(|(k, _)| k == name)
         .map(|(_, v)| v.into_owned())

@@ -14,6 +14,7 @@ use super::error::ApiError;
 use super::portal::same_origin;
 use super::session::{acting_for_cookie, OperatorSession, PatientSession};
 use super::AppState;
+use crate::audit::{AuditEvent, EventKind};
 use crate::error::Error;
 use crate::store::representations::RepresentationRecord;
 
@@ -96,17 +97,13 @@ pub async fn list(
     State(state): State<AppState>,
     patient: PatientSession,
 ) -> Result<Json<Vec<RepresentationView>>, ApiError> {
-    let own = own_patient_id(&patient);
+    let own = patient.own_patient_id();
     let records = state.representations.represented_by(own).await?;
+    let event = AuditEvent::new(EventKind::Search, patient.auth.agent())
+        .patient(own)
+        .detail("representations: whom this patient may act for");
+    state.audit.record_now(&event).await?;
     Ok(Json(records.iter().map(RepresentationView::of).collect()))
-}
-
-fn own_patient_id(patient: &PatientSession) -> &str {
-    patient
-        .acting
-        .as_ref()
-        .map(|a| a.representative_patient_id.as_str())
-        .unwrap_or(&patient.patient_id)
 }
 
 #[derive(Debug, Deserialize)]
@@ -124,7 +121,7 @@ pub async fn choose(
     Form(form): Form<ActingForForm>,
 ) -> Result<Response, ApiError> {
     same_origin(&headers, &state)?;
-    let own = own_patient_id(&patient).to_string();
+    let own = patient.own_patient_id().to_string();
     let chosen = form.patient_id.trim();
     let cookie = if chosen.is_empty() || chosen == own {
         acting_for_cookie("", 0)

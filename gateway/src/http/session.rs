@@ -73,6 +73,14 @@ pub struct Acting {
 }
 
 impl PatientSession {
+    /// The signed-in account's own patient id, whoever it is acting for.
+    pub fn own_patient_id(&self) -> &str {
+        self.acting
+            .as_ref()
+            .map(|a| a.representative_patient_id.as_str())
+            .unwrap_or(&self.patient_id)
+    }
+
     /// Who is acting, for consent records: the patient, or their representative.
     pub fn performer(&self) -> Performer {
         match &self.acting {

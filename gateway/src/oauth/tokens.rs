@@ -156,20 +156,42 @@ async fn issue(
 
 /// Revokes every token of a family and the code it came from; returns the tokens revoked.
 async fn revoke_family(conn: &mut AnyConnection, family_id: &str) -> Result<u64> {
+    revoke_where(conn, Grouping::Family, family_id).await
+}
+
+/// What ties tokens and codes together for revocation: one grant, or one consent.
+#[derive(Clone, Copy)]
+enum Grouping {
+    Family,
+    Consent,
+}
+
+impl Grouping {
+    fn column(self) -> &'static str {
+        match self {
+            Grouping::Family => "family_id",
+            Grouping::Consent => "consent_id",
+        }
+    }
+}
+
+/// Revokes the tokens and codes of one family or consent; returns the tokens revoked.
+async fn revoke_where(conn: &mut AnyConnection, grouping: Grouping, value: &str) -> Result<u64> {
     let now = now_millis();
-    let revoked = sqlx::query(
-        "UPDATE oauth_tokens SET revoked_at = $1 WHERE family_id = $2 AND revoked_at IS NULL",
-    )
+    let column = grouping.column();
+    let revoked = sqlx::query(&format!(
+        "UPDATE oauth_tokens SET revoked_at = $1 WHERE {column} = $2 AND revoked_at IS NULL"
+    ))
     .bind(now)
-    .bind(family_id)
+    .bind(value)
     .execute(&mut *conn)
     .await?
     .rows_affected();
-    sqlx::query(
-        "UPDATE oauth_codes SET revoked_at = $1 WHERE family_id = $2 AND revoked_at IS NULL",
-    )
+    sqlx::query(&format!(
+        "UPDATE oauth_codes SET revoked_at = $1 WHERE {column} = $2 AND revoked_at IS NULL"
+    ))
     .bind(now)
-    .bind(family_id)
+    .bind(value)
     .execute(&mut *conn)
     .await?;
     Ok(revoked)
@@ -553,23 +575,8 @@ pub async fn access_grant(db: &Database, token: &str) -> Result<AccessGrant> {
 /// Revokes every access and refresh token (and unexchanged code) issued under a consent;
 /// called when the patient withdraws it. Audited; returns the number of tokens revoked.
 pub async fn revoke_by_consent(db: &Database, consent_id: &str) -> Result<u64> {
-    let now = now_millis();
     let mut tx = db.begin().await?;
-    let revoked = sqlx::query(
-        "UPDATE oauth_tokens SET revoked_at = $1 WHERE consent_id = $2 AND revoked_at IS NULL",
-    )
-    .bind(now)
-    .bind(consent_id)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    sqlx::query(
-        "UPDATE oauth_codes SET revoked_at = $1 WHERE consent_id = $2 AND revoked_at IS NULL",
-    )
-    .bind(now)
-    .bind(consent_id)
-    .execute(&mut *tx)
-    .await?;
+    let revoked = revoke_where(&mut tx, Grouping::Consent, consent_id).await?;
     let event = AuditEvent::new(EventKind::TokenRevoked, Agent::system())
         .resource(format!("Consent/{consent_id}"))
         .detail(format!(

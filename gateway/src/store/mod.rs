@@ -249,8 +249,27 @@ pub(crate) async fn insert_patient(
 
 /// Unix time in milliseconds, the store's one time representation.
 pub fn now_millis() -> i64 {
-    let now = time::OffsetDateTime::now_utc();
-    (now.unix_timestamp_nanos() / 1_000_000) as i64
+    millis_of(time::OffsetDateTime::now_utc())
+}
+
+/// An instant as Unix milliseconds.
+pub fn millis_of(at: time::OffsetDateTime) -> i64 {
+    (at.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// Japan Standard Time: days (end dates, birthdays) are counted by Japan's calendar.
+pub const JAPAN: time::UtcOffset = time::macros::offset!(+9);
+
+/// Today by Japan's calendar.
+pub fn japan_today() -> time::Date {
+    time::OffsetDateTime::now_utc().to_offset(JAPAN).date()
+}
+
+/// A `YYYY-MM-DD` day; `Error::Invalid` naming `what` otherwise.
+pub fn parse_day(text: &str, what: &str) -> Result<time::Date> {
+    let format = time::macros::format_description!("[year]-[month]-[day]");
+    time::Date::parse(text.trim(), &format)
+        .map_err(|_| Error::Invalid(format!("{what} {text:?} is not YYYY-MM-DD")))
 }
 
 pub fn millis_to_rfc3339(millis: i64) -> String {

@@ -7,9 +7,9 @@ use phr_consent::{representation_ended, Representation};
 use serde::Serialize;
 use sqlx::any::AnyRow;
 use sqlx::Row;
-use time::{Date, OffsetDateTime, UtcOffset};
+use time::Date;
 
-use super::{insert_patient, now_millis, Database};
+use super::{insert_patient, japan_today, now_millis, parse_day, Database};
 use crate::audit::{self, Agent, AuditEvent, EventKind};
 use crate::error::{Error, Result};
 
@@ -64,7 +64,7 @@ impl Representations {
                 "a person does not represent themself".into(),
             ));
         }
-        let birth_date = represented_birth_date.map(parse_date).transpose()?;
+        let birth_date = represented_birth_date.map(parse_birth_date).transpose()?;
         match kind {
             Representation::OneSelf => {
                 return Err(Error::Invalid(
@@ -78,7 +78,7 @@ impl Representations {
             }
             _ => {}
         }
-        if representation_ended(kind, birth_date, today(), self.age_of_majority) {
+        if representation_ended(kind, birth_date, japan_today(), self.age_of_majority) {
             return Err(Error::Invalid(
                 "the person has reached the age of majority and acts for themself".into(),
             ));
@@ -192,12 +192,12 @@ impl Representations {
         let birth_date = record
             .represented_birth_date
             .as_deref()
-            .map(parse_date)
+            .map(parse_birth_date)
             .transpose()?;
         Ok(representation_ended(
             record.kind,
             birth_date,
-            today(),
+            japan_today(),
             self.age_of_majority,
         ))
     }
@@ -266,14 +266,6 @@ fn record_of(row: &AnyRow) -> Result<RepresentationRecord> {
     })
 }
 
-fn parse_date(text: &str) -> Result<Date> {
-    let format = time::macros::format_description!("[year]-[month]-[day]");
-    Date::parse(text.trim(), &format)
-        .map_err(|_| Error::Invalid(format!("date {text:?} is not YYYY-MM-DD")))
-}
-
-/// Today in Japan.
-fn today() -> Date {
-    let jst = UtcOffset::from_hms(9, 0, 0).unwrap_or(UtcOffset::UTC);
-    OffsetDateTime::now_utc().to_offset(jst).date()
+fn parse_birth_date(text: &str) -> Result<Date> {
+    parse_day(text, "birth date")
 }
