@@ -133,6 +133,7 @@ impl Gateway {
         let instructions =
             Instructions::new(db.clone(), keys.clone(), receipts.clone(), queue.clone());
         let consents = Consents::new(db.clone(), receipts.clone(), config.consent.clone());
+        let uploads = crate::uploads::UploadPermissions::new(db.clone(), receipts.clone());
         let representations = Representations::new(db.clone(), config.consent.age_of_majority);
         let state = AppState {
             tls: tls.is_some(),
@@ -145,6 +146,7 @@ impl Gateway {
             metrics: Arc::default(),
             instructions,
             consents,
+            uploads,
             representations,
             queue,
             registry: Arc::new(registry),

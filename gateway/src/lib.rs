@@ -23,6 +23,7 @@ pub mod receipts;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod uploads;
 
 pub use app::{Gateway, RunningGateway};
 pub use config::Config;

@@ -11,6 +11,7 @@ mod consent_pages;
 mod consent_rules;
 mod consents;
 mod http;
+mod institution_uploads;
 mod oauth;
 mod openapi;
 mod portal;

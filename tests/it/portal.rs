@@ -255,3 +255,74 @@ async fn a_checkup_file_is_added_from_the_portal_once() {
     browser.close().await;
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkup_institution_is_allowed_and_withdrawn_in_the_portal() {
+    use phr_gateway::audit::Agent;
+    use phr_gateway::oauth::clients::{self, ComplianceDeclaration, NewClient, Recipient};
+
+    let app = spawn_app_with(TestEnv::new(Engine::Sqlite).await, |_| {}).await;
+    patient_account(&app).await;
+    let key = phr_adapters::fhir_r4::BackendKey::generate_es384();
+    let (institution, _) = clients::register(
+        &app.gateway().state.db,
+        &Agent::system(),
+        NewClient {
+            display_name: "みなと健診".into(),
+            redirect_uris: Vec::new(),
+            jwks: Some(serde_json::json!({"keys": [key.public_jwk()]})),
+            recipient: Recipient {
+                name: "みなと健診センター".into(),
+                identifier: "4010001000001".into(),
+            },
+            compliance: ComplianceDeclaration {
+                declared: true,
+                statement: "PHRサービス事業者に関する基本的指針を遵守します".into(),
+                declared_on: "2026-04-01".into(),
+            },
+        },
+    )
+    .await
+    .expect("institution");
+    let browser = Browser::start().await;
+    let c = &browser.client;
+    sign_in(c, &app, "hanako", "correct horse battery staple").await;
+    c.wait()
+        .for_element(Locator::Css("#nav-consents"))
+        .await
+        .expect("signed in");
+    c.goto(&app.url("/portal")).await.expect("portal");
+    // No institution is chosen in advance.
+    let selected = c
+        .execute(
+            "return document.querySelector('select[name=client_id]').value",
+            vec![],
+        )
+        .await
+        .expect("select");
+    assert_eq!(selected, serde_json::json!(""));
+    c.wait()
+        .for_element(Locator::Css("select[name=client_id]"))
+        .await
+        .expect("institution list")
+        .select_by_value(&institution.id)
+        .await
+        .expect("choose");
+    click(
+        c,
+        "form[action='/portal/upload-permissions'] button[type=submit]",
+    )
+    .await;
+    wait_text(c, "tr[data-upload-permission] td.status", "有効").await;
+    // Withdrawing is one click on the same page.
+    click(c, "tr[data-upload-permission] button.withdraw").await;
+    wait_text(c, "tr[data-upload-permission] td.status", "取り消し済み").await;
+    let statuses: Vec<String> =
+        sqlx::query_scalar("SELECT status FROM upload_permissions WHERE patient_id = 'p-portal'")
+            .fetch_all(app.gateway().state.db.read_pool())
+            .await
+            .expect("permissions");
+    assert_eq!(statuses, vec!["withdrawn".to_string()]);
+    browser.close().await;
+    app.stop().await;
+}

@@ -33,6 +33,9 @@ pub enum EventKind {
     PullInstructionGiven,
     PullInstructionAuthorised,
     PullInstructionWithdrawn,
+    /// The patient let a checkup institution upload their results, or withdrew that.
+    UploadPermissionGiven,
+    UploadPermissionWithdrawn,
     /// A pulled item was refused (e.g. it belongs to another patient).
     PullItemRejected,
     /// Stored data was deleted at the patient's request.
@@ -82,6 +85,9 @@ impl EventKind {
                 coding(GATEWAY_EVENTS, "pull-instruction", "Pull instruction")
             }
             EventKind::PullItemRejected => coding(DCM, "110113", "Security Alert"),
+            EventKind::UploadPermissionGiven | EventKind::UploadPermissionWithdrawn => {
+                coding(GATEWAY_EVENTS, "upload-permission", "Upload permission")
+            }
             EventKind::DataDeleted => coding(DCM, "110110", "Patient Record"),
             EventKind::ConsentGranted
             | EventKind::ConsentChanged
@@ -132,6 +138,10 @@ impl EventKind {
             EventKind::PullInstructionWithdrawn => coding(GATEWAY_EVENTS, "withdrawn", "Withdrawn"),
             EventKind::PullItemRejected => {
                 coding(GATEWAY_EVENTS, "pull-item-rejected", "Pulled item rejected")
+            }
+            EventKind::UploadPermissionGiven => coding(GATEWAY_EVENTS, "given", "Given"),
+            EventKind::UploadPermissionWithdrawn => {
+                coding(GATEWAY_EVENTS, "withdrawn", "Withdrawn")
             }
             EventKind::DataDeleted => coding(RESTFUL, "delete", "delete"),
             EventKind::ConsentGranted => coding(GATEWAY_EVENTS, "consent-granted", "Granted"),
@@ -193,6 +203,8 @@ impl EventKind {
             | EventKind::PullInstructionWithdrawn
             | EventKind::DataDeleted => "D",
             EventKind::PullItemRejected => "E",
+            EventKind::UploadPermissionGiven => "C",
+            EventKind::UploadPermissionWithdrawn => "D",
             EventKind::ConsentGranted => "C",
             EventKind::ConsentChanged => "U",
             EventKind::ConsentWithdrawn => "D",

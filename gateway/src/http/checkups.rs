@@ -1,10 +1,11 @@
-//! 特定健診 uploads: the patient (or a checkup institution acting on the patient's
-//! instruction, through the patient's session) sends one hc08 CDA or the MHLW exchange ZIP.
+//! 特定健診 uploads: the patient (through their session) or a checkup institution (with
+//! its own client credentials, under the patient's upload permission) sends one hc08 CDA
+//! or the MHLW exchange ZIP.
 //! Every document is validated and converted before anything is stored; one bad document
 //! refuses the whole upload, so nothing is half-stored.
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -16,15 +17,40 @@ use utoipa::ToSchema;
 use super::error::ApiError;
 use super::session::PatientSession;
 use super::AppState;
-use crate::audit::{AuditEvent, EventKind, Outcome};
+use crate::audit::{Actor, Agent, AuditEvent, EventKind, Outcome};
 use crate::checkups::{self, ConvertedCheckup};
 use crate::error::Error;
+use crate::oauth::{AccessGrant, Scope};
 use crate::provenance::{provenance_for, Origin};
 use crate::store::reconciliation;
 use crate::store::resources::{NewResource, WriteOutcome};
+use crate::uploads::UploadPermissions;
 
-/// The source an uploaded checkup's Provenance names.
+/// The source a patient's own upload names in Provenance.
 const UPLOAD_SOURCE: &str = "upload";
+
+/// Who sends an upload, and what its Provenance and audit leaves say.
+pub struct Uploader {
+    pub patient_id: String,
+    pub agent: Agent,
+    /// The Provenance source: `upload` for the patient, `upload:<client>` for an institution.
+    pub source_id: String,
+    pub source_display: String,
+    /// The upload permission an institution sends under (the Provenance policy).
+    pub permission: Option<String>,
+}
+
+impl Uploader {
+    pub fn patient(session: &PatientSession) -> Self {
+        Uploader {
+            patient_id: session.patient_id.clone(),
+            agent: session.auth.agent(),
+            source_id: UPLOAD_SOURCE.into(),
+            source_display: "特定健診 upload".into(),
+            permission: None,
+        }
+    }
+}
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct StoredCheckup {
@@ -60,24 +86,100 @@ pub async fn upload(
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
         .unwrap_or_default();
-    let uploaded = upload_checkups(&state, &patient, content_type, &body).await?;
+    let uploaded =
+        upload_checkups(&state, &Uploader::patient(&patient), content_type, &body).await?;
+    Ok((StatusCode::CREATED, Json(uploaded)).into_response())
+}
+
+/// A checkup institution uploads 特定健診 results under the patient's upload permission
+/// (`{id}`, the reference the patient gave it), with a client-credentials token holding
+/// `system/DocumentReference.c`. Same formats and checks as the patient's own upload.
+#[utoipa::path(post, path = "/institution/upload-permissions/{id}/checkups", tag = "checkups",
+    params(("id" = String, Path, description = "The patient's upload permission")),
+    request_body(content = Vec<u8>, description = "hc08 CDA or exchange ZIP", content_type = "application/hl7-v3+xml"),
+    responses((status = 201, description = "Stored (one report per checkup, reconciled with other sources)", body = UploadedCheckups),
+        (status = 400, description = "Invalid document, archive or content type, or a document about someone else; nothing stored", content_type = "application/problem+json"),
+        (status = 401, description = "No, unknown, expired or revoked token", content_type = "application/problem+json"),
+        (status = 403, description = "The token lacks system/DocumentReference.c, or the permission was withdrawn or has expired", content_type = "application/problem+json"),
+        (status = 404, description = "No such permission for this institution", content_type = "application/problem+json")))]
+pub async fn institution_upload(
+    State(state): State<AppState>,
+    grant: AccessGrant,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    if !Scope::CheckupUpload.covered_by_any(&grant.scopes) {
+        return Err(Error::Forbidden("the token does not hold system/DocumentReference.c").into());
+    }
+    let agent = Agent {
+        actor: Actor::Client {
+            id: grant.client_id.clone(),
+        },
+        address: None,
+        token_jti: Some(grant.token_family.clone()),
+    };
+    let permission = match state.uploads.admitting(&id, &grant.client_id).await {
+        Ok(permission) => permission,
+        Err(error) => {
+            let mut event = AuditEvent::new(EventKind::Create, agent)
+                .outcome(Outcome::MinorFailure)
+                .detail(format!("特定健診 upload under permission refused: {error}"));
+            if let Ok(known) = state.uploads.get(&id).await {
+                // Only the permission's own institution learns why; the patient sees it too.
+                if known.client_id == grant.client_id {
+                    event = event.patient(&known.patient_id);
+                    state
+                        .uploads
+                        .record_refused_upload(&id, &grant.client_id, &error.to_string())
+                        .await?;
+                }
+            }
+            state.audit.record_now(&event).await?;
+            return Err(error.into());
+        }
+    };
+    let institution = crate::oauth::clients::get(&state.db, &grant.client_id)
+        .await?
+        .map(|client| client.display_name)
+        .unwrap_or_else(|| grant.client_id.clone());
+    let uploader = Uploader {
+        patient_id: permission.patient_id.clone(),
+        agent,
+        source_id: format!("upload:{}", grant.client_id),
+        source_display: format!("{institution} (特定健診 upload)"),
+        permission: Some(permission.id.clone()),
+    };
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default();
+    let uploaded = upload_checkups(&state, &uploader, content_type, &body).await?;
     Ok((StatusCode::CREATED, Json(uploaded)).into_response())
 }
 
 /// Converts and stores an upload (API and portal share it); a refusal is audited.
 pub async fn upload_checkups(
     state: &AppState,
-    patient: &PatientSession,
+    uploader: &Uploader,
     content_type: &str,
     body: &[u8],
 ) -> Result<UploadedCheckups, ApiError> {
-    match convert_upload(state, patient, content_type, body).await {
-        Ok(converted) => store(state, patient, converted).await,
+    match convert_upload(state, &uploader.patient_id, content_type, body).await {
+        Ok(converted) => store(state, uploader, converted).await,
         Err(error) => {
-            let event = AuditEvent::new(EventKind::Create, patient.auth.agent())
+            let event = AuditEvent::new(EventKind::Create, uploader.agent.clone())
                 .outcome(Outcome::MinorFailure)
-                .patient(&patient.patient_id)
+                .patient(&uploader.patient_id)
                 .detail(format!("特定健診 upload refused: {error}"));
+            if let (Some(permission), Actor::Client { id }) =
+                (&uploader.permission, &uploader.agent.actor)
+            {
+                state
+                    .uploads
+                    .record_refused_upload(permission, id, &error.to_string())
+                    .await?;
+            }
             state.audit.record_now(&event).await?;
             Err(error.into())
         }
@@ -86,7 +188,7 @@ pub async fn upload_checkups(
 
 async fn convert_upload(
     state: &AppState,
-    patient: &PatientSession,
+    patient_id: &str,
     content_type: &str,
     body: &[u8],
 ) -> Result<Vec<ConvertedCheckup>, Error> {
@@ -120,10 +222,10 @@ async fn convert_upload(
             "the archive holds no checkup results".into(),
         ));
     }
-    let known = known_birth_dates(state, &patient.patient_id).await?;
+    let known = known_birth_dates(state, patient_id).await?;
     let mut converted = Vec::with_capacity(documents.len());
     for (name, xml) in documents {
-        let checkup = checkups::convert(&patient.patient_id, &xml).map_err(|e| match e {
+        let checkup = checkups::convert(patient_id, &xml).map_err(|e| match e {
             Error::Invalid(reason) => Error::Invalid(format!("{name}: {reason}")),
             other => other,
         })?;
@@ -165,10 +267,10 @@ async fn known_birth_dates(state: &AppState, patient_id: &str) -> Result<Vec<Str
 /// The checkups, their upload Provenance and the audit leaf commit together.
 async fn store(
     state: &AppState,
-    patient: &PatientSession,
+    uploader: &Uploader,
     converted: Vec<ConvertedCheckup>,
 ) -> Result<UploadedCheckups, ApiError> {
-    let agent = patient.auth.agent();
+    let agent = uploader.agent.clone();
     let batch: Vec<NewResource> = converted.iter().map(|c| c.resource.clone()).collect();
     for new in &batch {
         state.resources.validate(new)?;
@@ -190,18 +292,21 @@ async fn store(
     for meta in &targets {
         reconciliation::record_origin_in(
             &mut tx,
-            &patient.patient_id,
+            &uploader.patient_id,
             &meta.resource_type,
             &meta.source_resource_id,
-            UPLOAD_SOURCE,
+            &uploader.source_id,
         )
         .await?;
     }
     let origin = Origin {
-        patient_id: &patient.patient_id,
-        source_id: UPLOAD_SOURCE,
-        source_display: "特定健診 upload",
-        policy: None,
+        patient_id: &uploader.patient_id,
+        source_id: &uploader.source_id,
+        source_display: &uploader.source_display,
+        policy: uploader
+            .permission
+            .as_ref()
+            .map(|id| format!("urn:phr-gateway:upload-permission:{id}")),
         entity: None,
     };
     if let Some(provenance) = provenance_for(&origin, &targets)? {
@@ -209,6 +314,10 @@ async fn store(
             .resources
             .put_batch_in(&mut tx, &agent, vec![provenance], &keys, None)
             .await?;
+    }
+    if let (Some(permission), Actor::Client { id }) = (&uploader.permission, &agent.actor) {
+        let detail = format!("{} checkup report(s)", written.len());
+        UploadPermissions::record_upload_in(&mut tx, permission, id, &detail, false).await?;
     }
     tx.commit().await.map_err(Error::from)?;
     state.audit.notify();

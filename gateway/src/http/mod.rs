@@ -18,6 +18,7 @@ pub mod portal;
 pub mod pull;
 pub mod representations;
 pub mod session;
+pub mod uploads;
 
 use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
@@ -57,6 +58,7 @@ pub struct AppState {
     pub metrics: Arc<metrics::Metrics>,
     pub instructions: Instructions,
     pub consents: crate::consents::Consents,
+    pub uploads: crate::uploads::UploadPermissions,
     pub representations: crate::store::representations::Representations,
     pub queue: JobQueue,
     pub registry: Arc<SourceRegistry>,
@@ -126,6 +128,12 @@ pub fn router(state: AppState) -> Router {
         .route("/patient/resources", get(patient::resources))
         .route("/patient/sources", get(pull::sources))
         .route("/patient/checkups", post(checkups::upload))
+        .route("/patient/upload-permissions", get(uploads::list).post(uploads::give))
+        .route("/patient/upload-permissions/{id}/withdraw", post(uploads::withdraw))
+        .route(
+            "/institution/upload-permissions/{id}/checkups",
+            post(checkups::institution_upload),
+        )
         .route("/patient/sources/callback", get(pull::callback))
         .route("/patient/pull-instructions", get(pull::list).post(pull::give))
         .route("/patient/pull-instructions/{id}", get(pull::detail))
@@ -145,6 +153,8 @@ pub fn router(state: AppState) -> Router {
         .route("/portal/logout", post(portal::logout))
         .route("/portal/pull-instructions", post(portal::give))
         .route("/portal/checkups", post(portal::upload_checkups))
+        .route("/portal/upload-permissions", post(uploads::portal_give))
+        .route("/portal/upload-permissions/{id}/withdraw", post(uploads::portal_withdraw))
         .route("/portal/pull-instructions/{id}/withdraw", post(portal::withdraw))
         .route("/portal/consents", get(consent_pages::list))
         .route("/portal/consents/{id}/withdraw", post(consent_pages::withdraw))

@@ -126,6 +126,7 @@ pub async fn home(
         rows.push((instruction.clone(), source_name, jobs, unavailable));
     }
     let sources = state.registry.infos();
+    let upload_permissions = super::uploads::portal_section(&state, &patient).await?;
     let markup = signed_in_page(
         "データ取得の指示 / Pull instructions",
         html! {
@@ -201,6 +202,7 @@ pub async fn home(
                 }
                 button type="submit" { "取り込む / Add" }
             }
+            (upload_permissions)
             form method="post" action="/portal/logout" { button type="submit" { "サインアウト / Sign out" } }
         },
     );
@@ -395,7 +397,13 @@ pub async fn upload_checkups(
     } else {
         "application/xml"
     };
-    let uploaded = super::checkups::upload_checkups(&state, &patient, content_type, &bytes).await?;
+    let uploaded = super::checkups::upload_checkups(
+        &state,
+        &super::checkups::Uploader::patient(&patient),
+        content_type,
+        &bytes,
+    )
+    .await?;
     let markup = signed_in_page(
         "取り込みました / Added",
         html! {

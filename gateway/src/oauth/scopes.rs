@@ -1,7 +1,9 @@
 //! SMART App Launch 2.2 scopes as the gateway grants them: read-only resource scopes
 //! (`patient/<Type>.rs`, the v1 `.read` accepted as an alias), `system/<Type>.rs` for
 //! client credentials, and the context scopes `launch/patient`, `openid`, `fhirUser`,
-//! `offline_access`. Resource types are those a data category covers, or `*`.
+//! `offline_access`. Resource types are those a data category covers, or `*`. One write
+//! scope exists: `system/DocumentReference.c`, for checkup institutions that upload a
+//! patient's 特定健診 results under the patient's upload permission.
 
 use std::fmt;
 
@@ -43,6 +45,9 @@ pub enum Scope {
     OpenId,
     FhirUser,
     OfflineAccess,
+    /// `system/DocumentReference.c`: send checkup documents (CDA or exchange ZIP) under a
+    /// patient's upload permission. Reads nothing.
+    CheckupUpload,
     Resource {
         context: Context,
         /// A FHIR resource type, or `*` for every type a category covers.
@@ -50,6 +55,8 @@ pub enum Scope {
         permissions: Permissions,
     },
 }
+
+const CHECKUP_UPLOAD: &str = "system/DocumentReference.c";
 
 /// Why a scope string is refused (the OAuth error is always `invalid_scope`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +76,7 @@ impl Scope {
             "openid" => return Ok(Scope::OpenId),
             "fhirUser" => return Ok(Scope::FhirUser),
             "offline_access" => return Ok(Scope::OfflineAccess),
+            CHECKUP_UPLOAD => return Ok(Scope::CheckupUpload),
             _ => {}
         }
         let unknown = || ScopeError(format!("unknown scope {token:?}"));
@@ -145,10 +153,11 @@ impl Scope {
     pub fn is_system(&self) -> bool {
         matches!(
             self,
-            Scope::Resource {
-                context: Context::System,
-                ..
-            }
+            Scope::CheckupUpload
+                | Scope::Resource {
+                    context: Context::System,
+                    ..
+                }
         )
     }
 
@@ -183,6 +192,7 @@ impl fmt::Display for Scope {
             Scope::OpenId => f.write_str("openid"),
             Scope::FhirUser => f.write_str("fhirUser"),
             Scope::OfflineAccess => f.write_str("offline_access"),
+            Scope::CheckupUpload => f.write_str(CHECKUP_UPLOAD),
             Scope::Resource {
                 context,
                 resource_type,
@@ -234,6 +244,9 @@ pub fn supported_resource_scopes(context: Context) -> Vec<String> {
         Context::System => "system",
     };
     let mut scopes = vec![format!("{prefix}/*.rs")];
+    if context == Context::System {
+        scopes.push(CHECKUP_UPLOAD.to_string());
+    }
     for category in DataCategory::ALL {
         for resource_type in category.resource_types() {
             scopes.push(format!("{prefix}/{resource_type}.rs"));
@@ -268,6 +281,9 @@ mod tests {
             "patient/Observation.write",
             "patient/Observation.cruds",
             "patient/Observation.c",
+            "patient/DocumentReference.c",
+            "system/DocumentReference.cruds",
+            "system/Observation.c",
             "patient/Practitioner.rs",
             "user/Observation.rs",
             "patient/Observation.rs?category=laboratory",
@@ -292,6 +308,21 @@ mod tests {
         assert!(!all.covered_by(&obs));
         assert!(Scope::OfflineAccess.covered_by_any(&[obs.clone(), Scope::OfflineAccess]));
         assert!(!Scope::OfflineAccess.covered_by_any(&[obs]));
+    }
+
+    #[test]
+    fn the_checkup_upload_scope_is_a_system_scope_that_reads_nothing() {
+        let upload = Scope::parse("system/DocumentReference.c").unwrap();
+        assert_eq!(upload, Scope::CheckupUpload);
+        assert_eq!(upload.to_string(), "system/DocumentReference.c");
+        assert!(upload.is_system());
+        assert!(!upload.is_patient_resource());
+        assert!(upload.categories().is_empty());
+        let read_all = Scope::parse("system/*.rs").unwrap();
+        assert!(!upload.covered_by(&read_all));
+        assert!(!read_all.covered_by(&upload));
+        assert!(supported_resource_scopes(Context::System).contains(&upload.to_string()));
+        assert!(!supported_resource_scopes(Context::Patient).contains(&upload.to_string()));
     }
 
     #[test]
