@@ -444,11 +444,11 @@ async fn bad_input_gets_clear_errors_never_500(engine: Engine) {
     assert_eq!(outcome["resourceType"], "OperationOutcome");
     let fhir = app
         .client
-        .get(app.url("/fhir/Encounter/x"))
+        .delete(app.url("/fhir/Encounter/x"))
         .send()
         .await
         .expect("fhir");
-    assert_eq!(fhir.status(), 404);
+    assert_eq!(fhir.status(), 405);
     assert_eq!(
         fhir.headers()[header::CONTENT_TYPE],
         "application/fhir+json"

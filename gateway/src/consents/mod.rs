@@ -446,34 +446,14 @@ impl Consents {
         consent_id: &str,
         requested: Requested<'_>,
     ) -> Result<ConsentOutcome> {
-        let consents: Vec<Consent> = match self.current(patient_id, consent_id).await {
-            Ok(view) => vec![view.consent],
-            Err(Error::NotFound(_)) => Vec::new(),
-            Err(other) => return Err(other),
-        };
-        let now = OffsetDateTime::now_utc();
-        let purposes: Vec<Purpose> = consents
-            .first()
-            .map(|c| c.provision.purposes.clone())
-            .unwrap_or_default();
-        // The first permit under any of the consent's purposes; else the first denial. No such
-        // consent for this patient: nothing to permit under.
-        let mut outcome = None;
-        for purpose in &purposes {
-            let request = AccessRequest {
-                patient: patient_id,
-                recipient,
-                purpose,
-                requested,
-            };
-            match ConsentOutcome::of(decide(&request, &consents, now)) {
-                permit @ ConsentOutcome::Permit { .. } => return Ok(permit),
-                deny => {
-                    outcome.get_or_insert(deny);
-                }
-            }
-        }
-        let outcome = outcome.unwrap_or_else(|| ConsentOutcome::denied(DenyReason::NoConsent));
+        let consent = self.consent_in_force_for(patient_id, consent_id).await?;
+        let outcome = decide_under_consent(
+            consent.as_ref(),
+            patient_id,
+            recipient,
+            requested,
+            OffsetDateTime::now_utc(),
+        );
         if let ConsentOutcome::Deny { reason, .. } = &outcome {
             self.audit_denial(
                 agent,
@@ -486,6 +466,31 @@ impl Consents {
             .await?;
         }
         Ok(outcome)
+    }
+
+    /// The current version of the patient's consent `consent_id` (whatever its status), or
+    /// `None` when the patient has no such consent. For deciding many accesses of one
+    /// request with [`decide_under_consent`].
+    pub async fn consent_in_force_for(
+        &self,
+        patient_id: &str,
+        consent_id: &str,
+    ) -> Result<Option<Consent>> {
+        match self.current(patient_id, consent_id).await {
+            Ok(view) => Ok(Some(view.consent)),
+            Err(Error::NotFound(_)) => Ok(None),
+            Err(other) => Err(other),
+        }
+    }
+
+    /// Records a refused access with its reason (PHI-free).
+    pub async fn record_denial(
+        &self,
+        agent: &Agent,
+        patient_id: &str,
+        detail: String,
+    ) -> Result<()> {
+        self.audit_denial(agent, patient_id, detail).await
     }
 
     /// The current version of each of the patient's consents for this recipient.
@@ -578,6 +583,39 @@ impl Consents {
             context,
         )
     }
+}
+
+/// Decides one access made under `consent` (the consent a token rests on): only it counts,
+/// for any of the purposes the patient agreed to in it; the first permit wins, else the
+/// first denial. No consent permits nothing. Pure: a request deciding many resources loads
+/// the consent once.
+pub fn decide_under_consent(
+    consent: Option<&Consent>,
+    patient_id: &str,
+    recipient: &Recipient,
+    requested: Requested<'_>,
+    now: OffsetDateTime,
+) -> ConsentOutcome {
+    let consents = consent.map(std::slice::from_ref).unwrap_or_default();
+    let purposes = consent
+        .map(|c| c.provision.purposes.as_slice())
+        .unwrap_or_default();
+    let mut outcome = None;
+    for purpose in purposes {
+        let request = AccessRequest {
+            patient: patient_id,
+            recipient,
+            purpose,
+            requested,
+        };
+        match ConsentOutcome::of(decide(&request, consents, now)) {
+            permit @ ConsentOutcome::Permit { .. } => return permit,
+            deny => {
+                outcome.get_or_insert(deny);
+            }
+        }
+    }
+    outcome.unwrap_or_else(|| ConsentOutcome::denied(DenyReason::NoConsent))
 }
 
 /// The decision on one access, in words the gateway can show.

@@ -52,7 +52,7 @@ impl AppState {
     }
 }
 
-fn agent(address: Option<std::net::IpAddr>, client_id: Option<&str>) -> Agent {
+pub(super) fn agent(address: Option<std::net::IpAddr>, client_id: Option<&str>) -> Agent {
     Agent {
         actor: match client_id {
             Some(id) => Actor::Client { id: id.to_string() },
@@ -64,7 +64,12 @@ fn agent(address: Option<std::net::IpAddr>, client_id: Option<&str>) -> Agent {
 }
 
 /// Records a refusal with its OAuth error code.
-async fn audit_refusal(state: &AppState, agent: &Agent, endpoint: &str, error: &OAuthError) {
+pub(super) async fn audit_refusal(
+    state: &AppState,
+    agent: &Agent,
+    endpoint: &str,
+    error: &OAuthError,
+) {
     let event = AuditEvent::new(EventKind::OAuthRefused, agent.clone())
         .outcome(Outcome::MinorFailure)
         .detail(format!("{endpoint}: {error}"));
@@ -898,7 +903,7 @@ pub async fn introspect(
 // Bearer tokens on resource endpoints
 
 /// A 401 for resource endpoints: problem+json with the RFC 6750 challenge.
-fn bearer_refusal(error: Option<&OAuthError>) -> Response {
+pub(super) fn bearer_refusal(error: Option<&OAuthError>) -> Response {
     let detail = error.map_or_else(
         || "an access token is required".to_string(),
         |e| e.to_string(),

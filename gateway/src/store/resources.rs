@@ -349,6 +349,108 @@ impl ResourceStore {
         })
     }
 
+    /// One page of the patient's current resources of `types`, in id order (time-ordered
+    /// ids, so oldest first) after `after_id`, within `updated` (Unix millis, inclusive
+    /// bounds), decrypted; at most `limit`.
+    pub async fn page_current(
+        &self,
+        patient_id: &str,
+        types: &[&str],
+        updated: &UpdatedRange,
+        after_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<StoredResource>> {
+        if types.is_empty() || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let (filter, binds) = current_filter(types, updated, after_id);
+        let sql = format!(
+            "{SELECT_CURRENT} WHERE r.patient_id = $1 AND {filter} ORDER BY r.id LIMIT {limit}"
+        );
+        let mut query = sqlx::query(&sql).bind(patient_id);
+        for bind in binds {
+            query = match bind {
+                Bind::Text(text) => query.bind(text),
+                Bind::Int(int) => query.bind(int),
+            };
+        }
+        let rows = query.fetch_all(self.db.read_pool()).await?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let key = self.keys.data_key(patient_id).await?;
+        rows.iter()
+            .map(|row| decode_row(row, &key, self.max_resource_bytes))
+            .collect()
+    }
+
+    /// How many current resources of `types` the patient has within `updated`.
+    pub async fn count_current(
+        &self,
+        patient_id: &str,
+        types: &[&str],
+        updated: &UpdatedRange,
+    ) -> Result<i64> {
+        if types.is_empty() {
+            return Ok(0);
+        }
+        let (filter, binds) = current_filter(types, updated, None);
+        let sql = format!("SELECT COUNT(*) FROM resources r WHERE r.patient_id = $1 AND {filter}");
+        let mut query = sqlx::query(&sql).bind(patient_id);
+        for bind in binds {
+            query = match bind {
+                Bind::Text(text) => query.bind(text),
+                Bind::Int(int) => query.bind(int),
+            };
+        }
+        let row = query.fetch_one(self.db.read_pool()).await?;
+        Ok(row.try_get(0)?)
+    }
+
+    /// One version of one resource, decrypted; `NotFound` when either is unknown.
+    pub async fn read_version(
+        &self,
+        patient_id: &str,
+        id: &str,
+        version: i64,
+    ) -> Result<StoredResource> {
+        let row = sqlx::query(
+            "SELECT r.id, v.version, r.patient_id, r.resource_type, r.category,
+                 r.source, r.source_resource_id, v.source_version, v.last_updated, v.digest, v.body
+             FROM resources r JOIN resource_versions v ON v.resource_id = r.id
+             WHERE r.id = $1 AND r.patient_id = $2 AND v.version = $3",
+        )
+        .bind(id)
+        .bind(patient_id)
+        .bind(version)
+        .fetch_optional(self.db.read_pool())
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("resource {id} version {version}")))?;
+        let key = self.keys.data_key(patient_id).await?;
+        decode_row(&row, &key, self.max_resource_bytes)
+    }
+
+    /// The gateway id of the resource a source calls `resource_type/source_resource_id`
+    /// in the patient's record, if it is held.
+    pub async fn gateway_id_of(
+        &self,
+        patient_id: &str,
+        source: &str,
+        resource_type: &str,
+        source_resource_id: &str,
+    ) -> Result<Option<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT id FROM resources WHERE patient_id = $1 AND source = $2
+                 AND resource_type = $3 AND source_resource_id = $4",
+        )
+        .bind(patient_id)
+        .bind(source)
+        .bind(resource_type)
+        .bind(source_resource_id)
+        .fetch_optional(self.db.read_pool())
+        .await?)
+    }
+
     /// How many current resources the patient has (for tests and the demo).
     pub async fn count(&self, patient_id: &str) -> Result<i64> {
         let row = sqlx::query("SELECT COUNT(*) FROM resources WHERE patient_id = $1")
@@ -451,6 +553,46 @@ impl ResourceStore {
             None => Err(Error::Invalid("body has no resourceType".into())),
         }
     }
+}
+
+/// Inclusive bounds on a resource's last update (Unix milliseconds).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UpdatedRange {
+    pub from: Option<i64>,
+    pub to: Option<i64>,
+}
+
+enum Bind {
+    Text(String),
+    Int(i64),
+}
+
+/// The `WHERE` conditions (after `r.patient_id = $1`) for current resources of `types`.
+fn current_filter(
+    types: &[&str],
+    updated: &UpdatedRange,
+    after_id: Option<&str>,
+) -> (String, Vec<Bind>) {
+    let mut binds = Vec::new();
+    let mut placeholders = Vec::with_capacity(types.len());
+    for resource_type in types {
+        binds.push(Bind::Text((*resource_type).to_string()));
+        placeholders.push(format!("${}", binds.len() + 1));
+    }
+    let mut filter = format!("r.resource_type IN ({})", placeholders.join(", "));
+    if let Some(from) = updated.from {
+        binds.push(Bind::Int(from));
+        filter.push_str(&format!(" AND r.last_updated >= ${}", binds.len() + 1));
+    }
+    if let Some(to) = updated.to {
+        binds.push(Bind::Int(to));
+        filter.push_str(&format!(" AND r.last_updated <= ${}", binds.len() + 1));
+    }
+    if let Some(after) = after_id {
+        binds.push(Bind::Text(after.to_string()));
+        filter.push_str(&format!(" AND r.id > ${}", binds.len() + 1));
+    }
+    (filter, binds)
 }
 
 /// What names one resource across its versions within a patient's record.

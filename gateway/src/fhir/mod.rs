@@ -1,0 +1,6 @@
+//! The FHIR API's pure parts: search parameters, matching a stored resource against them,
+//! and how a stored resource is served. The HTTP side is in `http::fhir`.
+
+pub mod matching;
+pub mod present;
+pub mod query;
