@@ -23,7 +23,7 @@ both_engines!(
     bad_fhir_requests_get_operation_outcomes,
 );
 
-const PATIENT: &str = "patient-1";
+pub(crate) const PATIENT: &str = "patient-1";
 
 fn resource(resource_type: &str, id: &str, version: &str, body: Value) -> NewResource {
     let category = DataCategory::of_resource_type(resource_type)
@@ -64,7 +64,7 @@ fn observation(id: &str, loinc: &str, category: &str, date: &str) -> NewResource
 
 /// The hospital's record of patient-1: eight observations (one in two versions), a
 /// condition, a prescription with its medication, an encounter; and another patient's.
-async fn seed(env: &Env) -> HashSet<String> {
+pub(crate) async fn seed(env: &Env) -> HashSet<String> {
     let store = &env.app.gateway().state.resources;
     let mut batch = vec![
         resource(
@@ -138,7 +138,7 @@ async fn seed(env: &Env) -> HashSet<String> {
 }
 
 /// A token for `scope` under a consent to `categories` (patient-1's).
-async fn token(env: &Env, categories: &[DataCategory], scope: &str) -> (String, String) {
+pub(crate) async fn token(env: &Env, categories: &[DataCategory], scope: &str) -> (String, String) {
     let key = BackendKey::generate_es384();
     let client_id = env.key_client(&key).await;
     let (consent_id, _) = grant_consent(

@@ -10,6 +10,7 @@ mod consent_flow;
 mod consent_pages;
 mod consent_rules;
 mod consents;
+mod erasure;
 mod fhir_api;
 mod http;
 mod institution_uploads;

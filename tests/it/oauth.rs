@@ -43,7 +43,7 @@ pub(crate) struct Env {
     pub(crate) browser: reqwest::Client,
 }
 
-async fn env_with(engine: Engine, adjust: impl FnOnce(&mut phr_gateway::Config)) -> Env {
+pub(crate) async fn env_with(engine: Engine, adjust: impl FnOnce(&mut phr_gateway::Config)) -> Env {
     let app = spawn_app_with(TestEnv::new(engine).await, |c| {
         c.pull.workers = 0;
         adjust(c);

@@ -326,3 +326,66 @@ async fn a_checkup_institution_is_allowed_and_withdrawn_in_the_portal() {
     browser.close().await;
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_my_data_from_the_portal_asks_for_the_password_again() {
+    use phr_gateway::store::resources::{NewResource, SourceIdentity};
+
+    let app = spawn_app_with(TestEnv::new(Engine::Sqlite).await, |_| {}).await;
+    patient_account(&app).await;
+    app.gateway()
+        .state
+        .resources
+        .put(
+            &phr_gateway::audit::Agent::system(),
+            NewResource {
+                patient_id: "p-portal".into(),
+                category: "observations".into(),
+                source: SourceIdentity {
+                    source: "hospital".into(),
+                    resource_type: "Observation".into(),
+                    source_resource_id: "o-1".into(),
+                    version_id: Some("1".into()),
+                },
+                body: serde_json::json!({"resourceType": "Observation", "id": "o-1", "status": "final", "code": {"text": "BP"}})
+                    .to_string()
+                    .into_bytes(),
+            },
+        )
+        .await
+        .expect("resource");
+    let browser = Browser::start().await;
+    let c = &browser.client;
+    sign_in(c, &app, "hanako", "correct horse battery staple").await;
+    click(c, "#erasure-link").await;
+    // A wrong password deletes nothing and says so.
+    fill(c, "input[name=password]", "not my password").await;
+    click(c, "#erase").await;
+    wait_text(c, "[role=alert]", "何も削除していません").await;
+    assert_eq!(
+        app.gateway()
+            .state
+            .resources
+            .count("p-portal")
+            .await
+            .expect("count"),
+        1
+    );
+    c.goto(&app.url("/portal/erasure"))
+        .await
+        .expect("erasure page");
+    fill(c, "input[name=password]", "correct horse battery staple").await;
+    click(c, "#erase").await;
+    wait_text(c, "#erased", "1 件").await;
+    assert_eq!(
+        app.gateway()
+            .state
+            .resources
+            .count("p-portal")
+            .await
+            .expect("count"),
+        0
+    );
+    browser.close().await;
+    app.stop().await;
+}

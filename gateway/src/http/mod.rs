@@ -6,6 +6,7 @@ pub mod client_ip;
 pub mod consent_pages;
 pub mod consent_screen;
 pub mod consents;
+pub mod erasure;
 pub mod error;
 pub mod fhir;
 pub mod health;
@@ -128,6 +129,8 @@ pub fn router(state: AppState) -> Router {
         .route("/patient/resources", get(patient::resources))
         .route("/patient/sources", get(pull::sources))
         .route("/patient/checkups", post(checkups::upload))
+        .route("/patient/erasure", post(erasure::erase))
+        .route("/portal/erasure", get(erasure::portal_page).post(erasure::portal_erase))
         .route("/patient/upload-permissions", get(uploads::list).post(uploads::give))
         .route("/patient/upload-permissions/{id}/withdraw", post(uploads::withdraw))
         .route(

@@ -203,6 +203,8 @@ pub async fn home(
                 button type="submit" { "取り込む / Add" }
             }
             (upload_permissions)
+            h2 { "データの削除 " span.en { "Delete my data" } }
+            p { a id="erasure-link" href="/portal/erasure" { "保管しているデータをすべて削除する " span.en { "Delete all data held here" } } }
             form method="post" action="/portal/logout" { button type="submit" { "サインアウト / Sign out" } }
         },
     );

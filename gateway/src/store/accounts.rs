@@ -150,14 +150,14 @@ impl Accounts {
         Ok(())
     }
 
-    /// Checks the password and opens a session. Returns the session and its bearer token
-    /// (shown once; only its hash is stored).
-    pub async fn login(
+    /// Checks a password with the sign-in rules (per-address throttling, lockout after
+    /// repeated failures, each failure audited); the account on success.
+    async fn check_password(
         &self,
         username: &str,
         password: &str,
         address: Option<IpAddr>,
-    ) -> Result<(Session, String)> {
+    ) -> Result<Account> {
         let now = now_millis();
         if let Some(address) = address {
             self.check_address(address, now)?;
@@ -229,6 +229,47 @@ impl Accounts {
             return Err(Error::Unauthenticated("wrong username or password"));
         }
 
+        Ok(account)
+    }
+
+    /// Step-up: the signed-in account proves itself again with its password before an
+    /// irreversible action (e.g. erasing the record). Same throttling and lockout as
+    /// sign-in; audited either way.
+    pub async fn step_up(
+        &self,
+        account: &Account,
+        password: &str,
+        address: Option<IpAddr>,
+        purpose: &str,
+    ) -> Result<()> {
+        let checked = self
+            .check_password(&account.username, password, address)
+            .await?;
+        if checked.id != account.id {
+            return Err(Error::Unauthenticated("wrong username or password"));
+        }
+        let mut tx = self.db.begin().await?;
+        sqlx::query("UPDATE accounts SET failed_logins = 0 WHERE id = $1")
+            .bind(&account.id)
+            .execute(&mut *tx)
+            .await?;
+        let event = AuditEvent::new(EventKind::Login, agent_of(account, address))
+            .detail(format!("step-up re-authentication for {purpose}"));
+        audit::record(&mut tx, &event).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Checks the password and opens a session. Returns the session and its bearer token
+    /// (shown once; only its hash is stored).
+    pub async fn login(
+        &self,
+        username: &str,
+        password: &str,
+        address: Option<IpAddr>,
+    ) -> Result<(Session, String)> {
+        let account = self.check_password(username, password, address).await?;
+        let now = now_millis();
         let token = new_token();
         let token_hash = hash_token(&token);
         let expires_at = now + self.policy.absolute_timeout_secs as i64 * 1000;

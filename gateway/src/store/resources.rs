@@ -451,6 +451,35 @@ impl ResourceStore {
         .await?)
     }
 
+    /// Erases the patient's record: the data key first (from then on nothing of theirs,
+    /// in this database or any backup of it, can be decrypted), then every stored
+    /// version, resource and reconciliation key, with the audit leaves, in one transaction.
+    /// Returns how many resources were deleted and whether a key was destroyed.
+    pub async fn erase_patient(&self, agent: &Agent, patient_id: &str) -> Result<(u64, bool)> {
+        let destroyed = self.keys.shred(patient_id).await?;
+        let mut tx = self.db.begin().await?;
+        sqlx::query("DELETE FROM resource_versions WHERE patient_id = $1")
+            .bind(patient_id)
+            .execute(&mut *tx)
+            .await?;
+        let deleted = sqlx::query("DELETE FROM resources WHERE patient_id = $1")
+            .bind(patient_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        super::reconciliation::forget_patient_in(&mut tx, patient_id).await?;
+        let key_event =
+            AuditEvent::new(EventKind::DataKeyDestroyed, agent.clone()).patient(patient_id);
+        let deleted_event = AuditEvent::new(EventKind::DataDeleted, agent.clone())
+            .patient(patient_id)
+            .detail(format!(
+                "record erased at the patient's request: {deleted} resources"
+            ));
+        audit::record_all(&mut tx, &[key_event, deleted_event]).await?;
+        tx.commit().await?;
+        Ok((deleted, destroyed))
+    }
+
     /// How many current resources the patient has (for tests and the demo).
     pub async fn count(&self, patient_id: &str) -> Result<i64> {
         let row = sqlx::query("SELECT COUNT(*) FROM resources WHERE patient_id = $1")
