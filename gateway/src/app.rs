@@ -135,6 +135,13 @@ impl Gateway {
         let consents = Consents::new(db.clone(), receipts.clone(), config.consent.clone());
         let uploads = crate::uploads::UploadPermissions::new(db.clone(), receipts.clone());
         let representations = Representations::new(db.clone(), config.consent.age_of_majority);
+        let public_url = Arc::new(OnceLock::new());
+        let notifications = crate::notifications::delivery::Deliverer::new(
+            db.clone(),
+            receipts.clone(),
+            config.notifications.clone(),
+            public_url.clone(),
+        )?;
         let state = AppState {
             tls: tls.is_some(),
             config: Arc::new(config),
@@ -147,13 +154,14 @@ impl Gateway {
             instructions,
             consents,
             uploads,
+            notifications,
             representations,
             queue,
             registry: Arc::new(registry),
             receipts,
             source_client_key: Arc::new(source_client_key),
             id_token_key: Arc::new(id_token_key),
-            public_url: Arc::new(OnceLock::new()),
+            public_url,
         };
         Ok(Gateway { state, tls })
     }
@@ -183,9 +191,14 @@ impl Gateway {
             self.state.db.clone(),
             shutdown.subscribe(),
         ));
-        let workers = (0..self.state.config.pull.workers)
+        let mut workers: Vec<JoinHandle<()>> = (0..self.state.config.pull.workers)
             .map(|_| tokio::spawn(self.state.pull_worker().run(shutdown.subscribe())))
             .collect();
+        if self.state.config.notifications.deliver {
+            workers.push(tokio::spawn(
+                self.state.notifications.clone().run(shutdown.subscribe()),
+            ));
+        }
         let router = http::router(self.state.clone());
         let server = tokio::spawn(tls::serve(listener, self.tls.clone(), router, async move {
             let _ = on_shutdown.changed().await;

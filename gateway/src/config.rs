@@ -45,6 +45,8 @@ pub struct Config {
     pub public_url: Option<String>,
     /// The OAuth 2 authorisation server for PHR apps.
     pub oauth: OAuthConfig,
+    /// Signed notifications (webhooks) to recipients.
+    pub notifications: NotificationsConfig,
 }
 
 impl Default for Config {
@@ -67,6 +69,7 @@ impl Default for Config {
             log: LogConfig::default(),
             public_url: None,
             oauth: OAuthConfig::default(),
+            notifications: NotificationsConfig::default(),
         }
     }
 }
@@ -214,6 +217,30 @@ impl Default for PullConfig {
             poll_millis: 1000,
             refresh_interval_secs: 24 * 60 * 60,
             max_backoff_secs: 60 * 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotificationsConfig {
+    /// Whether this process delivers notifications (any number of processes may).
+    pub deliver: bool,
+    /// How often the deliverer looks for due notifications.
+    pub poll_millis: u64,
+    /// Attempts before a notification is given up as failed (exponential backoff between).
+    pub max_attempts: u32,
+    /// Upper bound of the wait between attempts.
+    pub max_backoff_secs: u64,
+}
+
+impl Default for NotificationsConfig {
+    fn default() -> Self {
+        NotificationsConfig {
+            deliver: true,
+            poll_millis: 1000,
+            max_attempts: 12,
+            max_backoff_secs: 6 * 60 * 60,
         }
     }
 }

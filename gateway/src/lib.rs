@@ -17,6 +17,7 @@ pub mod fhir;
 pub mod http;
 pub mod keystore;
 pub mod medications;
+pub mod notifications;
 pub mod oauth;
 pub mod provenance;
 pub mod pull;

@@ -14,6 +14,7 @@ mod erasure;
 mod fhir_api;
 mod http;
 mod institution_uploads;
+mod notifications;
 mod oauth;
 mod openapi;
 mod portal;

@@ -68,6 +68,10 @@ pub enum EventKind {
     OAuthRefused,
     /// A spent code or refresh token came back: its token family was revoked.
     TokenReuseDetected,
+    /// A notification reached a recipient's endpoint (or was given up).
+    NotificationSent,
+    /// A recipient confirmed it stopped using and deleted the data, as asked.
+    NotificationAcknowledged,
 }
 
 impl EventKind {
@@ -103,6 +107,11 @@ impl EventKind {
             EventKind::ClientRegistered | EventKind::TokenReuseDetected => {
                 coding(DCM, "110113", "Security Alert")
             }
+            EventKind::NotificationSent | EventKind::NotificationAcknowledged => coding(
+                GATEWAY_EVENTS,
+                "notification",
+                "Notification to a recipient",
+            ),
             // IHE IUA records its transactions as User Authentication.
             EventKind::AuthorizationRequested
             | EventKind::AuthorizationCodeIssued
@@ -192,6 +201,14 @@ impl EventKind {
                 "oauth-token-reuse",
                 "Code or refresh token reused",
             ),
+            EventKind::NotificationSent => {
+                coding(GATEWAY_EVENTS, "notification-sent", "Notification sent")
+            }
+            EventKind::NotificationAcknowledged => coding(
+                GATEWAY_EVENTS,
+                "notification-acknowledged",
+                "Deletion acknowledged by the recipient",
+            ),
         }
     }
 
@@ -226,6 +243,8 @@ impl EventKind {
             EventKind::AuthorizationDeclined
             | EventKind::OAuthRefused
             | EventKind::TokenReuseDetected => "E",
+            EventKind::NotificationSent => "R",
+            EventKind::NotificationAcknowledged => "E",
         }
     }
 }

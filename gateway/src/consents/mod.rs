@@ -330,6 +330,18 @@ impl Consents {
             ));
         }
         insert_version(&mut tx, &next, event, performer_account_id, &receipt).await?;
+        if withdrawing {
+            // The recipient hears of it with the withdrawal's commit, or not at all.
+            crate::notifications::enqueue_in(
+                &mut tx,
+                &current.recipient,
+                &next.patient.id,
+                &next.id,
+                crate::notifications::NotificationKind::ConsentWithdrawn,
+                &[],
+            )
+            .await?;
+        }
         let audit_event = AuditEvent::new(kind, agent.clone())
             .patient(&next.patient.id)
             .detail(format!(
@@ -690,7 +702,7 @@ fn view_of(row: &sqlx::any::AnyRow, remind_before_days: u32) -> Result<ConsentVi
     })
 }
 
-fn consent_of(body: &str) -> Result<Consent> {
+pub(crate) fn consent_of(body: &str) -> Result<Consent> {
     serde_json::from_str(body).map_err(|e| Error::Invalid(format!("stored consent: {e}")))
 }
 

@@ -287,6 +287,7 @@ async fn store(
             Some("特定健診 upload".into()),
         )
         .await?;
+    crate::notifications::announce_written_in(&mut tx, &uploader.patient_id, &written).await?;
     // Each upload is a source of its checkups, even of those already received.
     let targets: Vec<_> = written.iter().map(|(meta, _)| meta).collect();
     for meta in &targets {

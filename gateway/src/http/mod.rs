@@ -11,6 +11,7 @@ pub mod error;
 pub mod fhir;
 pub mod health;
 pub mod metrics;
+pub mod notifications;
 pub mod oauth;
 pub mod openapi;
 pub mod operator;
@@ -29,7 +30,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderName, HeaderValue};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::Router;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::limit::RequestBodyLimitLayer;
@@ -60,6 +61,7 @@ pub struct AppState {
     pub instructions: Instructions,
     pub consents: crate::consents::Consents,
     pub uploads: crate::uploads::UploadPermissions,
+    pub notifications: crate::notifications::delivery::Deliverer,
     pub representations: crate::store::representations::Representations,
     pub queue: JobQueue,
     pub registry: Arc<SourceRegistry>,
@@ -185,6 +187,8 @@ pub fn router(state: AppState) -> Router {
         .route("/oauth/introspect", post(oauth::introspect))
         .route("/oauth/grant", get(oauth::grant))
         .route("/operator/clients", get(oauth::list_clients).post(oauth::register_client))
+        .route("/operator/clients/{id}/webhook", put(notifications::register_webhook))
+        .route("/recipient/notifications/{id}/acknowledge", post(notifications::acknowledge))
         .fallback(error::not_found)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(RequestBodyLimitLayer::new(body_limit))

@@ -43,6 +43,8 @@ use utoipa::OpenApi;
         super::oauth::revoke,
         super::oauth::introspect,
         super::oauth::grant,
+        super::notifications::register_webhook,
+        super::notifications::acknowledge,
     ),
     tags(
         (name = "health", description = "Probes"),

@@ -398,6 +398,8 @@ impl PullWorker {
                     _ => counts.received += 1,
                 }
             }
+            crate::notifications::announce_written_in(&mut tx, &instruction.patient_id, &written)
+                .await?;
             if let Some(provenance) = provenance_of(job, instruction, source, &written)? {
                 self.resources
                     .put_batch_in(&mut tx, &agent, vec![provenance], &keys, None)
