@@ -14,6 +14,7 @@ use utoipa::OpenApi;
         super::auth::logout,
         super::auth::session,
         super::patient::resources,
+        super::access_log::list,
         super::operator::audit_checkpoint,
         super::pull::sources,
         super::pull::give,
