@@ -390,6 +390,14 @@ async fn every_portal_and_consent_page_keeps_the_rules() {
         );
     };
     reaches("home").await;
+    c.goto(&app.url("/portal/access-log"))
+        .await
+        .expect("access log");
+    c.wait()
+        .for_element(Locator::Css("#no-accesses"))
+        .await
+        .expect("the access log, empty");
+    reaches("access log").await;
     c.goto(&app.url("/portal/consents"))
         .await
         .expect("consents");

@@ -4,6 +4,7 @@
 mod browser;
 mod helpers;
 
+mod access_log;
 mod audit;
 mod config;
 mod consent_flow;

@@ -10,9 +10,13 @@ use time::OffsetDateTime;
 const DCM: &str = "http://dicom.nema.org/resources/ontology/DCM";
 const EVENT_TYPE: &str = "http://terminology.hl7.org/CodeSystem/audit-event-type";
 const RESTFUL: &str = "http://hl7.org/fhir/restful-interaction";
-const GATEWAY_EVENTS: &str = "urn:phr-gateway:audit-event";
-const ACCOUNT_IDS: &str = "urn:phr-gateway:account";
-const CLIENT_IDS: &str = "urn:phr-gateway:client";
+pub(super) const GATEWAY_EVENTS: &str = "urn:phr-gateway:audit-event";
+pub(super) const ACCOUNT_IDS: &str = "urn:phr-gateway:account";
+pub(super) const CLIENT_IDS: &str = "urn:phr-gateway:client";
+/// `agent[0].policy` entry naming the access token the agent used.
+pub(super) const TOKEN_POLICY: &str = "urn:ietf:params:oauth:jti:";
+/// `agent[0].policy` entry naming the patient's disclosure consent an access rests on.
+pub(super) const CONSENT_POLICY: &str = "urn:phr-gateway:consent:";
 
 /// What happened, mapped to the BALP/DICOM type and subtype codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,7 +79,7 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    fn type_coding(self) -> Value {
+    pub(super) fn type_coding(self) -> Value {
         match self {
             EventKind::ApplicationStart => coding(DCM, "110100", "Application Activity"),
             EventKind::Login | EventKind::Logout => coding(DCM, "110114", "User Authentication"),
@@ -123,7 +127,7 @@ impl EventKind {
         }
     }
 
-    fn subtype_coding(self) -> Value {
+    pub(super) fn subtype_coding(self) -> Value {
         match self {
             EventKind::ApplicationStart => coding(DCM, "110120", "Application Start"),
             EventKind::Login => coding(DCM, "110122", "Login"),
@@ -295,6 +299,24 @@ impl AccountRole {
     }
 }
 
+impl AccountRole {
+    /// The coding of `agent.type` for an account of this role.
+    pub(super) fn agent_type(self) -> Value {
+        match self {
+            AccountRole::Patient => coding(
+                "http://terminology.hl7.org/CodeSystem/v3-RoleClass",
+                "PAT",
+                "patient",
+            ),
+            AccountRole::Operator => coding(
+                "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                "IRCP",
+                "information recipient",
+            ),
+        }
+    }
+}
+
 /// Who acted, from where, and under which token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Agent {
@@ -325,6 +347,8 @@ pub struct AuditEvent {
     pub resources: Vec<String>,
     /// A short, PHI-free note (e.g. "wrong password", "insecure_http").
     pub detail: Option<String>,
+    /// The disclosure consent the access rests on (its id), if it is a disclosure.
+    pub consent: Option<String>,
 }
 
 impl AuditEvent {
@@ -337,6 +361,7 @@ impl AuditEvent {
             patient: None,
             resources: Vec::new(),
             detail: None,
+            consent: None,
         }
     }
 
@@ -357,6 +382,13 @@ impl AuditEvent {
 
     pub fn detail(mut self, detail: impl Into<String>) -> Self {
         self.detail = Some(detail.into());
+        self
+    }
+
+    /// The disclosure consent this access rests on, written as an `agent[0].policy` entry
+    /// `urn:phr-gateway:consent:<id>` (beside the token's jti, when there is one).
+    pub fn consent(mut self, consent_id: impl Into<String>) -> Self {
+        self.consent = Some(consent_id.into());
         self
     }
 
@@ -407,18 +439,7 @@ impl AuditEvent {
         let (who, agent_type) = match &self.agent.actor {
             Actor::Account { id, role } => (
                 json!({"identifier": {"system": ACCOUNT_IDS, "value": id}}),
-                match role {
-                    AccountRole::Patient => coding(
-                        "http://terminology.hl7.org/CodeSystem/v3-RoleClass",
-                        "PAT",
-                        "patient",
-                    ),
-                    AccountRole::Operator => coding(
-                        "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
-                        "IRCP",
-                        "information recipient",
-                    ),
-                },
+                role.agent_type(),
             ),
             Actor::Client { id } => (
                 json!({"identifier": {"system": CLIENT_IDS, "value": id}}),
@@ -442,8 +463,19 @@ impl AuditEvent {
             "who": who,
             "requestor": true
         });
-        if let Some(jti) = &self.agent.token_jti {
-            agent["policy"] = json!([format!("urn:ietf:params:oauth:jti:{jti}")]);
+        let policies: Vec<String> = self
+            .agent
+            .token_jti
+            .iter()
+            .map(|jti| format!("{TOKEN_POLICY}{jti}"))
+            .chain(
+                self.consent
+                    .iter()
+                    .map(|id| format!("{CONSENT_POLICY}{id}")),
+            )
+            .collect();
+        if !policies.is_empty() {
+            agent["policy"] = json!(policies);
         }
         if let Some(address) = self.agent.address {
             agent["network"] = json!({"address": address.to_string(), "type": "2"});
@@ -487,6 +519,97 @@ mod tests {
         assert_eq!(leaf["entity"][0]["what"]["reference"], "Patient/p-opaque");
         assert_eq!(leaf["entity"][0]["role"]["code"], "1");
         assert_eq!(leaf["entity"][1]["what"]["reference"], "Observation/o1");
+    }
+
+    #[test]
+    fn the_consent_a_disclosure_rests_on_is_a_policy_beside_the_token() {
+        let client = |jti: Option<&str>| Agent {
+            actor: Actor::Client { id: "c1".into() },
+            address: None,
+            token_jti: jti.map(str::to_string),
+        };
+        let with_token = AuditEvent::new(EventKind::Search, client(Some("jti-1")))
+            .patient("p-opaque")
+            .consent("consent-7")
+            .resource("Observation/o1/_history/2")
+            .resource("Condition/c1/_history/1");
+        let leaf: Value = serde_json::from_slice(&with_token.to_leaf()).unwrap();
+        assert_eq!(
+            leaf["agent"][0]["policy"],
+            json!([
+                "urn:ietf:params:oauth:jti:jti-1",
+                "urn:phr-gateway:consent:consent-7"
+            ])
+        );
+        assert_eq!(
+            leaf["entity"][1]["what"]["reference"],
+            "Observation/o1/_history/2"
+        );
+        assert_eq!(
+            leaf["entity"][2]["what"]["reference"],
+            "Condition/c1/_history/1"
+        );
+
+        let without_token = AuditEvent::new(EventKind::Read, client(None)).consent("consent-7");
+        let leaf: Value = serde_json::from_slice(&without_token.to_leaf()).unwrap();
+        assert_eq!(
+            leaf["agent"][0]["policy"],
+            json!(["urn:phr-gateway:consent:consent-7"])
+        );
+
+        // Without a consent the leaf is byte for byte what it was before consents existed.
+        let plain = AuditEvent::new(EventKind::Read, client(Some("jti-1")));
+        let leaf: Value = serde_json::from_slice(&plain.to_leaf()).unwrap();
+        assert_eq!(
+            leaf["agent"][0]["policy"],
+            json!(["urn:ietf:params:oauth:jti:jti-1"])
+        );
+        let no_policy = AuditEvent::new(EventKind::Read, client(None));
+        let leaf: Value = serde_json::from_slice(&no_policy.to_leaf()).unwrap();
+        assert!(leaf["agent"][0].get("policy").is_none());
+    }
+
+    #[test]
+    fn leaf_bytes_without_a_consent_are_pinned() {
+        // Hashed into the tree: these bytes must not change meaning, nor shape, for events
+        // that name no consent.
+        let recorded = time::macros::datetime!(2026-11-25 01:02:03 UTC);
+        let by_client = AuditEvent {
+            recorded,
+            ..AuditEvent::new(
+                EventKind::Read,
+                Agent {
+                    actor: Actor::Client { id: "c1".into() },
+                    address: Some("192.0.2.1".parse().unwrap()),
+                    token_jti: Some("jti-1".into()),
+                },
+            )
+            .patient("p-opaque")
+            .resource("Observation/o1")
+        };
+        let by_operator = AuditEvent {
+            recorded,
+            ..AuditEvent::new(
+                EventKind::Search,
+                Agent {
+                    actor: Actor::Account {
+                        id: "a1".into(),
+                        role: AccountRole::Operator,
+                    },
+                    address: None,
+                    token_jti: None,
+                },
+            )
+            .patient("p-opaque")
+        };
+        assert_eq!(
+            String::from_utf8(by_client.to_leaf()).unwrap(),
+            r#"{"resourceType":"AuditEvent","type":{"system":"http://terminology.hl7.org/CodeSystem/audit-event-type","code":"rest"},"subtype":[{"system":"http://hl7.org/fhir/restful-interaction","code":"read"}],"action":"R","recorded":"2026-11-25T01:02:03Z","outcome":"0","agent":[{"type":{"coding":[{"system":"http://dicom.nema.org/resources/ontology/DCM","code":"110153"}]},"who":{"identifier":{"system":"urn:phr-gateway:client","value":"c1"}},"requestor":true,"policy":["urn:ietf:params:oauth:jti:jti-1"],"network":{"address":"192.0.2.1","type":"2"}}],"source":{"observer":{"display":"phr-gateway"},"type":[{"system":"http://terminology.hl7.org/CodeSystem/security-source-type","code":"4"}]},"entity":[{"what":{"reference":"Patient/p-opaque"},"type":{"system":"http://terminology.hl7.org/CodeSystem/audit-entity-type","code":"1"},"role":{"system":"http://terminology.hl7.org/CodeSystem/object-role","code":"1"}},{"what":{"reference":"Observation/o1"},"type":{"system":"http://terminology.hl7.org/CodeSystem/audit-entity-type","code":"2"},"role":{"system":"http://terminology.hl7.org/CodeSystem/object-role","code":"4"}}]}"#
+        );
+        assert_eq!(
+            String::from_utf8(by_operator.to_leaf()).unwrap(),
+            r#"{"resourceType":"AuditEvent","type":{"system":"http://terminology.hl7.org/CodeSystem/audit-event-type","code":"rest"},"subtype":[{"system":"http://hl7.org/fhir/restful-interaction","code":"search-type"}],"action":"E","recorded":"2026-11-25T01:02:03Z","outcome":"0","agent":[{"type":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/v3-ParticipationType","code":"IRCP"}]},"who":{"identifier":{"system":"urn:phr-gateway:account","value":"a1"}},"requestor":true}],"source":{"observer":{"display":"phr-gateway"},"type":[{"system":"http://terminology.hl7.org/CodeSystem/security-source-type","code":"4"}]},"entity":[{"what":{"reference":"Patient/p-opaque"},"type":{"system":"http://terminology.hl7.org/CodeSystem/audit-entity-type","code":"1"},"role":{"system":"http://terminology.hl7.org/CodeSystem/object-role","code":"1"}}]}"#
+        );
     }
 
     #[test]

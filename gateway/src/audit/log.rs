@@ -30,19 +30,32 @@ const INSERT_CHUNK: usize = 64;
 pub async fn record_all(conn: &mut AnyConnection, events: &[AuditEvent]) -> Result<()> {
     let now = now_millis();
     for chunk in events.chunks(INSERT_CHUNK) {
-        let mut sql =
-            String::from("INSERT INTO audit_leaves (recorded_at, body, leaf_hash) VALUES ");
+        let mut sql = String::from(
+            "INSERT INTO audit_leaves (recorded_at, body, leaf_hash, patient_id) VALUES ",
+        );
         for i in 0..chunk.len() {
             if i > 0 {
                 sql.push_str(", ");
             }
-            sql.push_str(&format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3));
+            let first = 4 * i + 1;
+            sql.push_str(&format!(
+                "(${}, ${}, ${}, ${})",
+                first,
+                first + 1,
+                first + 2,
+                first + 3
+            ));
         }
         let mut query = sqlx::query(&sql);
         for event in chunk {
             let body = event.to_leaf();
             let leaf_hash = merkle::leaf_hash(&body);
-            query = query.bind(now).bind(body).bind(leaf_hash.to_vec());
+            // Beside the leaf, for the patient's access log; the hashed bytes stay as they are.
+            query = query
+                .bind(now)
+                .bind(body)
+                .bind(leaf_hash.to_vec())
+                .bind(event.patient.clone());
         }
         query.execute(&mut *conn).await?;
     }

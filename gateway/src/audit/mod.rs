@@ -5,6 +5,7 @@
 //! index yet; one sequencer (`AuditLog::sequence`) assigns indices in commit order and signs
 //! checkpoints, so several writers and processes stay consistent.
 
+pub mod access_log;
 pub mod checkpoint;
 pub mod event;
 pub mod export;

@@ -1,5 +1,6 @@
 //! The HTTP API: one router, one state, one error renderer.
 
+pub mod access_log;
 pub mod auth;
 pub mod checkups;
 pub mod client_ip;
@@ -128,6 +129,8 @@ pub fn router(state: AppState) -> Router {
         .route("/auth/login", post(auth::login))
         .route("/auth/logout", post(auth::logout))
         .route("/auth/session", get(auth::session))
+        .route("/patient/access-log", get(access_log::list))
+        .route("/portal/access-log", get(access_log::page))
         .route("/patient/resources", get(patient::resources))
         .route("/patient/sources", get(pull::sources))
         .route("/patient/checkups", post(checkups::upload))

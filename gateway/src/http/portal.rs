@@ -54,6 +54,7 @@ pub(super) fn signed_in_page(title: &str, body: Markup) -> Markup {
             nav aria-label="メニュー / Menu" {
                 a href="/portal" { "データ取得 " span.en { "Pull instructions" } }
                 a id="nav-consents" href="/portal/consents" { "同意の管理 " span.en { "Consents" } }
+                a id="nav-access-log" href="/portal/access-log" { "アクセス記録 " span.en { "Access log" } }
             }
             (body)
         },
