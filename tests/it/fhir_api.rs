@@ -486,6 +486,30 @@ async fn a_recipient_reads_and_searches_only_what_the_consent_allows(engine: Eng
         .app
         .sign_in(AccountRole::Patient, "patient1", Some(PATIENT))
         .await;
+    // First, the patient's access log shows the app's reads, with categories and consent.
+    let log: Value = env
+        .app
+        .client
+        .get(env.url("/patient/access-log?limit=200"))
+        .bearer_auth(&patient_session)
+        .send()
+        .await
+        .expect("access log")
+        .json()
+        .await
+        .expect("json");
+    let observation_reads = log["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter(|e| e["consent_id"] == consent_id.as_str())
+        .filter(|e| {
+            e["categories"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c["code"] == "observations"))
+        })
+        .count();
+    assert!(observation_reads >= 3, "{log}");
     let ends_on = (time::OffsetDateTime::now_utc() + time::Duration::days(20))
         .date()
         .to_string();

@@ -168,11 +168,12 @@ impl FhirCaller {
     pub fn audit_event(&self, kind: EventKind, resources: Vec<String>, what: &str) -> AuditEvent {
         let mut event = AuditEvent::new(kind, self.agent.clone()).patient(&self.patient_id);
         event.resources = resources;
-        let detail = match self.consent_id() {
-            Some(consent_id) => format!("{what} under consent {consent_id}"),
-            None => format!("{what} by the patient"),
-        };
-        event.detail(detail)
+        match self.consent_id() {
+            Some(consent_id) => event
+                .consent(consent_id)
+                .detail(format!("{what} under consent {consent_id}")),
+            None => event.detail(format!("{what} by the patient")),
+        }
     }
 }
 
