@@ -73,13 +73,16 @@ pub struct AuditLog {
     group: Arc<GroupCommit>,
 }
 
+/// Told whether the leaf it waits for was committed.
+type CommitWaiter = oneshot::Sender<std::result::Result<(), String>>;
+
 /// Group commit of stand-alone leaves (reads, refusals): a caller queues its leaf, and
 /// whoever holds the commit turn writes every queued leaf in one transaction; each caller
 /// returns only once its own leaf is committed. Under concurrency many reads share one
 /// fsync instead of paying one each.
 #[derive(Default)]
 struct GroupCommit {
-    queued: std::sync::Mutex<Vec<(AuditEvent, oneshot::Sender<std::result::Result<(), String>>)>>,
+    queued: std::sync::Mutex<Vec<(AuditEvent, CommitWaiter)>>,
     turn: tokio::sync::Mutex<()>,
 }
 
