@@ -349,6 +349,8 @@ pub struct AuditEvent {
     pub detail: Option<String>,
     /// The disclosure consent the access rests on (its id), if it is a disclosure.
     pub consent: Option<String>,
+    /// A search's query (`Type?params`), kept as BALP PatientQuery's query entity.
+    pub query: Option<String>,
 }
 
 impl AuditEvent {
@@ -362,6 +364,7 @@ impl AuditEvent {
             resources: Vec::new(),
             detail: None,
             consent: None,
+            query: None,
         }
     }
 
@@ -389,6 +392,13 @@ impl AuditEvent {
     /// `urn:phr-gateway:consent:<id>` (beside the token's jti, when there is one).
     pub fn consent(mut self, consent_id: impl Into<String>) -> Self {
         self.consent = Some(consent_id.into());
+        self
+    }
+
+    /// The search that was run (BALP PatientQuery: an entity with role Query and the query
+    /// base64-encoded).
+    pub fn query(mut self, query: impl Into<String>) -> Self {
+        self.query = Some(query.into());
         self
     }
 
@@ -427,6 +437,14 @@ impl AuditEvent {
                 "what": {"reference": reference},
                 "type": coding("http://terminology.hl7.org/CodeSystem/audit-entity-type", "2", "System Object"),
                 "role": coding("http://terminology.hl7.org/CodeSystem/object-role", "4", "Domain Resource")
+            }));
+        }
+        if let Some(query) = &self.query {
+            use base64::Engine as _;
+            entities.push(json!({
+                "type": coding("http://terminology.hl7.org/CodeSystem/audit-entity-type", "2", "System Object"),
+                "role": coding("http://terminology.hl7.org/CodeSystem/object-role", "24", "Query"),
+                "query": base64::engine::general_purpose::STANDARD.encode(query.as_bytes())
             }));
         }
         if !entities.is_empty() {
@@ -492,6 +510,26 @@ fn coding(system: &str, code: &str, _display: &str) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_search_keeps_its_query_as_balp_patient_query_does() {
+        use base64::Engine as _;
+        let event = AuditEvent::new(EventKind::Search, Agent::system())
+            .patient("p-1")
+            .resource("Observation/o1/_history/1")
+            .query("Observation?code=8480-6&_count=10");
+        let leaf: Value = serde_json::from_slice(&event.to_leaf()).unwrap();
+        let query = &leaf["entity"][2];
+        assert_eq!(query["role"]["code"], "24");
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(query["query"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(decoded, b"Observation?code=8480-6&_count=10");
+        // Without a query, no query entity.
+        let read = AuditEvent::new(EventKind::Read, Agent::system()).patient("p-1");
+        let leaf: Value = serde_json::from_slice(&read.to_leaf()).unwrap();
+        assert_eq!(leaf["entity"].as_array().unwrap().len(), 1);
+    }
 
     #[test]
     fn leaf_is_a_balp_shaped_audit_event_without_phi() {

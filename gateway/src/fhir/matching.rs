@@ -113,7 +113,8 @@ mod tests {
             "resourceType": "MedicationDispense",
             "medicationCodeableConcept": {"coding": [{"system": "urn:oid:1.2.392.100495.20.2.74", "code": "612320261"}]}
         });
-        let table: Vec<(&str, &Value, Vec<(&str, &str)>, bool)> = vec![
+        type Case<'a> = (&'a str, &'a Value, Vec<(&'a str, &'a str)>, bool);
+        let table: Vec<Case> = vec![
             (
                 "Observation",
                 &systolic,

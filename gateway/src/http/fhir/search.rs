@@ -376,7 +376,13 @@ async fn respond(
             }));
         }
     }
-    let event = caller.audit_event(EventKind::Search, references, what);
+    let run = self_url
+        .strip_prefix(base.as_str())
+        .unwrap_or(self_url.as_str())
+        .to_string();
+    let event = caller
+        .audit_event(EventKind::Search, references, what)
+        .query(run);
     state.audit.record_now(&event).await?;
     Ok(fhir_json(StatusCode::OK, &bundle))
 }
