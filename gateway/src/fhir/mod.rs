@@ -4,3 +4,4 @@
 pub mod matching;
 pub mod present;
 pub mod query;
+pub mod serve;
