@@ -142,6 +142,13 @@ impl Gateway {
             config.notifications.clone(),
             public_url.clone(),
         )?;
+        let exports = crate::export::ExportJobs::new(
+            db.clone(),
+            keys.clone(),
+            resources.clone(),
+            consents.clone(),
+            Duration::from_secs(config.export.file_lifetime_secs),
+        );
         let state = AppState {
             tls: tls.is_some(),
             config: Arc::new(config),
@@ -155,6 +162,7 @@ impl Gateway {
             consents,
             uploads,
             notifications,
+            exports,
             representations,
             queue,
             registry: Arc::new(registry),
@@ -194,6 +202,14 @@ impl Gateway {
         let mut workers: Vec<JoinHandle<()>> = (0..self.state.config.pull.workers)
             .map(|_| tokio::spawn(self.state.pull_worker().run(shutdown.subscribe())))
             .collect();
+        for _ in 0..self.state.config.export.workers {
+            workers.push(tokio::spawn(
+                self.state
+                    .exports
+                    .clone()
+                    .work(crate::pull::PullWorker::worker_id(), shutdown.subscribe()),
+            ));
+        }
         if self.state.config.notifications.deliver {
             workers.push(tokio::spawn(
                 self.state.notifications.clone().run(shutdown.subscribe()),

@@ -47,6 +47,8 @@ pub struct Config {
     pub oauth: OAuthConfig,
     /// Signed notifications (webhooks) to recipients.
     pub notifications: NotificationsConfig,
+    /// Bulk Data exports.
+    pub export: ExportConfig,
 }
 
 impl Default for Config {
@@ -70,6 +72,7 @@ impl Default for Config {
             public_url: None,
             oauth: OAuthConfig::default(),
             notifications: NotificationsConfig::default(),
+            export: ExportConfig::default(),
         }
     }
 }
@@ -217,6 +220,24 @@ impl Default for PullConfig {
             poll_millis: 1000,
             refresh_interval_secs: 24 * 60 * 60,
             max_backoff_secs: 60 * 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExportConfig {
+    /// Export workers in this process (0: this process only answers).
+    pub workers: u32,
+    /// How long a finished export's files can be fetched.
+    pub file_lifetime_secs: u64,
+}
+
+impl Default for ExportConfig {
+    fn default() -> Self {
+        ExportConfig {
+            workers: 1,
+            file_lifetime_secs: 60 * 60,
         }
     }
 }

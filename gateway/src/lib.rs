@@ -13,6 +13,7 @@ pub mod consents;
 pub mod crypto;
 pub mod demo;
 pub mod error;
+pub mod export;
 pub mod fhir;
 pub mod http;
 pub mod keystore;

@@ -2,6 +2,7 @@
 //! Every storage test runs on both engines (`both_engines!`).
 
 mod browser;
+mod bulk_export;
 mod helpers;
 
 mod access_log;

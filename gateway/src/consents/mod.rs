@@ -331,6 +331,8 @@ impl Consents {
         }
         insert_version(&mut tx, &next, event, performer_account_id, &receipt).await?;
         if withdrawing {
+            // Nothing gathered under the old consent may leave: unfinished exports stop.
+            crate::export::ExportJobs::stop_for_client_in(&mut tx, &current.recipient).await?;
             // The recipient hears of it with the withdrawal's commit, or not at all.
             crate::notifications::enqueue_in(
                 &mut tx,

@@ -2,6 +2,7 @@
 
 pub mod access_log;
 pub mod auth;
+pub mod bulk;
 pub mod checkups;
 pub mod client_ip;
 pub mod consent_pages;
@@ -63,6 +64,7 @@ pub struct AppState {
     pub consents: crate::consents::Consents,
     pub uploads: crate::uploads::UploadPermissions,
     pub notifications: crate::notifications::delivery::Deliverer,
+    pub exports: crate::export::ExportJobs,
     pub representations: crate::store::representations::Representations,
     pub queue: JobQueue,
     pub registry: Arc<SourceRegistry>,
@@ -178,6 +180,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/operator/audit/checkpoint", get(operator::audit_checkpoint))
         .route("/fhir/metadata", get(fhir::capability_statement))
+        .route("/fhir/Patient/$export", get(bulk::export_patients))
+        .route("/fhir/Group/{id}/{operation}", get(bulk::export_group))
+        .route("/fhir/bulkstatus/{id}", get(bulk::status).delete(bulk::cancel))
+        .route("/fhir/bulkfiles/{id}/{file}", get(bulk::file))
         .route("/fhir/{resource_type}", get(fhir::search))
         .route("/fhir/{resource_type}/{id}", get(fhir::read))
         .route("/fhir/{resource_type}/{id}/{operation}", get(fhir::instance_operation))

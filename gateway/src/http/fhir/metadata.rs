@@ -17,6 +17,14 @@ pub async fn capability_statement(State(state): State<AppState>) -> Response {
         .map(resource_capability)
         .collect();
     resources.push(json!({
+        "type": "Group",
+        "documentation": "A recipient's group: the patients who consented to it (its id is the client id); Bulk Data export only.",
+        "operation": [{
+            "name": "export",
+            "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export",
+        }],
+    }));
+    resources.push(json!({
         "type": "Consent",
         "documentation": "The patient's own disclosure consents; read with the patient's own token.",
         "interaction": [{"code": "read"}, {"code": "search-type"}],
@@ -53,7 +61,12 @@ pub async fn capability_statement(State(state): State<AppState>) -> Response {
                 "description": "SMART App Launch (authorization code with PKCE S256); every disclosure is decided by the patient's consent at the time of the request.",
             },
             "resource": resources,
+            "operation": [{
+                "name": "export",
+                "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export",
+            }],
         }],
+        "instantiates": ["http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"],
     });
     fhir_json(StatusCode::OK, &statement)
 }

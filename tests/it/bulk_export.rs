@@ -1,0 +1,419 @@
+//! FHIR Bulk Data export end to end on both engines: a recipient's backend (client
+//! credentials, `system/` scopes) kicks off `Group/[id]/$export` and `Patient/$export`,
+//! polls, reads the manifest and fetches NDJSON with its token; each patient's consent
+//! decides per resource type at export time, so what a patient did not consent to never
+//! appears; bad kick-offs are refused with OperationOutcomes; a withdrawal during an export
+//! stops it and drops its files; `_since` lists withdrawn patients in `deleted`; DELETE
+//! cancels; files expire.
+
+use phr_adapters::fhir_r4::BackendKey;
+use phr_consent::{DataCategory, Performer, PersonRef};
+use phr_gateway::audit::AccountRole;
+use phr_gateway::export::ExportStatus;
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::both_engines;
+use crate::fhir_api::{seed, token, PATIENT};
+use crate::helpers::{grant_consent, leaves_containing, Engine};
+use crate::oauth::{env_with, Env};
+
+both_engines!(a_backend_exports_only_what_each_patient_consented_to,);
+
+async fn backend_token(env: &Env, key: &BackendKey, client_id: &str, scope: &str) -> String {
+    let (status, _, body) = env
+        .with_key(
+            "/oauth/token",
+            key,
+            client_id,
+            &[("grant_type", "client_credentials"), ("scope", scope)],
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["access_token"].as_str().expect("token").to_string()
+}
+
+async fn kick_off(env: &Env, token: &str, path: &str, prefer: bool) -> reqwest::Response {
+    let mut request = env
+        .app
+        .client
+        .get(env.url(path))
+        .bearer_auth(token)
+        .header("accept", "application/fhir+json");
+    if prefer {
+        request = request.header("prefer", "respond-async");
+    }
+    request.send().await.expect("kick-off")
+}
+
+async fn started(env: &Env, token: &str, path: &str) -> String {
+    let response = kick_off(env, token, path, true).await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED, "{path}");
+    response.headers()["content-location"]
+        .to_str()
+        .expect("ascii")
+        .to_string()
+}
+
+async fn poll(env: &Env, token: &str, status_url: &str) -> reqwest::Response {
+    // Polls here are spaced by the test, not by the clock.
+    sqlx::query("UPDATE export_jobs SET last_polled_at = NULL")
+        .execute(env.app.gateway().state.db.write_pool())
+        .await
+        .expect("reset poll time");
+    env.app
+        .client
+        .get(status_url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("poll")
+}
+
+async fn run(env: &Env) -> Option<ExportStatus> {
+    env.app
+        .gateway()
+        .state
+        .exports
+        .run_once("test-worker")
+        .await
+        .expect("run")
+}
+
+async fn manifest(env: &Env, token: &str, status_url: &str) -> Value {
+    let response = poll(env, token, status_url).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    response.json().await.expect("manifest")
+}
+
+fn output_counts(manifest: &Value) -> Vec<(String, i64)> {
+    let mut counts: Vec<(String, i64)> = manifest["output"]
+        .as_array()
+        .expect("output")
+        .iter()
+        .map(|o| {
+            (
+                o["type"].as_str().expect("type").to_string(),
+                o["count"].as_i64().expect("count"),
+            )
+        })
+        .collect();
+    counts.sort();
+    counts
+}
+
+async fn fetch_lines(env: &Env, token: &str, url: &str) -> Vec<Value> {
+    let response = env
+        .app
+        .client
+        .get(url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("file");
+    assert_eq!(response.status(), StatusCode::OK, "{url}");
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/fhir+ndjson"
+    );
+    response
+        .text()
+        .await
+        .expect("ndjson")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("each line is JSON"))
+        .collect()
+}
+
+fn outcome_of(status: StatusCode, body: &str, expected: StatusCode, case: &str) {
+    assert_eq!(status, expected, "{case}: {body}");
+    let outcome: Value = serde_json::from_str(body).expect("OperationOutcome");
+    assert_eq!(outcome["resourceType"], "OperationOutcome", "{case}");
+}
+
+async fn a_backend_exports_only_what_each_patient_consented_to(engine: Engine) {
+    let env = env_with(engine, |c| {
+        c.export.workers = 0;
+        c.notifications.deliver = false;
+    })
+    .await;
+    seed(&env).await;
+    let key = BackendKey::generate_es384();
+    let client_id = env.key_client(&key).await;
+    let consent_to = |patient: &'static str, categories: Vec<DataCategory>| {
+        let app = &env.app;
+        let client_id = client_id.clone();
+        async move {
+            grant_consent(
+                app,
+                patient,
+                Performer::patient(&PersonRef::new(patient)),
+                &client_id,
+                &["PATRQT"],
+                &categories,
+                30,
+            )
+            .await
+            .0
+        }
+    };
+    consent_to(
+        PATIENT,
+        vec![DataCategory::Observations, DataCategory::Demographics],
+    )
+    .await;
+    let second_consent = consent_to("patient-2", vec![DataCategory::Observations]).await;
+    let all = backend_token(&env, &key, &client_id, "system/*.rs").await;
+    let observations_only = backend_token(&env, &key, &client_id, "system/Observation.rs").await;
+
+    // Bad kick-offs.
+    let group = format!("/fhir/Group/{client_id}/$export");
+    for (path, token, prefer, expected, case) in [
+        (
+            group.clone(),
+            &all,
+            false,
+            StatusCode::BAD_REQUEST,
+            "no Prefer: respond-async",
+        ),
+        (
+            format!("{group}?_type=Practitioner"),
+            &all,
+            true,
+            StatusCode::BAD_REQUEST,
+            "unknown _type",
+        ),
+        (
+            format!("{group}?_since=soon"),
+            &all,
+            true,
+            StatusCode::BAD_REQUEST,
+            "bad _since",
+        ),
+        (
+            format!("{group}?_outputFormat=text/csv"),
+            &all,
+            true,
+            StatusCode::BAD_REQUEST,
+            "unsupported _outputFormat",
+        ),
+        (
+            "/fhir/Group/someone-else/$export".to_string(),
+            &all,
+            true,
+            StatusCode::NOT_FOUND,
+            "another group",
+        ),
+        (
+            format!("{group}?_type=Condition"),
+            &observations_only,
+            true,
+            StatusCode::FORBIDDEN,
+            "type outside the scopes",
+        ),
+    ] {
+        let response = kick_off(&env, token, &path, prefer).await;
+        let status = response.status();
+        outcome_of(
+            status,
+            &response.text().await.expect("body"),
+            expected,
+            case,
+        );
+    }
+    let (patient_token, _) = token(
+        &env,
+        &[DataCategory::Observations],
+        "launch/patient patient/Observation.rs",
+    )
+    .await;
+    let response = kick_off(&env, &patient_token, &group, true).await;
+    assert_eq!(
+        response.status(),
+        StatusCode::FORBIDDEN,
+        "a patient token cannot bulk export"
+    );
+
+    // The group export: polled while queued (too fast is 429), run, then the manifest.
+    let status_url = started(
+        &env,
+        &all,
+        &format!("{group}?_type=Observation,Patient,Condition"),
+    )
+    .await;
+    let queued = poll(&env, &all, &status_url).await;
+    assert_eq!(queued.status(), StatusCode::ACCEPTED);
+    assert!(queued.headers().contains_key("x-progress"));
+    let too_fast = env
+        .app
+        .client
+        .get(&status_url)
+        .bearer_auth(&all)
+        .send()
+        .await
+        .expect("poll");
+    assert_eq!(too_fast.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(too_fast.headers().contains_key("retry-after"));
+    assert_eq!(run(&env).await, Some(ExportStatus::Done));
+    let done = manifest(&env, &all, &status_url).await;
+    assert_eq!(done["requiresAccessToken"], true);
+    assert!(done["transactionTime"].is_string());
+    // Patient-1: 8 observations and the Patient; patient-2: 1 observation. No Condition:
+    // nobody consented to conditions.
+    assert_eq!(
+        output_counts(&done),
+        vec![("Observation".to_string(), 9), ("Patient".to_string(), 1)]
+    );
+    let observation_url = done["output"]
+        .as_array()
+        .expect("output")
+        .iter()
+        .find(|o| o["type"] == "Observation")
+        .and_then(|o| o["url"].as_str())
+        .expect("observation file")
+        .to_string();
+    let lines = fetch_lines(&env, &all, &observation_url).await;
+    assert_eq!(lines.len(), 9);
+    assert!(lines.iter().all(|r| r["resourceType"] == "Observation"));
+    let subjects: std::collections::HashSet<&str> = lines
+        .iter()
+        .filter_map(|r| r["subject"]["reference"].as_str())
+        .collect();
+    assert!(subjects.contains(&"Patient/patient-1") && subjects.contains(&"Patient/patient-2"));
+    // The file needs the token, and it is this client's.
+    let anonymous = env
+        .app
+        .client
+        .get(&observation_url)
+        .send()
+        .await
+        .expect("file");
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+    let other_key = BackendKey::generate_es384();
+    let other_client = env.key_client(&other_key).await;
+    let other = backend_token(&env, &other_key, &other_client, "system/*.rs").await;
+    let stranger = env
+        .app
+        .client
+        .get(&observation_url)
+        .bearer_auth(&other)
+        .send()
+        .await
+        .expect("file");
+    assert_eq!(stranger.status(), StatusCode::NOT_FOUND);
+    let polled_by_stranger = poll(&env, &other, &status_url).await;
+    assert_eq!(polled_by_stranger.status(), StatusCode::NOT_FOUND);
+    assert!(leaves_containing(&env.app, "bulk export").await >= 3);
+
+    // _typeFilter narrows a type.
+    let filtered = started(
+        &env,
+        &all,
+        "/fhir/Patient/$export?_type=Observation&_typeFilter=Observation%3Fcategory%3Dlaboratory",
+    )
+    .await;
+    assert_eq!(run(&env).await, Some(ExportStatus::Done));
+    assert_eq!(
+        output_counts(&manifest(&env, &all, &filtered).await),
+        vec![("Observation".to_string(), 6)]
+    );
+
+    // A withdrawal during an export stops it and drops what it gathered.
+    let before_withdrawal = time::OffsetDateTime::now_utc() - time::Duration::minutes(1);
+    let interrupted = started(&env, &all, &group).await;
+    let patient_2 = env
+        .app
+        .sign_in(AccountRole::Patient, "patient2", Some("patient-2"))
+        .await;
+    let withdrawn = env
+        .app
+        .client
+        .post(env.url(&format!("/api/consents/{second_consent}/withdraw")))
+        .bearer_auth(&patient_2)
+        .send()
+        .await
+        .expect("withdraw");
+    assert_eq!(withdrawn.status(), StatusCode::OK);
+    assert_eq!(run(&env).await, None, "the stopped job is not run");
+    let stopped = poll(&env, &all, &interrupted).await;
+    let status = stopped.status();
+    let body = stopped.text().await.expect("body");
+    outcome_of(
+        status,
+        &body,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "stopped by a withdrawal",
+    );
+    assert!(body.contains("withdrew"), "{body}");
+
+    // _since: patient-2 withdrew since then, so the manifest lists them as deleted.
+    let since = before_withdrawal
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("rfc3339");
+    let incremental = started(
+        &env,
+        &all,
+        &format!("{group}?_since={}", since.replace('+', "%2B")),
+    )
+    .await;
+    assert_eq!(run(&env).await, Some(ExportStatus::Done));
+    let incremental = manifest(&env, &all, &incremental).await;
+    let deleted_url = incremental["deleted"][0]["url"]
+        .as_str()
+        .expect("deleted file")
+        .to_string();
+    let deleted = fetch_lines(&env, &all, &deleted_url).await;
+    assert_eq!(deleted.len(), 1);
+    assert_eq!(deleted[0]["entry"][0]["request"]["method"], "DELETE");
+    assert_eq!(
+        deleted[0]["entry"][0]["request"]["url"],
+        "Patient/patient-2"
+    );
+
+    // DELETE cancels: 202, then the status URL is gone and nothing runs.
+    let cancelled = started(&env, &all, &group).await;
+    let response = env
+        .app
+        .client
+        .delete(&cancelled)
+        .bearer_auth(&all)
+        .send()
+        .await
+        .expect("cancel");
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    assert_eq!(
+        poll(&env, &all, &cancelled).await.status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(run(&env).await, None);
+
+    // Files expire.
+    sqlx::query("UPDATE export_jobs SET expires_at = 1 WHERE status = 'done'")
+        .execute(env.app.gateway().state.db.write_pool())
+        .await
+        .expect("expire");
+    let expired = env
+        .app
+        .client
+        .get(&observation_url)
+        .bearer_auth(&all)
+        .send()
+        .await
+        .expect("file");
+    assert_eq!(expired.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        poll(&env, &all, &status_url).await.status(),
+        StatusCode::NOT_FOUND
+    );
+    assert!(
+        env.app
+            .gateway()
+            .state
+            .exports
+            .forget_expired()
+            .await
+            .expect("forget")
+            >= 1
+    );
+    env.stop().await;
+}
