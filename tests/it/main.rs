@@ -19,6 +19,7 @@ mod institution_uploads;
 mod notifications;
 mod oauth;
 mod openapi;
+mod patient_export;
 mod portal;
 mod pull;
 mod pull_queue;

@@ -4,6 +4,7 @@
 
 pub mod jobs;
 pub mod request;
+pub mod summary;
 
 pub use jobs::{ExportJob, ExportJobs, ExportStatus, OutputFile, DELETED_FILE};
 pub use request::ExportParameters;

@@ -18,6 +18,7 @@ pub mod oauth;
 pub mod openapi;
 pub mod operator;
 pub mod patient;
+pub mod patient_export;
 pub mod portal;
 pub mod pull;
 pub mod representations;
@@ -137,6 +138,12 @@ pub fn router(state: AppState) -> Router {
         .route("/patient/sources", get(pull::sources))
         .route("/patient/checkups", post(checkups::upload))
         .route("/patient/erasure", post(erasure::erase))
+        .route("/patient/export", post(patient_export::export))
+        .route("/portal/summary", get(patient_export::portal_summary))
+        .route(
+            "/portal/export",
+            get(patient_export::portal_page).post(patient_export::portal_export),
+        )
         .route("/portal/erasure", get(erasure::portal_page).post(erasure::portal_erase))
         .route("/patient/upload-permissions", get(uploads::list).post(uploads::give))
         .route("/patient/upload-permissions/{id}/withdraw", post(uploads::withdraw))

@@ -15,6 +15,7 @@ use utoipa::OpenApi;
         super::auth::session,
         super::patient::resources,
         super::erasure::erase,
+        super::patient_export::export,
         super::access_log::list,
         super::operator::audit_checkpoint,
         super::pull::sources,

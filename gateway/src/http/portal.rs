@@ -204,6 +204,8 @@ pub async fn home(
                 button type="submit" { "取り込む / Add" }
             }
             (upload_permissions)
+            h2 { "データの書き出し " span.en { "Export my data" } }
+            p { a id="export-link" href="/portal/export" { "すべてのデータを書き出す（FHIR・まとめ付き） " span.en { "Export everything (FHIR, with a summary)" } } }
             h2 { "データの削除 " span.en { "Delete my data" } }
             p { a id="erasure-link" href="/portal/erasure" { "保管しているデータをすべて削除する " span.en { "Delete all data held here" } } }
             form method="post" action="/portal/logout" { button type="submit" { "サインアウト / Sign out" } }
