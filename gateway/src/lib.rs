@@ -16,6 +16,7 @@ pub mod error;
 pub mod export;
 pub mod fhir;
 pub mod http;
+pub mod import;
 pub mod keystore;
 pub mod medications;
 pub mod notifications;

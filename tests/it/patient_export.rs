@@ -13,9 +13,12 @@ use serde_json::{json, Value};
 use crate::both_engines;
 use crate::fhir_api::{seed, PATIENT};
 use crate::helpers::{grant_consent, leaves_containing, Engine};
-use crate::oauth::{env, Env};
+use crate::oauth::{env, env_with, Env};
 
-both_engines!(the_patient_takes_everything_out,);
+both_engines!(
+    the_patient_takes_everything_out,
+    an_export_imported_into_a_fresh_gateway_comes_back_the_same,
+);
 
 async fn export(env: &Env, session: &str, password: &str, format: &str) -> reqwest::Response {
     env.app
@@ -167,4 +170,182 @@ async fn the_patient_takes_everything_out(engine: Engine) {
     assert!(leaves_containing(&env.app, "patient export (bundle)").await >= 1);
     assert!(leaves_containing(&env.app, "patient export (ndjson-zip)").await >= 1);
     env.stop().await;
+}
+
+/// Content without the ids a gateway assigns: no `id`, no `meta`, references by type only.
+fn normalised(resource: &Value) -> String {
+    fn strip(value: &mut Value) {
+        match value {
+            Value::Object(map) => {
+                map.remove("id");
+                map.remove("meta");
+                if let Some(Value::String(reference)) = map.get_mut("reference") {
+                    *reference = reference.split('/').next().unwrap_or_default().to_string();
+                }
+                map.values_mut().for_each(strip);
+            }
+            Value::Array(items) => items.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let mut copy = resource.clone();
+    strip(&mut copy);
+    copy.to_string()
+}
+
+fn contents(bundle: &Value) -> Vec<(String, String)> {
+    let mut all: Vec<(String, String)> = bundle["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| &e["resource"])
+        // Consents are the gateway's own records, Provenance its own account of arrivals.
+        .filter(|r| r["resourceType"] != "Consent" && r["resourceType"] != "Provenance")
+        .map(|r| {
+            (
+                r["resourceType"].as_str().unwrap_or_default().to_string(),
+                normalised(r),
+            )
+        })
+        .collect();
+    all.sort();
+    all
+}
+
+async fn import(env: &Env, session: &str, content_type: &str, body: Vec<u8>) -> reqwest::Response {
+    env.app
+        .client
+        .post(env.url("/patient/import"))
+        .bearer_auth(session)
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .expect("import")
+}
+
+async fn an_export_imported_into_a_fresh_gateway_comes_back_the_same(engine: Engine) {
+    let source = env(engine).await;
+    seed(&source).await;
+    grant_consent(
+        &source.app,
+        PATIENT,
+        Performer::patient(&PersonRef::new(PATIENT)),
+        "some-app",
+        &["PATRQT"],
+        &[DataCategory::Observations],
+        30,
+    )
+    .await;
+    let session = source
+        .app
+        .sign_in(AccountRole::Patient, "patient1", Some(PATIENT))
+        .await;
+    let password = "correct horse battery staple";
+    let exported: Value = export(&source, &session, password, "bundle")
+        .await
+        .json()
+        .await
+        .expect("bundle");
+    let zip = export(&source, &session, password, "ndjson-zip")
+        .await
+        .bytes()
+        .await
+        .expect("zip")
+        .to_vec();
+
+    // A small limit, so the oversize body still fits in the socket buffers and the 413 is read.
+    let target = env_with(engine, |c| c.http.body_limit_bytes = 16 * 1024).await;
+    let newcomer = target
+        .app
+        .sign_in(AccountRole::Patient, "newcomer", Some("p-new"))
+        .await;
+    // Not FHIR, and not JSON at all: refused, nothing stored.
+    for (content_type, body) in [
+        (
+            "application/fhir+json",
+            br#"{"resourceType":"Patient","id":"x"}"#.to_vec(),
+        ),
+        ("application/fhir+json", b"\xff\xfe".to_vec()),
+        ("text/csv", b"a,b".to_vec()),
+    ] {
+        let refused = import(&target, &newcomer, content_type, body).await;
+        assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    }
+    let huge = import(
+        &target,
+        &newcomer,
+        "application/fhir+json",
+        vec![b' '; target.app.gateway().state.config.http.body_limit_bytes + 1],
+    )
+    .await;
+    assert_eq!(huge.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        target
+            .app
+            .gateway()
+            .state
+            .resources
+            .count("p-new")
+            .await
+            .expect("count"),
+        0
+    );
+
+    let response = import(
+        &target,
+        &newcomer,
+        "application/fhir+json",
+        exported.to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let imported: Value = response.json().await.expect("json");
+    assert_eq!(imported["created"], 13, "{imported}");
+    assert!(imported["skipped"][0]
+        .as_str()
+        .is_some_and(|s| s.starts_with("Consent")));
+    // The same file again changes nothing; the ZIP of the same record neither.
+    let again: Value = import(
+        &target,
+        &newcomer,
+        "application/fhir+json",
+        exported.to_string().into_bytes(),
+    )
+    .await
+    .json()
+    .await
+    .expect("json");
+    assert_eq!(again["unchanged"], 13, "{again}");
+    let from_zip = import(&target, &newcomer, "application/zip", zip).await;
+    assert_eq!(from_zip.status(), StatusCode::CREATED);
+    let from_zip: Value = from_zip.json().await.expect("json");
+    assert_eq!(from_zip["created"], 0, "{from_zip}");
+
+    // Exported again from the new gateway: the same resources, the same contents.
+    let round_trip: Value = export(&target, &newcomer, password, "bundle")
+        .await
+        .json()
+        .await
+        .expect("bundle");
+    assert_eq!(contents(&round_trip), contents(&exported));
+
+    // Someone else's record is refused: the birth dates differ.
+    let mut other = exported.clone();
+    for entry in other["entry"].as_array_mut().expect("entries") {
+        if entry["resource"]["resourceType"] == "Patient" {
+            entry["resource"]["birthDate"] = json!("1955-05-05");
+        }
+    }
+    let refused = import(
+        &target,
+        &newcomer,
+        "application/fhir+json",
+        other.to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    assert!(leaves_containing(&target.app, "import refused").await >= 4);
+    source.stop().await;
+    target.stop().await;
 }

@@ -244,7 +244,10 @@ async fn convert_upload(
 
 /// Birth dates in the patient's records (Patients and checkup reports), to recognise a
 /// document about someone else. Empty when nothing is known yet.
-async fn known_birth_dates(state: &AppState, patient_id: &str) -> Result<Vec<String>, Error> {
+pub(super) async fn known_birth_dates(
+    state: &AppState,
+    patient_id: &str,
+) -> Result<Vec<String>, Error> {
     let stream = match state.resources.stream_current(patient_id).await {
         Ok(stream) => stream,
         Err(Error::KeyMissing(_)) | Err(Error::NotFound(_)) => return Ok(Vec::new()),

@@ -19,6 +19,7 @@ pub mod openapi;
 pub mod operator;
 pub mod patient;
 pub mod patient_export;
+pub mod patient_import;
 pub mod portal;
 pub mod pull;
 pub mod representations;
@@ -139,6 +140,7 @@ pub fn router(state: AppState) -> Router {
         .route("/patient/checkups", post(checkups::upload))
         .route("/patient/erasure", post(erasure::erase))
         .route("/patient/export", post(patient_export::export))
+        .route("/patient/import", post(patient_import::import))
         .route("/portal/summary", get(patient_export::portal_summary))
         .route(
             "/portal/export",

@@ -16,6 +16,7 @@ use utoipa::OpenApi;
         super::patient::resources,
         super::erasure::erase,
         super::patient_export::export,
+        super::patient_import::import,
         super::access_log::list,
         super::operator::audit_checkpoint,
         super::pull::sources,
