@@ -211,6 +211,21 @@ impl Gateway {
             ));
         }
         if self.state.config.notifications.deliver {
+            let state = self.state.clone();
+            let mut stop = shutdown.subscribe();
+            let poll = Duration::from_millis(state.config.notifications.poll_millis);
+            // Transfers waiting for a retry go out with the notifications' rhythm.
+            workers.push(tokio::spawn(async move {
+                loop {
+                    if let Err(error) = http::transfers::deliver_due(&state).await {
+                        tracing::warn!(error = %error.detail, "retrying transfers failed");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(poll) => {}
+                        _ = stop.changed() => return,
+                    }
+                }
+            }));
             workers.push(tokio::spawn(
                 self.state.notifications.clone().run(shutdown.subscribe()),
             ));

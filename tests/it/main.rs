@@ -28,3 +28,4 @@ mod reconciliation;
 mod representations;
 mod resources;
 mod security;
+mod transfers;

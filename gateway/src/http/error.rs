@@ -33,6 +33,12 @@ impl ApiError {
     }
 }
 
+impl From<sqlx::Error> for ApiError {
+    fn from(error: sqlx::Error) -> Self {
+        ApiError::from(Error::from(error))
+    }
+}
+
 impl From<Error> for ApiError {
     fn from(err: Error) -> Self {
         let status = match &err {

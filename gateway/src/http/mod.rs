@@ -24,6 +24,7 @@ pub mod portal;
 pub mod pull;
 pub mod representations;
 pub mod session;
+pub mod transfers;
 pub mod uploads;
 
 use std::net::IpAddr;
@@ -141,6 +142,11 @@ pub fn router(state: AppState) -> Router {
         .route("/patient/erasure", post(erasure::erase))
         .route("/patient/export", post(patient_export::export))
         .route("/patient/import", post(patient_import::import))
+        .route("/patient/transfers", get(transfers::list).post(transfers::start))
+        .route("/patient/transfer-codes", post(transfers::issue_code))
+        .route("/operator/clients/{id}/transfer-endpoint", put(transfers::register_endpoint))
+        .route("/operator/transfer-peers", put(transfers::register_peer))
+        .route("/transfer/inbox", post(transfers::inbox))
         .route("/portal/summary", get(patient_export::portal_summary))
         .route(
             "/portal/export",

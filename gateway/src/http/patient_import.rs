@@ -14,7 +14,7 @@ use super::checkups::known_birth_dates;
 use super::error::ApiError;
 use super::session::PatientSession;
 use super::AppState;
-use crate::audit::{AuditEvent, EventKind, Outcome};
+use crate::audit::{Agent, AuditEvent, EventKind, Outcome};
 use crate::error::Error;
 use crate::import;
 use crate::provenance::{provenance_for, Origin};
@@ -49,7 +49,13 @@ pub async fn import(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    match store(&state, &patient, content_type, &body).await {
+    let into = ImportTarget {
+        patient_id: &patient.patient_id,
+        agent: patient.auth.agent(),
+        source_id: IMPORT_SOURCE,
+        source_display: "Import from another PHR service",
+    };
+    match import_into(&state, &into, content_type, &body).await {
         Ok(imported) => Ok((StatusCode::CREATED, Json(imported))),
         Err(error) => {
             let event = AuditEvent::new(EventKind::Create, patient.auth.agent())
@@ -62,15 +68,25 @@ pub async fn import(
     }
 }
 
-async fn store(
+/// Whose record an import goes into, who brings it, and what its Provenance names.
+pub struct ImportTarget<'a> {
+    pub patient_id: &'a str,
+    pub agent: Agent,
+    pub source_id: &'a str,
+    pub source_display: &'a str,
+}
+
+/// Reads and stores an import in one transaction (shared with transfers that arrive).
+pub async fn import_into(
     state: &AppState,
-    patient: &PatientSession,
+    into: &ImportTarget<'_>,
     content_type: &str,
     body: &[u8],
 ) -> Result<Imported, ApiError> {
+    let patient_id = into.patient_id;
     let file = import::read(content_type, body)?;
     if let Some(birth_date) = import::birth_date(&file) {
-        let known = known_birth_dates(state, &patient.patient_id).await?;
+        let known = known_birth_dates(state, patient_id).await?;
         if !known.is_empty() && !known.iter().any(|k| k == birth_date) {
             return Err(Error::Invalid(
                 "the file is about another person: its birth date does not match your records"
@@ -83,10 +99,10 @@ async fn store(
         .resources
         .iter()
         .map(|resource| NewResource {
-            patient_id: patient.patient_id.clone(),
+            patient_id: patient_id.to_string(),
             category: resource.category.code().to_string(),
             source: SourceIdentity {
-                source: IMPORT_SOURCE.into(),
+                source: into.source_id.into(),
                 resource_type: resource.resource_type.clone(),
                 source_resource_id: resource.id.clone(),
                 version_id: resource.version.clone(),
@@ -98,22 +114,22 @@ async fn store(
         state.resources.validate(new)?;
     }
     let keys = state.resources.data_keys_for(&batch).await?;
-    let agent = patient.auth.agent();
+    let agent = into.agent.clone();
     let mut tx = state.db.begin().await?;
     let written = state
         .resources
         .put_batch_in(&mut tx, &agent, batch, &keys, Some("import".into()))
         .await?;
-    crate::notifications::announce_written_in(&mut tx, &patient.patient_id, &written).await?;
+    crate::notifications::announce_written_in(&mut tx, patient_id, &written).await?;
     let targets: Vec<_> = written
         .iter()
         .filter(|(_, outcome)| *outcome != WriteOutcome::Unchanged)
         .map(|(meta, _)| meta)
         .collect();
     let origin = Origin {
-        patient_id: &patient.patient_id,
-        source_id: IMPORT_SOURCE,
-        source_display: "Import from another PHR service",
+        patient_id,
+        source_id: into.source_id,
+        source_display: into.source_display,
         policy: None,
         entity: None,
     };
