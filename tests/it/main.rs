@@ -13,6 +13,7 @@ mod consent_rules;
 mod consents;
 mod erasure;
 mod fhir_api;
+mod fhir_client;
 mod http;
 mod institution_uploads;
 mod notifications;
