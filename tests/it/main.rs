@@ -14,6 +14,8 @@ mod consent_rules;
 mod consents;
 mod erasure;
 mod fhir_api;
+mod fhir_client;
+mod fhir_scale;
 mod http;
 mod institution_uploads;
 mod notifications;
