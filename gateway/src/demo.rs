@@ -262,7 +262,11 @@ pub fn print_welcome(
          (Simulated hospital FHIR server: {hospital})\n\n\
          Demo PHR app: {phr_app} — \"connect\" sends you to the gateway's consent screen; agree\n\
          to some purposes and data, see what the app reads, then withdraw under 同意の管理 in\n\
-         the portal and press \"read again\" in the app: the gateway refuses.\n\n\
+         the portal and press \"read again\" in the app: the gateway refuses. \"Run a bulk\n\
+         export\" is the app's backend taking every consenting patient's data at once\n\
+         (FHIR Bulk Data): only the categories each patient agreed to arrive.\n\n\
+         In the portal: データの書き出し downloads everything (FHIR, with a Japanese summary at\n\
+         /portal/summary), アクセス記録 shows who read what, and データの削除 erases the record.\n\n\
          Demo patient:  {} / {}\n\
          Demo operator: {} / {}\n\n\
          Try:\n  curl -k {base}/healthz\n  \

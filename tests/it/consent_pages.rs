@@ -259,6 +259,23 @@ async fn the_demo_app_reads_until_the_patient_withdraws() {
         .expect("text");
     assert!(body.contains("デモ 花子"), "{body}");
 
+    // The provider's backend exports in bulk: only what the patient agreed to (demographics).
+    c.find(Locator::Css("#bulk"))
+        .await
+        .expect("bulk link")
+        .click()
+        .await
+        .expect("bulk export");
+    let rows = bulk_rows(c).await;
+    assert!(
+        rows.iter().any(|row| row.contains("Patient")),
+        "the Patient is exported: {rows:?}"
+    );
+    assert!(
+        rows.iter().all(|row| !row.contains("Observation")),
+        "observations were not agreed to: {rows:?}"
+    );
+
     // Withdrawing from the portal home: fewer clicks than granting, at most three.
     c.goto(&app.url("/portal")).await.expect("portal");
     c.wait()
@@ -293,9 +310,44 @@ async fn the_demo_app_reads_until_the_patient_withdraws() {
         .await
         .expect("text");
     assert!(status.contains("401"), "{status}");
+    // And the next bulk export holds nothing of the patient.
+    c.goto(&phr_app.base_url).await.expect("app");
+    c.wait()
+        .for_element(Locator::Css("#bulk"))
+        .await
+        .expect("bulk link")
+        .click()
+        .await
+        .expect("bulk export");
+    let mut rows = bulk_rows(c).await;
+    for _ in 0..50 {
+        if rows.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        rows = bulk_rows(c).await;
+    }
+    assert!(rows.is_empty(), "nothing after the withdrawal: {rows:?}");
     browser.close().await;
     phr_app.shutdown().await;
     app.stop().await;
+}
+
+/// The demo app's bulk-export result rows, once the table is there.
+async fn bulk_rows(c: &fantoccini::Client) -> Vec<String> {
+    c.wait()
+        .for_element(Locator::Css("#bulk-result"))
+        .await
+        .expect("bulk result");
+    let mut rows = Vec::new();
+    for row in c
+        .find_all(Locator::Css("#bulk-result tbody tr"))
+        .await
+        .expect("rows")
+    {
+        rows.push(row.text().await.unwrap_or_default());
+    }
+    rows
 }
 
 /// Every portal and consent page a patient can reach passes the portal checks, and each

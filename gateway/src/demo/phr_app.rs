@@ -2,7 +2,9 @@
 //! demo`. It is what a PHR provider's backend does: sends the patient to the gateway's
 //! consent screen (PKCE S256, `state`), exchanges the code with `private_key_jwt` (ES384),
 //! and reads `/fhir/Patient/{id}` with the token. "Read again" shows what happens after the
-//! patient withdraws: the gateway refuses the very next call.
+//! patient withdraws: the gateway refuses the very next call. "Bulk export" is what the
+//! provider's backend does for all its consenting patients at once: a client-credentials
+//! token, `Group/[id]/$export`, polling, and the NDJSON files, counted per patient.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -46,6 +48,8 @@ struct Session {
     token: Option<(String, String)>,
     /// What the last read returned: HTTP status and body.
     last_read: Option<(u16, String)>,
+    /// The last bulk export: (patient, resource type, count) rows, or why it failed.
+    last_bulk: Option<std::result::Result<Vec<(String, String, usize)>, String>>,
     error: Option<String>,
 }
 
@@ -111,6 +115,7 @@ impl DemoPhrApp {
             .route("/connect", get(connect))
             .route("/callback", get(callback))
             .route("/read", get(read_again))
+            .route("/bulk", get(bulk_export))
             .with_state(context);
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(async move {
@@ -156,13 +161,14 @@ fn page(body: maud::Markup) -> Response {
 }
 
 async fn home(State(app): State<Arc<AppContext>>) -> Response {
-    let (connected, last_read, error) = match app.session.lock() {
+    let (connected, last_read, error, last_bulk) = match app.session.lock() {
         Ok(session) => (
             session.token.as_ref().map(|(_, patient)| patient.clone()),
             session.last_read.clone(),
             session.error.clone(),
+            session.last_bulk.clone(),
         ),
-        Err(_) => (None, None, Some("session unavailable".into())),
+        Err(_) => (None, None, Some("session unavailable".into()), None),
     };
     page(html! {
         p { "PHRゲートウェイから、あなたが同意した情報だけを受け取るデモアプリです。" }
@@ -178,6 +184,19 @@ async fn home(State(app): State<Arc<AppContext>>) -> Response {
             h2 { "最後の読み取り / Last read" }
             p id="read-status" { "HTTP " (status) }
             pre id="read-body" style="white-space:pre-wrap" { (body) }
+        }
+        h2 { "一括エクスポート（事業者のサーバー） / Bulk export (the provider's backend)" }
+        p { "同意してくれたすべての患者さんのデータを、同意の範囲だけまとめて受け取ります。" }
+        p { a id="bulk" href="/bulk" { "一括エクスポートを実行 / Run a bulk export" } }
+        @match &last_bulk {
+            Some(Ok(rows)) => {
+                table id="bulk-result" {
+                    thead { tr { th { "患者 / Patient" } th { "種類 / Type" } th { "件数 / Count" } } }
+                    tbody { @for (patient, resource_type, count) in rows { tr { td { (patient) } td { (resource_type) } td { (count) } } } }
+                }
+            }
+            Some(Err(error)) => p id="bulk-error" { (error) },
+            None => {}
         }
     })
 }
@@ -309,4 +328,123 @@ async fn read(app: &AppContext) {
     if let Ok(mut session) = app.session.lock() {
         session.last_read = Some(last_read);
     }
+}
+
+async fn bulk_export(State(app): State<Arc<AppContext>>) -> Response {
+    let outcome = run_bulk_export(&app).await;
+    if let Ok(mut session) = app.session.lock() {
+        session.last_bulk = Some(outcome);
+    }
+    Redirect::to("/").into_response()
+}
+
+/// Client credentials, `Group/[client]/$export`, polling, the files counted per patient.
+async fn run_bulk_export(
+    app: &AppContext,
+) -> std::result::Result<Vec<(String, String, usize)>, String> {
+    let token_url = format!("{}/oauth/token", app.gateway);
+    let assertion = client_assertion(
+        &app.key,
+        &app.client_id,
+        &token_url,
+        CLIENT_ASSERTION_LIFETIME,
+    )
+    .map_err(|e| e.to_string())?;
+    let response = app
+        .http
+        .post(&token_url)
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("scope", "system/*.rs"),
+            (
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ),
+            ("client_assertion", assertion.as_str()),
+        ])
+        .send()
+        .await
+        .map_err(|e| format!("token endpoint: {e}"))?;
+    let body: Value = serde_json::from_slice(&response.bytes().await.map_err(|e| e.to_string())?)
+        .map_err(|e| format!("token response: {e}"))?;
+    let token = body["access_token"]
+        .as_str()
+        .ok_or_else(|| format!("no backend token: {body}"))?
+        .to_string();
+    let kick_off = app
+        .http
+        .get(format!(
+            "{}/fhir/Group/{}/$export",
+            app.gateway, app.client_id
+        ))
+        .bearer_auth(&token)
+        .header("prefer", "respond-async")
+        .header("accept", "application/fhir+json")
+        .send()
+        .await
+        .map_err(|e| format!("kick-off: {e}"))?;
+    let status_url = kick_off
+        .headers()
+        .get(header::CONTENT_LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| format!("kick-off answered {}", kick_off.status()))?
+        .to_string();
+    let mut manifest = None;
+    for _ in 0..60 {
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        let polled = app
+            .http
+            .get(&status_url)
+            .bearer_auth(&token)
+            .send()
+            .await
+            .map_err(|e| format!("status: {e}"))?;
+        match polled.status() {
+            StatusCode::OK => {
+                let bytes = polled.bytes().await.map_err(|e| e.to_string())?;
+                manifest =
+                    Some(serde_json::from_slice::<Value>(&bytes).map_err(|e| e.to_string())?);
+                break;
+            }
+            StatusCode::ACCEPTED | StatusCode::TOO_MANY_REQUESTS => continue,
+            other => return Err(format!("export status {other}")),
+        }
+    }
+    let manifest = manifest.ok_or("the export did not finish in a minute")?;
+    let mut counts: std::collections::BTreeMap<(String, String), usize> = Default::default();
+    for output in manifest["output"].as_array().into_iter().flatten() {
+        let url = output["url"].as_str().unwrap_or_default();
+        let text = app
+            .http
+            .get(url)
+            .bearer_auth(&token)
+            .send()
+            .await
+            .map_err(|e| format!("file: {e}"))?
+            .text()
+            .await
+            .map_err(|e| format!("file: {e}"))?;
+        for line in text.lines() {
+            let resource: Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
+            let resource_type = resource["resourceType"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let patient = if resource_type == "Patient" {
+                resource["id"].as_str().unwrap_or_default().to_string()
+            } else {
+                resource["subject"]["reference"]
+                    .as_str()
+                    .or(resource["patient"]["reference"].as_str())
+                    .unwrap_or_default()
+                    .trim_start_matches("Patient/")
+                    .to_string()
+            };
+            *counts.entry((patient, resource_type)).or_default() += 1;
+        }
+    }
+    Ok(counts
+        .into_iter()
+        .map(|((patient, resource_type), count)| (patient, resource_type, count))
+        .collect())
 }
