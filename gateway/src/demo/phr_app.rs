@@ -40,6 +40,9 @@ pub struct DemoPhrApp {
     server: tokio::task::JoinHandle<()>,
 }
 
+/// One line of a bulk export's tally: patient, resource type, how many.
+type BulkRow = (String, String, usize);
+
 #[derive(Default)]
 struct Session {
     /// PKCE verifiers of authorisations under way, by `state`.
@@ -49,7 +52,7 @@ struct Session {
     /// What the last read returned: HTTP status and body.
     last_read: Option<(u16, String)>,
     /// The last bulk export: (patient, resource type, count) rows, or why it failed.
-    last_bulk: Option<std::result::Result<Vec<(String, String, usize)>, String>>,
+    last_bulk: Option<std::result::Result<Vec<BulkRow>, String>>,
     error: Option<String>,
 }
 
@@ -341,7 +344,7 @@ async fn bulk_export(State(app): State<Arc<AppContext>>) -> Response {
 /// Client credentials, `Group/[client]/$export`, polling, the files counted per patient.
 async fn run_bulk_export(
     app: &AppContext,
-) -> std::result::Result<Vec<(String, String, usize)>, String> {
+) -> std::result::Result<Vec<BulkRow>, String> {
     let token_url = format!("{}/oauth/token", app.gateway);
     let assertion = client_assertion(
         &app.key,
