@@ -305,6 +305,35 @@ async fn a_backend_exports_only_what_each_patient_consented_to(engine: Engine) {
     assert_eq!(polled_by_stranger.status(), StatusCode::NOT_FOUND);
     assert!(leaves_containing(&env.app, "bulk export").await >= 3);
 
+    // A worker that dies holding a job: after its lease another worker (another process on
+    // PostgreSQL) takes the job over and finishes it, once.
+    let orphan = started(&env, &all, &format!("{group}?_type=Observation")).await;
+    let exports = &env.app.gateway().state.exports;
+    let claimed = exports
+        .claim("dying-worker")
+        .await
+        .expect("claim")
+        .expect("a job");
+    assert!(orphan.ends_with(&claimed.id));
+    assert!(
+        exports
+            .claim("other-worker")
+            .await
+            .expect("claim")
+            .is_none(),
+        "leased"
+    );
+    sqlx::query("UPDATE export_jobs SET lease_expires_at = 0 WHERE id = $1")
+        .bind(&claimed.id)
+        .execute(env.app.gateway().state.db.write_pool())
+        .await
+        .expect("lease runs out");
+    assert_eq!(run(&env).await, Some(ExportStatus::Done));
+    assert_eq!(
+        output_counts(&manifest(&env, &all, &orphan).await),
+        vec![("Observation".to_string(), 9)]
+    );
+
     // _typeFilter narrows a type.
     let filtered = started(
         &env,

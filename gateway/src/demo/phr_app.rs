@@ -342,9 +342,7 @@ async fn bulk_export(State(app): State<Arc<AppContext>>) -> Response {
 }
 
 /// Client credentials, `Group/[client]/$export`, polling, the files counted per patient.
-async fn run_bulk_export(
-    app: &AppContext,
-) -> std::result::Result<Vec<BulkRow>, String> {
+async fn run_bulk_export(app: &AppContext) -> std::result::Result<Vec<BulkRow>, String> {
     let token_url = format!("{}/oauth/token", app.gateway);
     let assertion = client_assertion(
         &app.key,
