@@ -416,3 +416,23 @@ pub async fn receipt_claims(app: &TestApp, receipt: &str) -> serde_json::Value {
         .expect("valid signature")
         .claims
 }
+
+/// A valid hc08 特定健診 document as the portal simulator makes them (its person 1).
+pub fn portal_checkup_document() -> String {
+    use phr_adapters::self_info::simulator::{SimulatorConfig, SimulatorHandle};
+    use phr_adapters::self_info::Category;
+    let jwk = phr_adapters::fhir_r4::BackendKey::generate_es384().public_jwk();
+    let portal = SimulatorHandle::new(
+        SimulatorConfig::new("phr-gateway", jwk),
+        "http://127.0.0.1:1",
+    );
+    let person = portal.person(1).expect("person");
+    portal
+        .records(&person.subject)
+        .into_iter()
+        .filter(|(category, _, _, entered_in_error)| {
+            *category == Category::SpecificCheckup && !entered_in_error
+        })
+        .find_map(|(_, id, ..)| portal.checkup_document(&person.subject, &id))
+        .expect("a checkup document")
+}

@@ -7,39 +7,19 @@
 
 use phr_adapters::fhir_r4::BackendKey;
 use phr_adapters::oauth::{client_assertion, CLIENT_ASSERTION_LIFETIME};
-use phr_adapters::self_info::simulator::{SimulatorConfig, SimulatorHandle};
-use phr_adapters::self_info::Category;
 use phr_gateway::audit::AccountRole;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::both_engines;
 use crate::helpers::{
-    count, leaves_containing, provenance_sources_of, receipt_claims, spawn_app_with, Engine,
-    TestApp, TestEnv,
+    count, leaves_containing, portal_checkup_document, provenance_sources_of, receipt_claims,
+    spawn_app_with, Engine, TestApp, TestEnv,
 };
 
 both_engines!(a_checkup_institution_uploads_under_the_patients_permission,);
 
 const CDA: &str = "application/hl7-v3+xml";
-
-/// A checkup document as the portal simulator makes them (valid hc08).
-fn checkup_document() -> String {
-    let jwk = BackendKey::generate_es384().public_jwk();
-    let portal = SimulatorHandle::new(
-        SimulatorConfig::new("phr-gateway", jwk),
-        "http://127.0.0.1:1",
-    );
-    let person = portal.person(1).expect("person");
-    portal
-        .records(&person.subject)
-        .into_iter()
-        .filter(|(category, _, _, entered_in_error)| {
-            *category == Category::SpecificCheckup && !entered_in_error
-        })
-        .find_map(|(_, id, ..)| portal.checkup_document(&person.subject, &id))
-        .expect("a checkup document")
-}
 
 /// Registers a checkup institution (a `private_key_jwt` client) as the operator.
 async fn register_institution(
@@ -153,7 +133,7 @@ async fn bundles(app: &TestApp) -> i64 {
 }
 
 async fn a_checkup_institution_uploads_under_the_patients_permission(engine: Engine) {
-    let cda = checkup_document();
+    let cda = portal_checkup_document();
     let app = spawn_app_with(TestEnv::new(engine).await, |c| c.pull.workers = 0).await;
     let patient = app
         .sign_in(AccountRole::Patient, "hanako", Some("p-hanako"))

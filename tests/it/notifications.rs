@@ -10,15 +10,15 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode as AxumStatus};
 use axum::routing::post;
 use phr_adapters::fhir_r4::BackendKey;
-use phr_adapters::self_info::simulator::{SimulatorConfig, SimulatorHandle};
-use phr_adapters::self_info::Category;
 use phr_consent::{DataCategory, Performer, PersonRef};
 use phr_gateway::audit::AccountRole;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::both_engines;
-use crate::helpers::{count, grant_consent, jwks, leaves_containing, Engine};
+use crate::helpers::{
+    count, grant_consent, jwks, leaves_containing, portal_checkup_document, Engine,
+};
 use crate::oauth::{env_with, Env};
 
 both_engines!(recipients_hear_of_new_data_withdrawals_and_expiries,);
@@ -114,23 +114,6 @@ async fn make_due(env: &Env) {
         .expect("due");
 }
 
-fn checkup_document() -> String {
-    let jwk = BackendKey::generate_es384().public_jwk();
-    let portal = SimulatorHandle::new(
-        SimulatorConfig::new("phr-gateway", jwk),
-        "http://127.0.0.1:1",
-    );
-    let person = portal.person(1).expect("person");
-    portal
-        .records(&person.subject)
-        .into_iter()
-        .filter(|(category, _, _, entered_in_error)| {
-            *category == Category::SpecificCheckup && !entered_in_error
-        })
-        .find_map(|(_, id, ..)| portal.checkup_document(&person.subject, &id))
-        .expect("a checkup document")
-}
-
 fn last_event(receiver: &Receiver) -> (String, String) {
     receiver
         .received
@@ -174,7 +157,7 @@ async fn recipients_hear_of_new_data_withdrawals_and_expiries(engine: Engine) {
         .await;
 
     // New data: a checkup arrives; the first delivery fails and is retried with the same jti.
-    let cda = checkup_document();
+    let cda = portal_checkup_document();
     let upload = |body: String| {
         env.app
             .client

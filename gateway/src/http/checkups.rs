@@ -82,10 +82,7 @@ pub async fn upload(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or_default();
+    let content_type = content_type_of(&headers);
     let uploaded =
         upload_checkups(&state, &Uploader::patient(&patient), content_type, &body).await?;
     Ok((StatusCode::CREATED, Json(uploaded)).into_response())
@@ -150,12 +147,17 @@ pub async fn institution_upload(
         source_display: format!("{institution} (特定健診 upload)"),
         permission: Some(permission.id.clone()),
     };
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or_default();
+    let content_type = content_type_of(&headers);
     let uploaded = upload_checkups(&state, &uploader, content_type, &body).await?;
     Ok((StatusCode::CREATED, Json(uploaded)).into_response())
+}
+
+/// The request's `Content-Type`, or empty.
+pub(super) fn content_type_of(headers: &HeaderMap) -> &str {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
 }
 
 /// Converts and stores an upload (API and portal share it); a refusal is audited.

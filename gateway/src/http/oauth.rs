@@ -925,6 +925,18 @@ pub(super) fn bearer_refusal(error: Option<&OAuthError>) -> Response {
     response
 }
 
+/// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive).
+pub(super) fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        })
+        .filter(|t| !t.is_empty())
+}
+
 /// `Authorization: Bearer <access token>`: the grant behind it, or a 401 with
 /// `WWW-Authenticate: Bearer error="invalid_token"` (audited) for unknown, expired and
 /// revoked tokens. The consent re-check belongs to the resource endpoints.
@@ -933,16 +945,7 @@ impl FromRequestParts<AppState> for AccessGrant {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
         let address = parts.extensions.get::<ClientAddr>().and_then(|c| c.0);
-        let token = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                let (scheme, token) = v.split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-            })
-            .filter(|t| !t.is_empty());
-        let Some(token) = token else {
+        let Some(token) = bearer_token(&parts.headers) else {
             return Err(bearer_refusal(None));
         };
         match tokens::access_grant(&state.db, token).await {

@@ -5,12 +5,12 @@
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use super::checkups::known_birth_dates;
+use super::checkups::{content_type_of, known_birth_dates};
 use super::error::ApiError;
 use super::session::PatientSession;
 use super::AppState;
@@ -45,10 +45,7 @@ pub async fn import(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Imported>), ApiError> {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
+    let content_type = content_type_of(&headers);
     let into = ImportTarget {
         patient_id: &patient.patient_id,
         agent: patient.auth.agent(),

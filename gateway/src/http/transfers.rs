@@ -14,7 +14,7 @@
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use jsonwebtoken::jwk::JwkSet;
 use phr_consent::DataCategory;
@@ -596,13 +596,9 @@ pub async fn inbox(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or(Error::Unauthenticated(
-            "a signed transfer token is required",
-        ))?;
+    let token = super::oauth::bearer_token(&headers).ok_or(Error::Unauthenticated(
+        "a signed transfer token is required",
+    ))?;
     let claims = verify_push(&state, token).await?;
     let agent = Agent {
         actor: Actor::Client {

@@ -5,14 +5,13 @@
 //! included.
 
 use axum::extract::FromRequestParts;
-use axum::http::header;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use phr_consent::{Consent, DataCategory, Recipient, Requested};
 use time::OffsetDateTime;
 
 use super::super::error::ApiError;
-use super::super::oauth::{agent, audit_refusal, bearer_refusal};
+use super::super::oauth::{agent, audit_refusal, bearer_refusal, bearer_token};
 use super::super::session::PatientSession;
 use super::super::{AppState, ClientAddr};
 use crate::audit::{Actor, Agent, AuditEvent, EventKind, Outcome};
@@ -184,17 +183,7 @@ impl FromRequestParts<AppState> for FhirCaller {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
         let address = parts.extensions.get::<ClientAddr>().and_then(|c| c.0);
-        let token = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                let (scheme, token) = v.split_once(' ')?;
-                scheme
-                    .eq_ignore_ascii_case("bearer")
-                    .then(|| token.trim().to_string())
-            })
-            .filter(|t| !t.is_empty());
+        let token = bearer_token(&parts.headers).map(str::to_string);
         let oauth_error = match token.as_deref() {
             Some(token) => match tokens::access_grant(&state.db, token).await {
                 Ok(grant) => return recipient_caller(state, grant, address).await,
