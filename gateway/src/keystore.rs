@@ -2,8 +2,9 @@
 //! the main database (its own SQLite file, or its own PostgreSQL schema). Deleting a patient's
 //! row crypto-shreds every copy of their data, backups of the main database included.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sqlx::migrate::Migrator;
 use sqlx::{Executor, Row};
@@ -20,7 +21,17 @@ static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/keystore-pos
 pub struct KeyStore {
     db: Database,
     kek: Arc<Kek>,
+    /// Unwrapped keys recently read, so a burst of reads of one patient's data does not
+    /// go to the key store each time. Shredding evicts at once here; another process may
+    /// hold a key up to [`KEY_CACHE_TTL`] longer, when the erased rows are already gone.
+    /// Writes never use it: new data is sealed only under a key the store still holds.
+    cache: Arc<std::sync::Mutex<HashMap<String, (Instant, DataKey)>>>,
 }
+
+/// How long an unwrapped key is reused for reads.
+const KEY_CACHE_TTL: Duration = Duration::from_secs(30);
+/// Most keys cached at once (the cache starts over when full).
+const KEY_CACHE_SIZE: usize = 4096;
 
 impl KeyStore {
     /// Opens the key store that goes with the main database at `main_url`.
@@ -52,11 +63,32 @@ impl KeyStore {
         Ok(KeyStore {
             db,
             kek: Arc::new(kek),
+            cache: Arc::default(),
         })
     }
 
-    /// The patient's data key, or `KeyMissing` once it has been shredded.
+    /// The patient's data key for reading (possibly from the cache), or `KeyMissing` once
+    /// it has been shredded.
     pub async fn data_key(&self, patient_id: &str) -> Result<DataKey> {
+        if let Ok(cache) = self.cache.lock() {
+            if let Some((at, key)) = cache.get(patient_id) {
+                if at.elapsed() < KEY_CACHE_TTL {
+                    return Ok(key.clone());
+                }
+            }
+        }
+        let key = self.stored_key(patient_id).await?;
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= KEY_CACHE_SIZE {
+                cache.clear();
+            }
+            cache.insert(patient_id.to_string(), (Instant::now(), key.clone()));
+        }
+        Ok(key)
+    }
+
+    /// The key as the store holds it now.
+    async fn stored_key(&self, patient_id: &str) -> Result<DataKey> {
         let row = sqlx::query("SELECT wrapped_key FROM data_keys WHERE patient_id = $1")
             .bind(patient_id)
             .fetch_optional(self.db.read_pool())
@@ -68,7 +100,7 @@ impl KeyStore {
 
     /// The patient's data key, created on first use. `true` when it was created now.
     pub async fn data_key_or_create(&self, patient_id: &str) -> Result<(DataKey, bool)> {
-        match self.data_key(patient_id).await {
+        match self.stored_key(patient_id).await {
             Ok(key) => return Ok((key, false)),
             Err(Error::KeyMissing(_)) => {}
             Err(e) => return Err(e),
@@ -85,13 +117,16 @@ impl KeyStore {
         .await?
         .rows_affected();
         // A concurrent writer may have won the race: always use the stored key.
-        Ok((self.data_key(patient_id).await?, inserted == 1))
+        Ok((self.stored_key(patient_id).await?, inserted == 1))
     }
 
     /// Destroys the patient's data key so their stored data can never be decrypted again.
     /// On SQLite the deleted bytes are zeroed (`secure_delete`) and the WAL truncated; on
     /// PostgreSQL the table is rewritten so the old tuple leaves the table's files.
     pub async fn shred(&self, patient_id: &str) -> Result<bool> {
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.remove(patient_id);
+        }
         let deleted = sqlx::query("DELETE FROM data_keys WHERE patient_id = $1")
             .bind(patient_id)
             .execute(self.db.write_pool())
