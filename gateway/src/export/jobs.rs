@@ -25,6 +25,8 @@ use crate::store::{now_millis, Database, Engine};
 const CHUNK_LINES: usize = 1_000;
 /// Resources read per step.
 const PAGE: usize = 500;
+/// Patients between progress commits (and ownership checks).
+const PROGRESS_EVERY: usize = 100;
 /// The name of the file listing what was deleted or withdrawn since `_since`.
 pub const DELETED_FILE: &str = "deleted";
 
@@ -330,8 +332,11 @@ impl ExportJobs {
             token_jti: None,
         };
         let recipient = Recipient::client(&job.client_id);
+        // Audit leaves and progress go out every PROGRESS_EVERY patients (one commit each
+        // time), always before the job is done, i.e. before any file can be fetched.
+        let mut pending_events: Vec<AuditEvent> = Vec::new();
         for (done, patient_id) in patients.iter().enumerate() {
-            if !self.still_ours(&job.id, worker).await? {
+            if done % PROGRESS_EVERY == 0 && !self.still_ours(&job.id, worker).await? {
                 return Ok(ExportStatus::Cancelled);
             }
             let consents = self.consents_of(patient_id, &job.client_id).await?;
@@ -422,19 +427,12 @@ impl ExportJobs {
                 for resource_type in &exported_types {
                     event = event.resource(resource_type.to_string());
                 }
-                let mut tx = self.db.begin().await?;
-                audit::record(&mut tx, &event).await?;
-                tx.commit().await?;
+                pending_events.push(event);
             }
-            sqlx::query(
-                "UPDATE export_jobs SET patients_done = $1, lease_expires_at = $2 WHERE id = $3 AND lease_owner = $4",
-            )
-            .bind(done as i64 + 1)
-            .bind(now_millis() + self.lease.as_millis() as i64)
-            .bind(&job.id)
-            .bind(worker)
-            .execute(self.db.write_pool())
-            .await?;
+            if (done + 1) % PROGRESS_EVERY == 0 || done + 1 == patients.len() {
+                self.record_progress(&job.id, worker, done as i64 + 1, &mut pending_events)
+                    .await?;
+            }
         }
         if let Some(since) = job.parameters.since {
             for patient_id in self.ended_since(&job.client_id, since).await? {
@@ -532,6 +530,30 @@ impl ExportJobs {
             self.keys.shred(&job_key_id(id)).await?;
         }
         Ok(ids.len() as u64)
+    }
+
+    /// Writes the pending audit leaves, the progress and a renewed lease in one commit.
+    async fn record_progress(
+        &self,
+        job_id: &str,
+        worker: &str,
+        patients_done: i64,
+        events: &mut Vec<AuditEvent>,
+    ) -> Result<()> {
+        let mut tx = self.db.begin().await?;
+        audit::record_all(&mut tx, events).await?;
+        events.clear();
+        sqlx::query(
+            "UPDATE export_jobs SET patients_done = $1, lease_expires_at = $2 WHERE id = $3 AND lease_owner = $4",
+        )
+        .bind(patients_done)
+        .bind(now_millis() + self.lease.as_millis() as i64)
+        .bind(job_id)
+        .bind(worker)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn still_ours(&self, job_id: &str, worker: &str) -> Result<bool> {
