@@ -20,7 +20,12 @@ use crate::oauth::{env_with, Env};
 
 both_engines!(a_backend_exports_only_what_each_patient_consented_to,);
 
-async fn backend_token(env: &Env, key: &BackendKey, client_id: &str, scope: &str) -> String {
+pub(crate) async fn backend_token(
+    env: &Env,
+    key: &BackendKey,
+    client_id: &str,
+    scope: &str,
+) -> String {
     let (status, _, body) = env
         .with_key(
             "/oauth/token",
@@ -46,7 +51,7 @@ async fn kick_off(env: &Env, token: &str, path: &str, prefer: bool) -> reqwest::
     request.send().await.expect("kick-off")
 }
 
-async fn started(env: &Env, token: &str, path: &str) -> String {
+pub(crate) async fn started(env: &Env, token: &str, path: &str) -> String {
     let response = kick_off(env, token, path, true).await;
     assert_eq!(response.status(), StatusCode::ACCEPTED, "{path}");
     response.headers()["content-location"]
@@ -70,7 +75,7 @@ async fn poll(env: &Env, token: &str, status_url: &str) -> reqwest::Response {
         .expect("poll")
 }
 
-async fn run(env: &Env) -> Option<ExportStatus> {
+pub(crate) async fn run(env: &Env) -> Option<ExportStatus> {
     env.app
         .gateway()
         .state
@@ -80,7 +85,7 @@ async fn run(env: &Env) -> Option<ExportStatus> {
         .expect("run")
 }
 
-async fn manifest(env: &Env, token: &str, status_url: &str) -> Value {
+pub(crate) async fn manifest(env: &Env, token: &str, status_url: &str) -> Value {
     let response = poll(env, token, status_url).await;
     assert_eq!(response.status(), StatusCode::OK);
     response.json().await.expect("manifest")

@@ -16,6 +16,7 @@ mod erasure;
 mod fhir_api;
 mod fhir_client;
 mod fhir_scale;
+mod fhir_validation;
 mod http;
 mod institution_uploads;
 mod notifications;
