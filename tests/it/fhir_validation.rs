@@ -483,6 +483,36 @@ async fn every_exported_resource_passes_external_r4_validation() {
     let total: u64 = summary.values().map(|(n, _)| n).sum();
     assert!(total as usize >= typed_checked, "{total} < {typed_checked}");
     println!("{stdout}");
+
+    // The validator does refuse: a code outside its required set (only the schema sees
+    // it), an element R4 does not have, and a request in a collection Bundle.
+    let canary = out.path().join("canary/bad.ndjson");
+    write(
+        &canary,
+        concat!(
+            r#"{"resourceType":"Observation","id":"a","status":"finalised","code":{"text":"x"}}"#,
+            "\n",
+            r#"{"resourceType":"Observation","id":"b","status":"final","code":{"text":"x"},"notR4":1}"#,
+            "\n",
+            r#"{"resourceType":"Bundle","id":"c","type":"collection","entry":[{"fullUrl":"urn:uuid:6f1c2a1e-0000-4000-8000-000000000001","resource":{"resourceType":"Patient"},"request":{"method":"PUT","url":"Patient/x"}}]}"#,
+            "\n"
+        )
+        .as_bytes(),
+    );
+    let refused = Command::new(python())
+        .arg(validator())
+        .arg(&canary)
+        .output()
+        .expect("validator");
+    let said = String::from_utf8_lossy(&refused.stdout);
+    assert_eq!(refused.status.code(), Some(1), "{said}");
+    for expected in [
+        "bad.ndjson:1 Observation/a [schema] status",
+        "bad.ndjson:2 Observation/b [fhir.resources] notR4",
+        "bad.ndjson:3 Bundle/c [invariant] bdl-3",
+    ] {
+        assert!(said.contains(expected), "{expected} in:\n{said}");
+    }
 }
 
 /// The files under `dir`, sorted.
