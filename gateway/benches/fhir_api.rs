@@ -5,7 +5,8 @@
 //!
 //! `cargo bench -p phr-gateway --bench fhir_api` (needs `wrk` on the PATH;
 //! PHR_BENCH_ENGINES=sqlite|postgres, PHR_BENCH_SECONDS (default 10), PHR_BENCH_TLS=1 for
-//! HTTPS with the generated development certificate instead of loopback HTTP).
+//! HTTPS with the generated development certificate instead of loopback HTTP,
+//! PHR_BENCH_DB_CONNECTIONS for the database pool size).
 
 #[path = "recipient.rs"]
 mod recipient;
@@ -42,6 +43,13 @@ async fn run(engine: phr_gateway::store::Engine) {
     };
     let tls = std::env::var("PHR_BENCH_TLS").as_deref() == Ok("1");
     env.config.insecure_http = !tls;
+    // PHR_BENCH_DB_CONNECTIONS: the database pool size (default the gateway's).
+    if let Some(connections) = std::env::var("PHR_BENCH_DB_CONNECTIONS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+    {
+        env.config.database.max_connections = connections;
+    }
     let gateway = env.gateway().await.start().await.expect("start");
     let setup = setup(&gateway).await;
     let state = &gateway.state;

@@ -65,9 +65,13 @@ async fn load_token(conn: &mut AnyConnection, token: &str) -> Result<Option<Stor
     .bind(digest(token))
     .fetch_optional(conn)
     .await?;
-    let Some(row) = row else { return Ok(None) };
+    row.as_ref().map(stored_of).transpose()
+}
+
+/// A token row's first ten columns (as `load_token` selects them).
+fn stored_of(row: &sqlx::any::AnyRow) -> Result<StoredToken> {
     let scopes: String = row.try_get(4)?;
-    Ok(Some(StoredToken {
+    Ok(StoredToken {
         kind: row.try_get(0)?,
         client_id: row.try_get(1)?,
         patient_id: row.try_get(2)?,
@@ -79,7 +83,7 @@ async fn load_token(conn: &mut AnyConnection, token: &str) -> Result<Option<Stor
         expires_at: row.try_get(7)?,
         used: row.try_get::<Option<i64>, _>(8)?.is_some(),
         revoked: row.try_get::<Option<i64>, _>(9)?.is_some(),
-    }))
+    })
 }
 
 /// What a new token carries.
@@ -552,8 +556,39 @@ pub async fn introspect(db: &Database, client: &Client, token: &str) -> Result<O
 /// The grant behind a bearer access token, or `invalid_token` saying why not.
 pub async fn access_grant(db: &Database, token: &str) -> Result<AccessGrant> {
     let mut conn = db.read_pool().acquire().await?;
-    let stored = load_token(&mut conn, token)
-        .await?
+    let stored = load_token(&mut conn, token).await?;
+    grant_of(stored)
+}
+
+/// `access_grant`, and in the same query the current version of the consent the token
+/// rests on (its stored JSON; `None` when the token has none or the consent is gone): one
+/// round trip for what every FHIR request needs.
+pub async fn access_grant_and_consent(
+    db: &Database,
+    token: &str,
+) -> Result<(AccessGrant, Option<String>)> {
+    let row = sqlx::query(
+        "SELECT t.kind, t.client_id, t.patient_id, t.consent_id, t.scopes, t.family_id,
+             t.created_at, t.expires_at, t.used_at, t.revoked_at, v.body
+         FROM oauth_tokens t
+         LEFT JOIN consents c ON c.id = t.consent_id AND c.patient_id = t.patient_id
+         LEFT JOIN consent_versions v ON v.consent_id = c.id AND v.version = c.current_version
+         WHERE t.token_hash = $1",
+    )
+    .bind(digest(token))
+    .fetch_optional(db.read_pool())
+    .await?;
+    let consent: Option<String> = match &row {
+        Some(row) => row.try_get(10)?,
+        None => None,
+    };
+    let stored = row.as_ref().map(stored_of).transpose()?;
+    Ok((grant_of(stored)?, consent))
+}
+
+/// The grant behind a stored token, if it is a live access token.
+fn grant_of(stored: Option<StoredToken>) -> Result<AccessGrant> {
+    let stored = stored
         .filter(|t| t.kind == "access")
         .ok_or_else(|| OAuthError::invalid_token("unknown access token"))?;
     if stored.revoked {

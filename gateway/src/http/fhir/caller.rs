@@ -185,8 +185,10 @@ impl FromRequestParts<AppState> for FhirCaller {
         let address = parts.extensions.get::<ClientAddr>().and_then(|c| c.0);
         let token = bearer_token(&parts.headers).map(str::to_string);
         let oauth_error = match token.as_deref() {
-            Some(token) => match tokens::access_grant(&state.db, token).await {
-                Ok(grant) => return recipient_caller(state, grant, address).await,
+            Some(token) => match tokens::access_grant_and_consent(&state.db, token).await {
+                Ok((grant, consent)) => {
+                    return recipient_caller(state, grant, consent, address).await
+                }
                 Err(Error::OAuth(error)) => Some(error),
                 Err(other) => return Err(ApiError::from(other).into_response()),
             },
@@ -208,9 +210,12 @@ impl FromRequestParts<AppState> for FhirCaller {
     }
 }
 
+/// A recipient's caller; `consent` is the stored JSON of the consent its token rests on, as
+/// committed now (read with the token).
 async fn recipient_caller(
     state: &AppState,
     grant: AccessGrant,
+    consent: Option<String>,
     address: Option<std::net::IpAddr>,
 ) -> Result<FhirCaller, Response> {
     let forbidden = |detail: &str| {
@@ -222,10 +227,10 @@ async fn recipient_caller(
             "this token has no patient in context: system tokens are for Bulk Data export",
         ));
     };
-    let consent = state
-        .consents
-        .consent_in_force_for(&patient_id, &consent_id)
-        .await
+    let consent = consent
+        .as_deref()
+        .map(crate::consents::consent_of)
+        .transpose()
         .map_err(|e| ApiError::from(e).into_response())?
         .map(Box::new);
     let agent = Agent {
