@@ -83,7 +83,7 @@ type CommitWaiter = oneshot::Sender<std::result::Result<(), String>>;
 #[derive(Default)]
 struct GroupCommit {
     queued: std::sync::Mutex<Vec<(AuditEvent, CommitWaiter)>>,
-    turn: tokio::sync::Mutex<()>,
+    turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// What one sequencer pass did.
@@ -148,22 +148,28 @@ impl AuditLog {
         } else {
             return Err(Error::Audit("audit queue poisoned".into()));
         }
-        {
-            let _turn = self.group.turn.lock().await;
-            let batch = self
-                .group
-                .queued
-                .lock()
-                .map(|mut queued| std::mem::take(&mut *queued))
-                .unwrap_or_default();
-            if !batch.is_empty() {
+        let turn = self.group.turn.clone().lock_owned().await;
+        let batch = self
+            .group
+            .queued
+            .lock()
+            .map(|mut queued| std::mem::take(&mut *queued))
+            .unwrap_or_default();
+        if batch.is_empty() {
+            drop(turn);
+        } else {
+            // On its own task, so a caller that goes away (a client hanging up) cannot
+            // abandon the commit the others are waiting for.
+            let log = self.clone();
+            tokio::spawn(async move {
+                let _turn = turn;
                 let (events, waiters): (Vec<AuditEvent>, Vec<_>) = batch.into_iter().unzip();
-                let outcome = self.commit_leaves(&events).await.map_err(|e| e.to_string());
+                let outcome = log.commit_leaves(&events).await.map_err(|e| e.to_string());
                 for waiter in waiters {
                     let _ = waiter.send(outcome.clone());
                 }
-                self.wake.notify_one();
-            }
+                log.wake.notify_one();
+            });
         }
         match committed.await {
             Ok(Ok(())) => Ok(()),
