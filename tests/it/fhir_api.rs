@@ -371,6 +371,32 @@ async fn a_recipient_reads_and_searches_only_what_the_consent_allows(engine: Eng
         assert_eq!(found.len(), expected, "{query}");
     }
 
+    // The same search by POST, parameters in a form body (too long or private for a URL).
+    let posted = env
+        .app
+        .client
+        .post(env.url("/fhir/Observation/_search"))
+        .bearer_auth(&token)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("code=8480-6%2C8462-4")
+        .send()
+        .await
+        .expect("post search");
+    assert_eq!(posted.status(), StatusCode::OK);
+    let posted: Value = posted.json().await.expect("json");
+    assert_eq!(entries(&posted, "match").len(), 2);
+    let not_a_form = env
+        .app
+        .client
+        .post(env.url("/fhir/Observation/_search"))
+        .bearer_auth(&token)
+        .header("content-type", "application/json")
+        .body("{\"code\": \"x\"}")
+        .send()
+        .await
+        .expect("post search");
+    assert_eq!(not_a_form.status(), StatusCode::BAD_REQUEST);
+
     // _include brings the Medication and the Patient along.
     let (status, bundle) = get(
         &env,
@@ -418,6 +444,17 @@ async fn a_recipient_reads_and_searches_only_what_the_consent_allows(engine: Eng
     assert_eq!(outcome["resourceType"], "OperationOutcome");
     let (status, _) = get(&env, "/fhir/Condition", &token).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
+    let posted = env
+        .app
+        .client
+        .post(env.url("/fhir/Condition/_search"))
+        .bearer_auth(&token)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("")
+        .send()
+        .await
+        .expect("post search");
+    assert_eq!(posted.status(), StatusCode::FORBIDDEN);
     let everything = all_pages(
         &env,
         &format!("/fhir/Patient/{PATIENT}/$everything?_count=2"),

@@ -200,7 +200,10 @@ pub fn router(state: AppState) -> Router {
         .route("/fhir/bulkstatus/{id}", get(bulk::status).delete(bulk::cancel))
         .route("/fhir/bulkfiles/{id}/{file}", get(bulk::file))
         .route("/fhir/{resource_type}", get(fhir::search))
-        .route("/fhir/{resource_type}/{id}", get(fhir::read))
+        .route(
+            "/fhir/{resource_type}/{id}",
+            get(fhir::read).post(fhir::search_by_post),
+        )
         .route("/fhir/{resource_type}/{id}/{operation}", get(fhir::instance_operation))
         .route("/fhir/{resource_type}/{id}/_history/{version}", get(fhir::vread))
         .route("/fhir", get(fhir::not_supported))

@@ -17,7 +17,7 @@ use serde_json::Value;
 pub use caller::{FhirCaller, Interaction};
 pub use metadata::capability_statement;
 pub use read::{instance_operation, read, vread};
-pub use search::search;
+pub use search::{search, search_by_post};
 
 use super::error::{operation_outcome, ApiError};
 use super::AppState;

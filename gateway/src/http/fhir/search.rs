@@ -29,9 +29,50 @@ pub async fn search(
     Query(params): Query<Vec<(String, String)>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    check_type(&resource_type)?;
-    let handling = handling_of(&headers);
-    let query = query::parse(SearchKind::Type(&resource_type), &params, handling)
+    search_type(&state, &caller, &resource_type, params, &headers).await
+}
+
+/// `POST /fhir/{type}/_search` with the parameters form-encoded in the body (and any in the
+/// query string), as FHIR allows for searches too long or too private for a URL.
+pub async fn search_by_post(
+    State(state): State<AppState>,
+    caller: FhirCaller,
+    Path((resource_type, operation)): Path<(String, String)>,
+    Query(mut params): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+    body: String,
+) -> Result<Response, ApiError> {
+    if operation != "_search" {
+        return Err(
+            Error::NotFound(format!("POST {resource_type}/{operation} is not supported")).into(),
+        );
+    }
+    let form = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    if !form && !body.is_empty() {
+        return Err(Error::Invalid(
+            "a POST search sends its parameters as application/x-www-form-urlencoded".into(),
+        )
+        .into());
+    }
+    params.extend(
+        form_urlencoded::parse(body.as_bytes()).map(|(k, v)| (k.into_owned(), v.into_owned())),
+    );
+    search_type(&state, &caller, &resource_type, params, &headers).await
+}
+
+async fn search_type(
+    state: &AppState,
+    caller: &FhirCaller,
+    resource_type: &str,
+    params: Vec<(String, String)>,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    check_type(resource_type)?;
+    let handling = handling_of(headers);
+    let query = query::parse(SearchKind::Type(resource_type), &params, handling)
         .map_err(|e| Error::Invalid(e.0))?;
     if query
         .patient
@@ -41,27 +82,23 @@ pub async fn search(
         return Err(Error::Forbidden("this token is for another patient").into());
     }
     if resource_type == "Consent" {
-        return search_consents(&state, &caller).await;
+        return search_consents(state, caller).await;
     }
     caller
-        .require(&state, &resource_type, Interaction::Search)
+        .require(state, resource_type, Interaction::Search)
         .await?;
-    let self_url = page_url(&state, &format!("/fhir/{resource_type}"), &params, None);
+    let self_url = page_url(state, &format!("/fhir/{resource_type}"), &params, None);
     if resource_type == "Patient" {
-        return search_patient(&state, &caller, &query, self_url).await;
+        return search_patient(state, caller, &query, self_url).await;
     }
-    let page = collect_page(&state, &caller, &[resource_type.as_str()], &query).await?;
+    let page = collect_page(state, caller, &[resource_type], &query).await?;
     let total = if query.filters_content() || !query.ids.is_empty() {
         None
     } else {
         Some(
             state
                 .resources
-                .count_current(
-                    &caller.patient_id,
-                    &[resource_type.as_str()],
-                    &range(&query),
-                )
+                .count_current(&caller.patient_id, &[resource_type], &range(&query))
                 .await?,
         )
     };
@@ -70,26 +107,26 @@ pub async fn search(
         && caller.access("Patient", Interaction::Read) == TypeAccess::Allowed
         && !page.matches.is_empty()
     {
-        if let Some((patient, reference)) = served_patient(&state, &caller.patient_id).await? {
+        if let Some((patient, reference)) = served_patient(state, &caller.patient_id).await? {
             included.push((patient, reference));
         }
     }
     if query.includes.contains(&Include::Medication)
         && caller.access("Medication", Interaction::Read) == TypeAccess::Allowed
     {
-        included.extend(included_medications(&state, &caller, &page.matches).await?);
+        included.extend(included_medications(state, caller, &page.matches).await?);
     }
     let next = page.next_cursor.as_deref().map(|cursor| {
         page_url(
-            &state,
+            state,
             &format!("/fhir/{resource_type}"),
             &params,
             Some(cursor),
         )
     });
     respond(
-        &state,
-        &caller,
+        state,
+        caller,
         &format!("FHIR search {resource_type}"),
         &query,
         page,
