@@ -180,6 +180,55 @@ async fn a_transfer_lands_in_the_right_account_once(engine: Engine) {
     );
     assert!(leaves_containing(&sender.app, "privacy disclosure: transfer").await >= 1);
 
+    // The same through the portal's form: nothing chosen in advance, the transfer listed.
+    let portal_code = new_code(&receiver, &newcomer).await;
+    let home = sender
+        .app
+        .client
+        .get(sender.url("/portal"))
+        .bearer_auth(&session)
+        .send()
+        .await
+        .expect("portal")
+        .text()
+        .await
+        .expect("html");
+    assert!(home.contains("action=\"/portal/transfers\""));
+    assert!(!home.contains("checked"), "no category ticked in advance");
+    let form =
+        format!("client_id={recipient}&transfer_code={portal_code}&send_category=immunizations");
+    let posted = sender
+        .app
+        .client
+        .post(sender.url("/portal/transfers"))
+        .bearer_auth(&session)
+        .header("origin", sender.app.base.clone())
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form)
+        .send()
+        .await
+        .expect("portal transfer");
+    assert!(
+        posted.status().is_redirection() || posted.status().is_success(),
+        "{}",
+        posted.status()
+    );
+    let listed = sender
+        .app
+        .client
+        .get(sender.url("/portal"))
+        .bearer_auth(&session)
+        .send()
+        .await
+        .expect("portal")
+        .text()
+        .await
+        .expect("html");
+    assert!(
+        listed.contains("送信済み"),
+        "the delivered transfer is listed"
+    );
+
     // The same push again (same transfer id): the same answer, nothing twice. A spent code,
     // an unknown signer or another audience are refused.
     let transfer_id = transfer["id"].as_str().expect("id").to_string();

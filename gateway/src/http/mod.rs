@@ -178,6 +178,7 @@ pub fn router(state: AppState) -> Router {
         .route("/portal/logout", post(portal::logout))
         .route("/portal/pull-instructions", post(portal::give))
         .route("/portal/checkups", post(portal::upload_checkups))
+        .route("/portal/transfers", post(transfers::portal_start))
         .route("/portal/upload-permissions", post(uploads::portal_give))
         .route("/portal/upload-permissions/{id}/withdraw", post(uploads::portal_withdraw))
         .route("/portal/pull-instructions/{id}/withdraw", post(portal::withdraw))

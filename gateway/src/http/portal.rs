@@ -128,6 +128,7 @@ pub async fn home(
     }
     let sources = state.registry.infos();
     let upload_permissions = super::uploads::portal_section(&state, &patient).await?;
+    let transfers = super::transfers::portal_section(&state, &patient).await?;
     let markup = signed_in_page(
         "データ取得の指示 / Pull instructions",
         html! {
@@ -206,6 +207,7 @@ pub async fn home(
             (upload_permissions)
             h2 { "データの書き出し " span.en { "Export my data" } }
             p { a id="export-link" href="/portal/export" { "すべてのデータを書き出す（FHIR・まとめ付き） " span.en { "Export everything (FHIR, with a summary)" } } }
+            (transfers)
             h2 { "データの削除 " span.en { "Delete my data" } }
             p { a id="erasure-link" href="/portal/erasure" { "保管しているデータをすべて削除する " span.en { "Delete all data held here" } } }
             form method="post" action="/portal/logout" { button type="submit" { "サインアウト / Sign out" } }

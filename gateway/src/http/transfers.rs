@@ -127,6 +127,16 @@ pub async fn start(
     patient: PatientSession,
     Json(request): Json<StartTransfer>,
 ) -> Result<(StatusCode, Json<TransferView>), ApiError> {
+    let id = start_transfer(&state, &patient, &request).await?;
+    Ok((StatusCode::CREATED, Json(view(&state, &id).await?)))
+}
+
+/// Checks, records and tries a transfer (API and portal); its id.
+async fn start_transfer(
+    state: &AppState,
+    patient: &PatientSession,
+    request: &StartTransfer,
+) -> Result<String, ApiError> {
     let mut categories: Vec<DataCategory> = Vec::new();
     for code in &request.categories {
         let category = DataCategory::from_code(code)
@@ -157,7 +167,7 @@ pub async fn start(
         )
         .into());
     }
-    endpoint_of(&state, &client.id).await?.ok_or_else(|| {
+    endpoint_of(state, &client.id).await?.ok_or_else(|| {
         Error::Invalid(format!(
             "{} takes no transfers (no endpoint registered)",
             client.display_name
@@ -194,8 +204,97 @@ pub async fn start(
     audit::record(&mut tx, &event).await?;
     tx.commit().await?;
     state.audit.notify();
-    deliver(&state, &id).await?;
-    Ok((StatusCode::CREATED, Json(view(&state, &id).await?)))
+    deliver(state, &id).await?;
+    Ok(id)
+}
+
+/// The portal's section: the patient's transfers and a form to start one (no recipient or
+/// category chosen in advance).
+pub async fn portal_section(
+    state: &AppState,
+    patient: &PatientSession,
+) -> Result<maud::Markup, ApiError> {
+    let ids: Vec<String> = sqlx::query_scalar(
+        "SELECT id FROM transfers WHERE patient_id = $1 ORDER BY created_at DESC, id DESC LIMIT 20",
+    )
+    .bind(&patient.patient_id)
+    .fetch_all(state.db.read_pool())
+    .await?;
+    let mut transfers = Vec::with_capacity(ids.len());
+    for id in &ids {
+        transfers.push(view(state, id).await?);
+    }
+    let recipients: Vec<(String, String)> = sqlx::query(
+        "SELECT c.id, c.display_name FROM oauth_clients c JOIN transfer_endpoints e ON e.client_id = c.id
+         ORDER BY c.display_name",
+    )
+    .fetch_all(state.db.read_pool())
+    .await?
+    .iter()
+    .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+    .collect::<Result<_, sqlx::Error>>()?;
+    Ok(maud::html! {
+        h2 { "ほかのPHRサービスへの引っ越し " span.en { "Move your data to another PHR service" } }
+        p { "移行先のサービスで受け取った「移行コード」を入力し、送るデータの分類を選んでください。移行先が登録済みで、指針への準拠を表明していることを確認してから送ります。" }
+        p.en { "Enter the transfer code the other service gave you and choose what to send. We check the recipient is registered and has declared compliance with the PHR guideline before anything leaves." }
+        @if !transfers.is_empty() {
+            table {
+                thead { tr { th { "移行先 " span.en { "Recipient" } } th { "状態 " span.en { "Status" } } th { "件数 " span.en { "Resources" } } } }
+                tbody {
+                    @for transfer in &transfers {
+                        tr data-transfer=(transfer.id) {
+                            td { (transfer.client_id) }
+                            td class="status" { (transfer_status_label(&transfer.status)) @if let Some(error) = &transfer.last_error { div.warn { (error) } } }
+                            td { @if let Some(n) = transfer.resources { (n) } }
+                        }
+                    }
+                }
+            }
+        }
+        form method="post" action="/portal/transfers" {
+            label { "移行先 " span.en { "Recipient" }
+                select name="client_id" required {
+                    option value="" selected disabled { "選んでください / Choose" }
+                    @for (id, name) in &recipients { option value=(id) { (name) } }
+                }
+            }
+            label { "移行コード " span.en { "Transfer code" } input name="transfer_code" autocomplete="off" required; }
+            fieldset {
+                legend { "送るデータ（必要なものだけ選んでください） " span.en { "Data to send (choose only what is needed)" } }
+                @for category in DataCategory::ALL {
+                    label { input type="checkbox" name="send_category" value=(category.code()); " " (category.label_ja()) " " span.en { (category.label_en()) } }
+                }
+            }
+            button type="submit" { "送る / Send" }
+        }
+    })
+}
+
+fn transfer_status_label(status: &str) -> &'static str {
+    match status {
+        "delivered" => "送信済み / Delivered",
+        "failed" => "失敗 / Failed",
+        _ => "再送待ち / Waiting to retry",
+    }
+}
+
+/// The portal's form: starts the transfer, then back to the portal home.
+pub async fn portal_start(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    patient: PatientSession,
+    body: String,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    super::portal::same_origin(&headers, &state)?;
+    let form = |name: &str| super::portal::form_values(&body, name);
+    let request = StartTransfer {
+        client_id: form("client_id").pop().unwrap_or_default(),
+        transfer_code: form("transfer_code").pop().unwrap_or_default(),
+        categories: form("send_category"),
+    };
+    start_transfer(&state, &patient, &request).await?;
+    Ok(axum::response::Redirect::to("/portal").into_response())
 }
 
 /// The patient's transfers, newest first.
