@@ -47,7 +47,7 @@ pub fn provenance_for(
         "resourceType": "Provenance",
         "id": id,
         "target": targets.iter().map(|m| json!({
-            "reference": format!("{}/{}/_history/{}", m.resource_type, m.id, m.version)
+            "reference": m.history_reference()
         })).collect::<Vec<_>>(),
         "recorded": millis_to_rfc3339(now_millis()),
         "activity": {"coding": [{

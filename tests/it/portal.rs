@@ -361,7 +361,7 @@ async fn deleting_my_data_from_the_portal_asks_for_the_password_again() {
     // A wrong password deletes nothing and says so.
     fill(c, "input[name=password]", "not my password").await;
     click(c, "#erase").await;
-    wait_text(c, "[role=alert]", "何も削除していません").await;
+    wait_text(c, "[role=alert]", "何も行っていません").await;
     assert_eq!(
         app.gateway()
             .state

@@ -264,6 +264,7 @@ async fn a_transfer_lands_in_the_right_account_once(engine: Engine) {
     assert_eq!(spent.status(), StatusCode::UNAUTHORIZED);
     let fresh = new_code(&receiver, &newcomer).await;
     let stranger = BackendKey::generate_es384();
+    let refusals_before = leaves_containing(&receiver, "transfer refused").await;
     let forged = push(
         &receiver,
         &token("t-2", &fresh, inbox.clone(), &stranger),
@@ -271,6 +272,11 @@ async fn a_transfer_lands_in_the_right_account_once(engine: Engine) {
     )
     .await;
     assert_eq!(forged.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        leaves_containing(&receiver, "transfer refused").await,
+        refusals_before + 1,
+        "a forged push is audited"
+    );
     let elsewhere = push(
         &receiver,
         &token(
@@ -343,6 +349,10 @@ async fn a_transfer_lands_in_the_right_account_once(engine: Engine) {
         .find(|t| t["id"] == pending["id"])
         .expect("listed");
     assert_eq!(failed["status"], "failed");
+    assert!(
+        leaves_containing(&sender.app, "\"transfers\"").await >= 1,
+        "reading the transfers is audited"
+    );
     assert_eq!(
         count(
             &sender.app,

@@ -326,6 +326,16 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// An OAuth client acting with no token of its own in play (a job run for it, a
+    /// delivery to it).
+    pub fn client(id: impl Into<String>) -> Self {
+        Agent {
+            actor: Actor::Client { id: id.into() },
+            address: None,
+            token_jti: None,
+        }
+    }
+
     pub fn system() -> Self {
         Agent {
             actor: Actor::System,

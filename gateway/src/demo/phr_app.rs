@@ -273,6 +273,28 @@ async fn exchange(
     code: &str,
     verifier: &str,
 ) -> std::result::Result<(String, String), String> {
+    let body = token_request(
+        app,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", code),
+            ("redirect_uri", app.redirect_uri.as_str()),
+            ("code_verifier", verifier),
+        ],
+    )
+    .await?;
+    match (body["access_token"].as_str(), body["patient"].as_str()) {
+        (Some(token), Some(patient)) => Ok((token.to_string(), patient.to_string())),
+        _ => Err("token response without access_token or patient".into()),
+    }
+}
+
+/// A request to the gateway's token endpoint, authenticated with a fresh `private_key_jwt`
+/// assertion; the JSON answer when it is 200.
+async fn token_request(
+    app: &AppContext,
+    form: &[(&str, &str)],
+) -> std::result::Result<Value, String> {
     let token_url = format!("{}/oauth/token", app.gateway);
     let assertion = client_assertion(
         &app.key,
@@ -281,20 +303,16 @@ async fn exchange(
         CLIENT_ASSERTION_LIFETIME,
     )
     .map_err(|e| e.to_string())?;
+    let mut form = form.to_vec();
+    form.push((
+        "client_assertion_type",
+        "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+    ));
+    form.push(("client_assertion", assertion.as_str()));
     let response = app
         .http
         .post(&token_url)
-        .form(&[
-            ("grant_type", "authorization_code"),
-            ("code", code),
-            ("redirect_uri", app.redirect_uri.as_str()),
-            ("code_verifier", verifier),
-            (
-                "client_assertion_type",
-                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-            ),
-            ("client_assertion", assertion.as_str()),
-        ])
+        .form(&form)
         .send()
         .await
         .map_err(|e| format!("token endpoint: {e}"))?;
@@ -304,10 +322,7 @@ async fn exchange(
     if status != StatusCode::OK {
         return Err(format!("token endpoint answered {status}: {body}"));
     }
-    match (body["access_token"].as_str(), body["patient"].as_str()) {
-        (Some(token), Some(patient)) => Ok((token.to_string(), patient.to_string())),
-        _ => Err("token response without access_token or patient".into()),
-    }
+    Ok(body)
 }
 
 async fn read(app: &AppContext) {
@@ -343,31 +358,14 @@ async fn bulk_export(State(app): State<Arc<AppContext>>) -> Response {
 
 /// Client credentials, `Group/[client]/$export`, polling, the files counted per patient.
 async fn run_bulk_export(app: &AppContext) -> std::result::Result<Vec<BulkRow>, String> {
-    let token_url = format!("{}/oauth/token", app.gateway);
-    let assertion = client_assertion(
-        &app.key,
-        &app.client_id,
-        &token_url,
-        CLIENT_ASSERTION_LIFETIME,
-    )
-    .map_err(|e| e.to_string())?;
-    let response = app
-        .http
-        .post(&token_url)
-        .form(&[
+    let body = token_request(
+        app,
+        &[
             ("grant_type", "client_credentials"),
             ("scope", "system/*.rs"),
-            (
-                "client_assertion_type",
-                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-            ),
-            ("client_assertion", assertion.as_str()),
-        ])
-        .send()
-        .await
-        .map_err(|e| format!("token endpoint: {e}"))?;
-    let body: Value = serde_json::from_slice(&response.bytes().await.map_err(|e| e.to_string())?)
-        .map_err(|e| format!("token response: {e}"))?;
+        ],
+    )
+    .await?;
     let token = body["access_token"]
         .as_str()
         .ok_or_else(|| format!("no backend token: {body}"))?

@@ -12,7 +12,7 @@ use sqlx::Row;
 use time::OffsetDateTime;
 
 use super::request::ExportParameters;
-use crate::audit::{self, Actor, Agent, AuditEvent, EventKind};
+use crate::audit::{self, Agent, AuditEvent, EventKind};
 use crate::consents::{decide_under_consent, ConsentOutcome, Consents};
 use crate::error::{Error, Result};
 use crate::fhir::matching::matches;
@@ -324,13 +324,7 @@ impl ExportJobs {
             .await?;
         let (key, _) = self.keys.data_key_or_create(&job_key_id(&job.id)).await?;
         let mut output = Output::new(&job.id);
-        let agent = Agent {
-            actor: Actor::Client {
-                id: job.client_id.clone(),
-            },
-            address: None,
-            token_jti: None,
-        };
+        let agent = Agent::client(&job.client_id);
         let recipient = Recipient::client(&job.client_id);
         // Audit leaves and progress go out every PROGRESS_EVERY patients (one commit each
         // time), always before the job is done, i.e. before any file can be fetched.

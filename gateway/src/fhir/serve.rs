@@ -82,10 +82,7 @@ pub async fn served_patient(
         Err(Error::NotFound(_)) | Err(Error::KeyMissing(_)) => return Ok(None),
         Err(other) => return Err(other),
     };
-    let history_ref = format!(
-        "Patient/{}/_history/{}",
-        stored.meta.id, stored.meta.version
-    );
+    let history_ref = stored.meta.history_reference();
     let mut served = serve_all(store, patient_id, std::slice::from_ref(&stored)).await?;
     let mut patient = served.pop().unwrap_or_default();
     // The gateway's patient id names the person, whichever source the demographics came from.

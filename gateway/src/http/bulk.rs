@@ -5,15 +5,18 @@
 //! cancel) and the NDJSON files, which need the token and expire.
 
 use axum::body::{Body, Bytes};
+use std::net::IpAddr;
+
 use axum::extract::{OriginalUri, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use futures::StreamExt;
 use serde_json::json;
 
 use super::error::ApiError;
-use super::AppState;
-use crate::audit::{Actor, Agent, AuditEvent, EventKind};
+use super::{AppState, ClientAddr};
+use crate::audit::{Agent, AuditEvent, EventKind};
 use crate::error::Error;
 use crate::export::jobs::exportable_types;
 use crate::export::{request, ExportStatus, DELETED_FILE};
@@ -24,26 +27,21 @@ use crate::store::{millis_to_rfc3339, now_millis};
 /// Polls closer together than this are answered 429.
 const MIN_POLL_MILLIS: i64 = 1_000;
 
-fn backend_agent(grant: &AccessGrant) -> Result<Agent, ApiError> {
+fn backend_agent(grant: &AccessGrant, address: Option<IpAddr>) -> Result<Agent, ApiError> {
     if grant.patient_id.is_some() {
         return Err(Error::Forbidden(
             "bulk export needs a backend token (client_credentials with system/ scopes)",
         )
         .into());
     }
-    Ok(Agent {
-        actor: Actor::Client {
-            id: grant.client_id.clone(),
-        },
-        address: None,
-        token_jti: Some(grant.token_family.clone()),
-    })
+    Ok(grant.agent(address))
 }
 
 /// `GET /fhir/Patient/$export`
 pub async fn export_patients(
     State(state): State<AppState>,
     grant: AccessGrant,
+    Extension(ClientAddr(address)): Extension<ClientAddr>,
     OriginalUri(uri): OriginalUri,
     Query(params): Query<Vec<(String, String)>>,
     headers: HeaderMap,
@@ -51,6 +49,7 @@ pub async fn export_patients(
     kick_off(
         &state,
         &grant,
+        address,
         "patient",
         None,
         &uri.to_string(),
@@ -64,6 +63,7 @@ pub async fn export_patients(
 pub async fn export_group(
     State(state): State<AppState>,
     grant: AccessGrant,
+    Extension(ClientAddr(address)): Extension<ClientAddr>,
     Path((id, operation)): Path<(String, String)>,
     OriginalUri(uri): OriginalUri,
     Query(params): Query<Vec<(String, String)>>,
@@ -72,7 +72,7 @@ pub async fn export_group(
     if operation != "$export" {
         return Err(Error::NotFound(format!("Group {operation} is not supported")).into());
     }
-    backend_agent(&grant)?;
+    backend_agent(&grant, address)?;
     // A client sees one group: the patients who consented to it.
     if id != grant.client_id {
         return Err(Error::NotFound(format!("Group/{id} is not known")).into());
@@ -80,6 +80,7 @@ pub async fn export_group(
     kick_off(
         &state,
         &grant,
+        address,
         "group",
         Some(&id),
         &uri.to_string(),
@@ -89,16 +90,18 @@ pub async fn export_group(
     .await
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn kick_off(
     state: &AppState,
     grant: &AccessGrant,
+    address: Option<IpAddr>,
     kind: &str,
     group_id: Option<&str>,
     request_path: &str,
     params: &[(String, String)],
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let agent = backend_agent(grant)?;
+    let agent = backend_agent(grant, address)?;
     let prefer = headers
         .get("prefer")
         .and_then(|v| v.to_str().ok())
@@ -174,9 +177,10 @@ async fn kick_off(
 pub async fn status(
     State(state): State<AppState>,
     grant: AccessGrant,
+    Extension(ClientAddr(address)): Extension<ClientAddr>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    backend_agent(&grant)?;
+    backend_agent(&grant, address)?;
     let job = state.exports.get(&id, &grant.client_id).await?;
     let now = now_millis();
     match job.status {
@@ -254,9 +258,10 @@ pub async fn status(
 pub async fn cancel(
     State(state): State<AppState>,
     grant: AccessGrant,
+    Extension(ClientAddr(address)): Extension<ClientAddr>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let agent = backend_agent(&grant)?;
+    let agent = backend_agent(&grant, address)?;
     let job = state.exports.get(&id, &grant.client_id).await?;
     if job.status == ExportStatus::Cancelled {
         return Err(Error::NotFound(format!("export {id}")).into());
@@ -273,9 +278,10 @@ pub async fn cancel(
 pub async fn file(
     State(state): State<AppState>,
     grant: AccessGrant,
+    Extension(ClientAddr(address)): Extension<ClientAddr>,
     Path((id, file)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let agent = backend_agent(&grant)?;
+    let agent = backend_agent(&grant, address)?;
     let job = state.exports.get(&id, &grant.client_id).await?;
     if job.status != ExportStatus::Done || job.expires_at.is_some_and(|at| at < now_millis()) {
         return Err(Error::NotFound(format!("the files of export {id} are not available")).into());

@@ -16,7 +16,7 @@ use utoipa::ToSchema;
 
 use super::error::ApiError;
 use super::session::PatientSession;
-use super::AppState;
+use super::{AppState, ClientAddr};
 use crate::audit::{Actor, Agent, AuditEvent, EventKind, Outcome};
 use crate::checkups::{self, ConvertedCheckup};
 use crate::error::Error;
@@ -25,6 +25,7 @@ use crate::provenance::{provenance_for, Origin};
 use crate::store::reconciliation;
 use crate::store::resources::{NewResource, WriteOutcome};
 use crate::uploads::UploadPermissions;
+use axum::Extension;
 
 /// The source a patient's own upload names in Provenance.
 const UPLOAD_SOURCE: &str = "upload";
@@ -102,6 +103,7 @@ pub async fn upload(
 pub async fn institution_upload(
     State(state): State<AppState>,
     grant: AccessGrant,
+    Extension(ClientAddr(address)): Extension<ClientAddr>,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Bytes,
@@ -109,13 +111,7 @@ pub async fn institution_upload(
     if !Scope::CheckupUpload.covered_by_any(&grant.scopes) {
         return Err(Error::Forbidden("the token does not hold system/DocumentReference.c").into());
     }
-    let agent = Agent {
-        actor: Actor::Client {
-            id: grant.client_id.clone(),
-        },
-        address: None,
-        token_jti: Some(grant.token_family.clone()),
-    };
+    let agent = grant.agent(address);
     let permission = match state.uploads.admitting(&id, &grant.client_id).await {
         Ok(permission) => permission,
         Err(error) => {

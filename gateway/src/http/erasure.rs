@@ -17,7 +17,7 @@ use utoipa::ToSchema;
 
 use super::consents::{receipt_context, withdraw_consent};
 use super::error::ApiError;
-use super::portal::{form_values, html_response, same_origin, signed_in_page};
+use super::portal::{form_values, html_response, same_origin, signed_in_page, step_up_refused};
 use super::pull::{withdraw_instruction, Withdraw};
 use super::session::PatientSession;
 use super::AppState;
@@ -204,14 +204,10 @@ pub async fn portal_erase(
     let erased = match erase_record(&state, &patient, &password).await {
         Ok(erased) => erased,
         Err(error) if error.status == StatusCode::UNAUTHORIZED => {
-            let markup = signed_in_page(
+            return Ok(step_up_refused(
                 "データの削除 / Delete my data",
-                html! {
-                    p role="alert" { "パスワードが違います。何も削除していません。 / Wrong password. Nothing was deleted." }
-                    p { a.button href="/portal/erasure" { "もう一度 / Try again" } " " a.button href="/portal" { "戻る / Back" } }
-                },
-            );
-            return Ok(html_response(StatusCode::UNAUTHORIZED, markup));
+                "/portal/erasure",
+            ));
         }
         Err(error) => return Err(error),
     };

@@ -10,10 +10,10 @@ use utoipa::ToSchema;
 
 use super::error::ApiError;
 use super::session::OperatorSession;
-use super::AppState;
-use crate::audit::{Actor, Agent};
+use super::{AppState, ClientAddr};
 use crate::oauth::AccessGrant;
 use crate::store::millis_to_rfc3339;
+use axum::Extension;
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -66,15 +66,10 @@ pub async fn register_webhook(
 pub async fn acknowledge(
     State(state): State<AppState>,
     grant: AccessGrant,
+    Extension(ClientAddr(address)): Extension<ClientAddr>,
     Path(id): Path<String>,
 ) -> Result<Json<Acknowledged>, ApiError> {
-    let agent = Agent {
-        actor: Actor::Client {
-            id: grant.client_id.clone(),
-        },
-        address: None,
-        token_jti: Some(grant.token_family.clone()),
-    };
+    let agent = grant.agent(address);
     let at = crate::notifications::acknowledge(&state.db, &agent, &grant.client_id, &id).await?;
     state.audit.notify();
     Ok(Json(Acknowledged {

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use utoipa::ToSchema;
 
 use super::error::ApiError;
-use super::portal::{form_values, html_response, same_origin, signed_in_page};
+use super::portal::{form_values, html_response, same_origin, signed_in_page, step_up_refused};
 use super::session::PatientSession;
 use super::AppState;
 use crate::audit::{AuditEvent, EventKind};
@@ -303,16 +303,10 @@ pub async fn portal_export(
     let password = form_values(&body, "password").pop().unwrap_or_default();
     let format = form_values(&body, "format").pop().unwrap_or_default();
     match export_record(&state, &patient, &password, &format).await {
-        Err(error) if error.status == StatusCode::UNAUTHORIZED => {
-            let markup = signed_in_page(
-                "データの書き出し / Export my data",
-                html! {
-                    p role="alert" { "パスワードが違います。 / Wrong password." }
-                    p { a.button href="/portal/export" { "もう一度 / Try again" } }
-                },
-            );
-            Ok(html_response(StatusCode::UNAUTHORIZED, markup))
-        }
+        Err(error) if error.status == StatusCode::UNAUTHORIZED => Ok(step_up_refused(
+            "データの書き出し / Export my data",
+            "/portal/export",
+        )),
         other => other,
     }
 }

@@ -61,6 +61,19 @@ pub(super) fn signed_in_page(title: &str, body: Markup) -> Markup {
     )
 }
 
+/// The answer to a wrong password at a step-up (export, erasure): nothing happened, try
+/// again or go back.
+pub(super) fn step_up_refused(title: &str, retry: &str) -> Response {
+    let markup = signed_in_page(
+        title,
+        html! {
+            p role="alert" { "パスワードが違います。何も行っていません。 / Wrong password. Nothing was done." }
+            p { a.button href=(retry) { "もう一度 / Try again" } " " a.button href="/portal" { "戻る / Back" } }
+        },
+    );
+    html_response(StatusCode::UNAUTHORIZED, markup)
+}
+
 pub(super) fn html_response(status: StatusCode, markup: Markup) -> Response {
     (
         status,

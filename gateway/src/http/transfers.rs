@@ -28,7 +28,7 @@ use super::error::ApiError;
 use super::patient_import::{import_into, ImportTarget};
 use super::session::{OperatorSession, PatientSession};
 use super::AppState;
-use crate::audit::{self, Actor, Agent, AuditEvent, EventKind, Outcome};
+use crate::audit::{self, Agent, AuditEvent, EventKind, Outcome};
 use crate::error::Error;
 use crate::fhir::serve::{serve_all, served_patient};
 use crate::store::resources::UpdatedRange;
@@ -224,6 +224,7 @@ pub async fn portal_section(
     for id in &ids {
         transfers.push(view(state, id).await?);
     }
+    audit_read(state, patient).await?;
     let recipients: Vec<(String, String)> = sqlx::query(
         "SELECT c.id, c.display_name FROM oauth_clients c JOIN transfer_endpoints e ON e.client_id = c.id
          ORDER BY c.display_name",
@@ -314,7 +315,17 @@ pub async fn list(
     for id in ids {
         views.push(view(&state, &id).await?);
     }
+    audit_read(&state, &patient).await?;
     Ok(Json(views))
+}
+
+/// Reading the patient's transfers (API or portal) is audited.
+async fn audit_read(state: &AppState, patient: &PatientSession) -> Result<(), ApiError> {
+    let event = AuditEvent::new(EventKind::Read, patient.auth.agent())
+        .patient(&patient.patient_id)
+        .detail("transfers");
+    state.audit.record_now(&event).await?;
+    Ok(())
 }
 
 async fn view(state: &AppState, id: &str) -> Result<TransferView, ApiError> {
@@ -443,13 +454,7 @@ async fn deliver(state: &AppState, id: &str) -> Result<bool, ApiError> {
     };
     let outcome: Result<usize, String> = attempt.await;
     let now = now_millis();
-    let agent = Agent {
-        actor: Actor::Client {
-            id: client_id.clone(),
-        },
-        address: None,
-        token_jti: None,
-    };
+    let agent = Agent::client(&client_id);
     let mut tx = state.db.begin().await?;
     let delivered = match outcome {
         Ok(count) => {
@@ -698,14 +703,18 @@ pub async fn inbox(
     let token = super::oauth::bearer_token(&headers).ok_or(Error::Unauthenticated(
         "a signed transfer token is required",
     ))?;
-    let claims = verify_push(&state, token).await?;
-    let agent = Agent {
-        actor: Actor::Client {
-            id: format!("peer:{}", claims.iss),
-        },
-        address: None,
-        token_jti: None,
+    let claims = match verify_push(&state, token).await {
+        Ok(claims) => claims,
+        Err(error) => {
+            // Who sent it is unproven: the refusal names no peer.
+            let event = AuditEvent::new(EventKind::Create, Agent::client("unverified-peer"))
+                .outcome(Outcome::MinorFailure)
+                .detail(format!("transfer refused: {}", error.detail));
+            state.audit.record_now(&event).await?;
+            return Err(error);
+        }
     };
+    let agent = Agent::client(format!("peer:{}", claims.iss));
     // The same push again: the same answer, nothing stored twice.
     if let Some(row) = sqlx::query(
         "SELECT resources, receipt FROM received_transfers WHERE issuer = $1 AND transfer_id = $2",

@@ -230,7 +230,7 @@ impl Deliverer {
         .bind(&due.id)
         .execute(&mut *tx)
         .await?;
-        let event = AuditEvent::new(EventKind::NotificationSent, client_agent(&due.client_id))
+        let event = AuditEvent::new(EventKind::NotificationSent, Agent::client(&due.client_id))
             .patient(&due.patient_id)
             .detail(format!("{} notification {} delivered", due.event, due.id));
         audit::record(&mut tx, &event).await?;
@@ -260,7 +260,7 @@ impl Deliverer {
         .execute(&mut *tx)
         .await?;
         if give_up {
-            let event = AuditEvent::new(EventKind::NotificationSent, client_agent(&due.client_id))
+            let event = AuditEvent::new(EventKind::NotificationSent, Agent::client(&due.client_id))
                 .outcome(Outcome::SeriousFailure)
                 .patient(&due.patient_id)
                 .detail(format!(
@@ -271,15 +271,5 @@ impl Deliverer {
         }
         tx.commit().await?;
         Ok(!give_up)
-    }
-}
-
-fn client_agent(client_id: &str) -> Agent {
-    Agent {
-        actor: audit::Actor::Client {
-            id: client_id.to_string(),
-        },
-        address: None,
-        token_jti: None,
     }
 }

@@ -12,7 +12,7 @@ use sqlx::Row;
 use super::clients::{self, ComplianceDeclaration, Recipient};
 use super::scopes::{categories_of, format_scopes, parse_scopes, Scope};
 use super::{digest, random_token, CODE_LIFETIME_SECS};
-use crate::audit::{self, Actor, Agent, AuditEvent, EventKind};
+use crate::audit::{self, Agent, AuditEvent, EventKind};
 use crate::error::{Error, Result};
 use crate::store::{now_millis, Database};
 
@@ -245,7 +245,7 @@ pub async fn approve(
     .await?;
     let event = AuditEvent::new(
         EventKind::AuthorizationCodeIssued,
-        client_agent(&request.client_id),
+        Agent::client(&request.client_id),
     )
     .patient(patient_id)
     .resource(format!("Consent/{consent_id}"))
@@ -272,7 +272,7 @@ pub async fn decline(db: &Database, request_id: &str) -> Result<String> {
     let request = decide(&mut tx, request_id, "declined").await?;
     let event = AuditEvent::new(
         EventKind::AuthorizationDeclined,
-        client_agent(&request.client_id),
+        Agent::client(&request.client_id),
     )
     .outcome(audit::Outcome::MinorFailure)
     .detail(format!(
@@ -302,14 +302,4 @@ pub fn redirect_with(redirect_uri: &str, params: &[(&str, &str)]) -> Result<Stri
         }
     }
     Ok(url.to_string())
-}
-
-fn client_agent(client_id: &str) -> Agent {
-    Agent {
-        actor: Actor::Client {
-            id: client_id.to_string(),
-        },
-        address: None,
-        token_jti: None,
-    }
 }

@@ -42,6 +42,17 @@ pub struct AccessGrant {
     pub expires_at: i64,
 }
 
+impl AccessGrant {
+    /// The client acting with this token, from `address`, for audit records.
+    pub fn agent(&self, address: Option<std::net::IpAddr>) -> Agent {
+        Agent {
+            token_jti: Some(self.token_family.clone()),
+            address,
+            ..Agent::client(&self.client_id)
+        }
+    }
+}
+
 /// A token as stored (either kind).
 struct StoredToken {
     kind: String,

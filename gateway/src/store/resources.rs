@@ -58,6 +58,16 @@ pub struct ResourceMeta {
     pub digest: [u8; 32],
 }
 
+impl ResourceMeta {
+    /// `Type/id/_history/version`: this version, as audit records and Provenance name it.
+    pub fn history_reference(&self) -> String {
+        format!(
+            "{}/{}/_history/{}",
+            self.resource_type, self.id, self.version
+        )
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredResource {
     pub meta: ResourceMeta,
@@ -265,11 +275,7 @@ impl ResourceStore {
             event = event.patient(*patient);
         }
         for row in &rows {
-            let meta = &row.meta;
-            event = event.resource(format!(
-                "{}/{}/_history/{}",
-                meta.resource_type, meta.id, meta.version
-            ));
+            event = event.resource(row.meta.history_reference());
         }
         audit::record(&mut *tx, &event).await?;
         Ok(results)

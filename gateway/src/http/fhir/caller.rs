@@ -14,7 +14,7 @@ use super::super::error::ApiError;
 use super::super::oauth::{agent, audit_refusal, bearer_refusal, bearer_token};
 use super::super::session::PatientSession;
 use super::super::{AppState, ClientAddr};
-use crate::audit::{Actor, Agent, AuditEvent, EventKind, Outcome};
+use crate::audit::{Agent, AuditEvent, EventKind, Outcome};
 use crate::consents::{decide_under_consent, ConsentOutcome};
 use crate::error::Error;
 use crate::oauth::scopes::{Context, Permissions};
@@ -233,13 +233,7 @@ async fn recipient_caller(
         .transpose()
         .map_err(|e| ApiError::from(e).into_response())?
         .map(Box::new);
-    let agent = Agent {
-        actor: Actor::Client {
-            id: grant.client_id.clone(),
-        },
-        address,
-        token_jti: Some(grant.token_family.clone()),
-    };
+    let agent = grant.agent(address);
     if consent.is_none() {
         let event = AuditEvent::new(EventKind::ConsentDenied, agent.clone())
             .patient(&patient_id)

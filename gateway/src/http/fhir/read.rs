@@ -37,7 +37,7 @@ pub async fn read(
             .ok_or_else(|| Error::NotFound(format!("no Patient resource is held for {id}")))?
     } else {
         let stored = own_resource(&state, &caller, &resource_type, &id, None).await?;
-        let reference = history_reference(&stored);
+        let reference = stored.meta.history_reference();
         let mut served =
             serve_all(&state, &caller.patient_id, std::slice::from_ref(&stored)).await?;
         (served.pop().unwrap_or_default(), reference)
@@ -75,7 +75,7 @@ pub async fn vread(
         .require(&state, &resource_type, Interaction::Read)
         .await?;
     let stored = own_resource(&state, &caller, &resource_type, &id, Some(version)).await?;
-    let reference = history_reference(&stored);
+    let reference = stored.meta.history_reference();
     let mut served = serve_all(&state, &caller.patient_id, std::slice::from_ref(&stored)).await?;
     let body = served.pop().unwrap_or_default();
     let event = caller.audit_event(
@@ -136,7 +136,10 @@ async fn history(
     {
         return Err(not_found(resource_type, id).into());
     }
-    let references: Vec<String> = versions.iter().map(history_reference).collect();
+    let references: Vec<String> = versions
+        .iter()
+        .map(|stored| stored.meta.history_reference())
+        .collect();
     let served = serve_all(state, &caller.patient_id, &versions).await?;
     // Newest first, as FHIR history bundles are ordered.
     let entries: Vec<Value> = versions
@@ -225,13 +228,6 @@ async fn own_resource(
 
 fn not_found(resource_type: &str, id: &str) -> Error {
     Error::NotFound(format!("{resource_type}/{id} is not known"))
-}
-
-fn history_reference(stored: &StoredResource) -> String {
-    format!(
-        "{}/{}/_history/{}",
-        stored.meta.resource_type, stored.meta.id, stored.meta.version
-    )
 }
 
 /// `ETag: W/"<versionId>"` and `Last-Modified`, as FHIR's read answers carry.

@@ -242,7 +242,7 @@ async fn collect_page(
                 if found.len() < query.count {
                     last_match_id = Some(stored.meta.id.clone());
                 }
-                found.push((resource, history_reference(stored)));
+                found.push((resource, stored.meta.history_reference()));
             }
         }
         if exhausted {
@@ -286,7 +286,10 @@ async fn included_medications(
             Err(other) => return Err(other.into()),
         }
     }
-    let references: Vec<String> = stored.iter().map(history_reference).collect();
+    let references: Vec<String> = stored
+        .iter()
+        .map(|stored| stored.meta.history_reference())
+        .collect();
     let served = serve_all(state, &caller.patient_id, &stored).await?;
     Ok(served.into_iter().zip(references).collect())
 }
@@ -433,13 +436,6 @@ fn range(query: &SearchQuery) -> UpdatedRange {
         from: query.updated_from,
         to: query.updated_to,
     }
-}
-
-fn history_reference(stored: &StoredResource) -> String {
-    format!(
-        "{}/{}/_history/{}",
-        stored.meta.resource_type, stored.meta.id, stored.meta.version
-    )
 }
 
 /// The search's URL with its parameters (less any cursor), and `cursor` for a next page.
