@@ -76,6 +76,9 @@ pub enum EventKind {
     NotificationSent,
     /// A recipient confirmed it stopped using and deleted the data, as asked.
     NotificationAcknowledged,
+    /// An emergency (break-glass) operator session started, or acted: every action in it
+    /// is recorded with this kind (DCM 110113 / 110127, purposeOfEvent BTG).
+    EmergencyOverride,
 }
 
 impl EventKind {
@@ -108,9 +111,9 @@ impl EventKind {
             EventKind::Create | EventKind::Update | EventKind::Read | EventKind::Search => {
                 coding(EVENT_TYPE, "rest", "RESTful Operation")
             }
-            EventKind::ClientRegistered | EventKind::TokenReuseDetected => {
-                coding(DCM, "110113", "Security Alert")
-            }
+            EventKind::ClientRegistered
+            | EventKind::TokenReuseDetected
+            | EventKind::EmergencyOverride => coding(DCM, "110113", "Security Alert"),
             EventKind::NotificationSent | EventKind::NotificationAcknowledged => coding(
                 GATEWAY_EVENTS,
                 "notification",
@@ -213,6 +216,7 @@ impl EventKind {
                 "notification-acknowledged",
                 "Deletion acknowledged by the recipient",
             ),
+            EventKind::EmergencyOverride => coding(DCM, "110127", "Emergency Override Started"),
         }
     }
 
@@ -249,6 +253,7 @@ impl EventKind {
             | EventKind::TokenReuseDetected => "E",
             EventKind::NotificationSent => "R",
             EventKind::NotificationAcknowledged => "E",
+            EventKind::EmergencyOverride => "E",
         }
     }
 }
@@ -431,6 +436,14 @@ impl AuditEvent {
                 "type": [coding("http://terminology.hl7.org/CodeSystem/security-source-type", "4", "Application Server")]
             }
         });
+        if self.kind == EventKind::EmergencyOverride {
+            // Break-the-glass: the purpose of use that marks emergency access for review.
+            event["purposeOfEvent"] = json!([{"coding": [coding(
+                "http://terminology.hl7.org/CodeSystem/v3-ActReason",
+                "BTG",
+                "break the glass"
+            )]}]);
+        }
         if let Some(detail) = &self.detail {
             event["outcomeDesc"] = Value::String(detail.clone());
         }
