@@ -129,13 +129,27 @@ impl Gateway {
         let resources =
             ResourceStore::new(db.clone(), keys.clone(), config.store.max_resource_bytes);
         let accounts = Accounts::new(db.clone(), config.sessions.clone())?;
+        let public_url = Arc::new(OnceLock::new());
+        let second_factors = crate::mfa::SecondFactors::new(
+            db.clone(),
+            keys.clone(),
+            accounts.clone(),
+            public_url.clone(),
+            config.public_url.clone(),
+            config.listen.port(),
+        );
+        let break_glass = crate::break_glass::BreakGlass::new(
+            db.clone(),
+            accounts.clone(),
+            keys.clone(),
+            config.break_glass.clone(),
+        )?;
         let queue = JobQueue::new(db.clone());
         let instructions =
             Instructions::new(db.clone(), keys.clone(), receipts.clone(), queue.clone());
         let consents = Consents::new(db.clone(), receipts.clone(), config.consent.clone());
         let uploads = crate::uploads::UploadPermissions::new(db.clone(), receipts.clone());
         let representations = Representations::new(db.clone(), config.consent.age_of_majority);
-        let public_url = Arc::new(OnceLock::new());
         let notifications = crate::notifications::delivery::Deliverer::new(
             db.clone(),
             receipts.clone(),
@@ -156,6 +170,8 @@ impl Gateway {
             keys,
             resources,
             accounts,
+            second_factors,
+            break_glass,
             audit,
             metrics: Arc::default(),
             instructions,

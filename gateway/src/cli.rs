@@ -12,6 +12,7 @@ use phr_adapters::fhir_r4::simulator::{HospitalSimulator, SimulatorConfig};
 
 use crate::app::Gateway;
 use crate::audit::verify::{verify, VerifyError};
+use crate::audit::AccountRole;
 use crate::config::{Config, DatabaseFlags, FlagOverrides};
 use crate::error::{Error, Result};
 
@@ -61,6 +62,36 @@ enum Command {
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+    /// Operator accounts: each has a second factor from the start.
+    Operator {
+        #[command(subcommand)]
+        command: OperatorCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum OperatorCommand {
+    /// Create an operator with a generated password, a TOTP secret and recovery codes
+    /// (printed once: hand them over in person).
+    Add {
+        #[arg(long)]
+        username: String,
+    },
+    /// Replace an operator's TOTP secret (a lost device) and issue new recovery codes.
+    ResetSecondFactor {
+        #[arg(long)]
+        username: String,
+    },
+    /// Create a break-glass account; prints its one-time secret to seal and keep offline.
+    AddEmergency {
+        #[arg(long)]
+        username: String,
+    },
+    /// Issue a new one-time secret for a break-glass account (after a use).
+    ReissueEmergencySecret {
+        #[arg(long)]
+        username: String,
     },
 }
 
@@ -188,6 +219,73 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let config = Config::load(cli.config.as_deref(), &flags)?;
             audit_command(config, command).await
         }
+        Command::Operator { command } => {
+            let config = Config::load(cli.config.as_deref(), &flags)?;
+            operator_command(config, command).await
+        }
+    }
+}
+
+async fn operator_command(mut config: Config, command: OperatorCommand) -> Result<ExitCode> {
+    config.insecure_http = true;
+    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    let gateway = Gateway::build(config).await?;
+    let state = &gateway.state;
+    let result = async {
+        match command {
+            OperatorCommand::Add { username } => {
+                let password = crate::break_glass::new_secret();
+                let account = state
+                    .accounts
+                    .create(AccountRole::Operator, &username, &password, None)
+                    .await?;
+                let totp = state.second_factors.provision_totp(&account).await?;
+                let codes = state
+                    .second_factors
+                    .issue_recovery_codes(&account, None)
+                    .await?;
+                println!("operator {username} ({})", account.id);
+                println!("password:      {password}");
+                print_second_factor(&totp, &codes);
+            }
+            OperatorCommand::ResetSecondFactor { username } => {
+                let account = state
+                    .accounts
+                    .by_username(&username)
+                    .await?
+                    .ok_or_else(|| Error::NotFound(format!("account {username:?}")))?;
+                let totp = state.second_factors.provision_totp(&account).await?;
+                let codes = state
+                    .second_factors
+                    .issue_recovery_codes(&account, None)
+                    .await?;
+                print_second_factor(&totp, &codes);
+            }
+            OperatorCommand::AddEmergency { username } => {
+                let (account, secret) = state.break_glass.create_account(&username).await?;
+                println!("break-glass account {username} ({})", account.id);
+                println!("one-time secret: {secret}");
+                println!("Seal it and keep it offline. It works only while normal sign-in is down, once.");
+            }
+            OperatorCommand::ReissueEmergencySecret { username } => {
+                let secret = state.break_glass.reissue_secret(&username).await?;
+                println!("one-time secret: {secret}");
+            }
+        }
+        Ok::<_, Error>(ExitCode::SUCCESS)
+    }
+    .await;
+    let _ = state.audit.sequence(false).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), state.db.close()).await;
+    result
+}
+
+fn print_second_factor(totp: &crate::mfa::TotpEnrolment, codes: &[String]) {
+    println!("TOTP secret:   {}", totp.secret);
+    println!("TOTP URI:      {}", totp.otpauth_uri);
+    println!("recovery codes (each works once):");
+    for code in codes {
+        println!("  {code}");
     }
 }
 

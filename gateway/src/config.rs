@@ -49,6 +49,8 @@ pub struct Config {
     pub notifications: NotificationsConfig,
     /// Bulk Data exports.
     pub export: ExportConfig,
+    /// Emergency operator access.
+    pub break_glass: BreakGlassConfig,
 }
 
 impl Default for Config {
@@ -73,6 +75,7 @@ impl Default for Config {
             oauth: OAuthConfig::default(),
             notifications: NotificationsConfig::default(),
             export: ExportConfig::default(),
+            break_glass: BreakGlassConfig::default(),
         }
     }
 }
@@ -220,6 +223,30 @@ impl Default for PullConfig {
             poll_millis: 1000,
             refresh_interval_secs: 24 * 60 * 60,
             max_backoff_secs: 60 * 60,
+        }
+    }
+}
+
+/// Emergency (break-glass) operator access, for when the normal sign-in path is down.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakGlassConfig {
+    /// How long an emergency session lasts (it is not renewed).
+    pub session_minutes: u64,
+    /// Unreviewed uses are flagged as overdue after this many hours.
+    pub review_within_hours: u64,
+    /// The external identity provider's health URL: break-glass opens only while it cannot
+    /// be reached (or answers an error). Unset: while the store holding the second
+    /// factors (the database and its key store) cannot be reached.
+    pub normal_login_probe_url: Option<String>,
+}
+
+impl Default for BreakGlassConfig {
+    fn default() -> Self {
+        BreakGlassConfig {
+            session_minutes: 60,
+            review_within_hours: 24,
+            normal_login_probe_url: None,
         }
     }
 }

@@ -127,6 +127,8 @@ pub const DEMO_PORTAL: &str = "demo-portal";
 pub struct DemoCredentials {
     pub patient: (String, String),
     pub operator: (String, String),
+    /// The demo operator's TOTP secret (base32), new on every start.
+    pub operator_totp: String,
 }
 
 /// Seeds (idempotently) the demo accounts and data; passwords are new on every start.
@@ -160,6 +162,12 @@ pub async fn seed(state: &AppState) -> Result<DemoCredentials> {
             Err(e) => return Err(e),
         }
     }
+    let operator = state
+        .accounts
+        .by_username("demo-operator")
+        .await?
+        .ok_or_else(|| Error::NotFound("demo-operator".into()))?;
+    let operator_totp = state.second_factors.provision_totp(&operator).await?.secret;
     for (resource_type, source_id, body) in demo_resources() {
         let new = NewResource {
             patient_id: DEMO_PATIENT_ID.into(),
@@ -178,6 +186,7 @@ pub async fn seed(state: &AppState) -> Result<DemoCredentials> {
     Ok(DemoCredentials {
         patient: ("demo-patient".into(), patient_password),
         operator: ("demo-operator".into(), operator_password),
+        operator_totp,
     })
 }
 
@@ -268,7 +277,7 @@ pub fn print_welcome(
          In the portal: データの書き出し downloads everything (FHIR, with a Japanese summary at\n\
          /portal/summary), アクセス記録 shows who read what, and データの削除 erases the record.\n\n\
          Demo patient:  {} / {}\n\
-         Demo operator: {} / {}\n\n\
+         Demo operator: {} / {} at {base}/operator, then a TOTP code for the secret\n         {} (add it to an authenticator app, or: oathtool --totp -b {})\n\n\
          Try:\n  curl -k {base}/healthz\n  \
          TOKEN=$(curl -sk {base}/auth/login -H 'content-type: application/json' \\\n      \
          -d '{{\"username\":\"{}\",\"password\":\"{}\"}}' | sed -E 's/.*\"token\":\"([^\"]+)\".*/\\1/')\n  \
@@ -278,6 +287,8 @@ pub fn print_welcome(
         credentials.patient.1,
         credentials.operator.0,
         credentials.operator.1,
+        credentials.operator_totp,
+        credentials.operator_totp,
         credentials.patient.0,
         credentials.patient.1,
     );

@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod audit;
+pub mod break_glass;
 pub mod checkups;
 pub mod cli;
 pub mod config;
@@ -19,6 +20,7 @@ pub mod http;
 pub mod import;
 pub mod keystore;
 pub mod medications;
+pub mod mfa;
 pub mod notifications;
 pub mod oauth;
 pub mod provenance;

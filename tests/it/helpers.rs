@@ -127,6 +127,18 @@ async fn postgres_admin_pool() -> sqlx::AnyPool {
         .expect("connect to PostgreSQL (is it running on 127.0.0.1:5432?)")
 }
 
+/// The password `TestApp::sign_in` gives every account.
+pub const PASSWORD: &str = "correct horse battery staple";
+
+/// The current TOTP code for a base32 secret.
+pub fn totp_code(secret: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    phr_gateway::mfa::totp::code_at_base32(secret, now).expect("TOTP code")
+}
+
 /// The real server, running, and a client for it.
 pub struct TestApp {
     /// Keeps the test's database and data directory alive as long as the app.
@@ -157,30 +169,62 @@ impl TestApp {
         }
     }
 
-    /// Creates an account and signs it in; returns the bearer token.
+    /// Creates an account and signs it in; returns the bearer token. An operator gets a
+    /// TOTP secret and proves a code from it, as every operator must.
     pub async fn sign_in(
         &self,
         role: phr_gateway::audit::AccountRole,
         username: &str,
         patient: Option<&str>,
     ) -> String {
-        let password = "correct horse battery staple";
-        self.gateway()
-            .state
+        let state = &self.gateway().state;
+        let account = state
             .accounts
-            .create(role, username, password, patient)
+            .create(role, username, PASSWORD, patient)
             .await
             .expect("create account");
+        let totp = match role {
+            phr_gateway::audit::AccountRole::Operator => Some(
+                state
+                    .second_factors
+                    .provision_totp(&account)
+                    .await
+                    .expect("provision TOTP")
+                    .secret,
+            ),
+            phr_gateway::audit::AccountRole::Patient => None,
+        };
+        self.sign_in_existing(username, totp.as_deref()).await
+    }
+
+    /// Signs in an existing account (password, then a TOTP code when a secret is given).
+    pub async fn sign_in_existing(&self, username: &str, totp_secret: Option<&str>) -> String {
         let response = self
             .client
             .post(self.url("/auth/login"))
-            .json(&serde_json::json!({"username": username, "password": password}))
+            .json(&serde_json::json!({"username": username, "password": PASSWORD}))
             .send()
             .await
             .expect("login");
         assert_eq!(response.status(), 200);
         let body: serde_json::Value = response.json().await.expect("json");
-        body["token"].as_str().expect("token").to_string()
+        let token = body["token"].as_str().expect("token").to_string();
+        let Some(secret) = totp_secret else {
+            assert_eq!(body["stage"], "complete", "{body}");
+            return token;
+        };
+        assert_eq!(body["stage"], "second-factor", "{body}");
+        let code = totp_code(secret);
+        let response = self
+            .client
+            .post(self.url("/auth/second-factor/totp"))
+            .bearer_auth(&token)
+            .json(&serde_json::json!({"code": code}))
+            .send()
+            .await
+            .expect("second factor");
+        assert_eq!(response.status(), 200, "{:?}", response.text().await);
+        token
     }
 }
 

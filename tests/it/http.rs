@@ -551,10 +551,10 @@ async fn forwarded_for_is_believed_only_from_trusted_proxies(engine: Engine) {
             .state
             .accounts
             .create(
-                AccountRole::Operator,
+                AccountRole::Patient,
                 "op",
                 "correct horse battery staple",
-                None,
+                Some("p-forwarded"),
             )
             .await
             .expect("account");

@@ -11,7 +11,7 @@ use phr_gateway::audit::AccountRole;
 use crate::browser::Browser;
 use crate::helpers::{hospital_source, spawn_app_with, Engine, TestApp, TestEnv};
 
-async fn fill(c: &Client, css: &str, text: &str) {
+pub(crate) async fn fill(c: &Client, css: &str, text: &str) {
     c.wait()
         .for_element(Locator::Css(css))
         .await
@@ -21,7 +21,7 @@ async fn fill(c: &Client, css: &str, text: &str) {
         .expect("type");
 }
 
-async fn click(c: &Client, css: &str) {
+pub(crate) async fn click(c: &Client, css: &str) {
     c.wait()
         .for_element(Locator::Css(css))
         .await
@@ -31,7 +31,7 @@ async fn click(c: &Client, css: &str) {
         .expect("click");
 }
 
-async fn text_of(c: &Client, css: &str) -> String {
+pub(crate) async fn text_of(c: &Client, css: &str) -> String {
     c.wait()
         .for_element(Locator::Css(css))
         .await
@@ -43,7 +43,7 @@ async fn text_of(c: &Client, css: &str) -> String {
 
 /// Waits until the element's text contains `expected` (pages reload under us, so a found
 /// element may go stale: look again).
-async fn wait_text(c: &Client, css: &str, expected: &str) -> String {
+pub(crate) async fn wait_text(c: &Client, css: &str, expected: &str) -> String {
     let mut last = String::new();
     for _ in 0..100 {
         if let Ok(element) = c.find(Locator::Css(css)).await {

@@ -9,8 +9,9 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::ApiError;
-use super::session::{session_cookie, AuthSession};
+use super::session::{session_cookie, AnySession, AuthSession};
 use super::{AppState, ClientAddr};
+use crate::store::accounts::{Session, SessionStage};
 use crate::store::millis_to_rfc3339;
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -29,6 +30,30 @@ pub struct SessionInfo {
     /// `patient` or `operator`.
     pub role: &'static str,
     pub expires_at: String,
+    /// `complete`, or `second-factor` while a second factor is owed: then prove one of
+    /// `second_factor_methods` at `/auth/second-factor/…` within five minutes.
+    pub stage: &'static str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub second_factor_methods: Vec<&'static str>,
+    /// How the session was established (`password+totp`, `passkey`, `break-glass`…).
+    pub method: String,
+}
+
+impl SessionInfo {
+    pub fn of(session: &Session, token: String, second_factor_methods: Vec<&'static str>) -> Self {
+        SessionInfo {
+            token,
+            account_id: session.account.id.clone(),
+            role: session.account.role.code(),
+            expires_at: millis_to_rfc3339(session.expires_at),
+            stage: match session.stage {
+                SessionStage::Complete => "complete",
+                SessionStage::SecondFactor => "second-factor",
+            },
+            second_factor_methods,
+            method: session.method.clone(),
+        }
+    }
 }
 
 /// Signs in with username and password.
@@ -52,13 +77,15 @@ pub async fn login(
         header::SET_COOKIE,
         session_cookie(&token, state.config.sessions.absolute_timeout_secs),
     );
-    let body = SessionInfo {
-        token,
-        account_id: session.account.id.clone(),
-        role: session.account.role.code(),
-        expires_at: millis_to_rfc3339(session.expires_at),
+    let methods = match session.stage {
+        SessionStage::SecondFactor => state
+            .second_factors
+            .enrolled(&session.account.id)
+            .await?
+            .methods(),
+        SessionStage::Complete => Vec::new(),
     };
-    Ok((headers, Json(body)).into_response())
+    Ok((headers, Json(SessionInfo::of(&session, token, methods))).into_response())
 }
 
 /// Ends the current session.
@@ -67,7 +94,7 @@ pub async fn login(
         (status = 401, description = "Not signed in", content_type = "application/problem+json")))]
 pub async fn logout(
     State(state): State<AppState>,
-    auth: AuthSession,
+    AnySession(auth): AnySession,
 ) -> Result<Response, ApiError> {
     state
         .accounts
@@ -86,10 +113,5 @@ pub async fn logout(
     responses((status = 200, description = "The current session", body = SessionInfo),
         (status = 401, description = "Not signed in", content_type = "application/problem+json")))]
 pub async fn session(auth: AuthSession) -> Json<SessionInfo> {
-    Json(SessionInfo {
-        token: String::new(),
-        account_id: auth.session.account.id.clone(),
-        role: auth.session.account.role.code(),
-        expires_at: millis_to_rfc3339(auth.session.expires_at),
-    })
+    Json(SessionInfo::of(&auth.session, String::new(), Vec::new()))
 }

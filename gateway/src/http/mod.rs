@@ -2,6 +2,7 @@
 
 pub mod access_log;
 pub mod auth;
+pub mod break_glass;
 pub mod bulk;
 pub mod checkups;
 pub mod client_ip;
@@ -17,12 +18,14 @@ pub mod notifications;
 pub mod oauth;
 pub mod openapi;
 pub mod operator;
+pub mod operator_pages;
 pub mod patient;
 pub mod patient_export;
 pub mod patient_import;
 pub mod portal;
 pub mod pull;
 pub mod representations;
+pub mod second_factor;
 pub mod session;
 pub mod transfers;
 pub mod uploads;
@@ -61,6 +64,8 @@ pub struct AppState {
     pub keys: KeyStore,
     pub resources: ResourceStore,
     pub accounts: Accounts,
+    pub second_factors: crate::mfa::SecondFactors,
+    pub break_glass: crate::break_glass::BreakGlass,
     pub audit: AuditLog,
     pub metrics: Arc<metrics::Metrics>,
     pub instructions: Instructions,
@@ -134,6 +139,28 @@ pub fn router(state: AppState) -> Router {
         .route("/auth/login", post(auth::login))
         .route("/auth/logout", post(auth::logout))
         .route("/auth/session", get(auth::session))
+        .route("/auth/second-factor/totp", post(second_factor::prove_totp))
+        .route("/auth/second-factor/recovery-code", post(second_factor::prove_recovery_code))
+        .route("/auth/second-factor/passkey/start", post(second_factor::passkey_challenge))
+        .route("/auth/second-factor/passkey/finish", post(second_factor::prove_passkey))
+        .route("/auth/passkey/start", post(second_factor::passkey_sign_in_start))
+        .route("/auth/passkey/finish", post(second_factor::passkey_sign_in_finish))
+        .route("/auth/factors", get(second_factor::factors))
+        .route("/auth/factors/totp", post(second_factor::begin_totp))
+        .route("/auth/factors/totp/confirm", post(second_factor::confirm_totp))
+        .route("/auth/factors/passkeys/start", post(second_factor::passkey_registration_start))
+        .route("/auth/factors/passkeys/finish", post(second_factor::passkey_registration_finish))
+        .route("/auth/factors/recovery-codes", post(second_factor::recovery_codes))
+        .route("/auth/break-glass", post(break_glass::start))
+        .route("/operator/break-glass", get(break_glass::list))
+        .route("/operator/break-glass/{id}/review", post(break_glass::review))
+        .route("/operator/sessions", get(operator::sessions))
+        .route("/operator/sessions/{id}/end", post(operator::end_session))
+        .route("/operator", get(operator_pages::home))
+        .route("/operator/login", post(operator_pages::login))
+        .route("/operator/second-factor", post(operator_pages::second_factor))
+        .route("/operator/logout", post(operator_pages::logout))
+        .route("/operator/break-glass/{id}/review-form", post(operator_pages::review))
         .route("/patient/access-log", get(access_log::list))
         .route("/portal/access-log", get(access_log::page))
         .route("/patient/resources", get(patient::resources))

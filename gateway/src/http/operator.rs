@@ -1,12 +1,14 @@
 //! Operator endpoints. Each takes `OperatorSession`.
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Json;
 
 use super::error::ApiError;
 use super::session::OperatorSession;
 use super::AppState;
+use crate::store::accounts::LiveSession;
 
 /// The newest signed audit checkpoint (C2SP signed note). Save it off-site: `phr-gateway
 /// audit verify --trusted-checkpoint` proves later logs extend it.
@@ -28,4 +30,34 @@ pub async fn audit_checkpoint(
             "no checkpoint has been written yet",
         )),
     }
+}
+
+/// Live sessions of every account (never their tokens).
+#[utoipa::path(get, path = "/operator/sessions", tag = "operator",
+    responses((status = 200, description = "Live sessions", body = [LiveSession]),
+        (status = 403, description = "Not an operator", content_type = "application/problem+json")))]
+pub async fn sessions(
+    State(state): State<AppState>,
+    _operator: OperatorSession,
+) -> Result<Json<Vec<LiveSession>>, ApiError> {
+    Ok(Json(state.accounts.live_sessions().await?))
+}
+
+/// Ends any live session at once. Audited.
+#[utoipa::path(post, path = "/operator/sessions/{id}/end", tag = "operator",
+    params(("id" = String, Path, description = "The session id from the list")),
+    responses((status = 204, description = "Ended"),
+        (status = 404, description = "No such live session", content_type = "application/problem+json")))]
+pub async fn end_session(
+    State(state): State<AppState>,
+    operator: OperatorSession,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let auth = &operator.0;
+    state
+        .accounts
+        .end_session(&id, &auth.session, auth.address)
+        .await?;
+    state.audit.notify();
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -1,5 +1,8 @@
-//! Extractors for signed-in callers. Every operator endpoint takes `OperatorSession`, so
-//! adding MFA and break-glass rules later is one change here.
+//! Extractors for signed-in callers. `AuthSession` (and so `PatientSession` and
+//! `OperatorSession`) accepts only sessions that owe nothing: one still waiting for its
+//! second factor opens only the second-factor endpoints (`SecondFactorSession`). Every
+//! operator endpoint takes `OperatorSession`, which also records each action of a
+//! break-glass session.
 
 use axum::extract::{FromRequestParts, OptionalFromRequestParts};
 use axum::http::header;
@@ -11,7 +14,7 @@ use phr_consent::{Performer, PersonRef, Representation};
 
 use crate::audit::{AccountRole, Agent};
 use crate::error::Error;
-use crate::store::accounts::{agent_of, Session};
+use crate::store::accounts::{agent_of, Session, SessionStage};
 
 pub const SESSION_COOKIE: &str = "__Host-phr_session";
 /// The person a representative is acting for, chosen in the portal (the API sends the
@@ -128,18 +131,53 @@ fn acting_for(parts: &Parts) -> Option<String> {
         .or_else(|| cookie(parts, ACTING_FOR_COOKIE))
 }
 
+/// Any live session, whatever it still owes.
+async fn signed_in(parts: &Parts, state: &AppState) -> Result<AuthSession, ApiError> {
+    let token = token_from(parts).ok_or(Error::Unauthenticated("sign in first"))?;
+    let session = state.accounts.authenticate(&token).await?;
+    let address = parts.extensions.get::<ClientAddr>().and_then(|c| c.0);
+    Ok(AuthSession {
+        session,
+        token,
+        address,
+    })
+}
+
 impl FromRequestParts<AppState> for AuthSession {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = token_from(parts).ok_or(Error::Unauthenticated("sign in first"))?;
-        let session = state.accounts.authenticate(&token).await?;
-        let address = parts.extensions.get::<ClientAddr>().and_then(|c| c.0);
-        Ok(AuthSession {
-            session,
-            token,
-            address,
-        })
+        let auth = signed_in(parts, state).await?;
+        if auth.session.stage != SessionStage::Complete {
+            return Err(Error::Unauthenticated("prove your second factor first").into());
+        }
+        Ok(auth)
+    }
+}
+
+/// A session that still owes its second factor (the password was right).
+pub struct SecondFactorSession(pub AuthSession);
+
+impl FromRequestParts<AppState> for SecondFactorSession {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let auth = signed_in(parts, state).await?;
+        if auth.session.stage != SessionStage::SecondFactor {
+            return Err(Error::Conflict("this session owes no second factor".into()).into());
+        }
+        Ok(SecondFactorSession(auth))
+    }
+}
+
+/// Any live session, for signing out (a session waiting for its second factor too).
+pub struct AnySession(pub AuthSession);
+
+impl FromRequestParts<AppState> for AnySession {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        Ok(AnySession(signed_in(parts, state).await?))
     }
 }
 
@@ -151,7 +189,23 @@ impl FromRequestParts<AppState> for OperatorSession {
         if auth.session.account.role != AccountRole::Operator {
             return Err(Error::Forbidden("operators only").into());
         }
+        if let Some(use_id) = &auth.session.emergency_use_id {
+            // Every action of a break-glass session is on the record for its review.
+            let action = format!("{} {}", parts.method, parts.uri.path());
+            state
+                .break_glass
+                .record_action(use_id, &auth.agent(), &action)
+                .await?;
+        }
         Ok(OperatorSession(auth))
+    }
+}
+
+impl OperatorSession {
+    /// Whether this is a break-glass session (some actions, like reviewing break-glass
+    /// uses, are for normal operators only).
+    pub fn is_emergency(&self) -> bool {
+        self.0.session.emergency_use_id.is_some()
     }
 }
 
@@ -193,6 +247,22 @@ impl FromRequestParts<AppState> for PatientSession {
                 }
             },
             _ => Err(Error::Forbidden("patients only").into()),
+        }
+    }
+}
+
+/// `Option<AnySession>`: the operator pages show a sign-in form to visitors.
+impl OptionalFromRequestParts<AppState> for AnySession {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Option<Self>, ApiError> {
+        match signed_in(parts, state).await {
+            Ok(auth) => Ok(Some(AnySession(auth))),
+            Err(e) if e.status == axum::http::StatusCode::UNAUTHORIZED => Ok(None),
+            Err(e) => Err(e),
         }
     }
 }

@@ -1,6 +1,8 @@
 //! Patient and operator accounts (Argon2id password hashes) and their sessions, with idle
-//! and absolute timeouts. Failed logins lock the account with a doubling lockout and are
-//! audited; a per-address limit slows guessing across accounts.
+//! and absolute timeouts. Failed logins (and failed second factors) lock the account with a
+//! doubling lockout and are audited; a per-address limit slows guessing across accounts.
+//! A session that still owes its second factor is in the `SecondFactor` stage: it lives
+//! five minutes and opens nothing but the second-factor endpoints.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -37,6 +39,55 @@ pub struct Session {
     /// Opaque id of the session (a prefix of its token hash), safe to log and audit.
     pub session_id: String,
     pub expires_at: i64,
+    pub stage: SessionStage,
+    /// How it was established: `password`, `password+totp`, `passkey`, `break-glass`…
+    pub method: String,
+    /// Set for a break-glass session: the emergency use it belongs to.
+    pub emergency_use_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionStage {
+    /// The password was right; a second factor is still owed.
+    SecondFactor,
+    Complete,
+}
+
+impl SessionStage {
+    fn code(self) -> &'static str {
+        match self {
+            SessionStage::SecondFactor => "second-factor",
+            SessionStage::Complete => "complete",
+        }
+    }
+}
+
+/// How long a session may wait for its second factor.
+const SECOND_FACTOR_MILLIS: i64 = 5 * 60 * 1000;
+
+/// A live session as operators see it (never its token).
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct LiveSession {
+    pub session_id: String,
+    pub account_id: String,
+    pub username: String,
+    pub role: &'static str,
+    pub method: String,
+    pub stage: &'static str,
+    pub created_at: String,
+    pub last_seen_at: String,
+    pub expires_at: String,
+    pub emergency: bool,
+}
+
+/// A new session's settings (see `Accounts::open_session`).
+pub struct NewSession<'a> {
+    pub stage: SessionStage,
+    pub method: &'a str,
+    /// Shorter than the configured absolute timeout when set (break-glass time box).
+    pub lifetime_millis: Option<i64>,
+    pub emergency_use_id: Option<&'a str>,
+    pub detail: String,
 }
 
 #[derive(Clone)]
@@ -152,7 +203,7 @@ impl Accounts {
 
     /// Checks a password with the sign-in rules (per-address throttling, lockout after
     /// repeated failures, each failure audited); the account on success.
-    async fn check_password(
+    pub(crate) async fn check_password(
         &self,
         username: &str,
         password: &str,
@@ -201,35 +252,83 @@ impl Accounts {
             .await
             .map_err(|_| Error::Crypto("password verification task failed"))?;
         if !ok {
-            self.note_address_failure(address, now);
-            let failed = failed + 1;
-            let mut tx = self.db.begin().await?;
-            if failed >= i64::from(self.policy.max_failed_logins) {
-                let lockouts = lockouts + 1;
-                let secs = lockout_secs(self.policy.lockout_secs, lockouts as u32);
-                sqlx::query("UPDATE accounts SET failed_logins = 0, lockouts = $1, locked_until = $2 WHERE id = $3")
-                    .bind(lockouts)
-                    .bind(now + secs as i64 * 1000)
-                    .bind(&account.id)
-                    .execute(&mut *tx)
-                    .await?;
-            } else {
-                sqlx::query("UPDATE accounts SET failed_logins = $1 WHERE id = $2")
-                    .bind(failed)
-                    .bind(&account.id)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            audit::record(
-                &mut tx,
-                &failed_login(Some(&account), address, "wrong password"),
-            )
-            .await?;
-            tx.commit().await?;
+            self.count_failure(&account, failed, lockouts, address, "wrong password")
+                .await?;
             return Err(Error::Unauthenticated("wrong username or password"));
         }
 
         Ok(account)
+    }
+
+    /// A failed second factor (or other proof) for a known account: counted towards its
+    /// lockout like a wrong password, and audited.
+    pub async fn record_failed_attempt(
+        &self,
+        account: &Account,
+        address: Option<IpAddr>,
+        reason: &str,
+    ) -> Result<()> {
+        let row = sqlx::query("SELECT failed_logins, lockouts FROM accounts WHERE id = $1")
+            .bind(&account.id)
+            .fetch_one(self.db.read_pool())
+            .await?;
+        self.count_failure(account, row.try_get(0)?, row.try_get(1)?, address, reason)
+            .await
+    }
+
+    /// Refuses a locked account (audited), before any proof is checked.
+    pub async fn check_not_locked(&self, account: &Account, address: Option<IpAddr>) -> Result<()> {
+        let now = now_millis();
+        if let Some(address) = address {
+            self.check_address(address, now)?;
+        }
+        let locked_until: Option<i64> =
+            sqlx::query_scalar("SELECT locked_until FROM accounts WHERE id = $1")
+                .bind(&account.id)
+                .fetch_optional(self.db.read_pool())
+                .await?
+                .flatten();
+        if let Some(until) = locked_until.filter(|until| *until > now) {
+            self.audit_failed_login(Some(account), address, "account locked")
+                .await?;
+            return Err(Error::RateLimited {
+                retry_after_secs: ((until - now) / 1000).max(1) as u64,
+            });
+        }
+        Ok(())
+    }
+
+    async fn count_failure(
+        &self,
+        account: &Account,
+        failed: i64,
+        lockouts: i64,
+        address: Option<IpAddr>,
+        reason: &str,
+    ) -> Result<()> {
+        let now = now_millis();
+        self.note_address_failure(address, now);
+        let failed = failed + 1;
+        let mut tx = self.db.begin().await?;
+        if failed >= i64::from(self.policy.max_failed_logins) {
+            let lockouts = lockouts + 1;
+            let secs = lockout_secs(self.policy.lockout_secs, lockouts as u32);
+            sqlx::query("UPDATE accounts SET failed_logins = 0, lockouts = $1, locked_until = $2 WHERE id = $3")
+                .bind(lockouts)
+                .bind(now + secs as i64 * 1000)
+                .bind(&account.id)
+                .execute(&mut *tx)
+                .await?;
+        } else {
+            sqlx::query("UPDATE accounts SET failed_logins = $1 WHERE id = $2")
+                .bind(failed)
+                .bind(&account.id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        audit::record(&mut tx, &failed_login(Some(account), address, reason)).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Step-up: the signed-in account proves itself again with its password before an
@@ -269,44 +368,267 @@ impl Accounts {
         address: Option<IpAddr>,
     ) -> Result<(Session, String)> {
         let account = self.check_password(username, password, address).await?;
+        if self.is_emergency(&account.id).await? {
+            self.audit_failed_login(
+                Some(&account),
+                address,
+                "break-glass account used on the normal sign-in path",
+            )
+            .await?;
+            return Err(Error::Forbidden(
+                "emergency accounts sign in only through break-glass",
+            ));
+        }
+        let factors = self.second_factors_enrolled(&account.id).await?;
+        if account.role == AccountRole::Operator && !factors {
+            self.audit_failed_login(Some(&account), address, "operator has no second factor")
+                .await?;
+            return Err(Error::Forbidden(
+                "this operator account has no second factor; enrol one with `phr-gateway operator enrol-totp`",
+            ));
+        }
+        let stage = if factors {
+            SessionStage::SecondFactor
+        } else {
+            SessionStage::Complete
+        };
+        self.open_session(
+            &account,
+            address,
+            NewSession {
+                stage,
+                method: "password",
+                lifetime_millis: None,
+                emergency_use_id: None,
+                detail: String::new(),
+            },
+        )
+        .await
+    }
+
+    /// Opens a session for an account whose credentials were checked, and resets its
+    /// failure count. Returns the session and its bearer token (shown once; only its hash
+    /// is stored).
+    pub async fn open_session(
+        &self,
+        account: &Account,
+        address: Option<IpAddr>,
+        new: NewSession<'_>,
+    ) -> Result<(Session, String)> {
         let now = now_millis();
         let token = new_token();
         let token_hash = hash_token(&token);
-        let expires_at = now + self.policy.absolute_timeout_secs as i64 * 1000;
+        let absolute = self.policy.absolute_timeout_secs as i64 * 1000;
+        let expires_at = match new.stage {
+            SessionStage::SecondFactor => now + SECOND_FACTOR_MILLIS.min(absolute),
+            SessionStage::Complete => now + new.lifetime_millis.unwrap_or(absolute).min(absolute),
+        };
         let mut tx = self.db.begin().await?;
-        sqlx::query("UPDATE accounts SET failed_logins = 0, lockouts = 0, locked_until = NULL WHERE id = $1")
-            .bind(&account.id)
-            .execute(&mut *tx)
-            .await?;
+        if new.stage == SessionStage::Complete {
+            sqlx::query("UPDATE accounts SET failed_logins = 0, lockouts = 0, locked_until = NULL WHERE id = $1")
+                .bind(&account.id)
+                .execute(&mut *tx)
+                .await?;
+        }
         sqlx::query(
-            "INSERT INTO sessions (token_hash, account_id, created_at, last_seen_at, expires_at)
-             VALUES ($1, $2, $3, $3, $4)",
+            "INSERT INTO sessions (token_hash, account_id, created_at, last_seen_at, expires_at, stage, method, emergency_use_id)
+             VALUES ($1, $2, $3, $3, $4, $5, $6, $7)",
         )
         .bind(token_hash.to_vec())
         .bind(&account.id)
         .bind(now)
         .bind(expires_at)
+        .bind(new.stage.code())
+        .bind(new.method)
+        .bind(new.emergency_use_id)
         .execute(&mut *tx)
         .await?;
-        let event = AuditEvent::new(EventKind::Login, agent_of(&account, address))
-            .detail(format!("session {}", session_id(&token_hash)));
+        let stage_note = match new.stage {
+            SessionStage::SecondFactor => "; second factor owed",
+            SessionStage::Complete => "",
+        };
+        let event = AuditEvent::new(EventKind::Login, agent_of(account, address)).detail(format!(
+            "session {} by {}{stage_note}{}",
+            session_id(&token_hash),
+            new.method,
+            new.detail
+        ));
         audit::record(&mut tx, &event).await?;
         tx.commit().await?;
         Ok((
             Session {
-                account,
+                account: account.clone(),
                 session_id: session_id(&token_hash),
                 expires_at,
+                stage: new.stage,
+                method: new.method.to_string(),
+                emergency_use_id: new.emergency_use_id.map(str::to_string),
             },
             token,
         ))
+    }
+
+    /// The second factor was proven: the session is complete and gets its full lifetime.
+    pub async fn complete_second_factor(
+        &self,
+        session: &Session,
+        token: &str,
+        factor: &str,
+        address: Option<IpAddr>,
+    ) -> Result<Session> {
+        let now = now_millis();
+        let expires_at = now + self.policy.absolute_timeout_secs as i64 * 1000;
+        let method = format!("{}+{factor}", session.method);
+        let mut tx = self.db.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE sessions SET stage = 'complete', method = $1, expires_at = $2, last_seen_at = $3
+             WHERE token_hash = $4 AND stage = 'second-factor' AND ended_at IS NULL",
+        )
+        .bind(&method)
+        .bind(expires_at)
+        .bind(now)
+        .bind(hash_token(token).to_vec())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated != 1 {
+            return Err(Error::Unauthenticated("unknown or expired session"));
+        }
+        sqlx::query(
+            "UPDATE accounts SET failed_logins = 0, lockouts = 0, locked_until = NULL WHERE id = $1",
+        )
+        .bind(&session.account.id)
+        .execute(&mut *tx)
+        .await?;
+        let event = AuditEvent::new(EventKind::Login, agent_of(&session.account, address)).detail(
+            format!("session {} second factor {factor}", session.session_id),
+        );
+        audit::record(&mut tx, &event).await?;
+        tx.commit().await?;
+        Ok(Session {
+            expires_at,
+            stage: SessionStage::Complete,
+            method,
+            ..session.clone()
+        })
+    }
+
+    /// Whether the account has a confirmed TOTP secret or a passkey.
+    pub async fn second_factors_enrolled(&self, account_id: &str) -> Result<bool> {
+        let count: i64 = sqlx::query_scalar(
+            "SELECT (SELECT COUNT(*) FROM totp_factors WHERE account_id = $1 AND secret_sealed IS NOT NULL)
+                  + (SELECT COUNT(*) FROM passkeys WHERE account_id = $1)",
+        )
+        .bind(account_id)
+        .fetch_one(self.db.read_pool())
+        .await?;
+        Ok(count > 0)
+    }
+
+    pub async fn is_emergency(&self, account_id: &str) -> Result<bool> {
+        let flag: Option<i64> = sqlx::query_scalar("SELECT emergency FROM accounts WHERE id = $1")
+            .bind(account_id)
+            .fetch_optional(self.db.read_pool())
+            .await?;
+        Ok(flag.unwrap_or(0) != 0)
+    }
+
+    /// The account by username (for passkey sign-in, which has no password step).
+    pub async fn by_username(&self, username: &str) -> Result<Option<Account>> {
+        let row =
+            sqlx::query("SELECT id, kind, username, patient_id FROM accounts WHERE username = $1")
+                .bind(username)
+                .fetch_optional(self.db.read_pool())
+                .await?;
+        row.map(|row| {
+            Ok(Account {
+                id: row.try_get(0)?,
+                role: parse_role(&row.try_get::<String, _>(1)?)?,
+                username: row.try_get(2)?,
+                patient_id: row.try_get(3)?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Live sessions, newest first (at most 500), for operators.
+    pub async fn live_sessions(&self) -> Result<Vec<LiveSession>> {
+        let rows = sqlx::query(
+            "SELECT s.token_hash, a.id, a.username, a.kind, s.method, s.stage, s.created_at,
+                    s.last_seen_at, s.expires_at, s.emergency_use_id
+             FROM sessions s JOIN accounts a ON a.id = s.account_id
+             WHERE s.ended_at IS NULL AND s.expires_at > $1
+             ORDER BY s.created_at DESC LIMIT 500",
+        )
+        .bind(now_millis())
+        .fetch_all(self.db.read_pool())
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let hash: Vec<u8> = row.try_get(0)?;
+                let stage: String = row.try_get(5)?;
+                Ok(LiveSession {
+                    session_id: hex::encode(&hash[..hash.len().min(8)]),
+                    account_id: row.try_get(1)?,
+                    username: row.try_get(2)?,
+                    role: parse_role(&row.try_get::<String, _>(3)?)?.code(),
+                    method: row.try_get(4)?,
+                    stage: if stage == "complete" {
+                        "complete"
+                    } else {
+                        "second-factor"
+                    },
+                    created_at: super::millis_to_rfc3339(row.try_get(6)?),
+                    last_seen_at: super::millis_to_rfc3339(row.try_get(7)?),
+                    expires_at: super::millis_to_rfc3339(row.try_get(8)?),
+                    emergency: row.try_get::<Option<String>, _>(9)?.is_some(),
+                })
+            })
+            .collect()
+    }
+
+    /// Ends another session by its id (an operator action). Audited.
+    pub async fn end_session(
+        &self,
+        target: &str,
+        by: &Session,
+        address: Option<IpAddr>,
+    ) -> Result<()> {
+        let rows = sqlx::query(
+            "SELECT token_hash, account_id FROM sessions WHERE ended_at IS NULL AND expires_at > $1",
+        )
+        .bind(now_millis())
+        .fetch_all(self.db.read_pool())
+        .await?;
+        let mut found = None;
+        for row in &rows {
+            let hash: Vec<u8> = row.try_get(0)?;
+            if hash.len() >= 8 && hex::encode(&hash[..8]) == target {
+                found = Some((hash, row.try_get::<String, _>(1)?));
+            }
+        }
+        let (hash, account_id) =
+            found.ok_or_else(|| Error::NotFound(format!("live session {target}")))?;
+        let mut tx = self.db.begin().await?;
+        sqlx::query("UPDATE sessions SET ended_at = $1 WHERE token_hash = $2 AND ended_at IS NULL")
+            .bind(now_millis())
+            .bind(hash)
+            .execute(&mut *tx)
+            .await?;
+        let event = AuditEvent::new(EventKind::Logout, agent_of(&by.account, address)).detail(
+            format!("session {target} of account {account_id} ended by an operator"),
+        );
+        audit::record(&mut tx, &event).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Resolves a bearer token to its live session, enforcing the idle and absolute timeouts.
     pub async fn authenticate(&self, token: &str) -> Result<Session> {
         let token_hash = hash_token(token);
         let row = sqlx::query(
-            "SELECT a.id, a.kind, a.username, a.patient_id, s.last_seen_at, s.expires_at, s.ended_at
+            "SELECT a.id, a.kind, a.username, a.patient_id, s.last_seen_at, s.expires_at, s.ended_at,
+                    s.stage, s.method, s.emergency_use_id
              FROM sessions s JOIN accounts a ON a.id = s.account_id WHERE s.token_hash = $1",
         )
         .bind(token_hash.to_vec())
@@ -340,6 +662,13 @@ impl Accounts {
             },
             session_id: session_id(&token_hash),
             expires_at,
+            stage: if row.try_get::<String, _>(7)? == "complete" {
+                SessionStage::Complete
+            } else {
+                SessionStage::SecondFactor
+            },
+            method: row.try_get(8)?,
+            emergency_use_id: row.try_get(9)?,
         })
     }
 
