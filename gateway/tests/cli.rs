@@ -218,3 +218,67 @@ fn openapi_command_prints_the_document() {
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(doc["info"]["title"], "phr-gateway");
 }
+
+/// The value after `label` on its line of the command's output.
+fn field<'a>(output: &'a str, label: &str) -> &'a str {
+    output
+        .lines()
+        .find_map(|line| line.strip_prefix(label))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no {label:?} in {output}"))
+}
+
+#[tokio::test]
+async fn operator_add_prints_a_second_factor_and_break_glass_a_one_time_secret() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path();
+    let added = gateway(data, &["operator", "add", "--username", "ops-1"]);
+    assert!(added.status.success(), "{}", text(&added.stderr));
+    let out = text(&added.stdout);
+    assert!(field(&out, "password:").len() >= 40);
+    let secret = field(&out, "TOTP secret:");
+    assert!(field(&out, "TOTP URI:").starts_with("otpauth://totp/phr-gateway:ops-1?"));
+    assert!(field(&out, "TOTP URI:").contains(secret));
+    let codes: Vec<&str> = out
+        .lines()
+        .skip_while(|l| !l.starts_with("recovery codes"))
+        .skip(1)
+        .map(str::trim)
+        .collect();
+    assert_eq!(codes.len(), 10, "{out}");
+
+    // Only hashes and sealed secrets are stored: none of the printed values is in the database.
+    let pool = sqlite(data).await;
+    let totp: Vec<u8> = sqlx::query("SELECT secret_sealed FROM totp_factors")
+        .fetch_one(&pool)
+        .await
+        .expect("totp row")
+        .get(0);
+    assert!(!totp.windows(secret.len()).any(|w| w == secret.as_bytes()));
+    let stored: i64 = sqlx::query("SELECT COUNT(*) FROM recovery_codes")
+        .fetch_one(&pool)
+        .await
+        .expect("codes")
+        .get(0);
+    assert_eq!(stored, 10);
+    pool.close().await;
+
+    let again = gateway(data, &["operator", "add", "--username", "ops-1"]);
+    assert!(!again.status.success());
+    assert!(text(&again.stderr).contains("taken"), "{}", text(&again.stderr));
+
+    let glass = gateway(data, &["operator", "add-emergency", "--username", "glass"]);
+    assert!(glass.status.success(), "{}", text(&glass.stderr));
+    let first_secret = field(&text(&glass.stdout), "one-time secret:").to_string();
+    let reissued = gateway(
+        data,
+        &["operator", "reissue-emergency-secret", "--username", "glass"],
+    );
+    assert!(reissued.status.success(), "{}", text(&reissued.stderr));
+    assert_ne!(field(&text(&reissued.stdout), "one-time secret:"), first_secret);
+    let not_glass = gateway(
+        data,
+        &["operator", "reissue-emergency-secret", "--username", "ops-1"],
+    );
+    assert!(!not_glass.status.success());
+}
