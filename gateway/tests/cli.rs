@@ -265,20 +265,37 @@ async fn operator_add_prints_a_second_factor_and_break_glass_a_one_time_secret()
 
     let again = gateway(data, &["operator", "add", "--username", "ops-1"]);
     assert!(!again.status.success());
-    assert!(text(&again.stderr).contains("taken"), "{}", text(&again.stderr));
+    assert!(
+        text(&again.stderr).contains("taken"),
+        "{}",
+        text(&again.stderr)
+    );
 
     let glass = gateway(data, &["operator", "add-emergency", "--username", "glass"]);
     assert!(glass.status.success(), "{}", text(&glass.stderr));
     let first_secret = field(&text(&glass.stdout), "one-time secret:").to_string();
     let reissued = gateway(
         data,
-        &["operator", "reissue-emergency-secret", "--username", "glass"],
+        &[
+            "operator",
+            "reissue-emergency-secret",
+            "--username",
+            "glass",
+        ],
     );
     assert!(reissued.status.success(), "{}", text(&reissued.stderr));
-    assert_ne!(field(&text(&reissued.stdout), "one-time secret:"), first_secret);
+    assert_ne!(
+        field(&text(&reissued.stdout), "one-time secret:"),
+        first_secret
+    );
     let not_glass = gateway(
         data,
-        &["operator", "reissue-emergency-secret", "--username", "ops-1"],
+        &[
+            "operator",
+            "reissue-emergency-secret",
+            "--username",
+            "ops-1",
+        ],
     );
     assert!(!not_glass.status.success());
 }

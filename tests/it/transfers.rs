@@ -32,7 +32,10 @@ async fn start(
         .client
         .post(sender.url("/patient/transfers"))
         .bearer_auth(session)
-        .json(&json!({"client_id": client_id, "transfer_code": code, "categories": categories}))
+        .json(
+            &json!({"client_id": client_id, "transfer_code": code, "categories": categories,
+            "password": crate::helpers::PASSWORD}),
+        )
         .send()
         .await
         .expect("start")
@@ -196,7 +199,7 @@ async fn a_transfer_lands_in_the_right_account_once(engine: Engine) {
     assert!(home.contains("action=\"/portal/transfers\""));
     assert!(!home.contains("checked"), "no category ticked in advance");
     let form =
-        format!("client_id={recipient}&transfer_code={portal_code}&send_category=immunizations");
+        format!("client_id={recipient}&transfer_code={portal_code}&send_category=immunizations&password=correct+horse+battery+staple");
     let posted = sender
         .app
         .client

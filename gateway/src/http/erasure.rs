@@ -17,10 +17,15 @@ use utoipa::ToSchema;
 
 use super::consents::{receipt_context, withdraw_consent};
 use super::error::ApiError;
-use super::portal::{form_values, html_response, same_origin, signed_in_page, step_up_refused};
+use super::portal::{
+    form_values, html_response, same_origin, second_factor_code_field, signed_in_page,
+    step_up_refused,
+};
 use super::pull::{withdraw_instruction, Withdraw};
+use super::second_factor::{step_up_proof, PasskeyAssertion};
 use super::session::PatientSession;
 use super::AppState;
+use crate::mfa::Proof;
 use crate::pull::InstructionStatus;
 use crate::store::{millis_to_rfc3339, now_millis};
 use crate::uploads::UploadPermissionStatus;
@@ -30,6 +35,12 @@ use crate::uploads::UploadPermissionStatus;
 pub struct EraseRequest {
     /// The signed-in account's password, asked again (step-up).
     pub password: String,
+    /// The second factor too, when the account has one: a TOTP or recovery code…
+    #[serde(default)]
+    pub code: Option<String>,
+    /// …or a passkey assertion (challenge from `/auth/step-up/passkey/start`).
+    #[serde(default)]
+    pub passkey: Option<PasskeyAssertion>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -72,8 +83,9 @@ pub async fn erase(
     patient: PatientSession,
     Json(request): Json<EraseRequest>,
 ) -> Result<Json<Erased>, ApiError> {
+    let proof = step_up_proof(request.code.as_deref(), request.passkey);
     Ok(Json(
-        erase_record(&state, &patient, &request.password).await?,
+        erase_record(&state, &patient, &request.password, proof.as_ref()).await?,
     ))
 }
 
@@ -81,17 +93,20 @@ async fn erase_record(
     state: &AppState,
     patient: &PatientSession,
     password: &str,
+    second_factor: Option<&Proof>,
 ) -> Result<Erased, ApiError> {
-    state
-        .accounts
+    let stepped = state
+        .second_factors
         .step_up(
             &patient.auth.session.account,
             password,
+            second_factor,
             patient.auth.address,
             "erasing the record",
         )
-        .await?;
+        .await;
     state.audit.notify();
+    stepped?;
     let context = receipt_context(state, "ja", "erasure");
     let mut withdrawn_consents = 0;
     for consent in state.consents.list(&patient.patient_id).await? {
@@ -185,6 +200,7 @@ pub async fn portal_page(_patient: PatientSession) -> Result<Response, ApiError>
                 label { "確認のため、パスワードをもう一度入力してください " span.en { "Enter your password again to confirm" }
                     input type="password" name="password" autocomplete="current-password" required;
                 }
+                (second_factor_code_field())
                 button type="submit" id="erase" { "すべて削除する / Delete everything" }
             }
             p { a.button href="/portal" { "削除しないで戻る / Keep my data and go back" } }
@@ -201,7 +217,9 @@ pub async fn portal_erase(
 ) -> Result<Response, ApiError> {
     same_origin(&headers, &state)?;
     let password = form_values(&body, "password").pop().unwrap_or_default();
-    let erased = match erase_record(&state, &patient, &password).await {
+    let code = form_values(&body, "code").pop();
+    let proof = step_up_proof(code.as_deref(), None);
+    let erased = match erase_record(&state, &patient, &password, proof.as_ref()).await {
         Ok(erased) => erased,
         Err(error) if error.status == StatusCode::UNAUTHORIZED => {
             return Ok(step_up_refused(

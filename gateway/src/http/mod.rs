@@ -23,6 +23,7 @@ pub mod patient;
 pub mod patient_export;
 pub mod patient_import;
 pub mod portal;
+pub mod portal_security;
 pub mod pull;
 pub mod representations;
 pub mod second_factor;
@@ -145,6 +146,7 @@ pub fn router(state: AppState) -> Router {
         .route("/auth/second-factor/passkey/finish", post(second_factor::prove_passkey))
         .route("/auth/passkey/start", post(second_factor::passkey_sign_in_start))
         .route("/auth/passkey/finish", post(second_factor::passkey_sign_in_finish))
+        .route("/auth/step-up/passkey/start", post(second_factor::step_up_passkey_challenge))
         .route("/auth/factors", get(second_factor::factors))
         .route("/auth/factors/totp", post(second_factor::begin_totp))
         .route("/auth/factors/totp/confirm", post(second_factor::confirm_totp))
@@ -201,6 +203,14 @@ pub fn router(state: AppState) -> Router {
         .route("/.well-known/jwks.json", get(pull::jwks))
         .route("/portal", get(portal::home))
         .route("/portal/style.css", get(portal::style))
+        .route("/portal/passkey.js", get(portal_security::passkey_script))
+        .route(
+            "/portal/second-factor",
+            get(portal_security::second_factor_form).post(portal_security::second_factor),
+        )
+        .route("/portal/security", get(portal_security::page_security))
+        .route("/portal/security/totp", post(portal_security::begin_totp))
+        .route("/portal/security/totp/confirm", post(portal_security::confirm_totp))
         .route("/portal/login", post(portal::login))
         .route("/portal/logout", post(portal::logout))
         .route("/portal/pull-instructions", post(portal::give))

@@ -213,13 +213,7 @@ pub async fn second_factor(
     if auth.session.stage != SessionStage::SecondFactor {
         return Ok(Redirect::to("/operator").into_response());
     }
-    let code = form.code.trim();
-    // Recovery codes are 16 characters in groups; TOTP codes six digits.
-    let proof = if code.chars().filter(|c| c.is_ascii_alphanumeric()).count() > 8 {
-        Proof::RecoveryCode(code.to_string())
-    } else {
-        Proof::Totp(code.to_string())
-    };
+    let proof = Proof::from_code(&form.code);
     let result = state
         .second_factors
         .complete_sign_in(&auth.session, &auth.token, &proof, auth.address)

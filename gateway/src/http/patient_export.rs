@@ -18,13 +18,18 @@ use serde_json::{json, Value};
 use utoipa::ToSchema;
 
 use super::error::ApiError;
-use super::portal::{form_values, html_response, same_origin, signed_in_page, step_up_refused};
+use super::portal::{
+    form_values, html_response, same_origin, second_factor_code_field, signed_in_page,
+    step_up_refused,
+};
+use super::second_factor::{step_up_proof, PasskeyAssertion};
 use super::session::PatientSession;
 use super::AppState;
 use crate::audit::{AuditEvent, EventKind};
 use crate::error::Error;
 use crate::export::summary::Summary;
 use crate::fhir::serve::{serve_all, served_patient};
+use crate::mfa::Proof;
 use crate::store::resources::StoredResource;
 use crate::store::{millis_to_rfc3339, now_millis};
 
@@ -33,6 +38,12 @@ use crate::store::{millis_to_rfc3339, now_millis};
 pub struct ExportRequest {
     /// The account's password again (step-up).
     pub password: String,
+    /// The second factor too, when the account has one: a TOTP or recovery code…
+    #[serde(default)]
+    pub code: Option<String>,
+    /// …or a passkey assertion (challenge from `/auth/step-up/passkey/start`).
+    #[serde(default)]
+    pub passkey: Option<PasskeyAssertion>,
     /// `bundle` (FHIR JSON) or `ndjson-zip`.
     pub format: String,
 }
@@ -48,27 +59,39 @@ pub async fn export(
     patient: PatientSession,
     Json(request): Json<ExportRequest>,
 ) -> Result<Response, ApiError> {
-    export_record(&state, &patient, &request.password, &request.format).await
+    let proof = step_up_proof(request.code.as_deref(), request.passkey);
+    export_record(
+        &state,
+        &patient,
+        &request.password,
+        proof.as_ref(),
+        &request.format,
+    )
+    .await
 }
 
 async fn export_record(
     state: &AppState,
     patient: &PatientSession,
     password: &str,
+    second_factor: Option<&Proof>,
     format: &str,
 ) -> Result<Response, ApiError> {
     if !matches!(format, "bundle" | "ndjson-zip") {
         return Err(Error::Invalid("format: choose bundle or ndjson-zip".into()).into());
     }
-    state
-        .accounts
+    let stepped = state
+        .second_factors
         .step_up(
             &patient.auth.session.account,
             password,
+            second_factor,
             patient.auth.address,
             "exporting the record",
         )
-        .await?;
+        .await;
+    state.audit.notify();
+    stepped?;
     let event = AuditEvent::new(EventKind::Export, patient.auth.agent())
         .patient(&patient.patient_id)
         .detail(format!("patient export ({format}) of the whole record"));
@@ -286,6 +309,7 @@ pub async fn portal_page(_patient: PatientSession) -> Result<Response, ApiError>
                 label { "確認のため、パスワードをもう一度入力してください " span.en { "Enter your password again to confirm" }
                     input type="password" name="password" autocomplete="current-password" required;
                 }
+                (second_factor_code_field())
                 button type="submit" id="export" { "書き出す / Export" }
             }
         },
@@ -301,8 +325,10 @@ pub async fn portal_export(
 ) -> Result<Response, ApiError> {
     same_origin(&headers, &state)?;
     let password = form_values(&body, "password").pop().unwrap_or_default();
+    let code = form_values(&body, "code").pop();
+    let proof = step_up_proof(code.as_deref(), None);
     let format = form_values(&body, "format").pop().unwrap_or_default();
-    match export_record(&state, &patient, &password, &format).await {
+    match export_record(&state, &patient, &password, proof.as_ref(), &format).await {
         Err(error) if error.status == StatusCode::UNAUTHORIZED => Ok(step_up_refused(
             "データの書き出し / Export my data",
             "/portal/export",

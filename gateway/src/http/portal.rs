@@ -17,6 +17,7 @@ use super::{AppState, ClientAddr};
 use crate::error::Error;
 use crate::pull::registry::{unavailable_since, unavailable_sources};
 use crate::pull::InstructionStatus;
+use crate::store::accounts::SessionStage;
 
 const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:56rem;margin:2rem auto;padding:0 1rem;line-height:1.6}
 table{border-collapse:collapse;width:100%}th,td{border:1px solid #999;padding:.4rem;text-align:left;vertical-align:top}
@@ -55,6 +56,7 @@ pub(super) fn signed_in_page(title: &str, body: Markup) -> Markup {
                 a href="/portal" { "データ取得 " span.en { "Pull instructions" } }
                 a id="nav-consents" href="/portal/consents" { "同意の管理 " span.en { "Consents" } }
                 a id="nav-access-log" href="/portal/access-log" { "アクセス記録 " span.en { "Access log" } }
+                a id="nav-security" href="/portal/security" { "サインインの安全 " span.en { "Sign-in security" } }
             }
             (body)
         },
@@ -72,6 +74,17 @@ pub(super) fn step_up_refused(title: &str, retry: &str) -> Response {
         },
     );
     html_response(StatusCode::UNAUTHORIZED, markup)
+}
+
+/// The second factor's code at a step-up (shown to everyone; only accounts that set one up
+/// need it, so it is not required).
+pub(super) fn second_factor_code_field() -> Markup {
+    html! {
+        label { "確認コード（2段階認証を設定している場合：認証アプリのコードまたは回復コード） "
+            span.en { "Second-factor code, if you set one up (authenticator app or recovery code)" }
+            input name="code" autocomplete="one-time-code" inputmode="text";
+        }
+    }
 }
 
 pub(super) fn html_response(status: StatusCode, markup: Markup) -> Response {
@@ -95,6 +108,10 @@ fn login_page(message: Option<&str>, next: Option<&str>) -> Markup {
                 label { "パスワード " span.en { "Password" } input name="password" type="password" autocomplete="current-password" required; }
                 button type="submit" { "サインイン / Sign in" }
             }
+            p { "パスキーを登録済みなら、パスワードは要りません。 " span.en { "With a registered passkey, no password is needed." } }
+            p { button type="button" data-passkey="sign-in" id="passkey-sign-in" { "パスキーでサインイン / Sign in with a passkey" } }
+            p id="passkey-message" role="status" {}
+            script src="/portal/passkey.js" defer {}
         },
     )
 }
@@ -123,7 +140,10 @@ pub async fn home(
     patient: Option<PatientSession>,
 ) -> Result<Response, ApiError> {
     let Some(patient) = patient else {
-        return Ok(html_response(StatusCode::OK, login_page(None, None)));
+        return Ok(super::portal_security::scripted_response(
+            StatusCode::OK,
+            login_page(None, None),
+        ));
     };
     let instructions = state.instructions.list(&patient.patient_id).await?;
     super::pull::audit_instruction_read(&state, &patient, None).await?;
@@ -248,7 +268,7 @@ pub struct LoginForm {
 }
 
 /// `next` if it is one of our consent screens (never an arbitrary URL: no open redirect).
-fn safe_next(next: Option<&str>) -> Option<&str> {
+pub(super) fn safe_next(next: Option<&str>) -> Option<&str> {
     let next = next?;
     let id = next.strip_prefix("/consent/authorize/")?;
     (!id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')).then_some(next)
@@ -266,10 +286,17 @@ pub async fn login(
         .login(&form.username, &form.password, address)
         .await
     {
-        Ok((_, token)) => {
+        Ok((session, token)) => {
             state.audit.notify();
             let target = safe_next(form.next.as_deref()).unwrap_or("/portal");
-            let mut response = Redirect::to(target).into_response();
+            let target = match session.stage {
+                SessionStage::Complete => target.to_string(),
+                SessionStage::SecondFactor => format!(
+                    "/portal/second-factor?next={}",
+                    form_urlencoded::byte_serialize(target.as_bytes()).collect::<String>()
+                ),
+            };
+            let mut response = Redirect::to(&target).into_response();
             response.headers_mut().insert(
                 header::SET_COOKIE,
                 session_cookie(&token, state.config.sessions.absolute_timeout_secs),
@@ -278,7 +305,7 @@ pub async fn login(
         }
         Err(Error::Unauthenticated(_)) => {
             state.audit.notify();
-            Ok(html_response(
+            Ok(super::portal_security::scripted_response(
                 StatusCode::UNAUTHORIZED,
                 login_page(
                     Some("ユーザー名またはパスワードが違います。 / Wrong username or password."),

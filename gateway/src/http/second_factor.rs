@@ -47,7 +47,7 @@ pub struct PasskeyChallenge {
     pub options: serde_json::Value,
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PasskeyAssertion {
     pub ceremony: String,
@@ -430,6 +430,40 @@ async fn first_codes(
         .await?;
     state.audit.notify();
     Ok(codes)
+}
+
+/// A step-up's second factor as a request carries it: a typed code (TOTP or recovery
+/// code) or a passkey assertion from `/auth/step-up/passkey/start`. Blank codes are none.
+pub fn step_up_proof(code: Option<&str>, passkey: Option<PasskeyAssertion>) -> Option<Proof> {
+    if let Some(assertion) = passkey {
+        return Some(Proof::Passkey {
+            ceremony: assertion.ceremony,
+            credential: assertion.credential,
+        });
+    }
+    code.map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(Proof::from_code)
+}
+
+/// A passkey challenge for a step-up (a signed-in account proving itself again).
+#[utoipa::path(post, path = "/auth/step-up/passkey/start", tag = "auth",
+    responses(
+        (status = 200, description = "Challenge", body = PasskeyChallenge),
+        (status = 409, description = "No passkey registered", content_type = "application/problem+json")))]
+pub async fn step_up_passkey_challenge(
+    State(state): State<AppState>,
+    auth: AuthSession,
+) -> Result<Json<PasskeyChallenge>, ApiError> {
+    let (ceremony, options) = state
+        .second_factors
+        .passkeys
+        .start_authentication(&auth.session.account)
+        .await?;
+    Ok(Json(PasskeyChallenge {
+        ceremony,
+        options: to_value(&options)?,
+    }))
 }
 
 fn to_value<T: Serialize>(value: &T) -> Result<serde_json::Value, ApiError> {

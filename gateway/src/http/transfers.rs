@@ -51,6 +51,14 @@ pub struct StartTransfer {
     pub transfer_code: String,
     /// Data category codes to send (e.g. `observations`); at least one.
     pub categories: Vec<String>,
+    /// The account's password again (step-up before data leaves for another service).
+    pub password: String,
+    /// The second factor too, when the account has one: a TOTP or recovery code…
+    #[serde(default)]
+    pub code: Option<String>,
+    /// …or a passkey assertion (challenge from `/auth/step-up/passkey/start`).
+    #[serde(default)]
+    pub passkey: Option<super::second_factor::PasskeyAssertion>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -137,6 +145,20 @@ async fn start_transfer(
     patient: &PatientSession,
     request: &StartTransfer,
 ) -> Result<String, ApiError> {
+    let proof =
+        super::second_factor::step_up_proof(request.code.as_deref(), request.passkey.clone());
+    let stepped = state
+        .second_factors
+        .step_up(
+            &patient.auth.session.account,
+            &request.password,
+            proof.as_ref(),
+            patient.auth.address,
+            "transferring data to another service",
+        )
+        .await;
+    state.audit.notify();
+    stepped?;
     let mut categories: Vec<DataCategory> = Vec::new();
     for code in &request.categories {
         let category = DataCategory::from_code(code)
@@ -266,6 +288,10 @@ pub async fn portal_section(
                     label { input type="checkbox" name="send_category" value=(category.code()); " " (category.label_ja()) " " span.en { (category.label_en()) } }
                 }
             }
+            label { "確認のため、パスワードをもう一度入力してください " span.en { "Enter your password again to confirm" }
+                input type="password" name="password" autocomplete="current-password" required;
+            }
+            (super::portal::second_factor_code_field())
             button type="submit" { "送る / Send" }
         }
     })
@@ -293,9 +319,17 @@ pub async fn portal_start(
         client_id: form("client_id").pop().unwrap_or_default(),
         transfer_code: form("transfer_code").pop().unwrap_or_default(),
         categories: form("send_category"),
+        password: form("password").pop().unwrap_or_default(),
+        code: form("code").pop(),
+        passkey: None,
     };
-    start_transfer(&state, &patient, &request).await?;
-    Ok(axum::response::Redirect::to("/portal").into_response())
+    match start_transfer(&state, &patient, &request).await {
+        Ok(_) => Ok(axum::response::Redirect::to("/portal").into_response()),
+        Err(error) if error.status == StatusCode::UNAUTHORIZED => Ok(
+            super::portal::step_up_refused("データの引っ越し / Transfer", "/portal"),
+        ),
+        Err(error) => Err(error),
+    }
 }
 
 /// The patient's transfers, newest first.

@@ -370,6 +370,40 @@ impl SecondFactors {
         Ok(session)
     }
 
+    /// Step-up before a far-reaching action (export, transfer, erasure): the password
+    /// again and, when the account has a second factor, that too. Both are audited and
+    /// count towards the lockout when wrong.
+    pub async fn step_up(
+        &self,
+        account: &Account,
+        password: &str,
+        second_factor: Option<&Proof>,
+        address: Option<IpAddr>,
+        purpose: &str,
+    ) -> Result<()> {
+        self.accounts
+            .step_up(account, password, address, purpose)
+            .await?;
+        if !self.enrolled(&account.id).await?.any() {
+            return Ok(());
+        }
+        let Some(proof) = second_factor else {
+            self.accounts
+                .record_failed_attempt(account, address, "step-up without the second factor")
+                .await?;
+            return Err(Error::Unauthenticated(
+                "this account has a second factor: send its code too",
+            ));
+        };
+        let method = self.verify(account, proof, address).await?;
+        let mut tx = self.db.begin().await?;
+        let event = AuditEvent::new(EventKind::Login, agent_of(account, address))
+            .detail(format!("step-up second factor {method} for {purpose}"));
+        audit::record(&mut tx, &event).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Whether this account must prove a second factor after its password: operators
     /// always, patients once they have enrolled one.
     pub async fn required(&self, account: &Account) -> Result<bool> {
@@ -386,6 +420,18 @@ pub enum Proof {
         ceremony: String,
         credential: Box<webauthn_rs::prelude::PublicKeyCredential>,
     },
+}
+
+impl Proof {
+    /// A typed code: a recovery code (sixteen characters in groups) or a six-digit TOTP code.
+    pub fn from_code(code: &str) -> Proof {
+        let code = code.trim();
+        if code.chars().filter(|c| c.is_ascii_alphanumeric()).count() > 8 {
+            Proof::RecoveryCode(code.to_string())
+        } else {
+            Proof::Totp(code.to_string())
+        }
+    }
 }
 
 /// The key-store id of an account's own key (distinct from every patient id).
