@@ -16,6 +16,7 @@ use crate::helpers::{
 both_engines!(
     a_parent_acts_for_a_child_until_majority,
     bad_representations_are_refused,
+    changing_a_consent_for_someone_else_needs_a_step_up,
 );
 
 /// A birth date `years` ago plus `plus_days`, by the calendar in Japan (as the gateway counts).
@@ -250,4 +251,70 @@ async fn bad_representations_are_refused(engine: Engine) {
     .await;
     assert_eq!(response.status(), StatusCode::FORBIDDEN);
     assert_eq!(count(&app, "SELECT COUNT(*) FROM representations").await, 0);
+}
+
+/// A representative widening or changing a consent for someone else proves themself again;
+/// withdrawing for them stays one action.
+async fn changing_a_consent_for_someone_else_needs_a_step_up(engine: Engine) {
+    let app = spawn_app(engine).await;
+    let operator = app.sign_in(AccountRole::Operator, "op", None).await;
+    let parent = app
+        .sign_in(AccountRole::Patient, "hanako", Some("p-hanako"))
+        .await;
+    let registered = register(
+        &app,
+        &operator,
+        json!({"representative_patient_id": "p-hanako", "represented_patient_id": "p-child",
+               "kind": "parent-of-dependent", "represented_birth_date": years_ago(10, 0)}),
+    )
+    .await;
+    assert_eq!(registered.status(), StatusCode::CREATED);
+    let id = grant_by_parent(&app).await;
+    let ends_on = years_ago(-1, -30);
+    let change = |body: Value| {
+        app.client
+            .post(app.url(&format!("/api/consents/{id}/change")))
+            .bearer_auth(&parent)
+            .header("acting-for", "p-child")
+            .json(&body)
+            .send()
+    };
+    let terms =
+        json!({"purposes": ["PATRQT"], "categories": ["immunizations"], "ends_on": ends_on});
+    let refused = change(terms.clone()).await.expect("change");
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    let mut wrong = terms.clone();
+    wrong["password"] = json!("not my password");
+    assert_eq!(
+        change(wrong).await.expect("change").status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let mut confirmed = terms;
+    confirmed["password"] = json!(crate::helpers::PASSWORD);
+    let changed = change(confirmed).await.expect("change");
+    assert_eq!(
+        changed.status(),
+        StatusCode::OK,
+        "{:?}",
+        changed.text().await
+    );
+    assert!(
+        leaves_containing(
+            &app,
+            "step-up re-authentication for changing a consent for someone else"
+        )
+        .await
+            >= 1
+    );
+
+    let withdrawn = app
+        .client
+        .post(app.url(&format!("/api/consents/{id}/withdraw")))
+        .bearer_auth(&parent)
+        .header("acting-for", "p-child")
+        .send()
+        .await
+        .expect("withdraw");
+    assert_eq!(withdrawn.status(), StatusCode::OK);
+    app.stop().await;
 }

@@ -50,7 +50,16 @@ pub async fn show(
         return Ok(Redirect::to(&location).into_response());
     }
     Ok(with_form_target(
-        html_response(StatusCode::OK, screen(&state, &request, &request_id, None)),
+        html_response(
+            StatusCode::OK,
+            screen(
+                &state,
+                &request,
+                &request_id,
+                None,
+                patient.acting.is_some(),
+            ),
+        ),
         &request,
     ))
 }
@@ -105,6 +114,30 @@ pub async fn answer(
         return Ok(Redirect::to(&location).into_response());
     }
 
+    let password = values("password").pop();
+    let code = values("code").pop();
+    let proof = super::second_factor::step_up_proof(code.as_deref(), None);
+    if let Err(error) = super::second_factor::step_up_acting_for(
+        &state,
+        &patient,
+        password.as_deref(),
+        proof.as_ref(),
+        "agreeing to a disclosure for someone else",
+    )
+    .await
+    {
+        if error.status != StatusCode::UNAUTHORIZED {
+            return Err(error);
+        }
+        let message = "パスワードまたは確認コードが違います。 / Wrong password or code.";
+        return Ok(with_form_target(
+            html_response(
+                StatusCode::UNAUTHORIZED,
+                screen(&state, &request, &request_id, Some(message), true),
+            ),
+            &request,
+        ));
+    }
     let purposes = purposes_of(&state, &values("purpose"))?;
     let categories = categories_of(&values("category"))?;
     // Only what the app asked for can be granted, whatever the form says.
@@ -118,7 +151,13 @@ pub async fn answer(
         return Ok(with_form_target(
             html_response(
                 StatusCode::BAD_REQUEST,
-                screen(&state, &request, &request_id, Some(message)),
+                screen(
+                    &state,
+                    &request,
+                    &request_id,
+                    Some(message),
+                    patient.acting.is_some(),
+                ),
             ),
             &request,
         ));
@@ -245,6 +284,7 @@ fn screen(
     request: &PendingAuthorization,
     request_id: &str,
     error: Option<&str>,
+    acting_for_someone: bool,
 ) -> Markup {
     let config = state.consents.config();
     let today = japan_today();
@@ -305,6 +345,12 @@ fn screen(
                 }
                 p { "同意しなくても、このサービスはこれまでどおり使えます。同意はいつでも「同意の管理」から撤回できます。" }
                 p.en { "If you do not agree, this service stays the same for you. You can withdraw at any time under \"Consents\"." }
+                @if acting_for_someone {
+                    p { "ほかの方の代わりに同意するため、ご本人確認をもう一度お願いします（同意しない場合は不要です）。" }
+                    p.en { "You are agreeing for someone else: confirm it is you (not needed to decline)." }
+                    label { "パスワード " span.en { "Your password" } input type="password" name="password" autocomplete="current-password"; }
+                    (super::portal::second_factor_code_field())
+                }
                 div.choices {
                     button type="submit" name="action" value="grant" class="choice accept" { "同意する / Agree" }
                     button type="submit" name="action" value="decline" class="choice decline" formnovalidate { "同意しない / Do not agree" }

@@ -117,6 +117,14 @@ pub struct ChangeConsent {
     pub categories: Vec<String>,
     /// The last day covered (`YYYY-MM-DD`, Japan time).
     pub ends_on: String,
+    /// When acting for someone else: your password again (step-up)…
+    #[serde(default)]
+    pub password: Option<String>,
+    /// …and your second factor, if you have one (a TOTP or recovery code, or a passkey).
+    #[serde(default)]
+    pub code: Option<String>,
+    #[serde(default)]
+    pub passkey: Option<super::second_factor::PasskeyAssertion>,
 }
 
 /// The patient's consents, newest first.
@@ -252,6 +260,15 @@ pub async fn change(
     Path(id): Path<String>,
     Json(request): Json<ChangeConsent>,
 ) -> Result<Json<ConsentChanged>, ApiError> {
+    let proof = super::second_factor::step_up_proof(request.code.as_deref(), request.passkey);
+    super::second_factor::step_up_acting_for(
+        &state,
+        &patient,
+        request.password.as_deref(),
+        proof.as_ref(),
+        "changing a consent for someone else",
+    )
+    .await?;
     let purposes = purposes_of(&state, &request.purposes)?;
     let categories = categories_of(&request.categories)?;
     if purposes.is_empty() || categories.is_empty() {

@@ -446,6 +446,40 @@ pub fn step_up_proof(code: Option<&str>, passkey: Option<PasskeyAssertion>) -> O
         .map(Proof::from_code)
 }
 
+/// Step-up for a consent decision made on someone else's behalf (a representative): a
+/// disclosure of another person's data needs the representative to prove themself again.
+/// Withdrawals need none: stopping a disclosure reveals nothing, and withdrawing must stay
+/// as easy as granting.
+pub async fn step_up_acting_for(
+    state: &AppState,
+    patient: &super::session::PatientSession,
+    password: Option<&str>,
+    second_factor: Option<&Proof>,
+    purpose: &str,
+) -> Result<(), ApiError> {
+    if patient.acting.is_none() {
+        return Ok(());
+    }
+    let Some(password) = password.filter(|p| !p.is_empty()) else {
+        return Err(Error::Unauthenticated(
+            "acting for someone else: confirm with your password (and second factor)",
+        )
+        .into());
+    };
+    let stepped = state
+        .second_factors
+        .step_up(
+            &patient.auth.session.account,
+            password,
+            second_factor,
+            patient.auth.address,
+            purpose,
+        )
+        .await;
+    state.audit.notify();
+    Ok(stepped?)
+}
+
 /// A passkey challenge for a step-up (a signed-in account proving itself again).
 #[utoipa::path(post, path = "/auth/step-up/passkey/start", tag = "auth",
     responses(
