@@ -1,6 +1,6 @@
 //! The operator pages in real headless Chromium: password, then a TOTP code (a wrong one is
 //! refused on the page), then the home page with an overdue break-glass use at the top,
-//! reviewed through its form.
+//! reviewed through its form; a passkey registered there is then the second factor.
 
 use fantoccini::Locator;
 use phr_gateway::audit::AccountRole;
@@ -82,6 +82,33 @@ async fn operator_signs_in_with_totp_and_reviews_a_break_glass_use() {
     assert_eq!(
         uses[0].review_note.as_deref(),
         Some("Checked the ticket; one unlock, as stated.")
+    );
+
+    // A passkey registered on the home page (Chromium's virtual authenticator) then serves
+    // as the second factor after the password.
+    browser.add_virtual_authenticator().await;
+    fill(c, "#passkey-name", "ops laptop").await;
+    fill(c, "#passkey-password", PASSWORD).await;
+    click(c, "#register-passkey").await;
+    wait_text(c, "#passkey-message", "Passkey registered: ops laptop").await;
+    c.delete_all_cookies().await.expect("sign out");
+    c.goto(&app.url("/operator")).await.expect("open");
+    fill(c, "input[name=username]", "op-browser").await;
+    fill(c, "input[name=password]", PASSWORD).await;
+    click(c, "button[type=submit]").await;
+    click(c, "#use-passkey").await;
+    wait_text(c, "#second-factors", "ops laptop").await;
+    let methods: Vec<String> = state
+        .accounts
+        .live_sessions()
+        .await
+        .expect("sessions")
+        .into_iter()
+        .map(|s| s.method)
+        .collect();
+    assert!(
+        methods.contains(&"password+passkey".to_string()),
+        "{methods:?}"
     );
     browser.close().await;
     app.stop().await;

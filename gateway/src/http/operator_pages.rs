@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use super::error::ApiError;
 use super::portal::{html_response, page, same_origin};
+use super::portal_security::scripted_response;
 use super::session::{session_cookie, AnySession, OperatorSession};
 use super::{AppState, ClientAddr};
 use crate::audit::AccountRole;
@@ -66,7 +67,10 @@ fn second_factor_page(message: Option<&str>, methods: &[&str]) -> Markup {
                 button type="submit" { "サインイン / Sign in" }
             }
             @if methods.contains(&"passkey") {
-                p.en { "Passkeys: POST /auth/second-factor/passkey/start and /finish." }
+                input type="hidden" name="next" value="/operator";
+                p { button type="button" data-passkey="second-factor" id="use-passkey" { "パスキーで確認 / Use my passkey" } }
+                p id="passkey-message" role="status" {}
+                script src="/portal/passkey.js" defer {}
             }
             form method="post" action="/operator/logout" { button type="submit" { "やめる / Cancel" } }
         },
@@ -93,7 +97,7 @@ pub async fn home(
             .enrolled(&auth.session.account.id)
             .await?
             .methods();
-        return Ok(html_response(
+        return Ok(scripted_response(
             StatusCode::OK,
             second_factor_page(None, &methods),
         ));
@@ -109,6 +113,10 @@ pub async fn home(
     let uses = state.break_glass.uses().await?;
     let waiting: Vec<_> = uses.iter().filter(|u| u.reviewed_at.is_none()).collect();
     let sessions = state.accounts.live_sessions().await?;
+    let factors = state
+        .second_factors
+        .enrolled(&auth.session.account.id)
+        .await?;
     let markup = page(
         "運営者 / Operator",
         html! {
@@ -159,10 +167,24 @@ pub async fn home(
                 }
                 p.en { "End any session: POST /operator/sessions/{id}/end." }
             }
+            section id="second-factors" {
+                h2 { "あなたの2段階認証 " span.en { "Your second factors" } }
+                p { "認証アプリ / Authenticator app: " @if factors.totp { "✓" } @else { "—" }
+                    " · 回復コード残り / Recovery codes left: " (factors.recovery_codes_left) }
+                ul { @for p in &factors.passkeys { li.passkey { (p.name) " — " (p.created_at) } } }
+                @if auth.session.emergency_use_id.is_none() {
+                    label { "パスキーの名前 " span.en { "Name for a new passkey" } input id="passkey-name" value=""; }
+                    label { "確認のため、パスワード " span.en { "Your password, to confirm" } input id="passkey-password" type="password" autocomplete="current-password"; }
+                    button type="button" data-passkey="register" id="register-passkey" { "パスキーを登録 / Register a passkey" }
+                    p id="passkey-message" role="status" {}
+                    ol id="recovery-codes" hidden {}
+                    script src="/portal/passkey.js" defer {}
+                }
+            }
             form method="post" action="/operator/logout" { button type="submit" { "サインアウト / Sign out" } }
         },
     );
-    Ok(html_response(StatusCode::OK, markup))
+    Ok(scripted_response(StatusCode::OK, markup))
 }
 
 pub async fn login(
