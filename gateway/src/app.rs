@@ -163,6 +163,11 @@ impl Gateway {
             consents.clone(),
             Duration::from_secs(config.export.file_lifetime_secs),
         );
+        let supply_chain = match &config.supply_chain_file {
+            Some(path) => std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?,
+            None => crate::supply_chain::DEFAULT_LIST.to_string(),
+        };
+        crate::supply_chain::parse(&supply_chain, crate::store::japan_today())?;
         let state = AppState {
             tls: tls.is_some(),
             config: Arc::new(config),
@@ -186,6 +191,7 @@ impl Gateway {
             source_client_key: Arc::new(source_client_key),
             id_token_key: Arc::new(id_token_key),
             public_url,
+            supply_chain: Arc::new(supply_chain),
         };
         Ok(Gateway { state, tls })
     }

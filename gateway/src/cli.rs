@@ -63,6 +63,12 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Write the CycloneDX SBOM of this build (made from its Cargo.lock).
+    Sbom {
+        /// Write to this file instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Operator accounts: each has a second factor from the start.
     Operator {
         #[command(subcommand)]
@@ -157,6 +163,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         ..Default::default()
     };
     match cli.command {
+        Command::Sbom { out } => {
+            let doc = crate::supply_chain::sbom::document()?;
+            match out {
+                Some(path) => std::fs::write(&path, doc).map_err(|e| Error::io(&path, e))?,
+                None => print!("{doc}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Openapi { out } => {
             let doc = crate::http::openapi::document();
             match out {

@@ -43,6 +43,9 @@ pub struct Config {
     /// The gateway's external base URL (e.g. `https://phr.example.jp`): receipts' issuer and
     /// the callback sources redirect to. Unset: `https://localhost:<port>`.
     pub public_url: Option<String>,
+    /// The deployment's list of subcontractors and component owners (TOML, the format of
+    /// the repository's `supply-chain.toml`). Unset: the list shipped with the gateway.
+    pub supply_chain_file: Option<PathBuf>,
     /// The OAuth 2 authorisation server for PHR apps.
     pub oauth: OAuthConfig,
     /// Signed notifications (webhooks) to recipients.
@@ -72,6 +75,7 @@ impl Default for Config {
             sources: Vec::new(),
             log: LogConfig::default(),
             public_url: None,
+            supply_chain_file: None,
             oauth: OAuthConfig::default(),
             notifications: NotificationsConfig::default(),
             export: ExportConfig::default(),

@@ -27,6 +27,7 @@ pub mod provenance;
 pub mod pull;
 pub mod receipts;
 pub mod store;
+pub mod supply_chain;
 pub mod telemetry;
 pub mod tls;
 pub mod uploads;

@@ -36,4 +36,5 @@ mod resources;
 mod second_factors;
 mod security;
 mod step_up;
+mod supply_chain;
 mod transfers;

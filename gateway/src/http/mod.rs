@@ -86,6 +86,8 @@ pub struct AppState {
     pub tls: bool,
     /// The external base URL, known once the listener is bound (port 0 in tests).
     pub public_url: Arc<OnceLock<String>>,
+    /// The subcontractor and component-owner list (checked at start-up).
+    pub supply_chain: Arc<String>,
 }
 
 impl AppState {
@@ -157,6 +159,8 @@ pub fn router(state: AppState) -> Router {
         .route("/operator/break-glass", get(break_glass::list))
         .route("/operator/break-glass/{id}/review", post(break_glass::review))
         .route("/operator/sessions", get(operator::sessions))
+        .route("/operator/supply-chain", get(operator::supply_chain))
+        .route("/operator/sbom", get(operator::sbom))
         .route("/operator/sessions/{id}/end", post(operator::end_session))
         .route("/operator", get(operator_pages::home))
         .route("/operator/login", post(operator_pages::login))

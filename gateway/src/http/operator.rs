@@ -9,6 +9,7 @@ use super::error::ApiError;
 use super::session::OperatorSession;
 use super::AppState;
 use crate::store::accounts::LiveSession;
+use crate::supply_chain::SupplyChainEntry;
 
 /// The newest signed audit checkpoint (C2SP signed note). Save it off-site: `phr-gateway
 /// audit verify --trusted-checkpoint` proves later logs extend it.
@@ -60,4 +61,32 @@ pub async fn end_session(
         .await?;
     state.audit.notify();
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The subcontractors and component owners: role, data touched, contract, last review
+/// (`review_overdue` after a year).
+#[utoipa::path(get, path = "/operator/supply-chain", tag = "operator",
+    responses((status = 200, description = "The list", body = [SupplyChainEntry]),
+        (status = 403, description = "Not an operator", content_type = "application/problem+json")))]
+pub async fn supply_chain(
+    State(state): State<AppState>,
+    _operator: OperatorSession,
+) -> Result<Json<Vec<SupplyChainEntry>>, ApiError> {
+    Ok(Json(crate::supply_chain::parse(
+        &state.supply_chain,
+        crate::store::japan_today(),
+    )?))
+}
+
+/// The CycloneDX SBOM of this build (from its `Cargo.lock`).
+#[utoipa::path(get, path = "/operator/sbom", tag = "operator",
+    responses((status = 200, description = "CycloneDX 1.5 JSON", content_type = "application/vnd.cyclonedx+json"),
+        (status = 403, description = "Not an operator", content_type = "application/problem+json")))]
+pub async fn sbom(_operator: OperatorSession) -> Result<Response, ApiError> {
+    let document = crate::supply_chain::sbom::document()?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/vnd.cyclonedx+json")],
+        document,
+    )
+        .into_response())
 }
