@@ -323,11 +323,8 @@ async fn audit_command(mut config: Config, command: AuditCommand) -> Result<Exit
             if let Some(target) = &against {
                 let code = verify_against_cli(&gateway.state.config, &audit, target).await?;
                 if code != ExitCode::SUCCESS || trusted_checkpoint.is_none() {
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(5),
-                        gateway.state.db.close(),
-                    )
-                    .await;
+                    let _ = tokio::time::timeout(Duration::from_secs(5), gateway.state.db.close())
+                        .await;
                     return Ok(code);
                 }
             }
@@ -423,7 +420,10 @@ async fn verify_against_cli(
             Ok(ExitCode::SUCCESS)
         }
         Err(AgainstError::Divergence(d)) => {
-            eprintln!("audit log FAILED verification against {}: {d}", sink.describe());
+            eprintln!(
+                "audit log FAILED verification against {}: {d}",
+                sink.describe()
+            );
             Ok(ExitCode::from(3))
         }
         Err(AgainstError::Live(t)) => {

@@ -101,7 +101,10 @@ impl AuditShippingConfig {
     /// `(key, reason)` of the first bad value.
     pub fn check(&self) -> Result<(), (&'static str, String)> {
         if self.poll_millis == 0 {
-            return Err(("audit_shipping.poll_millis", "must be greater than 0".into()));
+            return Err((
+                "audit_shipping.poll_millis",
+                "must be greater than 0".into(),
+            ));
         }
         if self.max_backoff_secs == 0 {
             return Err((
@@ -114,10 +117,13 @@ impl AuditShippingConfig {
         }
         let s3 = &self.s3;
         let Some(endpoint) = &s3.endpoint else {
-            return Err(("audit_shipping.s3.endpoint", "required for the s3 sink".into()));
+            return Err((
+                "audit_shipping.s3.endpoint",
+                "required for the s3 sink".into(),
+            ));
         };
-        let url = url::Url::parse(endpoint)
-            .map_err(|e| ("audit_shipping.s3.endpoint", e.to_string()))?;
+        let url =
+            url::Url::parse(endpoint).map_err(|e| ("audit_shipping.s3.endpoint", e.to_string()))?;
         let loopback = match url.host() {
             Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
             Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
@@ -135,7 +141,10 @@ impl AuditShippingConfig {
             }
         }
         if s3.bucket.as_deref().is_none_or(str::is_empty) {
-            return Err(("audit_shipping.s3.bucket", "required for the s3 sink".into()));
+            return Err((
+                "audit_shipping.s3.bucket",
+                "required for the s3 sink".into(),
+            ));
         }
         if s3.region.is_empty() {
             return Err(("audit_shipping.s3.region", "must not be empty".into()));

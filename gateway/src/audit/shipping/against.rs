@@ -8,9 +8,7 @@ use std::collections::BTreeMap;
 use futures::TryStreamExt;
 use sqlx::Row;
 
-use super::{
-    decode_leaves, key_number, AuditSink, CHECKPOINTS_PREFIX, LEAVES_PREFIX,
-};
+use super::{decode_leaves, key_number, AuditSink, CHECKPOINTS_PREFIX, LEAVES_PREFIX};
 use crate::audit::checkpoint::{Checkpoint, NoteVerifier};
 use crate::audit::merkle::{self, CompactRange, Hash};
 use crate::audit::verify::{self, Tamper, VerifyError};
@@ -172,12 +170,11 @@ pub fn compare(
     let mut appended = 0usize;
     for (size, note) in &shipped.checkpoints {
         let key = super::checkpoint_key(*size);
-        let cp = signed_checkpoint(note, verifier, origin).map_err(|reason| {
-            Divergence::Corrupt {
+        let cp =
+            signed_checkpoint(note, verifier, origin).map_err(|reason| Divergence::Corrupt {
                 key: key.clone(),
                 reason,
-            }
-        })?;
+            })?;
         if cp.size != *size {
             return Err(Divergence::Corrupt {
                 key,
@@ -255,7 +252,10 @@ fn signed_checkpoint(
     let body = verifier.verify(note).map_err(|e| e.to_string())?;
     let cp = Checkpoint::parse_body(&body).map_err(|e| e.to_string())?;
     if cp.origin != origin {
-        return Err(format!("origin {:?} is not this log's {origin:?}", cp.origin));
+        return Err(format!(
+            "origin {:?} is not this log's {origin:?}",
+            cp.origin
+        ));
     }
     Ok(cp)
 }
@@ -285,16 +285,24 @@ pub async fn load_live(db: &Database) -> Result<LiveLog, AgainstError> {
         live.checkpoints
             .push((row.try_get::<i64, _>(0)?.max(0) as u64, row.try_get(1)?));
     }
-    if let Some(row) = sqlx::query(
+    (live.shipped_leaves, live.shipped_checkpoint_size) = load_live_cursor(db).await?;
+    Ok(live)
+}
+
+/// What the gateway recorded as shipped: (leaves, checkpoint size).
+async fn load_live_cursor(db: &Database) -> Result<(u64, u64), AgainstError> {
+    let row = sqlx::query(
         "SELECT shipped_leaves, shipped_checkpoint_size FROM audit_shipping WHERE id = 1",
     )
     .fetch_optional(db.read_pool())
-    .await?
-    {
-        live.shipped_leaves = row.try_get::<i64, _>(0)?.max(0) as u64;
-        live.shipped_checkpoint_size = row.try_get::<i64, _>(1)?.max(0) as u64;
-    }
-    Ok(live)
+    .await?;
+    Ok(match row {
+        Some(row) => (
+            row.try_get::<i64, _>(0)?.max(0) as u64,
+            row.try_get::<i64, _>(1)?.max(0) as u64,
+        ),
+        None => (0, 0),
+    })
 }
 
 /// Verifies the live log against the shipped copy in `sink`, then the live log on its own
@@ -305,8 +313,12 @@ pub async fn verify_against(
     origin: &str,
     sink: &dyn AuditSink,
 ) -> Result<AgainstReport, AgainstError> {
+    // The cursor first, the copy next, the live leaves last: the shipper may run meanwhile,
+    // and this order only ever finds more than the cursor and the copy promise.
+    let cursor = load_live_cursor(db).await?;
     let shipped = load_shipped(sink).await?;
-    let live = load_live(db).await?;
+    let mut live = load_live(db).await?;
+    (live.shipped_leaves, live.shipped_checkpoint_size) = cursor;
     let report = compare(&shipped, &live, verifier, origin)?;
     let trusted = shipped.checkpoints.last().map(|(_, note)| note.as_str());
     match verify::verify(db, verifier, origin, trusted).await {
@@ -346,7 +358,10 @@ mod tests {
     fn scenario(n: u64, shipped: u64) -> (ShippedCopy, LiveLog) {
         let s = signer();
         let all = leaves(n, "leaf");
-        let cps = vec![note_for(&s, &all[..4]), note_for(&s, &all[..shipped as usize])];
+        let cps = vec![
+            note_for(&s, &all[..4]),
+            note_for(&s, &all[..shipped as usize]),
+        ];
         let copy = ShippedCopy {
             leaves: vec![
                 (0, all[..3].to_vec()),

@@ -185,8 +185,7 @@ pub async fn status(db: &Database) -> Result<ShippingStatus> {
         leaves_behind: tree_size.saturating_sub(shipped_leaves),
         shipped_checkpoint_size: row.try_get::<i64, _>(1)?.max(0) as u64,
         last_success_at,
-        seconds_since_success: last_success_at
-            .map(|at| ((now_millis() - at).max(0) / 1000) as u64),
+        seconds_since_success: last_success_at.map(|at| ((now_millis() - at).max(0) / 1000) as u64),
         failing: row.try_get::<i64, _>(3)? != 0,
         failing_since: row.try_get(4)?,
         last_error: row.try_get(5)?,
@@ -296,7 +295,10 @@ impl Shipper {
             let size = row.try_get::<i64, _>(0)? as u64;
             let note: String = row.try_get(1)?;
             let key = checkpoint_key(size);
-            if self.sink.put_if_absent(&key, note.clone().into_bytes()).await?
+            if self
+                .sink
+                .put_if_absent(&key, note.clone().into_bytes())
+                .await?
                 == PutOutcome::AlreadyExists
             {
                 let existing = self.sink.get(&key).await?;
@@ -412,13 +414,11 @@ impl Shipper {
         .await?
         .rows_affected()
             > 0;
-        sqlx::query(
-            "UPDATE audit_shipping SET last_failure_at = $1, last_error = $2 WHERE id = 1",
-        )
-        .bind(now)
-        .bind(&reason)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query("UPDATE audit_shipping SET last_failure_at = $1, last_error = $2 WHERE id = 1")
+            .bind(now)
+            .bind(&reason)
+            .execute(&mut *tx)
+            .await?;
         if started {
             tracing::error!(sink = %self.sink.describe(), error = %reason, "audit shipping failing");
             let event = AuditEvent::new(EventKind::AuditShipping, Agent::system())
@@ -495,7 +495,10 @@ mod tests {
             key_number(&checkpoint_key(10), CHECKPOINTS_PREFIX, ".note"),
             Some(10)
         );
-        assert_eq!(key_number("leaves/x.ndjson", LEAVES_PREFIX, ".ndjson"), None);
+        assert_eq!(
+            key_number("leaves/x.ndjson", LEAVES_PREFIX, ".ndjson"),
+            None
+        );
         assert_eq!(key_number("leaves/.ndjson", LEAVES_PREFIX, ".ndjson"), None);
     }
 

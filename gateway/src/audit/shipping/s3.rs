@@ -134,11 +134,18 @@ impl S3Sink {
                 .await
                 .map_err(|e| self.fail("list versions", e))?;
             if !status.is_success() {
-                return Err(self.fail("list versions", format!("HTTP {status}: {}", snippet(&body))));
+                return Err(self.fail(
+                    "list versions",
+                    format!("HTTP {status}: {}", snippet(&body)),
+                ));
             }
             let page = parse_versions(&body).map_err(|e| self.fail("list versions", e))?;
             all.extend(page.versions);
-            match (page.truncated, page.next_key_marker, page.next_version_marker) {
+            match (
+                page.truncated,
+                page.next_key_marker,
+                page.next_version_marker,
+            ) {
                 (true, Some(key), Some(version)) => markers = Some((key, version)),
                 _ => return Ok(all),
             }
@@ -316,7 +323,10 @@ impl AuditSink for S3Sink {
         if !status.is_success() {
             return Err(self.fail(
                 &format!("get {key}"),
-                format!("HTTP {status}: {}", snippet(&String::from_utf8_lossy(&body))),
+                format!(
+                    "HTTP {status}: {}",
+                    snippet(&String::from_utf8_lossy(&body))
+                ),
             ));
         }
         Ok(Some(body.to_vec()))
@@ -387,6 +397,8 @@ mod tests {
         assert!(!object_lock_is_compliance(
             "<ObjectLockConfiguration><ObjectLockEnabled>Enabled</ObjectLockEnabled></ObjectLockConfiguration>"
         ));
-        assert!(!object_lock_is_compliance("<Error><Code>NoSuchKey</Code></Error>"));
+        assert!(!object_lock_is_compliance(
+            "<Error><Code>NoSuchKey</Code></Error>"
+        ));
     }
 }
