@@ -297,8 +297,7 @@ impl AuditSink for S3Sink {
             .versions(&full)
             .await?
             .into_iter()
-            .filter(|(k, _)| *k == full)
-            .last();
+            .rfind(|(k, _)| *k == full);
         let Some((_, version)) = first else {
             return Ok(None);
         };
