@@ -158,3 +158,56 @@ impl AuditShippingConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s3(endpoint: &str) -> AuditShippingConfig {
+        AuditShippingConfig {
+            sink: SinkKind::S3,
+            s3: S3SinkConfig {
+                endpoint: Some(endpoint.into()),
+                bucket: Some("audit".into()),
+                ..S3SinkConfig::default()
+            },
+            ..AuditShippingConfig::default()
+        }
+    }
+
+    #[test]
+    fn local_is_the_default_under_the_data_dir() {
+        let config = AuditShippingConfig::default();
+        assert_eq!(config.sink, SinkKind::Local);
+        assert!(config.check().is_ok());
+        assert_eq!(
+            config.directory_in(Path::new("/data")),
+            PathBuf::from("/data/audit-shipped")
+        );
+    }
+
+    #[test]
+    fn s3_needs_https_except_on_loopback_and_a_bucket() {
+        assert!(s3("https://s3.example.jp").check().is_ok());
+        assert!(s3("http://127.0.0.1:9000").check().is_ok());
+        assert!(s3("http://localhost:9000").check().is_ok());
+        let (key, _) = s3("http://s3.example.jp").check().unwrap_err();
+        assert_eq!(key, "audit_shipping.s3.endpoint");
+        let mut no_bucket = s3("https://s3.example.jp");
+        no_bucket.s3.bucket = None;
+        assert_eq!(no_bucket.check().unwrap_err().0, "audit_shipping.s3.bucket");
+        let mut no_endpoint = s3("https://s3.example.jp");
+        no_endpoint.s3.endpoint = None;
+        assert_eq!(
+            no_endpoint.check().unwrap_err().0,
+            "audit_shipping.s3.endpoint"
+        );
+    }
+
+    #[test]
+    fn the_secret_never_shows_in_debug_output() {
+        let mut config = s3("https://s3.example.jp");
+        config.s3.secret_access_key = Some(Secret("very-secret".into()));
+        assert!(!format!("{config:?}").contains("very-secret"));
+    }
+}
