@@ -274,7 +274,8 @@ impl Gateway {
                 sink,
                 Duration::from_millis(settings.poll_millis),
                 Duration::from_secs(settings.max_backoff_secs),
-            );
+            )
+            .woken_by(self.state.audit.sequenced_notifier());
             let (stop, stopped) = watch::channel(false);
             let task = tokio::spawn(shipper.clone().run(stopped));
             (Some(shipper), Some((stop, task)))

@@ -24,12 +24,13 @@ use phr_gateway::{Gateway, RunningGateway};
 use sqlx::Row;
 
 use crate::both_engines;
-use crate::helpers::{client_trusting, Engine, TestEnv};
+use crate::helpers::{client_trusting, spawn_app_with, Engine, TestApp, TestEnv};
 
 both_engines!(
     ships_to_a_local_directory_and_catches_a_rewrite,
     a_sink_that_stores_nothing_is_caught,
     sink_down_buffers_alerts_and_backfills,
+    metrics_show_the_lag_of_a_blocked_directory_until_it_clears,
     s3_object_lock_keeps_the_copy_from_the_gateways_own_credentials,
 );
 
@@ -314,6 +315,82 @@ async fn sink_down_buffers_alerts_and_backfills(engine: Engine) {
     let report = against(&gateway, &*flaky).await.expect("verify --against");
     assert_eq!(report.shipped_leaves, tree_size(&gateway).await);
     gateway.stop().await;
+}
+
+/// The value of a metric in Prometheus text.
+fn metric(text: &str, name: &str) -> i64 {
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no metric {name} in {text}"))
+}
+
+async fn metrics_text(app: &TestApp, token: &str) -> String {
+    let response = app
+        .client
+        .get(app.url("/metrics"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("metrics");
+    assert_eq!(response.status(), 200);
+    response.text().await.expect("text")
+}
+
+async fn metrics_show_the_lag_of_a_blocked_directory_until_it_clears(engine: Engine) {
+    let env = TestEnv::new(engine).await;
+    // The configured directory cannot be created while a file stands in its way.
+    let blocker = env.data_dir().join("blocked");
+    std::fs::write(&blocker, b"in the way").expect("blocker");
+    let app = spawn_app_with(env, |config| {
+        config.audit_shipping.poll_millis = 50;
+        config.audit_shipping.max_backoff_secs = 1;
+        config.audit_shipping.directory = Some(blocker.join("shipped"));
+    })
+    .await;
+    let operator = app
+        .sign_in(phr_gateway::audit::AccountRole::Operator, "op", None)
+        .await;
+    let gateway = app.gateway();
+    gateway.state.audit.sequence(true).await.expect("sequence");
+    let db = gateway.state.db.clone();
+    wait_for("the outage", async || {
+        status(&db)
+            .await
+            .is_ok_and(|s| s.failing && s.leaves_behind > 0)
+    })
+    .await;
+    let text = metrics_text(&app, &operator).await;
+    assert_eq!(
+        metric(&text, "phr_gateway_audit_shipping_failing"),
+        1,
+        "{text}"
+    );
+    assert!(
+        metric(&text, "phr_gateway_audit_shipping_leaves_behind") > 0,
+        "{text}"
+    );
+
+    std::fs::remove_file(&blocker).expect("unblock");
+    wait_for("the backfill", async || {
+        status(&db)
+            .await
+            .is_ok_and(|s| !s.failing && s.leaves_behind == 0)
+    })
+    .await;
+    let text = metrics_text(&app, &operator).await;
+    assert_eq!(
+        metric(&text, "phr_gateway_audit_shipping_failing"),
+        0,
+        "{text}"
+    );
+    assert!(metric(&text, "phr_gateway_audit_shipping_seconds_since_success") >= 0);
+    app.stop().await;
 }
 
 /// The local S3-compatible server, stopped when dropped.

@@ -229,6 +229,12 @@ impl Shipper {
         &self.sink
     }
 
+    /// Ships when `wake` is notified too (the sequencer's), besides polling.
+    pub fn woken_by(mut self, wake: Arc<Notify>) -> Self {
+        self.wake = wake;
+        self
+    }
+
     /// Nudges the shipper to look now (it also polls).
     pub fn notify(&self) {
         self.wake.notify_one();
