@@ -445,6 +445,11 @@ impl Shipper {
         if let Err(e) = self.sink.refresh().await {
             tracing::warn!(error = %e, "cannot read the audit sink's settings");
         }
+        tracing::info!(
+            sink = %self.sink.describe(),
+            write_once = self.sink.is_write_once(),
+            "audit shipping started"
+        );
         let mut failures = 0u32;
         loop {
             let wait = match self.ship_once().await {

@@ -106,6 +106,19 @@ impl S3Sink {
         Error::Audit(format!("audit sink {}: {what}: {e}", self.describe()))
     }
 
+    /// Without the URL: a presigned URL is a short-lived credential and stays out of logs.
+    fn http_fail(&self, what: &str, e: reqwest::Error) -> Error {
+        let e = e.without_url();
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            text.push_str(": ");
+            text.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        self.fail(what, text)
+    }
+
     /// Every version of every key under `prefix` (full keys), newest first within a key as
     /// S3 lists them; delete markers are left out.
     async fn versions(&self, prefix: &str) -> Result<Vec<(String, String)>> {
@@ -127,12 +140,12 @@ impl S3Sink {
                 .get(url)
                 .send()
                 .await
-                .map_err(|e| self.fail("list versions", e))?;
+                .map_err(|e| self.http_fail("list versions", e))?;
             let status = response.status();
             let body = response
                 .text()
                 .await
-                .map_err(|e| self.fail("list versions", e))?;
+                .map_err(|e| self.http_fail("list versions", e))?;
             if !status.is_success() {
                 return Err(self.fail(
                     "list versions",
@@ -162,12 +175,12 @@ impl S3Sink {
             .get(action.sign(SIGNED_FOR))
             .send()
             .await
-            .map_err(|e| self.fail("object lock configuration", e))?;
+            .map_err(|e| self.http_fail("object lock configuration", e))?;
         let ok = response.status().is_success();
         let body = response
             .text()
             .await
-            .map_err(|e| self.fail("object lock configuration", e))?;
+            .map_err(|e| self.http_fail("object lock configuration", e))?;
         let write_once = ok && object_lock_is_compliance(&body);
         self.write_once.store(write_once, Ordering::Relaxed);
         Ok(write_once)
@@ -275,7 +288,7 @@ impl AuditSink for S3Sink {
             .body(bytes)
             .send()
             .await
-            .map_err(|e| self.fail(&format!("put {key}"), e))?;
+            .map_err(|e| self.http_fail(&format!("put {key}"), e))?;
         let status = response.status();
         if status.is_success() {
             return Ok(PutOutcome::Created);
@@ -310,7 +323,7 @@ impl AuditSink for S3Sink {
             .get(action.sign(SIGNED_FOR))
             .send()
             .await
-            .map_err(|e| self.fail(&format!("get {key}"), e))?;
+            .map_err(|e| self.http_fail(&format!("get {key}"), e))?;
         let status = response.status();
         if status == reqwest::StatusCode::NOT_FOUND {
             return Ok(None);
@@ -318,7 +331,7 @@ impl AuditSink for S3Sink {
         let body = response
             .bytes()
             .await
-            .map_err(|e| self.fail(&format!("get {key}"), e))?;
+            .map_err(|e| self.http_fail(&format!("get {key}"), e))?;
         if !status.is_success() {
             return Err(self.fail(
                 &format!("get {key}"),
