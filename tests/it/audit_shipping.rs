@@ -16,7 +16,9 @@ use phr_gateway::audit::merkle;
 use phr_gateway::audit::shipping::against::{
     verify_against, AgainstError, AgainstReport, Divergence,
 };
-use phr_gateway::audit::shipping::{status, AuditSink, LocalSink, PutOutcome, S3Sink};
+use phr_gateway::audit::shipping::{
+    leaf_key, status, AuditSink, LocalSink, PutOutcome, S3Sink, Shipper,
+};
 use phr_gateway::audit::{Agent, AuditEvent, EventKind};
 use phr_gateway::config::{Config, Secret, SinkKind};
 use phr_gateway::error::{Error, Result};
@@ -31,6 +33,7 @@ both_engines!(
     a_sink_that_stores_nothing_is_caught,
     sink_down_buffers_alerts_and_backfills,
     metrics_show_the_lag_of_a_blocked_directory_until_it_clears,
+    reshipping_after_a_crash_is_idempotent_and_a_foreign_object_is_refused,
     s3_object_lock_keeps_the_copy_from_the_gateways_own_credentials,
 );
 
@@ -391,6 +394,63 @@ async fn metrics_show_the_lag_of_a_blocked_directory_until_it_clears(engine: Eng
     );
     assert!(metric(&text, "phr_gateway_audit_shipping_seconds_since_success") >= 0);
     app.stop().await;
+}
+
+async fn reshipping_after_a_crash_is_idempotent_and_a_foreign_object_is_refused(engine: Engine) {
+    let env = TestEnv::new(engine).await;
+    let mut config = config(&env);
+    // This test drives its own shipper, step by step.
+    config.audit_shipping.enabled = false;
+    let dir = config.audit_shipping.directory_in(&config.data_dir);
+    let gateway = start(config, None).await;
+    assert!(gateway.shipper.is_none());
+    let sink = Arc::new(LocalSink::new(&dir));
+    let shipper = Shipper::new(
+        gateway.state.db.clone(),
+        sink.clone(),
+        Duration::from_millis(50),
+        Duration::from_secs(1),
+    );
+    record_reads(&gateway, 12).await;
+    gateway.state.audit.sequence(true).await.expect("sequence");
+    shipper.ship_once().await.expect("ship");
+
+    // A crash after the objects were written but before the cursor moved: the next pass
+    // finds them in place, checks they hold the live leaves, and moves on.
+    sqlx::query("UPDATE audit_shipping SET shipped_leaves = 0, shipped_checkpoint_size = 0")
+        .execute(gateway.state.db.write_pool())
+        .await
+        .expect("rewind");
+    record_reads(&gateway, 5).await;
+    gateway.state.audit.sequence(true).await.expect("sequence");
+    shipper.ship_once().await.expect("ship again");
+    let after = shipper.status().await.expect("status");
+    assert_eq!(after.leaves_behind, 0, "{after:?}");
+    assert!(!after.failing);
+    against(&gateway, &*sink).await.expect("verify --against");
+
+    // Someone else's object where the next batch goes: never replaced, and flagged.
+    record_reads(&gateway, 3).await;
+    gateway.state.audit.sequence(true).await.expect("sequence");
+    let foreign =
+        phr_gateway::audit::shipping::encode_leaves(after.shipped_leaves, &[b"not ours".to_vec()]);
+    sink.put_if_absent(&leaf_key(after.shipped_leaves), foreign.clone())
+        .await
+        .expect("plant");
+    let error = shipper.ship_once().await.expect_err("must not accept it");
+    assert!(
+        error.to_string().contains("differs from the live log"),
+        "{error}"
+    );
+    let failing = shipper.status().await.expect("status");
+    assert!(failing.failing && failing.leaves_behind > 0, "{failing:?}");
+    assert_eq!(
+        sink.get(&leaf_key(after.shipped_leaves))
+            .await
+            .expect("get"),
+        Some(foreign)
+    );
+    gateway.stop().await;
 }
 
 /// The local S3-compatible server, stopped when dropped.
