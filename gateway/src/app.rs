@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::audit::shipping::{sink_from_config, AuditSink, Shipper};
 use crate::audit::{self, Agent, AuditEvent, AuditLog, EventKind};
 use crate::config::Config;
 use crate::consents::Consents;
@@ -31,6 +32,8 @@ use phr_adapters::fhir_r4::BackendKey;
 pub struct Gateway {
     pub state: AppState,
     tls: Option<Arc<rustls::ServerConfig>>,
+    /// Replaces the configured audit sink (tests inject failing or lossy sinks).
+    audit_sink: Option<Arc<dyn AuditSink>>,
 }
 
 /// A gateway serving on `addr`.
@@ -42,6 +45,10 @@ pub struct RunningGateway {
     sequencer: JoinHandle<()>,
     housekeeping: JoinHandle<()>,
     workers: Vec<JoinHandle<()>>,
+    /// Copies the audit log to its sink; `None` when shipping is disabled.
+    pub shipper: Option<Shipper>,
+    /// Stops the shipper after the sequencer's last pass.
+    shipping: Option<(watch::Sender<bool>, JoinHandle<()>)>,
 }
 
 impl Gateway {
@@ -193,7 +200,17 @@ impl Gateway {
             public_url,
             supply_chain: Arc::new(supply_chain),
         };
-        Ok(Gateway { state, tls })
+        Ok(Gateway {
+            state,
+            tls,
+            audit_sink: None,
+        })
+    }
+
+    /// Ships the audit log to `sink` instead of the configured one.
+    pub fn with_audit_sink(mut self, sink: Arc<dyn AuditSink>) -> Self {
+        self.audit_sink = Some(sink);
+        self
     }
 
     /// Binds the configured address (port 0 picks one) and serves until `stop`.
@@ -252,6 +269,25 @@ impl Gateway {
                 self.state.notifications.clone().run(shutdown.subscribe()),
             ));
         }
+        let (shipper, shipping) = if self.state.config.audit_shipping.enabled {
+            let sink = match self.audit_sink.clone() {
+                Some(sink) => sink,
+                None => sink_from_config(&self.state.config)?,
+            };
+            let settings = &self.state.config.audit_shipping;
+            let shipper = Shipper::new(
+                self.state.db.clone(),
+                sink,
+                Duration::from_millis(settings.poll_millis),
+                Duration::from_secs(settings.max_backoff_secs),
+            )
+            .woken_by(self.state.audit.sequenced_notifier());
+            let (stop, stopped) = watch::channel(false);
+            let task = tokio::spawn(shipper.clone().run(stopped));
+            (Some(shipper), Some((stop, task)))
+        } else {
+            (None, None)
+        };
         let router = http::router(self.state.clone());
         let server = tokio::spawn(tls::serve(listener, self.tls.clone(), router, async move {
             let _ = on_shutdown.changed().await;
@@ -265,6 +301,8 @@ impl Gateway {
             sequencer,
             housekeeping,
             workers,
+            shipper,
+            shipping,
         })
     }
 }
@@ -278,6 +316,10 @@ impl RunningGateway {
             let _ = worker.await;
         }
         let _ = self.sequencer.await;
+        if let Some((stop, task)) = self.shipping {
+            let _ = stop.send(true);
+            let _ = task.await;
+        }
         let _ = self.housekeeping.await;
         self.state.keys.close().await;
         self.state.db.close().await;

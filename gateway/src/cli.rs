@@ -121,6 +121,10 @@ enum AuditCommand {
         /// A checkpoint saved or shipped earlier: prove the log is an append-only extension.
         #[arg(long)]
         trusted_checkpoint: Option<PathBuf>,
+        /// A shipped copy (a directory, or s3://bucket/prefix with the configured endpoint
+        /// and credentials): check it, and that the live log extends it.
+        #[arg(long)]
+        against: Option<String>,
     },
     /// Sequence pending leaves, sign a checkpoint, and print it (save it off-site).
     Checkpoint,
@@ -324,9 +328,20 @@ async fn audit_command(mut config: Config, command: AuditCommand) -> Result<Exit
                 None => Err(Error::Audit("the log is empty".into())),
             }
         }
-        AuditCommand::Verify { trusted_checkpoint } => {
+        AuditCommand::Verify {
+            trusted_checkpoint,
+            against,
+        } => {
             // Start-up itself appended leaves; number them so verify sees the whole log.
             audit.sequence(true).await?;
+            if let Some(target) = &against {
+                let code = verify_against_cli(&gateway.state.config, &audit, target).await?;
+                if code != ExitCode::SUCCESS || trusted_checkpoint.is_none() {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), gateway.state.db.close())
+                        .await;
+                    return Ok(code);
+                }
+            }
             let trusted = match &trusted_checkpoint {
                 Some(path) => Some(std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?),
                 None => None,
@@ -378,6 +393,59 @@ async fn audit_command(mut config: Config, command: AuditCommand) -> Result<Exit
     let _ = audit.sequence(false).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), gateway.state.db.close()).await;
     result
+}
+
+/// `audit verify --against`: exit 3 when the live log and the shipped copy disagree.
+async fn verify_against_cli(
+    config: &Config,
+    audit: &crate::audit::AuditLog,
+    target: &str,
+) -> Result<ExitCode> {
+    use crate::audit::shipping::against::{verify_against, AgainstError};
+    use crate::audit::shipping::{AuditSink, LocalSink, S3Sink};
+    let sink: Box<dyn AuditSink> = match target.strip_prefix("s3://") {
+        Some(rest) => {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            let mut s3 = config.audit_shipping.s3.clone();
+            s3.bucket = Some(bucket.to_string());
+            Box::new(S3Sink::from_config(&s3)?.with_prefix(prefix))
+        }
+        None => {
+            let dir = PathBuf::from(target);
+            if !dir.is_dir() {
+                return Err(Error::config(
+                    "--against",
+                    format!("{target} is not a directory"),
+                ));
+            }
+            Box::new(LocalSink::new(dir))
+        }
+    };
+    match verify_against(audit.database(), &audit.verifier(), audit.origin(), &*sink).await {
+        Ok(report) => {
+            println!(
+                "audit log OK against {}: {} shipped leaves and {} shipped checkpoints verified (latest at size {}); the live log ({} leaves) extends them",
+                sink.describe(),
+                report.shipped_leaves,
+                report.shipped_checkpoints,
+                report.latest_shipped_checkpoint.unwrap_or(0),
+                report.live_tree_size,
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(AgainstError::Divergence(d)) => {
+            eprintln!(
+                "audit log FAILED verification against {}: {d}",
+                sink.describe()
+            );
+            Ok(ExitCode::from(3))
+        }
+        Err(AgainstError::Live(t)) => {
+            eprintln!("audit log FAILED verification: {t}");
+            Ok(ExitCode::from(3))
+        }
+        Err(AgainstError::Store(e)) => Err(e),
+    }
 }
 
 fn parse_time(text: &str) -> Result<i64> {

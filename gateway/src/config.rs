@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::tls::TlsConfig;
 
+mod audit_shipping;
 mod consent;
+pub use audit_shipping::{AuditShippingConfig, S3SinkConfig, Secret, SinkKind};
 pub use consent::{ConsentConfig, ControllerConfig, PurposeConfig};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -54,6 +56,8 @@ pub struct Config {
     pub export: ExportConfig,
     /// Emergency operator access.
     pub break_glass: BreakGlassConfig,
+    /// Copies of the audit log on write-once storage.
+    pub audit_shipping: AuditShippingConfig,
 }
 
 impl Default for Config {
@@ -80,6 +84,7 @@ impl Default for Config {
             notifications: NotificationsConfig::default(),
             export: ExportConfig::default(),
             break_glass: BreakGlassConfig::default(),
+            audit_shipping: AuditShippingConfig::default(),
         }
     }
 }
@@ -442,6 +447,9 @@ impl Config {
     /// Checks every value that serde's types cannot express; names the key at fault.
     pub fn validate(&self) -> Result<()> {
         self.consent
+            .check()
+            .map_err(|(key, reason)| Error::config(key, reason))?;
+        self.audit_shipping
             .check()
             .map_err(|(key, reason)| Error::config(key, reason))?;
         if self.insecure_http && !is_loopback(self.listen.ip()) {

@@ -7,6 +7,7 @@ mod helpers;
 
 mod access_log;
 mod audit;
+mod audit_shipping;
 mod break_glass;
 mod config;
 mod consent_flow;

@@ -26,6 +26,8 @@ pub enum EventKind {
     Logout,
     /// A security setting was weakened or the configuration changed.
     SecurityConfiguration,
+    /// Copying the audit log to its write-once sink started failing, or recovered.
+    AuditShipping,
     DataKeyCreated,
     DataKeyDestroyed,
     Create,
@@ -87,6 +89,7 @@ impl EventKind {
             EventKind::ApplicationStart => coding(DCM, "110100", "Application Activity"),
             EventKind::Login | EventKind::Logout => coding(DCM, "110114", "User Authentication"),
             EventKind::SecurityConfiguration
+            | EventKind::AuditShipping
             | EventKind::DataKeyCreated
             | EventKind::DataKeyDestroyed => coding(DCM, "110113", "Security Alert"),
             EventKind::Export => coding(DCM, "110106", "Export"),
@@ -136,6 +139,9 @@ impl EventKind {
             EventKind::Login => coding(DCM, "110122", "Login"),
             EventKind::Logout => coding(DCM, "110123", "Logout"),
             EventKind::SecurityConfiguration => coding(DCM, "110129", "Security Configuration"),
+            EventKind::AuditShipping => {
+                coding(GATEWAY_EVENTS, "audit-shipping", "Audit log shipping")
+            }
             EventKind::DataKeyCreated => {
                 coding(GATEWAY_EVENTS, "data-key-created", "Data key created")
             }
@@ -241,7 +247,8 @@ impl EventKind {
             EventKind::ApplicationStart
             | EventKind::Login
             | EventKind::Logout
-            | EventKind::SecurityConfiguration => "E",
+            | EventKind::SecurityConfiguration
+            | EventKind::AuditShipping => "E",
             EventKind::ClientRegistered
             | EventKind::AuthorizationRequested
             | EventKind::AuthorizationCodeIssued

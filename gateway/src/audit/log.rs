@@ -70,6 +70,8 @@ pub struct AuditLog {
     every_leaves: u64,
     interval: Duration,
     wake: Arc<Notify>,
+    /// Told after a pass that sequenced leaves (the audit shipper listens).
+    sequenced: Arc<Notify>,
     group: Arc<GroupCommit>,
 }
 
@@ -118,6 +120,7 @@ impl AuditLog {
             every_leaves,
             interval,
             wake: Arc::new(Notify::new()),
+            sequenced: Arc::new(Notify::new()),
             group: Arc::default(),
         })
     }
@@ -183,6 +186,11 @@ impl AuditLog {
         record_all(&mut tx, events).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Notified after each sequencer pass that numbered new leaves.
+    pub fn sequenced_notifier(&self) -> Arc<Notify> {
+        self.sequenced.clone()
     }
 
     /// Nudges the background sequencer after a commit.
@@ -352,8 +360,10 @@ impl AuditLog {
             }
             // Let a burst of commits gather into one pass.
             tokio::time::sleep(Duration::from_millis(20)).await;
-            if let Err(e) = self.sequence(false).await {
-                tracing::error!(error = %e, "audit sequencer pass failed");
+            match self.sequence(false).await {
+                Ok(outcome) if outcome.sequenced > 0 => self.sequenced.notify_one(),
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "audit sequencer pass failed"),
             }
         }
     }

@@ -25,6 +25,9 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     audit_tree_size: Gauge,
     audit_unsequenced: Gauge,
+    audit_shipping_behind: Gauge,
+    audit_shipping_since_success: Gauge,
+    audit_shipping_failing: Gauge,
 }
 
 impl Default for Metrics {
@@ -48,8 +51,29 @@ impl Default for Metrics {
             "Audit leaves waiting for the sequencer",
             audit_unsequenced.clone(),
         );
+        let audit_shipping_behind = Gauge::default();
+        registry.register(
+            "audit_shipping_leaves_behind",
+            "Sequenced audit leaves not yet in the write-once sink",
+            audit_shipping_behind.clone(),
+        );
+        let audit_shipping_since_success = Gauge::default();
+        registry.register(
+            "audit_shipping_seconds_since_success",
+            "Seconds since audit shipping last succeeded (-1: never)",
+            audit_shipping_since_success.clone(),
+        );
+        let audit_shipping_failing = Gauge::default();
+        registry.register(
+            "audit_shipping_failing",
+            "1 while audit shipping fails",
+            audit_shipping_failing.clone(),
+        );
         Metrics {
             registry,
+            audit_shipping_behind,
+            audit_shipping_since_success,
+            audit_shipping_failing,
             requests,
             audit_tree_size,
             audit_unsequenced,
@@ -89,6 +113,19 @@ pub async fn metrics(
     let unsequenced: i64 = row.try_get(1).map_err(crate::error::Error::from)?;
     state.metrics.audit_tree_size.set(sequenced);
     state.metrics.audit_unsequenced.set(unsequenced);
+    let shipping = crate::audit::shipping::status(&state.db).await?;
+    let metrics = &state.metrics;
+    metrics
+        .audit_shipping_behind
+        .set(shipping.leaves_behind as i64);
+    metrics.audit_shipping_since_success.set(
+        shipping
+            .seconds_since_success
+            .map_or(-1, |s| s.min(i64::MAX as u64) as i64),
+    );
+    metrics
+        .audit_shipping_failing
+        .set(i64::from(shipping.failing));
     let mut text = String::new();
     encode(&mut text, &state.metrics.registry)
         .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "metrics encoding failed"))?;
