@@ -84,12 +84,9 @@ fn time_of(year: i32, rest: &str) -> Option<i64> {
         return None;
     }
     let part = |range: std::ops::Range<usize>| rest.get(range)?.parse::<u8>().ok();
-    let date = time::Date::from_calendar_date(
-        year,
-        time::Month::try_from(part(0..2)?).ok()?,
-        part(2..4)?,
-    )
-    .ok()?;
+    let date =
+        time::Date::from_calendar_date(year, time::Month::try_from(part(0..2)?).ok()?, part(2..4)?)
+            .ok()?;
     let at = date
         .with_hms(part(4..6)?, part(6..8)?, part(8..10)?)
         .ok()?
@@ -127,7 +124,10 @@ mod tests {
     #[test]
     fn reads_not_after_in_both_time_forms() {
         // Before 2050 X.509 uses UTCTime, from 2050 GeneralizedTime.
-        for (year, expected) in [(2027, "2027-03-04T00:00:00Z"), (2051, "2051-03-04T00:00:00Z")] {
+        for (year, expected) in [
+            (2027, "2027-03-04T00:00:00Z"),
+            (2051, "2051-03-04T00:00:00Z"),
+        ] {
             let millis = not_after_of_der(&certificate_until(year)).unwrap();
             assert_eq!(crate::store::millis_to_rfc3339(millis), expected);
         }
@@ -135,7 +135,12 @@ mod tests {
 
     #[test]
     fn refuses_what_is_not_a_certificate() {
-        for bad in [&b""[..], b"\x30", b"\x30\x84\xff\xff\xff\xff", b"\x02\x01\x00"] {
+        for bad in [
+            &b""[..],
+            b"\x30",
+            b"\x30\x84\xff\xff\xff\xff",
+            b"\x02\x01\x00",
+        ] {
             assert_eq!(not_after_of_der(bad), None, "{bad:?}");
         }
         let mut truncated = certificate_until(2027);

@@ -254,9 +254,7 @@ impl AlertEngine {
             .await?;
             for row in rows {
                 let body: Vec<u8> = row.try_get(0)?;
-                window
-                    .events
-                    .extend(parse_leaf(&body).filter(relevant));
+                window.events.extend(parse_leaf(&body).filter(relevant));
             }
             window.seeded = true;
         }
@@ -276,13 +274,10 @@ impl AlertEngine {
                 let index: i64 = row.try_get(0)?;
                 let body: Vec<u8> = row.try_get(1)?;
                 cursor = index + 1;
-                window
-                    .events
-                    .extend(parse_leaf(&body).filter(relevant));
+                window.events.extend(parse_leaf(&body).filter(relevant));
             }
             let raised = rules::evaluate(&window.events, &facts, &self.inner.thresholds);
-            pass.raised
-                .extend(self.store(&raised, cursor, now).await?);
+            pass.raised.extend(self.store(&raised, cursor, now).await?);
             if let Some(newest) = window.events.iter().map(|e| e.recorded_millis).max() {
                 window.events.retain(|e| e.recorded_millis >= newest - span);
             }
@@ -375,13 +370,12 @@ impl AlertEngine {
                 .await?;
                 continue;
             }
-            let event = AuditEvent::new(EventKind::AlertRaised, Agent::system())
-                .detail(format!(
-                    "{} alert {id} ({}): {}",
-                    alert.rule.code(),
-                    alert.severity.code(),
-                    alert.summary
-                ));
+            let event = AuditEvent::new(EventKind::AlertRaised, Agent::system()).detail(format!(
+                "{} alert {id} ({}): {}",
+                alert.rule.code(),
+                alert.severity.code(),
+                alert.summary
+            ));
             audit::record(&mut tx, &event).await?;
             for url in &self.inner.settings.webhook_urls {
                 sqlx::query(

@@ -53,9 +53,7 @@ fn alert_of(row: &sqlx::any::AnyRow) -> Result<Alert> {
         last_seen: millis_to_rfc3339(row.try_get(5)?),
         raised_at: millis_to_rfc3339(row.try_get(6)?),
         acknowledged_by: row.try_get(7)?,
-        acknowledged_at: row
-            .try_get::<Option<i64>, _>(8)?
-            .map(millis_to_rfc3339),
+        acknowledged_at: row.try_get::<Option<i64>, _>(8)?.map(millis_to_rfc3339),
     })
 }
 
@@ -108,10 +106,8 @@ pub async fn acknowledge(
     .bind(alert_id)
     .execute(&mut *tx)
     .await?;
-    let event = AuditEvent::new(EventKind::AlertAcknowledged, agent.clone()).detail(format!(
-        "{} alert {alert_id} acknowledged",
-        alert.rule
-    ));
+    let event = AuditEvent::new(EventKind::AlertAcknowledged, agent.clone())
+        .detail(format!("{} alert {alert_id} acknowledged", alert.rule));
     audit::record(&mut tx, &event).await?;
     tx.commit().await?;
     Ok(Alert {

@@ -540,7 +540,9 @@ fn expiring_credentials(facts: &Facts, thresholds: &Thresholds) -> Vec<RaisedAle
             });
         }
     }
-    let max_age = thresholds.signing_key_max_age_days.saturating_mul(DAY_MILLIS);
+    let max_age = thresholds
+        .signing_key_max_age_days
+        .saturating_mul(DAY_MILLIS);
     for key in &facts.signing_keys {
         let due = key.created_millis.saturating_add(max_age);
         if due - now < warning {
@@ -640,7 +642,14 @@ mod tests {
             .map(|i| failed_login(None, NOON_JST + i * 1_000))
             .collect();
         let twenty_one_patients: Vec<ParsedLeaf> = (0..21)
-            .map(|i| read(AccessorKind::Client, "c-1", &format!("p-{i}"), NOON_JST + i * 1000))
+            .map(|i| {
+                read(
+                    AccessorKind::Client,
+                    "c-1",
+                    &format!("p-{i}"),
+                    NOON_JST + i * 1000,
+                )
+            })
             .collect();
         let twenty_patients = twenty_one_patients[..20].to_vec();
         let one_patient_many_times: Vec<ParsedLeaf> = (0..50)
@@ -757,7 +766,11 @@ mod tests {
             .unwrap();
         assert_eq!(account.first_seen_millis, NOON_JST + 9_000);
         assert_eq!(account.last_seen_millis, NOON_JST + 29_000);
-        assert!(account.summary.contains("30 failed sign-ins"), "{}", account.summary);
+        assert!(
+            account.summary.contains("30 failed sign-ins"),
+            "{}",
+            account.summary
+        );
         assert!(!account.summary.contains("p-"), "no patient in a summary");
     }
 
@@ -767,7 +780,14 @@ mod tests {
         let now = NOON_JST;
         let day = DAY_MILLIS;
         let cases: Vec<(&str, Facts, Vec<(Rule, Severity)>)> = vec![
-            ("nothing to report", Facts { now_millis: now, ..Default::default() }, vec![]),
+            (
+                "nothing to report",
+                Facts {
+                    now_millis: now,
+                    ..Default::default()
+                },
+                vec![],
+            ),
             (
                 "a verification failed",
                 Facts {
@@ -784,7 +804,10 @@ mod tests {
                 "shipping is a little behind",
                 Facts {
                     now_millis: now,
-                    shipping_lag: Some(ShippingLag { leaves_behind: 100, seconds_since_success: Some(60) }),
+                    shipping_lag: Some(ShippingLag {
+                        leaves_behind: 100,
+                        seconds_since_success: Some(60),
+                    }),
                     ..Default::default()
                 },
                 vec![],
@@ -793,7 +816,10 @@ mod tests {
                 "shipping has not succeeded for an hour",
                 Facts {
                     now_millis: now,
-                    shipping_lag: Some(ShippingLag { leaves_behind: 100, seconds_since_success: Some(3600) }),
+                    shipping_lag: Some(ShippingLag {
+                        leaves_behind: 100,
+                        seconds_since_success: Some(3600),
+                    }),
                     ..Default::default()
                 },
                 vec![(Rule::ShippingLag, Severity::Warning)],
@@ -802,31 +828,49 @@ mod tests {
                 "shipping is far behind",
                 Facts {
                     now_millis: now,
-                    shipping_lag: Some(ShippingLag { leaves_behind: 20_000, seconds_since_success: None }),
+                    shipping_lag: Some(ShippingLag {
+                        leaves_behind: 20_000,
+                        seconds_since_success: None,
+                    }),
                     ..Default::default()
                 },
                 vec![(Rule::ShippingLag, Severity::Warning)],
             ),
             (
                 "the certificate expires in 10 days",
-                Facts { now_millis: now, tls_not_after_millis: Some(now + 10 * day), ..Default::default() },
+                Facts {
+                    now_millis: now,
+                    tls_not_after_millis: Some(now + 10 * day),
+                    ..Default::default()
+                },
                 vec![(Rule::ExpiringCredential, Severity::Warning)],
             ),
             (
                 "the certificate expires in 90 days",
-                Facts { now_millis: now, tls_not_after_millis: Some(now + 90 * day), ..Default::default() },
+                Facts {
+                    now_millis: now,
+                    tls_not_after_millis: Some(now + 90 * day),
+                    ..Default::default()
+                },
                 vec![],
             ),
             (
                 "the certificate has expired",
-                Facts { now_millis: now, tls_not_after_millis: Some(now - day), ..Default::default() },
+                Facts {
+                    now_millis: now,
+                    tls_not_after_millis: Some(now - day),
+                    ..Default::default()
+                },
                 vec![(Rule::ExpiringCredential, Severity::Critical)],
             ),
             (
                 "a key 350 days old",
                 Facts {
                     now_millis: now,
-                    signing_keys: vec![SigningKeyAge { name: "audit signing key".into(), created_millis: now - 350 * day }],
+                    signing_keys: vec![SigningKeyAge {
+                        name: "audit signing key".into(),
+                        created_millis: now - 350 * day,
+                    }],
                     ..Default::default()
                 },
                 vec![(Rule::ExpiringCredential, Severity::Warning)],
@@ -835,7 +879,10 @@ mod tests {
                 "a key 10 days old",
                 Facts {
                     now_millis: now,
-                    signing_keys: vec![SigningKeyAge { name: "audit signing key".into(), created_millis: now - 10 * day }],
+                    signing_keys: vec![SigningKeyAge {
+                        name: "audit signing key".into(),
+                        created_millis: now - 10 * day,
+                    }],
                     ..Default::default()
                 },
                 vec![],
@@ -867,10 +914,16 @@ mod tests {
         for bad in ["7:00", "24:00", "07:60", "0700", "", "aa:bb"] {
             assert_eq!(BusinessHours::minute_of(bad), None, "{bad}");
         }
-        let day = BusinessHours { start_minute: 420, end_minute: 1320 };
+        let day = BusinessHours {
+            start_minute: 420,
+            end_minute: 1320,
+        };
         assert!(day.contains(420) && day.contains(1319));
         assert!(!day.contains(1320) && !day.contains(419));
-        let night_shift = BusinessHours { start_minute: 1320, end_minute: 420 };
+        let night_shift = BusinessHours {
+            start_minute: 1320,
+            end_minute: 420,
+        };
         assert!(night_shift.contains(0) && night_shift.contains(1320));
         assert!(!night_shift.contains(720));
         assert_eq!(jst_minute_of_day(NOON_JST), 720);

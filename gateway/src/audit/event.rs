@@ -239,12 +239,16 @@ impl EventKind {
             EventKind::AlertAcknowledged => {
                 coding(GATEWAY_EVENTS, "alert-acknowledged", "Alert acknowledged")
             }
-            EventKind::AuditLogSearched => {
-                coding(GATEWAY_EVENTS, "audit-log-searched", "Audit events searched")
-            }
-            EventKind::AuditLogExported => {
-                coding(GATEWAY_EVENTS, "audit-log-exported", "Audit events exported")
-            }
+            EventKind::AuditLogSearched => coding(
+                GATEWAY_EVENTS,
+                "audit-log-searched",
+                "Audit events searched",
+            ),
+            EventKind::AuditLogExported => coding(
+                GATEWAY_EVENTS,
+                "audit-log-exported",
+                "Audit events exported",
+            ),
         }
     }
 

@@ -96,8 +96,12 @@ impl AlertsConfig {
             }
         }
         for url in &self.webhook_urls {
-            crate::oauth::clients::validate_redirect_uri(url)
-                .map_err(|reason| ("alerts.webhook_urls".to_string(), format!("{url:?}: {reason}")))?;
+            crate::oauth::clients::validate_redirect_uri(url).map_err(|reason| {
+                (
+                    "alerts.webhook_urls".to_string(),
+                    format!("{url:?}: {reason}"),
+                )
+            })?;
         }
         self.thresholds()?;
         Ok(())

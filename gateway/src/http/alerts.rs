@@ -214,8 +214,15 @@ mod tests {
         minutes[59].failed = 2;
         let svg = rate_chart(&minutes).into_string();
         assert_eq!(svg.matches("<rect").count(), 3);
-        assert_eq!(svg.matches("</rect>").count(), 3, "SVG elements closed: {svg}");
-        assert!(svg.contains("height=\"120\""), "the busiest minute is full height");
+        assert_eq!(
+            svg.matches("</rect>").count(),
+            3,
+            "SVG elements closed: {svg}"
+        );
+        assert!(
+            svg.contains("height=\"120\""),
+            "the busiest minute is full height"
+        );
         assert!(svg.contains("12:59: 2 succeeded, 2 failed"), "{svg}");
     }
 }
