@@ -547,12 +547,15 @@ async fn the_alerts_page_shows_the_alert_and_the_event_rate_and_acknowledges() {
 
     let browser = Browser::start().await;
     let c = &browser.client;
-    // A cookie is set for the page's origin: open the origin first.
-    c.goto(&app.url("/portal/style.css")).await.expect("origin");
-    let mut cookie = fantoccini::cookies::Cookie::new("__Host-phr_session", operator.clone());
-    cookie.set_path("/");
-    cookie.set_secure(true);
-    c.add_cookie(cookie).await.expect("cookie");
+    // The operator's session, as the API gave it, becomes the browser's session cookie
+    // (set from the page: WebDriver's cookie command refuses a host-only cookie).
+    c.goto(&app.url("/portal")).await.expect("origin");
+    c.execute(
+        "document.cookie = '__Host-phr_session=' + arguments[0] + '; Path=/; Secure; SameSite=Lax'",
+        vec![json!(operator)],
+    )
+    .await
+    .expect("cookie");
     c.goto(&app.url("/operator/alerts-page"))
         .await
         .expect("page");

@@ -265,20 +265,45 @@ fn crowded_moments(times: &[i64], threshold: usize, window: i64) -> Vec<(i64, us
     moments
 }
 
-/// Groups trigger moments of one subject into occurrence windows: one alert each.
-fn per_occurrence(
-    moments: &[(i64, usize)],
-    occurrence_millis: i64,
-) -> BTreeMap<i64, (i64, i64, usize)> {
-    let mut occurrences: BTreeMap<i64, (i64, i64, usize)> = BTreeMap::new();
+/// What one occurrence window saw of a subject.
+#[derive(Debug, Clone, Copy)]
+struct Occurrence {
+    first: i64,
+    last: i64,
+    /// The most events counted at once (or, for grouped events, how many).
+    count: usize,
+}
+
+impl Occurrence {
+    fn at(t: i64, count: usize) -> Self {
+        Occurrence {
+            first: t,
+            last: t,
+            count,
+        }
+    }
+
+    fn include(&mut self, t: i64) {
+        self.first = self.first.min(t);
+        self.last = self.last.max(t);
+    }
+}
+
+/// The start of the occurrence window holding `t`.
+fn occurrence_start(t: i64, occurrence_millis: i64) -> i64 {
     let occurrence = occurrence_millis.max(1);
+    t.div_euclid(occurrence) * occurrence
+}
+
+/// Groups trigger moments of one subject into occurrence windows: one alert each.
+fn per_occurrence(moments: &[(i64, usize)], occurrence_millis: i64) -> BTreeMap<i64, Occurrence> {
+    let mut occurrences: BTreeMap<i64, Occurrence> = BTreeMap::new();
     for &(t, count) in moments {
-        let entry = occurrences
-            .entry(t.div_euclid(occurrence) * occurrence)
-            .or_insert((t, t, count));
-        entry.0 = entry.0.min(t);
-        entry.1 = entry.1.max(t);
-        entry.2 = entry.2.max(count);
+        let seen = occurrences
+            .entry(occurrence_start(t, occurrence_millis))
+            .or_insert(Occurrence::at(t, count));
+        seen.include(t);
+        seen.count = seen.count.max(count);
     }
     occurrences
 }
@@ -316,15 +341,14 @@ fn failed_logins(events: &[ParsedLeaf], thresholds: &Thresholds) -> Vec<RaisedAl
             )
         };
         let moments = crowded_moments(&times, threshold as usize, FAILED_LOGIN_WINDOW_MILLIS);
-        for (bucket, (first, last, most)) in per_occurrence(&moments, thresholds.occurrence_millis)
-        {
+        for (bucket, seen) in per_occurrence(&moments, thresholds.occurrence_millis) {
             raised.push(RaisedAlert {
                 rule: Rule::FailedLogins,
                 severity: Severity::Warning,
                 dedup_key: format!("{}:{subject}:{bucket}", Rule::FailedLogins.code()),
-                summary: format!("{most} failed sign-ins within a minute {who}"),
-                first_seen_millis: first,
-                last_seen_millis: last,
+                summary: format!("{} failed sign-ins within a minute {who}", seen.count),
+                first_seen_millis: seen.first,
+                last_seen_millis: seen.last,
             });
         }
     }
@@ -341,7 +365,7 @@ fn many_patients_read(events: &[ParsedLeaf], thresholds: &Thresholds) -> Vec<Rai
                 .push((event.recorded_millis, patient));
         }
     }
-    let window = thresholds.patients_read_window_millis;
+    let window = thresholds.patients_read_window_millis.max(1);
     let mut raised = Vec::new();
     for (actor, mut reads) in by_actor {
         reads.sort_unstable();
@@ -364,8 +388,7 @@ fn many_patients_read(events: &[ParsedLeaf], thresholds: &Thresholds) -> Vec<Rai
                 moments.push((t, in_window.len()));
             }
         }
-        for (bucket, (first, last, most)) in per_occurrence(&moments, thresholds.occurrence_millis)
-        {
+        for (bucket, seen) in per_occurrence(&moments, thresholds.occurrence_millis) {
             raised.push(RaisedAlert {
                 rule: Rule::ManyPatientsRead,
                 severity: Severity::Warning,
@@ -375,33 +398,32 @@ fn many_patients_read(events: &[ParsedLeaf], thresholds: &Thresholds) -> Vec<Rai
                     actor.replace(' ', ":")
                 ),
                 summary: format!(
-                    "{actor} read {most} distinct patients within {} minutes (more than {})",
+                    "{actor} read {} distinct patients within {} minutes (more than {})",
+                    seen.count,
                     window / 60_000,
                     thresholds.patients_read_max
                 ),
-                first_seen_millis: first,
-                last_seen_millis: last,
+                first_seen_millis: seen.first,
+                last_seen_millis: seen.last,
             });
         }
     }
     raised
 }
 
-/// Events of one actor per occurrence window: first and last time, how many.
+/// Events of each actor per occurrence window, keyed by (actor, window start).
 fn grouped_by_actor<'a>(
     events: impl Iterator<Item = &'a ParsedLeaf>,
     occurrence_millis: i64,
-) -> BTreeMap<(String, i64), (i64, i64, usize)> {
-    let occurrence = occurrence_millis.max(1);
-    let mut groups: BTreeMap<(String, i64), (i64, i64, usize)> = BTreeMap::new();
+) -> BTreeMap<(String, i64), Occurrence> {
+    let mut groups: BTreeMap<(String, i64), Occurrence> = BTreeMap::new();
     for event in events {
         let t = event.recorded_millis;
-        let entry = groups
-            .entry((actor_label(event), t.div_euclid(occurrence) * occurrence))
-            .or_insert((t, t, 0));
-        entry.0 = entry.0.min(t);
-        entry.1 = entry.1.max(t);
-        entry.2 += 1;
+        let seen = groups
+            .entry((actor_label(event), occurrence_start(t, occurrence_millis)))
+            .or_insert(Occurrence::at(t, 0));
+        seen.include(t);
+        seen.count += 1;
     }
     groups
 }
@@ -413,7 +435,7 @@ fn unusual_hours(events: &[ParsedLeaf], thresholds: &Thresholds) -> Vec<RaisedAl
     });
     grouped_by_actor(outside, thresholds.occurrence_millis)
         .into_iter()
-        .map(|((actor, bucket), (first, last, count))| RaisedAlert {
+        .map(|((actor, bucket), seen)| RaisedAlert {
             rule: Rule::UnusualHours,
             severity: Severity::Warning,
             dedup_key: format!(
@@ -422,13 +444,14 @@ fn unusual_hours(events: &[ParsedLeaf], thresholds: &Thresholds) -> Vec<RaisedAl
                 actor.replace(' ', ":")
             ),
             summary: format!(
-                "{actor} read patient data {count} time(s) from {} (+09:00), outside {}–{}",
-                hh_mm(jst_minute_of_day(first)),
+                "{actor} read patient data {} time(s) from {} (+09:00), outside {}–{}",
+                seen.count,
+                hh_mm(jst_minute_of_day(seen.first)),
                 hh_mm(hours.start_minute),
                 hh_mm(hours.end_minute)
             ),
-            first_seen_millis: first,
-            last_seen_millis: last,
+            first_seen_millis: seen.first,
+            last_seen_millis: seen.last,
         })
         .collect()
 }
@@ -437,7 +460,7 @@ fn break_glass(events: &[ParsedLeaf], thresholds: &Thresholds) -> Vec<RaisedAler
     let emergency = events.iter().filter(|e| e.emergency_override);
     grouped_by_actor(emergency, thresholds.occurrence_millis)
         .into_iter()
-        .map(|((actor, bucket), (first, last, count))| RaisedAlert {
+        .map(|((actor, bucket), seen)| RaisedAlert {
             rule: Rule::BreakGlass,
             severity: Severity::Critical,
             dedup_key: format!(
@@ -445,9 +468,12 @@ fn break_glass(events: &[ParsedLeaf], thresholds: &Thresholds) -> Vec<RaisedAler
                 Rule::BreakGlass.code(),
                 actor.replace(' ', ":")
             ),
-            summary: format!("break-glass (emergency override) used by {actor}: {count} event(s)"),
-            first_seen_millis: first,
-            last_seen_millis: last,
+            summary: format!(
+                "break-glass (emergency override) used by {actor}: {} event(s)",
+                seen.count
+            ),
+            first_seen_millis: seen.first,
+            last_seen_millis: seen.last,
         })
         .collect()
 }
@@ -483,7 +509,6 @@ fn shipping_lag(facts: &Facts, thresholds: &Thresholds) -> Option<RaisedAlert> {
     if !(too_many || too_long) {
         return None;
     }
-    let occurrence = thresholds.occurrence_millis.max(1);
     let since = match lag.seconds_since_success {
         Some(seconds) => format!("last success {seconds} s ago"),
         None => "no success yet".to_string(),
@@ -494,7 +519,7 @@ fn shipping_lag(facts: &Facts, thresholds: &Thresholds) -> Option<RaisedAlert> {
         dedup_key: format!(
             "{}:{}",
             Rule::ShippingLag.code(),
-            facts.now_millis.div_euclid(occurrence) * occurrence
+            occurrence_start(facts.now_millis, thresholds.occurrence_millis)
         ),
         summary: format!(
             "audit shipping lags: {} leaves behind, {since}",
