@@ -338,6 +338,9 @@ async fn found(app: &TestApp, operator: &str, query: &[(&str, &str)]) -> Vec<Val
     body["events"].as_array().expect("events").clone()
 }
 
+/// A search's parameters, and the events it must find (`actor@entity`).
+type SearchCase<'a> = (Vec<(&'a str, &'a str)>, Vec<&'a str>);
+
 async fn audit_search_and_export_find_exactly_what_was_asked(engine: Engine) {
     let app = spawn_app_with(TestEnv::new(engine).await, |c| c.alerts.evaluate = false).await;
     let operator = app.sign_in(AccountRole::Operator, "op", None).await;
@@ -375,7 +378,7 @@ async fn audit_search_and_export_find_exactly_what_was_asked(engine: Engine) {
             })
             .collect()
     };
-    let cases: Vec<(Vec<(&str, &str)>, Vec<&str>)> = vec![
+    let cases: Vec<SearchCase> = vec![
         (
             vec![("patient", "p-a")],
             vec!["app-s@Patient/p-a", "op-x@Patient/p-a"],
