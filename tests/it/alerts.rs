@@ -78,7 +78,8 @@ async fn delivered_alerts(app: &TestApp, receiver: &Receiver, url: &str) -> Vec<
     alerts
 }
 
-/// Sequences what is pending and runs the rules once, as the background loop does.
+/// Sequences what is pending and runs the rules once, as the background loop does (the
+/// harness leaves the loop off; the page test turns it on).
 async fn evaluate(app: &TestApp) -> phr_gateway::alerts::engine::Pass {
     let state = &app.gateway().state;
     state.audit.sequence(false).await.expect("sequence");
@@ -110,7 +111,6 @@ async fn ten_failed_logins_in_a_minute_raise_one_signed_alert(engine: Engine) {
     let (receiver, url) = start_receiver().await;
     let hook = url.clone();
     let app = spawn_app_with(TestEnv::new(engine).await, move |c| {
-        c.alerts.evaluate = false;
         c.alerts.webhook_urls = vec![hook];
     })
     .await;
@@ -241,7 +241,7 @@ async fn record(app: &TestApp, event: AuditEvent) {
 }
 
 async fn a_client_reading_many_patients_raises_an_alert(engine: Engine) {
-    let app = spawn_app_with(TestEnv::new(engine).await, |c| c.alerts.evaluate = false).await;
+    let app = spawn_app(engine).await;
     let operator = app.sign_in(AccountRole::Operator, "op", None).await;
     // The reads a recipient's app makes, as the FHIR API records them: 21 patients by one
     // app, 20 by another (the default allows 20 within ten minutes).
@@ -342,7 +342,7 @@ async fn found(app: &TestApp, operator: &str, query: &[(&str, &str)]) -> Vec<Val
 type SearchCase<'a> = (Vec<(&'a str, &'a str)>, Vec<&'a str>);
 
 async fn audit_search_and_export_find_exactly_what_was_asked(engine: Engine) {
-    let app = spawn_app_with(TestEnv::new(engine).await, |c| c.alerts.evaluate = false).await;
+    let app = spawn_app(engine).await;
     let operator = app.sign_in(AccountRole::Operator, "op", None).await;
     let before = rfc3339_now();
     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -515,6 +515,7 @@ async fn audit_search_and_export_find_exactly_what_was_asked(engine: Engine) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_alerts_page_shows_the_alert_and_the_event_rate_and_acknowledges() {
     let app = spawn_app_with(TestEnv::new(Engine::Sqlite).await, |c| {
+        c.alerts.evaluate = true;
         c.alerts.interval_millis = 200;
     })
     .await;
