@@ -18,7 +18,9 @@ use serde_json::{json, Value};
 
 use crate::both_engines;
 use crate::browser::Browser;
-use crate::helpers::{get_json, jwks, leaves_containing, spawn_app_with, Engine, TestApp, TestEnv};
+use crate::helpers::{
+    get_json, jwks, leaves_containing, spawn_app, spawn_app_with, Engine, TestApp, TestEnv,
+};
 
 both_engines!(
     ten_failed_logins_in_a_minute_raise_one_signed_alert,
@@ -28,15 +30,23 @@ both_engines!(
 
 const ALERT_EVENT: &str = "urn:phr-gateway:event:alert";
 
-/// An operator's alert endpoint: keeps every token that arrives.
+/// An operator's alert endpoint: keeps every token that arrives; fails the first
+/// `failures` requests.
 #[derive(Clone, Default)]
 struct Receiver {
     tokens: Arc<Mutex<Vec<String>>>,
+    failures: Arc<Mutex<u32>>,
 }
 
 async fn receive(State(receiver): State<Receiver>, body: String) -> AxumStatus {
     receiver.tokens.lock().expect("lock").push(body);
-    AxumStatus::ACCEPTED
+    let mut failures = receiver.failures.lock().expect("lock");
+    if *failures > 0 {
+        *failures -= 1;
+        AxumStatus::SERVICE_UNAVAILABLE
+    } else {
+        AxumStatus::ACCEPTED
+    }
 }
 
 async fn start_receiver() -> (Receiver, String) {
@@ -241,7 +251,16 @@ async fn record(app: &TestApp, event: AuditEvent) {
 }
 
 async fn a_client_reading_many_patients_raises_an_alert(engine: Engine) {
-    let app = spawn_app(engine).await;
+    let (receiver, url) = start_receiver().await;
+    let hook = url.clone();
+    let app = spawn_app_with(TestEnv::new(engine).await, move |c| {
+        c.alerts.webhook_urls = vec![hook];
+        // Any time of day is usual here: only the rule under test fires.
+        c.alerts.business_hours_start = "00:00".into();
+        c.alerts.business_hours_end = "00:00".into();
+    })
+    .await;
+    *receiver.failures.lock().expect("lock") = 1;
     let operator = app.sign_in(AccountRole::Operator, "op", None).await;
     // The reads a recipient's app makes, as the FHIR API records them: 21 patients by one
     // app, 20 by another (the default allows 20 within ten minutes).
@@ -274,6 +293,41 @@ async fn a_client_reading_many_patients_raises_an_alert(engine: Engine) {
         !(0..21).any(|i| summary.contains(&format!("p-{i}"))),
         "no patient named: {summary}"
     );
+
+    // The endpoint failed the first delivery: retried after its backoff, the same event.
+    let round = app
+        .gateway()
+        .state
+        .alerts
+        .deliver_due()
+        .await
+        .expect("deliver");
+    assert_eq!(round.delivered, 0, "not due before its backoff");
+    sqlx::query("UPDATE alert_deliveries SET next_attempt_at = 0 WHERE status = 'pending'")
+        .execute(app.gateway().state.db.write_pool())
+        .await
+        .expect("due now");
+    let round = app
+        .gateway()
+        .state
+        .alerts
+        .deliver_due()
+        .await
+        .expect("deliver");
+    assert_eq!(round.delivered, 1);
+    let tokens = receiver.tokens.lock().expect("lock").clone();
+    assert_eq!(tokens.len(), 2);
+    let claims = |token: &str| -> Value {
+        let payload = token.split('.').nth(1).expect("payload");
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .expect("base64url");
+        serde_json::from_slice(&bytes).expect("claims")
+    };
+    assert_eq!(claims(&tokens[0])["jti"], claims(&tokens[1])["jti"]);
+    let delivered = delivered_alerts(&app, &receiver, &url).await;
+    assert_eq!(delivered[1]["rule"], "many-patients-read");
     evaluate(&app).await;
     assert_eq!(
         alerts_of_rule(&app, &operator, "many-patients-read")

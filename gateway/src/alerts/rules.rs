@@ -81,7 +81,7 @@ pub struct RaisedAlert {
 }
 
 /// Local minutes of the day during which reads are expected, `[start, end)`; an end before
-/// the start spans midnight.
+/// the start spans midnight, an end equal to the start is the whole day.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BusinessHours {
     pub start_minute: u32,
@@ -100,7 +100,9 @@ impl BusinessHours {
     }
 
     pub fn contains(&self, minute_of_day: u32) -> bool {
-        if self.start_minute <= self.end_minute {
+        if self.start_minute == self.end_minute {
+            true
+        } else if self.start_minute < self.end_minute {
             (self.start_minute..self.end_minute).contains(&minute_of_day)
         } else {
             minute_of_day >= self.start_minute || minute_of_day < self.end_minute
@@ -951,6 +953,11 @@ mod tests {
         };
         assert!(night_shift.contains(0) && night_shift.contains(1320));
         assert!(!night_shift.contains(720));
+        let always = BusinessHours {
+            start_minute: 0,
+            end_minute: 0,
+        };
+        assert!((0..1440).all(|minute| always.contains(minute)));
         assert_eq!(jst_minute_of_day(NOON_JST), 720);
     }
 

@@ -27,7 +27,8 @@ pub struct AlertsConfig {
     pub patients_read_max: u32,
     /// …within this many seconds raises an alert.
     pub patients_read_window_secs: u64,
-    /// Reads by apps and operators are expected between these local (+09:00) times, `HH:MM`.
+    /// Reads by apps and operators are expected between these local (+09:00) times, `HH:MM`
+    /// (the same time twice: at any time).
     pub business_hours_start: String,
     pub business_hours_end: String,
     /// One alert per rule and subject (an account, a client) per this many seconds.
