@@ -53,6 +53,8 @@ struct Inner {
     thresholds: Thresholds,
     tls_certificate: Option<PathBuf>,
     signing_keys: Vec<(&'static str, PathBuf)>,
+    /// Audit shipping runs: its lag is read from the database.
+    shipping_enabled: bool,
     /// The configured external URL, else the one known once listening.
     configured_public_url: Option<String>,
     public_url: Arc<OnceLock<String>>,
@@ -134,6 +136,7 @@ impl AlertEngine {
                 thresholds,
                 tls_certificate,
                 signing_keys,
+                shipping_enabled: config.audit_shipping.enabled,
                 configured_public_url: config.public_url.clone(),
                 public_url,
                 reported: Mutex::default(),
@@ -211,10 +214,27 @@ impl AlertEngine {
         }
     }
 
-    fn facts(&self, now: i64) -> Facts {
-        let (verify_failure, shipping_lag) = match self.inner.reported.lock() {
+    async fn facts(&self, now: i64) -> Facts {
+        let (verify_failure, reported_lag) = match self.inner.reported.lock() {
             Ok(reported) => (reported.verify_failure.clone(), reported.shipping_lag),
             Err(_) => (None, None),
+        };
+        // What any process's shipper recorded, when shipping is on.
+        let shipping_lag = match reported_lag {
+            Some(lag) => Some(lag),
+            None if self.inner.shipping_enabled => {
+                match audit::shipping::status(&self.inner.db).await {
+                    Ok(status) => Some(ShippingLag {
+                        leaves_behind: status.leaves_behind,
+                        seconds_since_success: status.seconds_since_success,
+                    }),
+                    Err(error) => {
+                        tracing::warn!(%error, "reading the audit shipping status failed");
+                        None
+                    }
+                }
+            }
+            None => None,
         };
         Facts {
             now_millis: now,
@@ -258,7 +278,7 @@ impl AlertEngine {
             }
             window.seeded = true;
         }
-        let facts = self.facts(now);
+        let facts = self.facts(now).await;
         let mut pass = Pass::default();
         loop {
             let rows = sqlx::query(
