@@ -175,7 +175,15 @@ impl Gateway {
             None => crate::supply_chain::DEFAULT_LIST.to_string(),
         };
         crate::supply_chain::parse(&supply_chain, crate::store::japan_today())?;
+        let alerts = crate::alerts::AlertEngine::new(
+            db.clone(),
+            audit.clone(),
+            receipts.clone(),
+            &config,
+            public_url.clone(),
+        )?;
         let state = AppState {
+            alerts,
             tls: tls.is_some(),
             config: Arc::new(config),
             db,
@@ -288,6 +296,11 @@ impl Gateway {
         } else {
             (None, None)
         };
+        if self.state.config.alerts.evaluate {
+            workers.push(tokio::spawn(
+                self.state.alerts.clone().run(shutdown.subscribe()),
+            ));
+        }
         let router = http::router(self.state.clone());
         let server = tokio::spawn(tls::serve(listener, self.tls.clone(), router, async move {
             let _ = on_shutdown.changed().await;

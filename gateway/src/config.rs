@@ -13,8 +13,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::tls::TlsConfig;
 
+mod alerts;
 mod audit_shipping;
 mod consent;
+pub use alerts::AlertsConfig;
 pub use audit_shipping::{AuditShippingConfig, S3SinkConfig, Secret, SinkKind};
 pub use consent::{ConsentConfig, ControllerConfig, PurposeConfig};
 
@@ -58,6 +60,8 @@ pub struct Config {
     pub break_glass: BreakGlassConfig,
     /// Copies of the audit log on write-once storage.
     pub audit_shipping: AuditShippingConfig,
+    /// Alerts: rules over the audit stream, delivered to operators.
+    pub alerts: AlertsConfig,
 }
 
 impl Default for Config {
@@ -85,6 +89,7 @@ impl Default for Config {
             export: ExportConfig::default(),
             break_glass: BreakGlassConfig::default(),
             audit_shipping: AuditShippingConfig::default(),
+            alerts: AlertsConfig::default(),
         }
     }
 }
@@ -450,6 +455,9 @@ impl Config {
             .check()
             .map_err(|(key, reason)| Error::config(key, reason))?;
         self.audit_shipping
+            .check()
+            .map_err(|(key, reason)| Error::config(key, reason))?;
+        self.alerts
             .check()
             .map_err(|(key, reason)| Error::config(key, reason))?;
         if self.insecure_http && !is_loopback(self.listen.ip()) {

@@ -4,6 +4,7 @@
 //! patient, and discloses it only under the patient's live consent, with every access in a
 //! tamper-evident audit log. `main` is a thin shell over `cli`.
 
+pub mod alerts;
 pub mod app;
 pub mod audit;
 pub mod break_glass;

@@ -6,6 +6,7 @@ mod bulk_export;
 mod helpers;
 
 mod access_log;
+mod alerts;
 mod audit;
 mod audit_shipping;
 mod break_glass;

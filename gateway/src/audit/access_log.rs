@@ -158,7 +158,7 @@ pub fn decode_access(leaf: &[u8]) -> Option<DecodedAccess> {
     })
 }
 
-fn accessor_of(agent: &Value) -> Option<(AccessorKind, Option<String>)> {
+pub(super) fn accessor_of(agent: &Value) -> Option<(AccessorKind, Option<String>)> {
     let who = &agent["who"];
     let id = who["identifier"]["value"].as_str().map(str::to_string);
     match who["identifier"]["system"].as_str() {

@@ -81,6 +81,12 @@ pub enum EventKind {
     /// An emergency (break-glass) operator session started, or acted: every action in it
     /// is recorded with this kind (DCM 110113 / 110127, purposeOfEvent BTG).
     EmergencyOverride,
+    /// A rule over the audit stream raised an alert, or an operator acknowledged one.
+    AlertRaised,
+    AlertAcknowledged,
+    /// An operator searched or exported audit events (DCM 110101 Audit Log Used).
+    AuditLogSearched,
+    AuditLogExported,
 }
 
 impl EventKind {
@@ -117,6 +123,12 @@ impl EventKind {
             EventKind::ClientRegistered
             | EventKind::TokenReuseDetected
             | EventKind::EmergencyOverride => coding(DCM, "110113", "Security Alert"),
+            EventKind::AlertRaised | EventKind::AlertAcknowledged => {
+                coding(DCM, "110113", "Security Alert")
+            }
+            EventKind::AuditLogSearched | EventKind::AuditLogExported => {
+                coding(DCM, "110101", "Audit Log Used")
+            }
             EventKind::NotificationSent | EventKind::NotificationAcknowledged => coding(
                 GATEWAY_EVENTS,
                 "notification",
@@ -223,6 +235,20 @@ impl EventKind {
                 "Deletion acknowledged by the recipient",
             ),
             EventKind::EmergencyOverride => coding(DCM, "110127", "Emergency Override Started"),
+            EventKind::AlertRaised => coding(GATEWAY_EVENTS, "alert-raised", "Alert raised"),
+            EventKind::AlertAcknowledged => {
+                coding(GATEWAY_EVENTS, "alert-acknowledged", "Alert acknowledged")
+            }
+            EventKind::AuditLogSearched => coding(
+                GATEWAY_EVENTS,
+                "audit-log-searched",
+                "Audit events searched",
+            ),
+            EventKind::AuditLogExported => coding(
+                GATEWAY_EVENTS,
+                "audit-log-exported",
+                "Audit events exported",
+            ),
         }
     }
 
@@ -261,6 +287,10 @@ impl EventKind {
             EventKind::NotificationSent => "R",
             EventKind::NotificationAcknowledged => "E",
             EventKind::EmergencyOverride => "E",
+            EventKind::AlertRaised => "C",
+            EventKind::AlertAcknowledged => "U",
+            EventKind::AuditLogSearched => "E",
+            EventKind::AuditLogExported => "R",
         }
     }
 }

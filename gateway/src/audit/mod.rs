@@ -11,6 +11,7 @@ pub mod event;
 pub mod export;
 pub mod log;
 pub mod merkle;
+pub mod search;
 pub mod shipping;
 pub mod verify;
 

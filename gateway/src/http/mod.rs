@@ -1,6 +1,8 @@
 //! The HTTP API: one router, one state, one error renderer.
 
 pub mod access_log;
+pub mod alerts;
+pub mod audit_search;
 pub mod auth;
 pub mod break_glass;
 pub mod bulk;
@@ -73,6 +75,7 @@ pub struct AppState {
     pub consents: crate::consents::Consents,
     pub uploads: crate::uploads::UploadPermissions,
     pub notifications: crate::notifications::delivery::Deliverer,
+    pub alerts: crate::alerts::AlertEngine,
     pub exports: crate::export::ExportJobs,
     pub representations: crate::store::representations::Representations,
     pub queue: JobQueue,
@@ -236,6 +239,12 @@ pub fn router(state: AppState) -> Router {
             get(consent_screen::show).post(consent_screen::answer),
         )
         .route("/operator/audit/checkpoint", get(operator::audit_checkpoint))
+        .route("/operator/audit/events", get(audit_search::search))
+        .route("/operator/audit/events.ndjson", get(audit_search::export))
+        .route("/operator/alerts", get(alerts::list))
+        .route("/operator/alerts/{id}/acknowledge", post(alerts::acknowledge))
+        .route("/operator/alerts-page", get(alerts::page))
+        .route("/operator/alerts-page/{id}/acknowledge", post(alerts::page_acknowledge))
         .route("/fhir/metadata", get(fhir::capability_statement))
         .route("/fhir/Patient/$export", get(bulk::export_patients))
         .route("/fhir/Group/{id}/{operation}", get(bulk::export_group))

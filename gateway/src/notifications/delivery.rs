@@ -63,11 +63,7 @@ impl Deliverer {
         settings: NotificationsConfig,
         public_url: Arc<OnceLock<String>>,
     ) -> Result<Self> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| Error::config("notifications", format!("HTTP client: {e}")))?;
+        let http = webhook_client("notifications")?;
         Ok(Deliverer {
             db,
             receipts,
@@ -200,23 +196,7 @@ impl Deliverer {
                 due.created_at,
             )
             .map_err(|e| e.to_string())?;
-        let response = self
-            .http
-            .post(&due.url)
-            .header("content-type", "application/secevent+jwt")
-            .header("accept", "application/json")
-            .body(token)
-            .send()
-            .await
-            .map_err(|e| format!("request failed: {e}"))?;
-        if response.status().is_success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "endpoint answered HTTP {}",
-                response.status().as_u16()
-            ))
-        }
+        push_security_event_token(&self.http, &due.url, token).await
     }
 
     async fn delivered(&self, due: &Due) -> Result<()> {
@@ -243,10 +223,7 @@ impl Deliverer {
         let now = now_millis();
         let attempts = due.attempts + 1;
         let give_up = attempts >= i64::from(self.settings.max_attempts);
-        let backoff = FIRST_BACKOFF_MILLIS
-            .saturating_mul(1i64 << attempts.clamp(0, 20).saturating_sub(1))
-            .min(self.settings.max_backoff_secs as i64 * 1000);
-        let jitter = rand::thread_rng().gen_range(0..=backoff / 4 + 1);
+        let delay = retry_delay_millis(attempts, self.settings.max_backoff_secs);
         let mut tx = self.db.begin().await?;
         sqlx::query(
             "UPDATE notifications SET status = $1, attempts = $2, next_attempt_at = $3,
@@ -254,7 +231,7 @@ impl Deliverer {
         )
         .bind(if give_up { "failed" } else { "pending" })
         .bind(attempts)
-        .bind(now + backoff + jitter)
+        .bind(now + delay)
         .bind(reason)
         .bind(&due.id)
         .execute(&mut *tx)
@@ -272,4 +249,47 @@ impl Deliverer {
         tx.commit().await?;
         Ok(!give_up)
     }
+}
+
+/// The HTTP client for webhooks: a short timeout, and no redirects (a signed event goes to
+/// the registered URL only). `setting` names the configuration it serves, for errors.
+pub fn webhook_client(setting: &str) -> Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| Error::config(setting, format!("HTTP client: {e}")))
+}
+
+/// POSTs a signed Security Event Token (RFC 8935 push); `Err` says why it was not taken.
+pub async fn push_security_event_token(
+    http: &reqwest::Client,
+    url: &str,
+    token: String,
+) -> std::result::Result<(), String> {
+    let response = http
+        .post(url)
+        .header("content-type", "application/secevent+jwt")
+        .header("accept", "application/json")
+        .body(token)
+        .send()
+        .await
+        .map_err(|e| format!("request failed: {e}"))?;
+    if response.status().is_success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "endpoint answered HTTP {}",
+            response.status().as_u16()
+        ))
+    }
+}
+
+/// How long to wait before attempt `attempts + 1`: doubling from 30 s, capped, with jitter
+/// so failed endpoints are not hit in lockstep.
+pub fn retry_delay_millis(attempts: i64, max_backoff_secs: u64) -> i64 {
+    let backoff = FIRST_BACKOFF_MILLIS
+        .saturating_mul(1i64 << attempts.clamp(0, 20).saturating_sub(1))
+        .min(max_backoff_secs as i64 * 1000);
+    backoff + rand::thread_rng().gen_range(0..=backoff / 4 + 1)
 }
