@@ -122,6 +122,9 @@ pub async fn home(
         html! {
             h1 { "運営者ホーム " span.en { "Operator home" } }
             p { (auth.session.account.username) " · " (auth.session.method) }
+            nav aria-label="運営者メニュー / Operator menu" {
+                a id="nav-alerts" href="/operator/alerts-page" { "アラート " span.en { "Alerts" } }
+            }
             @if auth.session.emergency_use_id.is_some() {
                 p.warn role="alert" id="emergency-banner" {
                     "緊急アクセス中：すべての操作が記録され、後で確認されます。終了 "
