@@ -23,6 +23,7 @@ use crate::helpers::{
 };
 
 both_engines!(
+    a_new_advisory_is_notified_once_and_end_of_life_is_warned,
     ten_failed_logins_in_a_minute_raise_one_signed_alert,
     a_client_reading_many_patients_raises_an_alert,
     audit_search_and_export_find_exactly_what_was_asked,
@@ -668,5 +669,76 @@ async fn the_alerts_page_shows_the_alert_and_the_event_rate_and_acknowledges() {
     );
     assert_eq!(leaves_containing(&app, "alert-acknowledged").await, 1);
     browser.close().await;
+    app.stop().await;
+}
+
+/// The build checked against a fixture RustSec snapshot: the one advisory that affects a
+/// locked crate produces exactly one signed notification with the component, severity,
+/// workaround and planned fix date; a second run (rescanning) produces none. End-of-life
+/// dates within 90 days, or past, are warned once each.
+async fn a_new_advisory_is_notified_once_and_end_of_life_is_warned(engine: Engine) {
+    let (receiver, url) = start_receiver().await;
+    let hook = url.clone();
+    let snapshot =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/advisory-db");
+    let env = TestEnv::new(engine).await;
+    let inventory = env.data_dir().join("eol.toml");
+    std::fs::write(
+        &inventory,
+        "[[component]]\nname = \"PostgreSQL\"\nversion = \"15\"\neol = \"2000-01-01\"\nsource = \"https://www.postgresql.org/support/versioning/\"\n\n\
+         [[component]]\nname = \"SQLite\"\nversion = \"3\"\neol = \"2050-05-29\"\nsource = \"https://www.sqlite.org/lts.html\"\n",
+    )
+    .expect("inventory");
+    let app = spawn_app_with(env, move |c| {
+        c.alerts.webhook_urls = vec![hook];
+        c.alerts.advisory_db_dir = Some(snapshot);
+        c.alerts.advisory_scan_interval_secs = 0;
+        c.alerts.check_end_of_life = true;
+        c.alerts.eol_inventory_file = Some(inventory);
+    })
+    .await;
+    let operator = app.sign_in(AccountRole::Operator, "op", None).await;
+
+    evaluate(&app).await;
+    let delivered = delivered_alerts(&app, &receiver, &url).await;
+    let vulnerabilities: Vec<&Value> = delivered
+        .iter()
+        .filter(|a| a["rule"] == "vulnerability")
+        .collect();
+    assert_eq!(vulnerabilities.len(), 1, "{delivered:?}");
+    let summary = vulnerabilities[0]["summary"].as_str().expect("summary");
+    for part in [
+        "RUSTSEC-2026-9901",
+        "hex 0.4.3",
+        "severity high",
+        "workaround: reject odd-length",
+        "fix planned by",
+    ] {
+        assert!(summary.contains(part), "{part}: {summary}");
+    }
+    assert!(!summary.contains("zeroize"));
+    let eol: Vec<&Value> = delivered
+        .iter()
+        .filter(|a| a["rule"] == "end-of-life")
+        .collect();
+    assert_eq!(
+        eol.len(),
+        1,
+        "only the past date, not SQLite's 2050: {delivered:?}"
+    );
+    assert!(eol[0]["summary"]
+        .as_str()
+        .unwrap_or("")
+        .contains("PostgreSQL 15 is past"));
+
+    // A second run rescans the snapshot and finds the same: nothing new is sent.
+    evaluate(&app).await;
+    evaluate(&app).await;
+    let again = delivered_alerts(&app, &receiver, &url).await;
+    assert_eq!(again.len(), delivered.len(), "{again:?}");
+    assert_eq!(
+        alerts_of_rule(&app, &operator, "vulnerability").await.len(),
+        1
+    );
     app.stop().await;
 }

@@ -27,6 +27,8 @@ use crate::notifications::delivery::{
 use crate::notifications::EVENT_PREFIX;
 use crate::receipts::ReceiptSigner;
 use crate::store::{millis_to_rfc3339, now_millis, Database};
+use crate::supply_chain::advisories::AdvisoryFinding;
+use crate::supply_chain::eol::EolWarning;
 
 /// Leaves read per statement.
 const LEAF_BATCH: i64 = 2000;
@@ -69,6 +71,8 @@ struct Reported {
     verify_failure: Option<VerifyFailure>,
     shipping_lag: Option<ShippingLag>,
     last_verified: Option<Instant>,
+    /// The last advisory scan and what it found.
+    advisories: Option<(Instant, Vec<AdvisoryFinding>)>,
 }
 
 #[derive(Default)]
@@ -240,6 +244,8 @@ impl AlertEngine {
             now_millis: now,
             verify_failure,
             shipping_lag,
+            advisories: self.advisories(),
+            end_of_life: self.end_of_life(),
             tls_not_after_millis: self
                 .inner
                 .tls_certificate
@@ -252,6 +258,62 @@ impl AlertEngine {
                     .map(|(name, path)| (*name, path.as_path())),
             ),
         }
+    }
+
+    /// Advisories affecting the build, from the configured snapshot, rescanned at most every
+    /// `advisory_scan_interval_secs`. A snapshot that cannot be read is logged and skipped.
+    fn advisories(&self) -> Vec<AdvisoryFinding> {
+        let settings = &self.inner.settings;
+        let Some(dir) = &settings.advisory_db_dir else {
+            return Vec::new();
+        };
+        let interval = Duration::from_secs(settings.advisory_scan_interval_secs);
+        if let Ok(reported) = self.inner.reported.lock() {
+            if let Some((at, findings)) = &reported.advisories {
+                if !interval.is_zero() && at.elapsed() < interval {
+                    return findings.clone();
+                }
+            }
+        }
+        let lock = crate::supply_chain::sbom::CARGO_LOCK;
+        match crate::supply_chain::advisories::scan(dir, lock, crate::store::japan_today()) {
+            Ok(findings) => {
+                if let Ok(mut reported) = self.inner.reported.lock() {
+                    reported.advisories = Some((Instant::now(), findings.clone()));
+                }
+                findings
+            }
+            Err(error) => {
+                tracing::warn!(%error, "the advisory check failed");
+                Vec::new()
+            }
+        }
+    }
+
+    fn end_of_life(&self) -> Vec<EolWarning> {
+        let settings = &self.inner.settings;
+        if !settings.check_end_of_life {
+            return Vec::new();
+        }
+        let inventory = match &settings.eol_inventory_file {
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(text) => text,
+                Err(error) => {
+                    tracing::warn!(%error, path = %path.display(), "cannot read the EOL inventory");
+                    return Vec::new();
+                }
+            },
+            None => crate::supply_chain::eol::DEFAULT_INVENTORY.to_string(),
+        };
+        crate::supply_chain::eol::warnings(
+            &inventory,
+            crate::store::japan_today(),
+            i64::from(settings.eol_warning_days),
+        )
+        .unwrap_or_else(|error| {
+            tracing::warn!(%error, "the EOL inventory does not parse");
+            Vec::new()
+        })
     }
 
     /// Reads the leaves sequenced since the last pass, evaluates the rules, stores and

@@ -26,10 +26,14 @@ pub enum Rule {
     VerifyFailure,
     ShippingLag,
     ExpiringCredential,
+    /// A RustSec advisory affects a crate in the build.
+    Vulnerability,
+    /// A component's end of support is near or past.
+    EndOfLife,
 }
 
 impl Rule {
-    pub const ALL: [Rule; 7] = [
+    pub const ALL: [Rule; 9] = [
         Rule::FailedLogins,
         Rule::ManyPatientsRead,
         Rule::UnusualHours,
@@ -37,6 +41,8 @@ impl Rule {
         Rule::VerifyFailure,
         Rule::ShippingLag,
         Rule::ExpiringCredential,
+        Rule::Vulnerability,
+        Rule::EndOfLife,
     ];
 
     pub fn code(self) -> &'static str {
@@ -48,6 +54,8 @@ impl Rule {
             Rule::VerifyFailure => "verify-failure",
             Rule::ShippingLag => "shipping-lag",
             Rule::ExpiringCredential => "expiring-credential",
+            Rule::Vulnerability => "vulnerability",
+            Rule::EndOfLife => "end-of-life",
         }
     }
 }
@@ -199,6 +207,10 @@ pub struct Facts {
     /// The TLS certificate's notAfter (Unix milliseconds).
     pub tls_not_after_millis: Option<i64>,
     pub signing_keys: Vec<SigningKeyAge>,
+    /// Advisories affecting the build (from the local advisory-db snapshot).
+    pub advisories: Vec<crate::supply_chain::advisories::AdvisoryFinding>,
+    /// Components near or past their end of support.
+    pub end_of_life: Vec<crate::supply_chain::eol::EolWarning>,
 }
 
 /// Every alert the events and facts raise, each once.
@@ -211,7 +223,89 @@ pub fn evaluate(events: &[ParsedLeaf], facts: &Facts, thresholds: &Thresholds) -
     raised.extend(verify_failure(facts));
     raised.extend(shipping_lag(facts, thresholds));
     raised.extend(expiring_credentials(facts, thresholds));
+    raised.extend(vulnerabilities(facts));
+    raised.extend(end_of_life(facts));
     raised
+}
+
+/// One notification per advisory and affected crate version, ever (the key has no time).
+fn vulnerabilities(facts: &Facts) -> Vec<RaisedAlert> {
+    facts
+        .advisories
+        .iter()
+        .map(|finding| RaisedAlert {
+            rule: Rule::Vulnerability,
+            severity: if matches!(finding.severity.as_str(), "critical" | "high") {
+                Severity::Critical
+            } else {
+                Severity::Warning
+            },
+            dedup_key: format!(
+                "{}:{}:{}@{}",
+                Rule::Vulnerability.code(),
+                finding.id,
+                finding.package,
+                finding.version
+            ),
+            summary: format!(
+                "{} affects {} {} (severity {}): {}; workaround: {}; fix planned by {}",
+                finding.id,
+                finding.package,
+                finding.version,
+                finding.severity,
+                finding.title,
+                finding.workaround,
+                finding.fix_due
+            ),
+            first_seen_millis: facts.now_millis,
+            last_seen_millis: facts.now_millis,
+        })
+        .collect()
+}
+
+/// One warning per component and date once within the warning period, and one more (critical)
+/// once the date has passed.
+fn end_of_life(facts: &Facts) -> Vec<RaisedAlert> {
+    facts
+        .end_of_life
+        .iter()
+        .map(|warning| {
+            let past = warning.days_left < 0;
+            RaisedAlert {
+                rule: Rule::EndOfLife,
+                severity: if past {
+                    Severity::Critical
+                } else {
+                    Severity::Warning
+                },
+                dedup_key: format!(
+                    "{}:{}:{}:{}:{}",
+                    Rule::EndOfLife.code(),
+                    warning.name,
+                    warning.version,
+                    warning.eol,
+                    if past { "past" } else { "near" }
+                ),
+                summary: if past {
+                    format!(
+                        "{} {} is past its end of support ({}; source: {})",
+                        warning.name, warning.version, warning.eol, warning.source
+                    )
+                } else {
+                    format!(
+                        "{} {} reaches its end of support in {} day(s), on {} (source: {})",
+                        warning.name,
+                        warning.version,
+                        warning.days_left,
+                        warning.eol,
+                        warning.source
+                    )
+                },
+                first_seen_millis: facts.now_millis,
+                last_seen_millis: facts.now_millis,
+            }
+        })
+        .collect()
 }
 
 fn is_failed_login(event: &ParsedLeaf) -> bool {

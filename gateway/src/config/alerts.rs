@@ -43,6 +43,16 @@ pub struct AlertsConfig {
     pub signing_key_max_age_days: u32,
     /// Seconds between full audit log verifications (0: never; a failure raises an alert).
     pub verify_interval_secs: u64,
+    /// A local RustSec advisory-db snapshot (a checkout of rustsec/advisory-db, kept current
+    /// by the operator); each advisory affecting the build is notified once. Unset: no check.
+    pub advisory_db_dir: Option<std::path::PathBuf>,
+    /// Seconds between scans of the snapshot (0: every evaluation).
+    pub advisory_scan_interval_secs: u64,
+    /// Warn about end-of-life dates (the inventory shipped as `eol.toml`, or this file).
+    pub check_end_of_life: bool,
+    pub eol_inventory_file: Option<std::path::PathBuf>,
+    /// Warn this many days before an end-of-life date.
+    pub eol_warning_days: u32,
 }
 
 impl Default for AlertsConfig {
@@ -66,6 +76,11 @@ impl Default for AlertsConfig {
             expiry_warning_days: thresholds.expiry_warning_days as u32,
             signing_key_max_age_days: thresholds.signing_key_max_age_days as u32,
             verify_interval_secs: 3_600,
+            advisory_db_dir: None,
+            advisory_scan_interval_secs: 3_600,
+            check_end_of_life: true,
+            eol_inventory_file: None,
+            eol_warning_days: 90,
         }
     }
 }

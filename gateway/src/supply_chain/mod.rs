@@ -2,6 +2,8 @@
 //! subcontractors and component owners (`supply-chain.toml`: who they are, what they do,
 //! which data they touch, under which contract, when it was last reviewed).
 
+pub mod advisories;
+pub mod eol;
 pub mod sbom;
 
 use serde::{Deserialize, Serialize};
