@@ -1,0 +1,468 @@
+//! Remote maintenance windows end to end on both engines: one operator requests a window, a
+//! second approves it (the requester cannot); maintenance endpoints are refused before
+//! approval, to anyone but the requester, and after the window's end, every attempt audited
+//! with the window id; reading many patients' data at once is refused unless approved; and
+//! closing the window produces the report naming every action and every patient whose data
+//! was read.
+
+use phr_gateway::audit::AccountRole;
+use phr_gateway::store::resources::{NewResource, SourceIdentity};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sqlx::Row;
+
+use crate::both_engines;
+use crate::helpers::{spawn_app, Engine, TestApp};
+
+both_engines!(
+    a_maintenance_window_is_approved_used_and_reported,
+    bulk_phi_reading_needs_its_own_approval,
+);
+
+fn in_hours(hours: i64) -> String {
+    (time::OffsetDateTime::now_utc() + time::Duration::hours(hours))
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("format")
+}
+
+async fn post(app: &TestApp, token: &str, path: &str, body: Value) -> (StatusCode, Value) {
+    let response = app
+        .client
+        .post(app.url(path))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .expect("post");
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn get(app: &TestApp, token: &str, path: &str) -> (StatusCode, Value) {
+    let response = app
+        .client
+        .get(app.url(path))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("get");
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Audit leaves of remote maintenance (window changes and actions), oldest first.
+async fn maintenance_leaves(app: &TestApp) -> Vec<Value> {
+    app.gateway()
+        .state
+        .audit
+        .sequence(true)
+        .await
+        .expect("sequence");
+    let rows = sqlx::query("SELECT body FROM audit_leaves ORDER BY id")
+        .fetch_all(app.gateway().state.db.read_pool())
+        .await
+        .expect("leaves");
+    rows.iter()
+        .map(|row| serde_json::from_slice::<Value>(&row.get::<Vec<u8>, _>(0)).expect("json"))
+        .filter(|event| {
+            event["outcomeDesc"]
+                .as_str()
+                .is_some_and(|d| d.contains("maintenance window"))
+        })
+        .collect()
+}
+
+async fn store_observation(app: &TestApp, patient: &str, id: &str) {
+    let state = &app.gateway().state;
+    state
+        .resources
+        .ensure_patient(patient)
+        .await
+        .expect("patient");
+    let body = json!({"resourceType": "Observation", "id": id, "status": "final",
+        "code": {"text": "HbA1c"}, "subject": {"reference": format!("Patient/{patient}")}});
+    state
+        .resources
+        .put(
+            &phr_gateway::audit::Agent::system(),
+            NewResource {
+                patient_id: patient.into(),
+                category: "checkup".into(),
+                source: SourceIdentity {
+                    source: "hospital".into(),
+                    resource_type: "Observation".into(),
+                    source_resource_id: id.into(),
+                    version_id: Some("1".into()),
+                },
+                body: serde_json::to_vec(&body).expect("json"),
+            },
+        )
+        .await
+        .expect("store");
+}
+
+async fn a_maintenance_window_is_approved_used_and_reported(engine: Engine) {
+    let app = spawn_app(engine).await;
+    let vendor = app.sign_in(AccountRole::Operator, "vendor", None).await;
+    let approver = app.sign_in(AccountRole::Operator, "approver", None).await;
+    let bystander = app.sign_in(AccountRole::Operator, "bystander", None).await;
+    store_observation(&app, "p-hanako", "obs-1").await;
+    store_observation(&app, "p-taro", "obs-2").await;
+
+    // Bad requests: too long a window, no ticket.
+    let (status, body) = post(
+        &app,
+        &vendor,
+        "/operator/maintenance",
+        json!({"reason": "upgrade the database server", "ticket": "CHG-42",
+               "ends_at": in_hours(9)}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, _) = post(
+        &app,
+        &vendor,
+        "/operator/maintenance",
+        json!({"reason": "upgrade the database server", "ticket": " ", "ends_at": in_hours(1)}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    let (status, window) = post(
+        &app,
+        &vendor,
+        "/operator/maintenance",
+        json!({"reason": "upgrade the database server", "ticket": "CHG-42",
+               "ends_at": in_hours(2)}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{window}");
+    assert_eq!(window["status"], "requested");
+    assert_eq!(window["bulk_phi_requested"], false);
+    let id = window["id"].as_str().expect("id").to_string();
+    let diagnostics = format!("/operator/maintenance/{id}/diagnostics");
+
+    // Before approval: refused, and on the record with the window id.
+    let (status, body) = get(&app, &vendor, &diagnostics).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body["detail"]
+        .as_str()
+        .is_some_and(|d| d.contains("not been approved")));
+
+    // The requester cannot approve their own window (refused, audited).
+    let (status, body) = post(
+        &app,
+        &vendor,
+        &format!("/operator/maintenance/{id}/approve"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+
+    // Bulk PHI cannot be allowed when it was not requested.
+    let (status, _) = post(
+        &app,
+        &approver,
+        &format!("/operator/maintenance/{id}/approve"),
+        json!({"allow_bulk_phi": true}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    let (status, approved) = post(
+        &app,
+        &approver,
+        &format!("/operator/maintenance/{id}/approve"),
+        json!({"note": "checked CHG-42 with the ward"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{approved}");
+    assert_eq!(approved["status"], "approved");
+    assert_eq!(approved["decided_by_username"], "approver");
+    assert_eq!(approved["bulk_phi_allowed"], false);
+    // Decided once.
+    let (status, _) = post(
+        &app,
+        &bystander,
+        &format!("/operator/maintenance/{id}/reject"),
+        json!({"note": "too late"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+
+    // Inside the window the requester acts; nobody else does.
+    let (status, health) = get(&app, &vendor, &diagnostics).await;
+    assert_eq!(status, StatusCode::OK, "{health}");
+    assert!(health["pull_jobs"].is_object());
+    assert!(health["database_round_trip_ms"].is_u64());
+    let (status, _) = get(&app, &bystander, &diagnostics).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, counts) = get(
+        &app,
+        &vendor,
+        &format!("/operator/maintenance/{id}/patients/p-hanako/resource-counts"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{counts}");
+    assert_eq!(counts["counts"]["Observation"], 1);
+    // Reading every patient at once was not approved.
+    let (status, body) = get(
+        &app,
+        &vendor,
+        &format!("/operator/maintenance/{id}/resource-counts"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+
+    // The window is still open: no report yet.
+    let (status, _) = get(
+        &app,
+        &approver,
+        &format!("/operator/maintenance/{id}/report"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+
+    // Every action is audited with the window id, refusals as failures, maintenance purpose.
+    let leaves = maintenance_leaves(&app).await;
+    let actions: Vec<&Value> = leaves
+        .iter()
+        .filter(|e| e["subtype"][0]["code"] == "maintenance-action")
+        .collect();
+    let with_id = |needle: &str, outcome: &str| {
+        actions
+            .iter()
+            .filter(|e| {
+                e["outcome"] == outcome
+                    && e["outcomeDesc"]
+                        .as_str()
+                        .is_some_and(|d| d.contains(&id) && d.contains(needle))
+            })
+            .count()
+    };
+    // Diagnostics, one patient's counts, and the bulk listing let into the window...
+    assert_eq!(with_id("GET /operator/maintenance/", "0"), 3);
+    // ...before approval, the bystander's attempt, and the bulk read refused inside it.
+    assert_eq!(with_id("refused", "4"), 3, "{actions:#?}");
+    for action in &actions {
+        assert_eq!(action["purposeOfEvent"][0]["coding"][0]["code"], "SYSADMN");
+    }
+    assert!(leaves.iter().any(|e| e["outcome"] == "4"
+        && e["outcomeDesc"]
+            .as_str()
+            .is_some_and(|d| d.contains("another operator must approve"))));
+    assert!(leaves.iter().any(|e| e["outcomeDesc"].as_str().is_some_and(
+        |d| d == format!("maintenance window {id} approved; bulk PHI read not allowed")
+    )));
+    // The patient whose data was read sees it in their access log (an operator's read).
+    let touched: Vec<&Value> = leaves
+        .iter()
+        .filter(|e| e["entity"][0]["what"]["reference"] == "Patient/p-hanako")
+        .collect();
+    assert_eq!(touched.len(), 1);
+    assert_eq!(touched[0]["subtype"][0]["code"], "read");
+
+    // After the window's end: refused, and the window closes itself with its report.
+    sqlx::query("UPDATE maintenance_windows SET ends_at = $1 WHERE id = $2")
+        .bind(phr_gateway::store::now_millis() - 1000)
+        .bind(&id)
+        .execute(app.gateway().state.db.write_pool())
+        .await
+        .expect("end the window");
+    let (status, body) = get(&app, &vendor, &diagnostics).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(body["detail"].as_str().is_some_and(|d| d.contains("ended")));
+    let (status, windows) = get(&app, &bystander, "/operator/maintenance").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(windows[0]["id"], id.as_str());
+    assert_eq!(windows[0]["status"], "closed");
+    // Closed: refused even if the clock said otherwise.
+    let (status, body) = get(&app, &vendor, &diagnostics).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(body["detail"]
+        .as_str()
+        .is_some_and(|d| d.contains("closed")));
+
+    let (status, report) = get(
+        &app,
+        &approver,
+        &format!("/operator/maintenance/{id}/report"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(report["ticket"], "CHG-42");
+    assert_eq!(report["requested_by"], "vendor");
+    assert_eq!(report["approved_by"], "approver");
+    assert_eq!(report["bulk_phi_allowed"], false);
+    assert_eq!(report["patients_touched"], json!(["p-hanako"]));
+    let actions = report["actions"].as_array().expect("actions");
+    let summary: Vec<(String, String)> = actions
+        .iter()
+        .map(|a| {
+            (
+                a["outcome"].as_str().unwrap_or_default().to_string(),
+                a["action"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    let path = |tail: &str| format!("GET /operator/maintenance/{id}/{tail}");
+    assert_eq!(
+        summary,
+        vec![
+            ("refused".to_string(), path("diagnostics")),
+            ("done".to_string(), path("diagnostics")),
+            ("refused".to_string(), path("diagnostics")),
+            (
+                "done".to_string(),
+                path("patients/p-hanako/resource-counts")
+            ),
+            ("refused".to_string(), path("resource-counts")),
+            // After the end, before the window was noticed as ended and closed.
+            ("refused".to_string(), path("diagnostics")),
+        ]
+    );
+    assert_eq!(actions[1]["operator"], "vendor");
+    assert_eq!(actions[2]["operator"], "bystander");
+    assert_eq!(actions[3]["patients"], json!(["p-hanako"]));
+
+    // The plain rendering for the institution, in Japanese and English.
+    let text = app
+        .client
+        .get(app.url(&format!("/operator/maintenance/{id}/report?format=text")))
+        .bearer_auth(&approver)
+        .send()
+        .await
+        .expect("text report")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        text.contains("リモート保守報告 / Remote maintenance report"),
+        "{text}"
+    );
+    assert!(text.contains("CHG-42"));
+    assert!(text.contains("p-hanako"));
+    assert!(!text.contains("p-taro"));
+    assert!(
+        text.contains("Bulk PHI read approved: いいえ / no"),
+        "{text}"
+    );
+
+    // Generating the report is on the record.
+    let leaves = maintenance_leaves(&app).await;
+    assert!(
+        leaves
+            .iter()
+            .any(|e| e["outcomeDesc"].as_str().is_some_and(|d| d
+                == format!(
+            "maintenance window {id} closed; report generated: 6 actions, 1 patients' data read"
+        ))),
+        "{leaves:#?}"
+    );
+    app.stop().await;
+}
+
+async fn bulk_phi_reading_needs_its_own_approval(engine: Engine) {
+    let app = spawn_app(engine).await;
+    let vendor = app.sign_in(AccountRole::Operator, "vendor", None).await;
+    let approver = app.sign_in(AccountRole::Operator, "approver", None).await;
+    store_observation(&app, "p-hanako", "obs-1").await;
+    store_observation(&app, "p-taro", "obs-2").await;
+
+    let request = json!({
+        "reason": "rebuild the resource index after the migration",
+        "ticket": "CHG-77",
+        "ends_at": in_hours(1),
+        "bulk_phi_justification": "compare per-patient counts before and after the rebuild"
+    });
+    // A window whose bulk read the approver declines.
+    let (_, declined) = post(&app, &vendor, "/operator/maintenance", request.clone()).await;
+    let declined = declined["id"].as_str().expect("id").to_string();
+    let (status, body) = post(
+        &app,
+        &approver,
+        &format!("/operator/maintenance/{declined}/approve"),
+        json!({"allow_bulk_phi": false}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, _) = get(
+        &app,
+        &vendor,
+        &format!("/operator/maintenance/{declined}/resource-counts"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // A window with bulk reading requested and approved.
+    let (_, window) = post(&app, &vendor, "/operator/maintenance", request).await;
+    assert_eq!(window["bulk_phi_requested"], true);
+    let id = window["id"].as_str().expect("id").to_string();
+    let (status, approved) = post(
+        &app,
+        &approver,
+        &format!("/operator/maintenance/{id}/approve"),
+        json!({"allow_bulk_phi": true}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{approved}");
+    assert_eq!(approved["bulk_phi_allowed"], true);
+    // Not in the other window.
+    let (status, _) = get(
+        &app,
+        &vendor,
+        &format!("/operator/maintenance/{declined}/resource-counts"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, counts) = get(
+        &app,
+        &vendor,
+        &format!("/operator/maintenance/{id}/resource-counts"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{counts}");
+    let patients: Vec<&str> = counts
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|c| c["patient_id"].as_str())
+        .collect();
+    assert!(
+        patients.contains(&"p-hanako") && patients.contains(&"p-taro"),
+        "{counts}"
+    );
+
+    // Closing early ends access and freezes the report.
+    let (status, report) = post(
+        &app,
+        &approver,
+        &format!("/operator/maintenance/{id}/close"),
+        json!(null),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(report["bulk_phi_requested"], true);
+    assert_eq!(report["bulk_phi_allowed"], true);
+    assert!(report["bulk_phi_justification"]
+        .as_str()
+        .is_some_and(|j| j.contains("compare per-patient counts")));
+    let touched = report["patients_touched"].as_array().expect("patients");
+    assert!(touched.contains(&json!("p-hanako")) && touched.contains(&json!("p-taro")));
+    let (status, _) = get(
+        &app,
+        &vendor,
+        &format!("/operator/maintenance/{id}/resource-counts"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = post(
+        &app,
+        &approver,
+        &format!("/operator/maintenance/{id}/close"),
+        json!(null),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    app.stop().await;
+}
