@@ -1141,61 +1141,50 @@ mod tests {
 
     #[test]
     fn who_may_act_when() {
-        use Refusal::*;
-        use WindowStatus::*;
+        use Refusal as R;
+        use WindowStatus as S;
         let inside = 11 * HOUR;
-        let cases: &[(
-            WindowStatus,
-            Option<&str>,
-            &str,
-            i64,
-            Option<&str>,
-            Result<(), Refusal>,
-        )] = &[
-            (Approved, None, "alice", inside, None, Ok(())),
-            (Approved, None, "alice", 10 * HOUR, None, Ok(())),
-            (Approved, None, "bob", inside, None, Err(NotYours)),
-            (Requested, None, "alice", inside, None, Err(NotApproved)),
-            (Rejected, None, "alice", inside, None, Err(Rejected)),
-            (Closed, None, "alice", inside, None, Err(Closed)),
+        // (window status, bound certificate, who, when, presented certificate) → decision
+        type Case<'a> = (S, Option<&'a str>, &'a str, i64, Option<&'a str>);
+        let cases: Vec<(Case, Result<(), R>)> = vec![
+            ((S::Approved, None, "alice", inside, None), Ok(())),
+            ((S::Approved, None, "alice", 10 * HOUR, None), Ok(())),
+            ((S::Approved, None, "bob", inside, None), Err(R::NotYours)),
             (
-                Approved,
-                None,
-                "alice",
-                10 * HOUR - 1,
-                None,
-                Err(NotYetStarted),
+                (S::Requested, None, "alice", inside, None),
+                Err(R::NotApproved),
             ),
-            (Approved, None, "alice", 12 * HOUR, None, Err(Ended)),
+            ((S::Rejected, None, "alice", inside, None), Err(R::Rejected)),
+            ((S::Closed, None, "alice", inside, None), Err(R::Closed)),
             (
-                Approved,
-                Some("ab"),
-                "alice",
-                inside,
-                None,
-                Err(CertificateRequired),
+                (S::Approved, None, "alice", 10 * HOUR - 1, None),
+                Err(R::NotYetStarted),
+            ),
+            ((S::Approved, None, "alice", 12 * HOUR, None), Err(R::Ended)),
+            (
+                (S::Approved, Some("ab"), "alice", inside, None),
+                Err(R::CertificateRequired),
             ),
             (
-                Approved,
-                Some("ab"),
-                "alice",
-                inside,
-                Some("cd"),
-                Err(CertificateMismatch),
+                (S::Approved, Some("ab"), "alice", inside, Some("cd")),
+                Err(R::CertificateMismatch),
             ),
-            (Approved, Some("ab"), "alice", inside, Some("AB"), Ok(())),
+            (
+                (S::Approved, Some("ab"), "alice", inside, Some("AB")),
+                Ok(()),
+            ),
             // Someone else's window says nothing about its state to them.
-            (Requested, None, "bob", 0, None, Err(NotYours)),
+            ((S::Requested, None, "bob", 0, None), Err(R::NotYours)),
         ];
-        for (status, bound, who, now, presented, expected) in cases {
+        for ((status, bound, who, now, presented), expected) in cases {
             let attempt = Attempt {
                 account_id: who,
-                now: *now,
-                client_cert_sha256: *presented,
+                now,
+                client_cert_sha256: presented,
             };
             assert_eq!(
-                may_act(&window(*status, *bound), attempt),
-                *expected,
+                may_act(&window(status, bound), attempt),
+                expected,
                 "{status:?} {bound:?} {who} {now} {presented:?}"
             );
         }
