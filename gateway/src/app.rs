@@ -151,8 +151,11 @@ impl Gateway {
             keys.clone(),
             config.break_glass.clone(),
         )?;
-        let maintenance =
-            crate::maintenance::Maintenance::new(db.clone(), config.maintenance.clone());
+        let maintenance = crate::maintenance::Maintenance::new(
+            db.clone(),
+            config.maintenance.clone(),
+            config.tls.client_ca_file.is_some() && !config.insecure_http,
+        );
         let queue = JobQueue::new(db.clone());
         let instructions =
             Instructions::new(db.clone(), keys.clone(), receipts.clone(), queue.clone());

@@ -274,6 +274,8 @@ impl Default for BreakGlassConfig {
 pub struct MaintenanceConfig {
     pub max_window_minutes: u64,
     pub max_lead_days: u64,
+    /// The longest validity a client certificate bound to a window may have.
+    pub max_client_cert_hours: u64,
 }
 
 impl Default for MaintenanceConfig {
@@ -281,6 +283,7 @@ impl Default for MaintenanceConfig {
         MaintenanceConfig {
             max_window_minutes: 8 * 60,
             max_lead_days: 30,
+            max_client_cert_hours: 24,
         }
     }
 }

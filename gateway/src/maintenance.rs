@@ -104,8 +104,9 @@ pub struct WindowRequest {
     pub ends_at: String,
     /// Set only when many patients' data must be read at once: why.
     pub bulk_phi_justification: Option<String>,
-    /// Binds the window to one (short-lived) client certificate: its SHA-256, hex.
-    pub client_cert_sha256: Option<String>,
+    /// Binds the window to one short-lived client certificate (PEM), signed by the client
+    /// CA of `tls.client_ca_file`: maintenance requests must then come over it.
+    pub client_certificate_pem: Option<String>,
 }
 
 /// Why an action in a window is refused.
@@ -248,14 +249,34 @@ fn bounded(text: &str, min: usize, max: usize, what: &str) -> Result<String> {
     Ok(text.to_string())
 }
 
-fn sha256_hex(text: &str) -> Result<String> {
-    let text = text.trim().to_ascii_lowercase().replace(':', "");
-    if text.len() != 64 || !text.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(Error::Invalid(
-            "client_cert_sha256 must be a SHA-256 fingerprint in hex".into(),
-        ));
+/// The SHA-256 (hex) of a client certificate to bind a window to, once it is checked to be
+/// short-lived (at most `max_hours` of validity) and valid during the window.
+pub fn client_certificate_fingerprint(
+    pem: &str,
+    starts: i64,
+    ends: i64,
+    max_hours: u64,
+) -> Result<String> {
+    use sha2::Digest as _;
+    let invalid = |why: &str| Error::Invalid(format!("client_certificate_pem: {why}"));
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.trim().as_bytes())
+        .map_err(|_| invalid("not a PEM certificate"))?;
+    let certificate = pem
+        .parse_x509()
+        .map_err(|_| invalid("not an X.509 certificate"))?;
+    let validity = certificate.validity();
+    let not_before = validity.not_before.timestamp().saturating_mul(1000);
+    let not_after = validity.not_after.timestamp().saturating_mul(1000);
+    let max = (max_hours as i64).saturating_mul(60 * 60 * 1000);
+    if not_after.saturating_sub(not_before) > max {
+        return Err(Error::Invalid(format!(
+            "client_certificate_pem: a window's certificate may be valid for at most {max_hours} hours"
+        )));
     }
-    Ok(text)
+    if not_after <= starts || not_before >= ends {
+        return Err(invalid("the certificate is not valid during the window"));
+    }
+    Ok(hex::encode(sha2::Sha256::digest(&pem.contents)))
 }
 
 /// An admitted request in a window: the window and the recorded action.
@@ -479,11 +500,17 @@ fn window_of(row: &sqlx::any::AnyRow) -> Result<MaintenanceWindow> {
 pub struct Maintenance {
     db: Database,
     settings: MaintenanceConfig,
+    /// Whether clients can present certificates at all (`tls.client_ca_file` is set).
+    client_certificates: bool,
 }
 
 impl Maintenance {
-    pub fn new(db: Database, settings: MaintenanceConfig) -> Self {
-        Maintenance { db, settings }
+    pub fn new(db: Database, settings: MaintenanceConfig, client_certificates: bool) -> Self {
+        Maintenance {
+            db,
+            settings,
+            client_certificates,
+        }
     }
 
     /// One window, or `NotFound`.
@@ -527,11 +554,6 @@ impl Maintenance {
             .as_deref()
             .map(|why| bounded(why, 10, 1000, "bulk_phi_justification"))
             .transpose()?;
-        let fingerprint = request
-            .client_cert_sha256
-            .as_deref()
-            .map(sha256_hex)
-            .transpose()?;
         let now = now_millis();
         let (starts, ends) = check_times(
             request.starts_at.as_deref(),
@@ -539,6 +561,20 @@ impl Maintenance {
             now,
             &self.settings,
         )?;
+        let fingerprint = match &request.client_certificate_pem {
+            None => None,
+            Some(_) if !self.client_certificates => {
+                return Err(Error::Invalid(
+                    "client certificates are not enabled here (tls.client_ca_file)".into(),
+                ))
+            }
+            Some(pem) => Some(client_certificate_fingerprint(
+                pem,
+                starts,
+                ends,
+                self.settings.max_client_cert_hours,
+            )?),
+        };
         let id = uuid::Uuid::new_v4().to_string();
         let mut tx = self.db.begin().await?;
         sqlx::query(
@@ -1230,6 +1266,39 @@ mod tests {
                 "{starts:?} {ends}"
             );
         }
+    }
+
+    fn certificate(not_before: i64, not_after: i64) -> (String, Vec<u8>) {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        let at = |millis: i64| {
+            time::OffsetDateTime::from_unix_timestamp(millis / 1000).expect("instant")
+        };
+        params.not_before = at(not_before);
+        params.not_after = at(not_after);
+        let cert = params.self_signed(&key).expect("certificate");
+        (cert.pem(), cert.der().to_vec())
+    }
+
+    #[test]
+    fn only_a_short_lived_certificate_valid_in_the_window_binds_it() {
+        use sha2::Digest as _;
+        let now = millis_of(time::macros::datetime!(2026-01-01 00:00 UTC));
+        let (starts, ends) = (now, now + 2 * HOUR);
+        let (pem, der) = certificate(now - HOUR, now + 3 * HOUR);
+        assert_eq!(
+            client_certificate_fingerprint(&pem, starts, ends, 24).ok(),
+            Some(hex::encode(sha2::Sha256::digest(&der)))
+        );
+        for (not_before, not_after) in [
+            (now - HOUR, now + 30 * HOUR), // valid too long
+            (now - 3 * HOUR, now - HOUR),  // expired before the window
+            (ends, ends + HOUR),           // valid only after it
+        ] {
+            let (pem, _) = certificate(not_before, not_after);
+            assert!(client_certificate_fingerprint(&pem, starts, ends, 24).is_err());
+        }
+        assert!(client_certificate_fingerprint("not a certificate", starts, ends, 24).is_err());
     }
 
     #[test]

@@ -12,11 +12,12 @@ use serde_json::{json, Value};
 use sqlx::Row;
 
 use crate::both_engines;
-use crate::helpers::{spawn_app, Engine, TestApp};
+use crate::helpers::{spawn_app, spawn_app_with, Engine, TestApp, TestEnv};
 
 both_engines!(
     a_maintenance_window_is_approved_used_and_reported,
     bulk_phi_reading_needs_its_own_approval,
+    a_window_bound_to_a_client_certificate_needs_it,
 );
 
 fn in_hours(hours: i64) -> String {
@@ -464,5 +465,149 @@ async fn bulk_phi_reading_needs_its_own_approval(engine: Engine) {
     )
     .await;
     assert_eq!(status, StatusCode::CONFLICT);
+    app.stop().await;
+}
+
+/// A client certificate signed by `ca`, valid from `not_before` to `not_after`.
+struct ClientIdentity {
+    pem: String,
+    der: rustls::pki_types::CertificateDer<'static>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+}
+
+fn client_identity(
+    ca: &rcgen::Certificate,
+    ca_key: &rcgen::KeyPair,
+    not_before: time::OffsetDateTime,
+    not_after: time::OffsetDateTime,
+) -> ClientIdentity {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "maintenance vendor");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    params.not_before = not_before;
+    params.not_after = not_after;
+    let cert = params.signed_by(&key, ca, ca_key).expect("sign");
+    ClientIdentity {
+        pem: cert.pem(),
+        der: cert.der().clone(),
+        key: rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+    }
+}
+
+/// An HTTPS client trusting the gateway's dev certificate and presenting `identity`.
+fn client_presenting(app: &TestApp, identity: &ClientIdentity) -> reqwest::Client {
+    let dev_cert = app
+        .env()
+        .data_dir()
+        .join("data")
+        .join("tls")
+        .join("dev-cert.pem");
+    let pem = std::fs::read(dev_cert).expect("dev cert");
+    let mut roots = rustls::RootCertStore::empty();
+    for der in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(der.expect("pem")).expect("root");
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_client_auth_cert(vec![identity.der.clone()], identity.key.clone_key())
+    .expect("client certificate");
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .build()
+        .expect("client")
+}
+
+async fn a_window_bound_to_a_client_certificate_needs_it(engine: Engine) {
+    let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "institution maintenance CA");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let ca = ca_params.self_signed(&ca_key).expect("CA");
+    let now = time::OffsetDateTime::now_utc();
+    let short = client_identity(
+        &ca,
+        &ca_key,
+        now - time::Duration::minutes(5),
+        now + time::Duration::hours(3),
+    );
+    let other = client_identity(
+        &ca,
+        &ca_key,
+        now - time::Duration::minutes(5),
+        now + time::Duration::hours(3),
+    );
+    let long_lived = client_identity(
+        &ca,
+        &ca_key,
+        now - time::Duration::days(1),
+        now + time::Duration::days(365),
+    );
+
+    let env = TestEnv::new(engine).await;
+    let ca_file = env.data_dir().join("maintenance-ca.pem");
+    std::fs::write(&ca_file, ca.pem()).expect("write CA");
+    let app = spawn_app_with(env, |config| {
+        config.tls.client_ca_file = Some(ca_file);
+        config.tls.client_auth = phr_gateway::tls::ClientAuth::Optional;
+    })
+    .await;
+    let vendor = app.sign_in(AccountRole::Operator, "vendor", None).await;
+    let approver = app.sign_in(AccountRole::Operator, "approver", None).await;
+
+    let request = |pem: &str| {
+        json!({"reason": "replace the failed disk of the database server", "ticket": "INC-9",
+               "ends_at": in_hours(2), "client_certificate_pem": pem})
+    };
+    // A certificate valid for a year is no short-lived maintenance credential.
+    let (status, body) = post(
+        &app,
+        &vendor,
+        "/operator/maintenance",
+        request(&long_lived.pem),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, window) = post(&app, &vendor, "/operator/maintenance", request(&short.pem)).await;
+    assert_eq!(status, StatusCode::CREATED, "{window}");
+    assert!(window["client_cert_sha256"]
+        .as_str()
+        .is_some_and(|f| f.len() == 64));
+    let id = window["id"].as_str().expect("id").to_string();
+    let (status, _) = post(
+        &app,
+        &approver,
+        &format!("/operator/maintenance/{id}/approve"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+
+    let diagnostics = app.url(&format!("/operator/maintenance/{id}/diagnostics"));
+    let status_with = |client: reqwest::Client| {
+        let request = client.get(&diagnostics).bearer_auth(&vendor);
+        async move {
+            let response = request.send().await.expect("diagnostics");
+            (response.status(), response.text().await.unwrap_or_default())
+        }
+    };
+    // The operator's session alone is not enough, nor another certificate of the same CA.
+    let (status, body) = status_with(app.client.clone()).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("requires its client certificate"), "{body}");
+    let (status, body) = status_with(client_presenting(&app, &other)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("not the one bound"), "{body}");
+    let (status, body) = status_with(client_presenting(&app, &short)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
     app.stop().await;
 }
