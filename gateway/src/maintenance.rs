@@ -786,8 +786,11 @@ impl Maintenance {
             now,
             client_cert_sha256,
         };
-        let refusal = may_act(&window, attempt).err();
+        let mut refusal = may_act(&window, attempt).err();
         let mut tx = self.db.begin().await?;
+        if refusal.is_none() && !still_open(&mut tx, &window.id, Some(now)).await? {
+            refusal = Some(Refusal::Closed);
+        }
         let action_id: i64 = sqlx::query_scalar(
             "INSERT INTO maintenance_actions (window_id, at, account_id, session_id, action, outcome)
              VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
@@ -870,6 +873,15 @@ impl Maintenance {
             return Ok(());
         }
         let mut tx = self.db.begin().await?;
+        if !still_open(&mut tx, &access.window.id, None).await? {
+            // Closed while this request ran: its report is frozen, so nothing is disclosed.
+            sqlx::query("UPDATE maintenance_actions SET outcome = 'refused' WHERE id = $1")
+                .bind(access.action_id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            return Err(Error::Forbidden(Refusal::Closed.message()));
+        }
         sqlx::query("UPDATE maintenance_actions SET patients = $1 WHERE id = $2")
             .bind(patients.join(" "))
             .bind(access.action_id)
@@ -915,6 +927,22 @@ impl Maintenance {
         }
         let closed_at = now_millis().min(window.ends_millis);
         let mut tx = self.db.begin().await?;
+        // Closed first: this waits for actions being admitted or disclosing data, and
+        // later ones see the window closed (see `still_open`).
+        let updated = sqlx::query(
+            "UPDATE maintenance_windows SET status = 'closed', closed_at = $1
+             WHERE id = $2 AND status = 'approved'",
+        )
+        .bind(closed_at)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated != 1 {
+            return Err(Error::Conflict(
+                "this maintenance window was closed meanwhile".into(),
+            ));
+        }
         let rows = sqlx::query(
             "SELECT m.at, a.username, m.session_id, m.action, m.outcome, m.patients
              FROM maintenance_actions m JOIN accounts a ON a.id = m.account_id
@@ -942,21 +970,11 @@ impl Maintenance {
         let report = MaintenanceReport::of(&closed, actions, closed_at);
         let body = serde_json::to_string(&report)
             .map_err(|e| Error::Invalid(format!("maintenance report: {e}")))?;
-        let updated = sqlx::query(
-            "UPDATE maintenance_windows SET status = 'closed', closed_at = $1, report = $2
-             WHERE id = $3 AND status = 'approved'",
-        )
-        .bind(closed_at)
-        .bind(&body)
-        .bind(id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if updated != 1 {
-            return Err(Error::Conflict(
-                "this maintenance window was closed meanwhile".into(),
-            ));
-        }
+        sqlx::query("UPDATE maintenance_windows SET report = $1 WHERE id = $2")
+            .bind(&body)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         let agent = match closer {
             Some((session, address)) => agent_of(&session.account, address),
             None => Agent::system(),
@@ -1124,6 +1142,26 @@ impl Maintenance {
         }
         Ok(out)
     }
+}
+
+/// Whether the window is still approved (and, with `now`, not past its end), holding its
+/// row until the transaction ends: a close waits for an action being admitted or
+/// disclosing data, and an action after a close sees it, so the frozen report misses none.
+async fn still_open(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    window_id: &str,
+    now: Option<i64>,
+) -> Result<bool> {
+    let locked = sqlx::query(
+        "UPDATE maintenance_windows SET status = status
+         WHERE id = $1 AND status = 'approved' AND ends_at > $2",
+    )
+    .bind(window_id)
+    .bind(now.unwrap_or(i64::MIN))
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    Ok(locked == 1)
 }
 
 fn action_event(
