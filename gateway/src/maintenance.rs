@@ -29,6 +29,8 @@ pub enum WindowStatus {
     Requested,
     Approved,
     Rejected,
+    /// Withdrawn by its requester before a decision.
+    Cancelled,
     /// Ended (closed early or noticed after its end); its report is frozen.
     Closed,
 }
@@ -39,6 +41,7 @@ impl WindowStatus {
             WindowStatus::Requested => "requested",
             WindowStatus::Approved => "approved",
             WindowStatus::Rejected => "rejected",
+            WindowStatus::Cancelled => "cancelled",
             WindowStatus::Closed => "closed",
         }
     }
@@ -48,6 +51,7 @@ impl WindowStatus {
             "requested" => Ok(WindowStatus::Requested),
             "approved" => Ok(WindowStatus::Approved),
             "rejected" => Ok(WindowStatus::Rejected),
+            "cancelled" => Ok(WindowStatus::Cancelled),
             "closed" => Ok(WindowStatus::Closed),
             other => Err(Error::Invalid(format!(
                 "unknown maintenance window status {other:?}"
@@ -115,6 +119,7 @@ pub enum Refusal {
     NotYours,
     NotApproved,
     Rejected,
+    Cancelled,
     Closed,
     NotYetStarted,
     Ended,
@@ -129,6 +134,7 @@ impl Refusal {
             Refusal::NotYours => "this maintenance window belongs to another operator",
             Refusal::NotApproved => "this maintenance window has not been approved",
             Refusal::Rejected => "this maintenance window was rejected",
+            Refusal::Cancelled => "this maintenance window was cancelled",
             Refusal::Closed => "this maintenance window is closed",
             Refusal::NotYetStarted => "this maintenance window has not started yet",
             Refusal::Ended => "this maintenance window has ended",
@@ -161,6 +167,7 @@ pub fn may_act(window: &MaintenanceWindow, attempt: Attempt<'_>) -> Result<(), R
     match window.status {
         WindowStatus::Requested => return Err(Refusal::NotApproved),
         WindowStatus::Rejected => return Err(Refusal::Rejected),
+        WindowStatus::Cancelled => return Err(Refusal::Cancelled),
         WindowStatus::Closed => return Err(Refusal::Closed),
         WindowStatus::Approved => {}
     }
@@ -663,6 +670,43 @@ impl Maintenance {
             address,
         )
         .await
+    }
+
+    /// Withdraws a request not yet decided; only its requester may. Audited.
+    pub async fn cancel(
+        &self,
+        id: &str,
+        requester: &Session,
+        address: Option<IpAddr>,
+    ) -> Result<MaintenanceWindow> {
+        let window = self.window(id).await?;
+        if window.requested_by != requester.account.id {
+            return Err(Error::Forbidden(
+                "only the requester can cancel a maintenance window",
+            ));
+        }
+        let mut tx = self.db.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE maintenance_windows SET status = 'cancelled'
+             WHERE id = $1 AND status = 'requested'",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated != 1 {
+            return Err(Error::Conflict(
+                "only a window waiting for approval can be cancelled; close an approved one".into(),
+            ));
+        }
+        let event = AuditEvent::new(
+            EventKind::MaintenanceWindow,
+            agent_of(&requester.account, address),
+        )
+        .detail(format!("maintenance window {id} cancelled"));
+        audit::record(&mut tx, &event).await?;
+        tx.commit().await?;
+        self.window(id).await
     }
 
     /// The window, when `approver` may decide on it now.
@@ -1230,6 +1274,10 @@ mod tests {
             ),
             ((S::Rejected, None, "alice", inside, None), Err(R::Rejected)),
             ((S::Closed, None, "alice", inside, None), Err(R::Closed)),
+            (
+                (S::Cancelled, None, "alice", inside, None),
+                Err(R::Cancelled),
+            ),
             (
                 (S::Approved, None, "alice", 10 * HOUR - 1, None),
                 Err(R::NotYetStarted),

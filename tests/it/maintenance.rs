@@ -376,6 +376,34 @@ async fn bulk_phi_reading_needs_its_own_approval(engine: Engine) {
         "ends_at": in_hours(1),
         "bulk_phi_justification": "compare per-patient counts before and after the rebuild"
     });
+    // A request withdrawn by its requester (nobody else can) is never usable.
+    let (_, withdrawn) = post(&app, &vendor, "/operator/maintenance", request.clone()).await;
+    let withdrawn = withdrawn["id"].as_str().expect("id").to_string();
+    let cancel = format!("/operator/maintenance/{withdrawn}/cancel");
+    let (status, _) = post(&app, &approver, &cancel, json!(null)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, body) = post(&app, &vendor, &cancel, json!(null)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "cancelled");
+    let (status, _) = post(
+        &app,
+        &approver,
+        &format!("/operator/maintenance/{withdrawn}/approve"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let (status, body) = get(
+        &app,
+        &vendor,
+        &format!("/operator/maintenance/{withdrawn}/diagnostics"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(body["detail"]
+        .as_str()
+        .is_some_and(|d| d.contains("cancelled")));
+
     // A window whose bulk read the approver declines.
     let (_, declined) = post(&app, &vendor, "/operator/maintenance", request.clone()).await;
     let declined = declined["id"].as_str().expect("id").to_string();

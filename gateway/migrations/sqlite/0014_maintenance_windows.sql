@@ -15,7 +15,7 @@ CREATE TABLE maintenance_windows (
     bulk_phi_allowed BIGINT NOT NULL DEFAULT 0,
     -- SHA-256 (hex) of the client certificate the window is bound to, if any.
     client_cert_sha256 TEXT,
-    status TEXT NOT NULL CHECK (status IN ('requested', 'approved', 'rejected', 'closed')),
+    status TEXT NOT NULL CHECK (status IN ('requested', 'approved', 'rejected', 'cancelled', 'closed')),
     decided_by TEXT REFERENCES accounts(id),
     decided_at BIGINT,
     decision_note TEXT,

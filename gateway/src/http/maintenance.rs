@@ -171,6 +171,27 @@ pub async fn reject(
     Ok(Json(rejected?))
 }
 
+/// Withdraws a window still waiting for approval; only its requester may. Audited.
+#[utoipa::path(post, path = "/operator/maintenance/{id}/cancel", tag = "maintenance",
+    params(("id" = String, Path, description = "The window")),
+    responses((status = 200, description = "Cancelled", body = MaintenanceWindow),
+        (status = 403, description = "Not the requester", content_type = "application/problem+json"),
+        (status = 404, description = "No such window", content_type = "application/problem+json"),
+        (status = 409, description = "Already decided", content_type = "application/problem+json")))]
+pub async fn cancel(
+    State(state): State<AppState>,
+    operator: OperatorSession,
+    Path(id): Path<String>,
+) -> Result<Json<MaintenanceWindow>, ApiError> {
+    let auth = &operator.0;
+    let cancelled = state
+        .maintenance
+        .cancel(&id, &auth.session, auth.address)
+        .await;
+    state.audit.notify();
+    Ok(Json(cancelled?))
+}
+
 /// Ends an approved window now and generates its report. Audited.
 #[utoipa::path(post, path = "/operator/maintenance/{id}/close", tag = "maintenance",
     params(("id" = String, Path, description = "The window")),

@@ -166,6 +166,7 @@ pub fn router(state: AppState) -> Router {
         .route("/operator/maintenance", get(maintenance::list).post(maintenance::request))
         .route("/operator/maintenance/{id}/approve", post(maintenance::approve))
         .route("/operator/maintenance/{id}/reject", post(maintenance::reject))
+        .route("/operator/maintenance/{id}/cancel", post(maintenance::cancel))
         .route("/operator/maintenance/{id}/close", post(maintenance::close))
         .route("/operator/maintenance/{id}/report", get(maintenance::report))
         .route("/operator/maintenance/{id}/diagnostics", get(maintenance::diagnostics))

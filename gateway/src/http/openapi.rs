@@ -82,6 +82,7 @@ use utoipa::OpenApi;
         super::maintenance::list,
         super::maintenance::approve,
         super::maintenance::reject,
+        super::maintenance::cancel,
         super::maintenance::close,
         super::maintenance::report,
         super::maintenance::diagnostics,
