@@ -151,6 +151,11 @@ impl Gateway {
             keys.clone(),
             config.break_glass.clone(),
         )?;
+        let maintenance = crate::maintenance::Maintenance::new(
+            db.clone(),
+            config.maintenance.clone(),
+            config.tls.client_ca_file.is_some() && !config.insecure_http,
+        );
         let queue = JobQueue::new(db.clone());
         let instructions =
             Instructions::new(db.clone(), keys.clone(), receipts.clone(), queue.clone());
@@ -192,6 +197,7 @@ impl Gateway {
             accounts,
             second_factors,
             break_glass,
+            maintenance,
             audit,
             metrics: Arc::default(),
             instructions,

@@ -62,6 +62,8 @@ pub struct Config {
     pub audit_shipping: AuditShippingConfig,
     /// Alerts: rules over the audit stream, delivered to operators.
     pub alerts: AlertsConfig,
+    /// Remote maintenance windows.
+    pub maintenance: MaintenanceConfig,
 }
 
 impl Default for Config {
@@ -90,6 +92,7 @@ impl Default for Config {
             break_glass: BreakGlassConfig::default(),
             audit_shipping: AuditShippingConfig::default(),
             alerts: AlertsConfig::default(),
+            maintenance: MaintenanceConfig::default(),
         }
     }
 }
@@ -261,6 +264,26 @@ impl Default for BreakGlassConfig {
             session_minutes: 60,
             review_within_hours: 24,
             normal_login_probe_url: None,
+        }
+    }
+}
+
+/// Remote maintenance windows: how long one may last and how far ahead it may be asked for.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MaintenanceConfig {
+    pub max_window_minutes: u64,
+    pub max_lead_days: u64,
+    /// The longest validity a client certificate bound to a window may have.
+    pub max_client_cert_hours: u64,
+}
+
+impl Default for MaintenanceConfig {
+    fn default() -> Self {
+        MaintenanceConfig {
+            max_window_minutes: 8 * 60,
+            max_lead_days: 30,
+            max_client_cert_hours: 24,
         }
     }
 }
@@ -547,6 +570,10 @@ impl Config {
         positive(
             "oauth.authorization_request_secs",
             self.oauth.authorization_request_secs,
+        )?;
+        positive(
+            "maintenance.max_window_minutes",
+            self.maintenance.max_window_minutes,
         )?;
         tracing_subscriber::EnvFilter::try_new(&self.log.filter)
             .map_err(|e| Error::config("log.filter", e.to_string()))?;

@@ -20,6 +20,7 @@ pub mod fhir;
 pub mod http;
 pub mod import;
 pub mod keystore;
+pub mod maintenance;
 pub mod medications;
 pub mod mfa;
 pub mod notifications;

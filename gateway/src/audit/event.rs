@@ -87,6 +87,12 @@ pub enum EventKind {
     /// An operator searched or exported audit events (DCM 110101 Audit Log Used).
     AuditLogSearched,
     AuditLogExported,
+    /// A remote maintenance window was requested, approved, rejected or closed, or its
+    /// report generated.
+    MaintenanceWindow,
+    /// A request made in a maintenance window (refused ones too), with the window id in the
+    /// detail; purposeOfEvent SYSADMN.
+    MaintenanceAction,
 }
 
 impl EventKind {
@@ -134,6 +140,9 @@ impl EventKind {
                 "notification",
                 "Notification to a recipient",
             ),
+            EventKind::MaintenanceWindow | EventKind::MaintenanceAction => {
+                coding(GATEWAY_EVENTS, "maintenance", "Remote maintenance")
+            }
             // IHE IUA records its transactions as User Authentication.
             EventKind::AuthorizationRequested
             | EventKind::AuthorizationCodeIssued
@@ -249,6 +258,14 @@ impl EventKind {
                 "audit-log-exported",
                 "Audit events exported",
             ),
+            EventKind::MaintenanceWindow => {
+                coding(GATEWAY_EVENTS, "maintenance-window", "Maintenance window")
+            }
+            EventKind::MaintenanceAction => coding(
+                GATEWAY_EVENTS,
+                "maintenance-action",
+                "Action in a maintenance window",
+            ),
         }
     }
 
@@ -291,6 +308,7 @@ impl EventKind {
             EventKind::AlertAcknowledged => "U",
             EventKind::AuditLogSearched => "E",
             EventKind::AuditLogExported => "R",
+            EventKind::MaintenanceWindow | EventKind::MaintenanceAction => "E",
         }
     }
 }
@@ -479,6 +497,14 @@ impl AuditEvent {
                 "http://terminology.hl7.org/CodeSystem/v3-ActReason",
                 "BTG",
                 "break the glass"
+            )]}]);
+        }
+        if self.kind == EventKind::MaintenanceAction {
+            // System administration: marks access made for maintenance, not for care.
+            event["purposeOfEvent"] = json!([{"coding": [coding(
+                "http://terminology.hl7.org/CodeSystem/v3-ActReason",
+                "SYSADMN",
+                "system administration"
             )]}]);
         }
         if let Some(detail) = &self.detail {

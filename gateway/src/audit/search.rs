@@ -74,6 +74,8 @@ pub const KINDS: &[(&str, EventKind)] = &[
     ("alert-acknowledged", EventKind::AlertAcknowledged),
     ("audit-log-searched", EventKind::AuditLogSearched),
     ("audit-log-exported", EventKind::AuditLogExported),
+    ("maintenance-window", EventKind::MaintenanceWindow),
+    ("maintenance-action", EventKind::MaintenanceAction),
 ];
 
 /// The kind an operator names, e.g. `login`.

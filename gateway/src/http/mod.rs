@@ -15,6 +15,7 @@ pub mod erasure;
 pub mod error;
 pub mod fhir;
 pub mod health;
+pub mod maintenance;
 pub mod metrics;
 pub mod notifications;
 pub mod oauth;
@@ -69,6 +70,7 @@ pub struct AppState {
     pub accounts: Accounts,
     pub second_factors: crate::mfa::SecondFactors,
     pub break_glass: crate::break_glass::BreakGlass,
+    pub maintenance: crate::maintenance::Maintenance,
     pub audit: AuditLog,
     pub metrics: Arc<metrics::Metrics>,
     pub instructions: Instructions,
@@ -161,6 +163,18 @@ pub fn router(state: AppState) -> Router {
         .route("/auth/break-glass", post(break_glass::start))
         .route("/operator/break-glass", get(break_glass::list))
         .route("/operator/break-glass/{id}/review", post(break_glass::review))
+        .route("/operator/maintenance", get(maintenance::list).post(maintenance::request))
+        .route("/operator/maintenance/{id}/approve", post(maintenance::approve))
+        .route("/operator/maintenance/{id}/reject", post(maintenance::reject))
+        .route("/operator/maintenance/{id}/cancel", post(maintenance::cancel))
+        .route("/operator/maintenance/{id}/close", post(maintenance::close))
+        .route("/operator/maintenance/{id}/report", get(maintenance::report))
+        .route("/operator/maintenance/{id}/diagnostics", get(maintenance::diagnostics))
+        .route(
+            "/operator/maintenance/{id}/patients/{patient_id}/resource-counts",
+            get(maintenance::patient_resource_counts),
+        )
+        .route("/operator/maintenance/{id}/resource-counts", get(maintenance::all_resource_counts))
         .route("/operator/sessions", get(operator::sessions))
         .route("/operator/supply-chain", get(operator::supply_chain))
         .route("/operator/sbom", get(operator::sbom))

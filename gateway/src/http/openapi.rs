@@ -78,6 +78,16 @@ use utoipa::OpenApi;
         super::oauth::grant,
         super::notifications::register_webhook,
         super::notifications::acknowledge,
+        super::maintenance::request,
+        super::maintenance::list,
+        super::maintenance::approve,
+        super::maintenance::reject,
+        super::maintenance::cancel,
+        super::maintenance::close,
+        super::maintenance::report,
+        super::maintenance::diagnostics,
+        super::maintenance::patient_resource_counts,
+        super::maintenance::all_resource_counts,
     ),
     tags(
         (name = "health", description = "Probes"),
@@ -89,6 +99,7 @@ use utoipa::OpenApi;
         (name = "checkups", description = "特定健診 results uploaded as CDA or exchange ZIP"),
         (name = "consent", description = "Disclosure consents: the patient's, to list, change and withdraw"),
         (name = "oauth", description = "The OAuth 2 authorisation server for PHR apps (SMART App Launch style)"),
+        (name = "maintenance", description = "Remote maintenance windows: requested, approved by a second operator, audited, reported"),
     )
 )]
 pub struct ApiDoc;
