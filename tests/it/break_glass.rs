@@ -8,10 +8,9 @@ use axum::routing::get;
 use phr_gateway::audit::AccountRole;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use sqlx::Row;
 
 use crate::both_engines;
-use crate::helpers::{spawn_app_with, Engine, TestApp, TestEnv};
+use crate::helpers::{audit_events, spawn_app_with, Engine, TestApp, TestEnv};
 
 both_engines!(
     break_glass_only_during_an_outage_and_reviewed_afterwards,
@@ -60,18 +59,9 @@ async fn break_glass(app: &TestApp, username: &str, secret: &str) -> (StatusCode
 }
 
 async fn emergency_leaves(app: &TestApp) -> Vec<Value> {
-    app.gateway()
-        .state
-        .audit
-        .sequence(true)
+    audit_events(app)
         .await
-        .expect("sequence");
-    let rows = sqlx::query("SELECT body FROM audit_leaves ORDER BY id")
-        .fetch_all(app.gateway().state.db.read_pool())
-        .await
-        .expect("leaves");
-    rows.iter()
-        .map(|row| serde_json::from_slice::<Value>(&row.get::<Vec<u8>, _>(0)).expect("json"))
+        .into_iter()
         .filter(|event| event["subtype"][0]["code"] == "110127")
         .collect()
 }

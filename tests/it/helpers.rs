@@ -486,3 +486,17 @@ pub fn portal_checkup_document() -> String {
         .find_map(|(_, id, ..)| portal.checkup_document(&person.subject, &id))
         .expect("a checkup document")
 }
+
+/// Every audit event recorded so far (sequenced first), oldest first, as parsed JSON.
+pub async fn audit_events(app: &TestApp) -> Vec<serde_json::Value> {
+    use sqlx::Row;
+    let state = &app.gateway().state;
+    state.audit.sequence(true).await.expect("sequence");
+    let rows = sqlx::query("SELECT body FROM audit_leaves ORDER BY id")
+        .fetch_all(state.db.read_pool())
+        .await
+        .expect("leaves");
+    rows.iter()
+        .map(|row| serde_json::from_slice(&row.get::<Vec<u8>, _>(0)).expect("json"))
+        .collect()
+}

@@ -9,10 +9,9 @@ use phr_gateway::audit::AccountRole;
 use phr_gateway::store::resources::{NewResource, SourceIdentity};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use sqlx::Row;
 
 use crate::both_engines;
-use crate::helpers::{spawn_app, spawn_app_with, Engine, TestApp, TestEnv};
+use crate::helpers::{audit_events, spawn_app, spawn_app_with, Engine, TestApp, TestEnv};
 
 both_engines!(
     a_maintenance_window_is_approved_used_and_reported,
@@ -53,18 +52,9 @@ async fn get(app: &TestApp, token: &str, path: &str) -> (StatusCode, Value) {
 
 /// Audit leaves of remote maintenance (window changes and actions), oldest first.
 async fn maintenance_leaves(app: &TestApp) -> Vec<Value> {
-    app.gateway()
-        .state
-        .audit
-        .sequence(true)
+    audit_events(app)
         .await
-        .expect("sequence");
-    let rows = sqlx::query("SELECT body FROM audit_leaves ORDER BY id")
-        .fetch_all(app.gateway().state.db.read_pool())
-        .await
-        .expect("leaves");
-    rows.iter()
-        .map(|row| serde_json::from_slice::<Value>(&row.get::<Vec<u8>, _>(0)).expect("json"))
+        .into_iter()
         .filter(|event| {
             event["outcomeDesc"]
                 .as_str()
