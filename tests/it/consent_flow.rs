@@ -20,6 +20,7 @@ use crate::oauth::{env, location, query_of, Env, REDIRECT};
 both_engines!(
     the_app_reads_under_the_consent_until_it_is_withdrawn,
     a_declined_app_is_not_asked_again,
+    a_representative_agrees_for_someone_else_only_after_a_step_up,
 );
 
 const SCOPE: &str =
@@ -333,4 +334,110 @@ async fn a_declined_app_is_not_asked_again(engine: Engine) {
     assert_eq!(query_of(&location(&again))["error"], "access_denied");
     assert!(leaves_containing(&env.app, "declined").await >= 2);
     env.stop().await;
+}
+
+/// A parent agreeing on the consent screen for their child proves themself again (password,
+/// and second factor when they have one); declining needs nothing.
+async fn a_representative_agrees_for_someone_else_only_after_a_step_up(engine: Engine) {
+    let env = env(engine).await;
+    let key = BackendKey::generate_es384();
+    let client_id = env.key_client(&key).await;
+    let operator = env.operator.clone();
+    let parent = env
+        .app
+        .sign_in(AccountRole::Patient, "hanako", Some("p-hanako"))
+        .await;
+    let born = (time::OffsetDateTime::now_utc() - time::Duration::days(365 * 8))
+        .date()
+        .to_string();
+    let registered = env
+        .app
+        .client
+        .post(env.url("/operator/representations"))
+        .bearer_auth(&operator)
+        .json(
+            &json!({"representative_patient_id": "p-hanako", "represented_patient_id": "p-child",
+               "kind": "parent-of-dependent", "represented_birth_date": born}),
+        )
+        .send()
+        .await
+        .expect("register");
+    assert_eq!(registered.status(), StatusCode::CREATED);
+
+    let (screen, _) = ask(&env, &client_id).await;
+    let as_parent = |form: Vec<(&'static str, String)>| {
+        env.browser
+            .post(env.url(&screen))
+            .bearer_auth(&parent)
+            .header("acting-for", "p-child")
+            .header("origin", env.app.base.clone())
+            .form(&form)
+            .send()
+    };
+    let page = env
+        .browser
+        .get(env.url(&screen))
+        .bearer_auth(&parent)
+        .header("acting-for", "p-child")
+        .send()
+        .await
+        .expect("screen")
+        .text()
+        .await
+        .expect("html");
+    assert!(
+        page.contains("name=\"password\""),
+        "the screen asks the representative to confirm"
+    );
+    let ends_on = (time::OffsetDateTime::now_utc() + time::Duration::days(60))
+        .date()
+        .to_string();
+    let grant = |password: Option<&str>| {
+        let mut form = vec![
+            ("action", "grant".to_string()),
+            ("purpose", "PATRQT".to_string()),
+            ("category", "demographics".to_string()),
+            ("ends_on", ends_on.clone()),
+        ];
+        if let Some(password) = password {
+            form.push(("password", password.to_string()));
+        }
+        form
+    };
+    let refused = as_parent(grant(None)).await.expect("grant");
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    let wrong = as_parent(grant(Some("not my password")))
+        .await
+        .expect("grant");
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    let consents = env
+        .app
+        .gateway()
+        .state
+        .consents
+        .list("p-child")
+        .await
+        .expect("list");
+    assert!(consents.is_empty(), "nothing granted without the step-up");
+    let agreed = as_parent(grant(Some(crate::helpers::PASSWORD)))
+        .await
+        .expect("grant");
+    assert_eq!(agreed.status(), StatusCode::SEE_OTHER);
+    let consents = env
+        .app
+        .gateway()
+        .state
+        .consents
+        .list("p-child")
+        .await
+        .expect("list");
+    assert_eq!(consents.len(), 1);
+    assert!(
+        leaves_containing(
+            &env.app,
+            "step-up re-authentication for agreeing to a disclosure for someone else"
+        )
+        .await
+            >= 1
+    );
 }
