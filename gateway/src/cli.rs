@@ -63,6 +63,16 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// The service disclosure for institutions, from the live configuration (Japanese,
+    /// with English beside it).
+    Disclosure {
+        /// `html` (printable) or `json`.
+        #[arg(long, default_value = "html")]
+        format: String,
+        /// Write to this file instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Write the CycloneDX SBOM of this build (made from its Cargo.lock).
     Sbom {
         /// Write to this file instead of standard output.
@@ -167,6 +177,27 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         ..Default::default()
     };
     match cli.command {
+        Command::Disclosure { format, out } => {
+            let config = Config::load(cli.config.as_deref(), &flags)?;
+            let document =
+                crate::disclosure::disclosure(&crate::disclosure::gather(&config).await?);
+            let text = match format.as_str() {
+                "html" => crate::disclosure::render_html(&document),
+                "json" => serde_json::to_string_pretty(&document)
+                    .map_err(|e| Error::Invalid(format!("disclosure: {e}")))?,
+                other => {
+                    return Err(Error::config(
+                        "--format",
+                        format!("{other:?}: choose html or json"),
+                    ))
+                }
+            };
+            match out {
+                Some(path) => std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?,
+                None => println!("{text}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Sbom { out } => {
             let doc = crate::supply_chain::sbom::document()?;
             match out {

@@ -56,6 +56,8 @@ pub struct Config {
     pub notifications: NotificationsConfig,
     /// Bulk Data exports.
     pub export: ExportConfig,
+    /// What `phr-gateway disclosure` states beyond what the configuration shows.
+    pub disclosure: DisclosureConfig,
     /// Emergency operator access.
     pub break_glass: BreakGlassConfig,
     /// Copies of the audit log on write-once storage.
@@ -90,6 +92,7 @@ impl Default for Config {
             notifications: NotificationsConfig::default(),
             export: ExportConfig::default(),
             break_glass: BreakGlassConfig::default(),
+            disclosure: DisclosureConfig::default(),
             audit_shipping: AuditShippingConfig::default(),
             alerts: AlertsConfig::default(),
             maintenance: MaintenanceConfig::default(),
@@ -242,6 +245,13 @@ impl Default for PullConfig {
             max_backoff_secs: 60 * 60,
         }
     }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DisclosureConfig {
+    /// Where the data is kept (e.g. "日本国内（東京リージョン）"); unset: not declared.
+    pub data_location: Option<String>,
 }
 
 /// Emergency (break-glass) operator access, for when the normal sign-in path is down.

@@ -14,6 +14,7 @@ pub mod config;
 pub mod consents;
 pub mod crypto;
 pub mod demo;
+pub mod disclosure;
 pub mod error;
 pub mod export;
 pub mod fhir;

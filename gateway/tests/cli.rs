@@ -299,3 +299,55 @@ async fn operator_add_prints_a_second_factor_and_break_glass_a_one_time_secret()
     );
     assert!(!not_glass.status.success());
 }
+
+#[test]
+fn disclosure_states_what_the_configuration_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path();
+    let json = gateway(data, &["disclosure", "--format", "json"]);
+    assert!(json.status.success(), "{}", text(&json.stderr));
+    let document: serde_json::Value = serde_json::from_slice(&json.stdout).expect("json");
+    let measure = |id: &str| {
+        document["measures"]
+            .as_array()
+            .expect("measures")
+            .iter()
+            .find(|m| m["id"] == id)
+            .cloned()
+            .expect("measure")
+    };
+    // The default local sink is shipped but not write-once, and says so.
+    assert_eq!(measure("audit-shipping")["on"], false);
+    assert!(measure("audit-shipping")["state"]
+        .as_str()
+        .is_some_and(|s| s.contains("not ransomware-resilient")));
+    assert_eq!(measure("backups")["on"], false);
+    assert_eq!(measure("data-location")["on"], false);
+    assert_eq!(measure("mfa")["on"], true);
+    assert_eq!(measure("tls")["on"], true);
+
+    // Declaring the location and turning the advisory check on changes what it says.
+    let config = data.join("gateway.toml");
+    std::fs::write(
+        &config,
+        "[disclosure]\ndata_location = \"日本国内（東京）\"\n\n[alerts]\nadvisory_db_dir = \"/srv/advisory-db\"\nwebhook_urls = [\"https://soc.example.jp/alerts\"]\n",
+    )
+    .expect("config");
+    let html = Command::new(env!("CARGO_BIN_EXE_phr-gateway"))
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--config")
+        .arg(&config)
+        .args(["disclosure", "--format", "html"])
+        .output()
+        .expect("run");
+    assert!(html.status.success(), "{}", text(&html.stderr));
+    let page = text(&html.stdout);
+    assert!(page.contains("サービス仕様適合開示書"));
+    assert!(page.contains("日本国内（東京）"));
+    assert!(page.contains("脆弱性照合: 有効"));
+
+    let bad = gateway(data, &["disclosure", "--format", "pdf"]);
+    assert!(!bad.status.success());
+    assert!(text(&bad.stderr).contains("choose html or json"));
+}

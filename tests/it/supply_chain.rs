@@ -116,7 +116,26 @@ async fn operators_read_the_supply_chain_and_the_sbom() {
     );
     let sbom: Value = sbom.json().await.expect("json");
     assert_eq!(sbom["bomFormat"], "CycloneDX");
-    for path in ["/operator/supply-chain", "/operator/sbom"] {
+    let disclosure = app
+        .client
+        .get(app.url("/operator/disclosure"))
+        .bearer_auth(&operator)
+        .send()
+        .await
+        .expect("disclosure")
+        .text()
+        .await
+        .expect("html");
+    assert!(disclosure.contains("サービス仕様適合開示書"));
+    assert!(
+        disclosure.contains("not ransomware-resilient"),
+        "the local sink is named as such"
+    );
+    for path in [
+        "/operator/supply-chain",
+        "/operator/sbom",
+        "/operator/disclosure",
+    ] {
         let refused = app
             .client
             .get(app.url(path))

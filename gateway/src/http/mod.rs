@@ -178,6 +178,7 @@ pub fn router(state: AppState) -> Router {
         .route("/operator/sessions", get(operator::sessions))
         .route("/operator/supply-chain", get(operator::supply_chain))
         .route("/operator/sbom", get(operator::sbom))
+        .route("/operator/disclosure", get(operator::disclosure))
         .route("/operator/sessions/{id}/end", post(operator::end_session))
         .route("/operator", get(operator_pages::home))
         .route("/operator/login", post(operator_pages::login))

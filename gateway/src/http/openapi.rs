@@ -45,6 +45,7 @@ use utoipa::OpenApi;
         super::operator::end_session,
         super::operator::supply_chain,
         super::operator::sbom,
+        super::operator::disclosure,
         super::audit_search::search,
         super::audit_search::export,
         super::alerts::list,

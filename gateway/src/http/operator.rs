@@ -90,3 +90,16 @@ pub async fn sbom(_operator: OperatorSession) -> Result<Response, ApiError> {
     )
         .into_response())
 }
+
+/// The service disclosure (HTML, Japanese with English) from the running configuration.
+#[utoipa::path(get, path = "/operator/disclosure", tag = "operator",
+    responses((status = 200, description = "The disclosure", content_type = "text/html"),
+        (status = 403, description = "Not an operator", content_type = "application/problem+json")))]
+pub async fn disclosure(
+    State(state): State<AppState>,
+    _operator: OperatorSession,
+) -> Result<Response, ApiError> {
+    let facts = crate::disclosure::gather(&state.config).await?;
+    let html = crate::disclosure::render_html(&crate::disclosure::disclosure(&facts));
+    Ok(([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response())
+}
