@@ -277,7 +277,8 @@ pub fn print_welcome(
          In the portal: データの書き出し downloads everything (FHIR, with a Japanese summary at\n\
          /portal/summary), アクセス記録 shows who read what, and データの削除 erases the record.\n\n\
          Demo patient:  {} / {}\n\
-         Demo operator: {} / {} at {base}/operator, then a TOTP code for the secret\n         {} (add it to an authenticator app, or: oathtool --totp -b {})\n\n\
+         Demo operator: {} / {} at {base}/operator, then a TOTP code for the secret\n\
+         {} (add it to an authenticator app, or: oathtool --totp -b {})\n\n\
          Try:\n  curl -k {base}/healthz\n  \
          TOKEN=$(curl -sk {base}/auth/login -H 'content-type: application/json' \\\n      \
          -d '{{\"username\":\"{}\",\"password\":\"{}\"}}' | sed -E 's/.*\"token\":\"([^\"]+)\".*/\\1/')\n  \

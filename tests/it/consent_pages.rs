@@ -189,6 +189,28 @@ async fn the_demo_app_reads_until_the_patient_withdraws() {
     let credentials = phr_gateway::demo::seed(&app.gateway().state)
         .await
         .expect("demo accounts");
+    // The demo operator signs in as printed: the password, then a code for the TOTP secret.
+    let login: serde_json::Value = app
+        .client
+        .post(app.url("/auth/login"))
+        .json(&serde_json::json!({"username": credentials.operator.0, "password": credentials.operator.1}))
+        .send()
+        .await
+        .expect("operator login")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(login["stage"], "second-factor");
+    let operator = login["token"].as_str().expect("token");
+    let proved = app
+        .client
+        .post(app.url("/auth/second-factor/totp"))
+        .bearer_auth(operator)
+        .json(&serde_json::json!({"code": crate::helpers::totp_code(&credentials.operator_totp)}))
+        .send()
+        .await
+        .expect("second factor");
+    assert_eq!(proved.status(), 200);
     let phr_app = phr_gateway::demo::start_phr_app(app.gateway())
         .await
         .expect("demo app");
