@@ -69,6 +69,7 @@ impl Gateway {
         tls::install_crypto_provider();
         create_data_dir(&config)?;
 
+        crate::crypto::kek_rotation::check_no_interrupted(&config.kek_path())?;
         let (kek_bytes, kek_created) = key_file::load_or_generate(&config.kek_path(), 32)?;
         let kek = Kek::from_bytes(&kek_bytes)?;
         let (seed, signing_created) =

@@ -79,11 +79,24 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Key management.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Operator accounts: each has a second factor from the start.
     Operator {
         #[command(subcommand)]
         command: OperatorCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Re-wrap every data key under a new key-encryption key (no data is re-encrypted).
+    /// Stop every gateway process using this key store first. Safe to run again after a
+    /// crash: it finishes the interrupted rotation.
+    RotateKek,
 }
 
 #[derive(Debug, Subcommand)]
@@ -267,6 +280,37 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Audit { command } => {
             let config = Config::load(cli.config.as_deref(), &flags)?;
             audit_command(config, command).await
+        }
+        Command::Keys {
+            command: KeysCommand::RotateKek,
+        } => {
+            let mut config = Config::load(cli.config.as_deref(), &flags)?;
+            let rotated = crate::crypto::kek_rotation::rotate(&config).await?;
+            config.insecure_http = true;
+            config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+            let gateway = Gateway::build(config).await?;
+            let event = crate::audit::AuditEvent::new(
+                crate::audit::EventKind::SecurityConfiguration,
+                crate::audit::Agent::system(),
+            )
+            .detail(format!(
+                "key-encryption key rotated: {} data keys re-wrapped, {} already under the new key",
+                rotated.rewrapped, rotated.already
+            ));
+            let mut tx = gateway.state.db.begin().await?;
+            crate::audit::record(&mut tx, &event).await?;
+            tx.commit().await?;
+            let _ = gateway.state.audit.sequence(false).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), gateway.state.db.close()).await;
+            println!(
+                "key-encryption key rotated: {} data keys re-wrapped ({} already under the new key)",
+                rotated.rewrapped, rotated.already
+            );
+            println!(
+                "the old key is at {}: keep it while key-store backups made before now are kept, then destroy it",
+                rotated.retired.display()
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Operator { command } => {
             let config = Config::load(cli.config.as_deref(), &flags)?;

@@ -120,6 +120,49 @@ impl KeyStore {
         Ok((self.stored_key(patient_id).await?, inserted == 1))
     }
 
+    /// Every wrapped data key, by owner (for checks and tests; the keys stay wrapped).
+    pub async fn wrapped_keys(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        let rows = sqlx::query("SELECT patient_id, wrapped_key FROM data_keys ORDER BY patient_id")
+            .fetch_all(self.db.read_pool())
+            .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .collect()
+    }
+
+    /// Re-wraps every data key from `old` to `new` in one transaction (KEK rotation). A key
+    /// already under `new` (a resumed rotation) is left as it is; a key under neither stops
+    /// the rotation with nothing changed. Returns (re-wrapped, already under `new`).
+    pub async fn rewrap_all(&self, old: &Kek, new: &Kek) -> Result<(u64, u64)> {
+        let mut tx = self.db.begin().await?;
+        let rows = sqlx::query("SELECT patient_id, wrapped_key FROM data_keys ORDER BY patient_id")
+            .fetch_all(&mut *tx)
+            .await?;
+        let (mut rewrapped, mut already) = (0, 0);
+        for row in rows {
+            let patient_id: String = row.try_get(0)?;
+            let wrapped: Vec<u8> = row.try_get(1)?;
+            if new.wraps(&patient_id, &wrapped) {
+                already += 1;
+                continue;
+            }
+            let rewrapped_key = old.rewrap(&patient_id, &wrapped, new).map_err(|_| {
+                Error::Crypto("a data key is wrapped by neither the old nor the new KEK")
+            })?;
+            sqlx::query("UPDATE data_keys SET wrapped_key = $1 WHERE patient_id = $2")
+                .bind(rewrapped_key)
+                .bind(&patient_id)
+                .execute(&mut *tx)
+                .await?;
+            rewrapped += 1;
+        }
+        tx.commit().await?;
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.clear();
+        }
+        Ok((rewrapped, already))
+    }
+
     /// Destroys the patient's data key so their stored data can never be decrypted again.
     /// On SQLite the deleted bytes are zeroed (`secure_delete`) and the WAL truncated; on
     /// PostgreSQL the table is rewritten so the old tuple leaves the table's files.

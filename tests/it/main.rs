@@ -22,6 +22,7 @@ mod fhir_scale;
 mod fhir_validation;
 mod http;
 mod institution_uploads;
+mod kek_rotation;
 mod maintenance;
 mod notifications;
 mod oauth;

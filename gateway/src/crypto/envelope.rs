@@ -42,6 +42,19 @@ impl Kek {
         Ok((DataKey::from_bytes(raw.as_ref())?, wrapped))
     }
 
+    /// A data key wrapped by this KEK, re-wrapped under `to` (KEK rotation; the data key
+    /// itself, and so every value sealed with it, stays the same).
+    pub fn rewrap(&self, patient_id: &str, wrapped: &[u8], to: &Kek) -> Result<Vec<u8>> {
+        let aad = wrap_aad(patient_id);
+        let raw = Zeroizing::new(open(&self.cipher, aad.as_bytes(), wrapped)?);
+        seal(&to.cipher, aad.as_bytes(), &raw)
+    }
+
+    /// Whether this KEK wraps the given data key (AES-GCM authenticates it).
+    pub fn wraps(&self, patient_id: &str, wrapped: &[u8]) -> bool {
+        open(&self.cipher, wrap_aad(patient_id).as_bytes(), wrapped).is_ok()
+    }
+
     pub fn unwrap_data_key(&self, patient_id: &str, wrapped: &[u8]) -> Result<DataKey> {
         let raw = Zeroizing::new(open(
             &self.cipher,

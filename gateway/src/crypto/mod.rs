@@ -2,6 +2,7 @@
 //! encryption, AES-256-GCM from RustCrypto), and the key files generated at first start.
 
 pub mod envelope;
+pub mod kek_rotation;
 pub mod key_file;
 
 pub use envelope::{DataKey, Kek};
