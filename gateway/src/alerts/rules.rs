@@ -900,7 +900,8 @@ mod tests {
         let thresholds = Thresholds::default();
         let now = NOON_JST;
         let day = DAY_MILLIS;
-        let cases: Vec<(&str, Facts, Vec<(Rule, Severity)>)> = vec![
+        type Case = (&'static str, Facts, Vec<(Rule, Severity)>);
+        let cases: Vec<Case> = vec![
             (
                 "nothing to report",
                 Facts {
