@@ -58,6 +58,8 @@ pub struct Config {
     pub export: ExportConfig,
     /// What `phr-gateway disclosure` states beyond what the configuration shows.
     pub disclosure: DisclosureConfig,
+    /// `phr-gateway backup`.
+    pub backup: BackupConfig,
     /// Emergency operator access.
     pub break_glass: BreakGlassConfig,
     /// Copies of the audit log on write-once storage.
@@ -93,6 +95,7 @@ impl Default for Config {
             export: ExportConfig::default(),
             break_glass: BreakGlassConfig::default(),
             disclosure: DisclosureConfig::default(),
+            backup: BackupConfig::default(),
             audit_shipping: AuditShippingConfig::default(),
             alerts: AlertsConfig::default(),
             maintenance: MaintenanceConfig::default(),
@@ -245,6 +248,17 @@ impl Default for PullConfig {
             max_backoff_secs: 60 * 60,
         }
     }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackupConfig {
+    /// Where generations are written. Unset: `<data_dir>/backups` (a local directory is not
+    /// ransomware-resilient: copy generations to write-once storage).
+    pub directory: Option<PathBuf>,
+    /// The offline age X25519 recipient (`age1…`) backups are encrypted to; its identity is
+    /// kept away from this host and is needed only to restore.
+    pub recipient: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

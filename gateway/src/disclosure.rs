@@ -192,7 +192,7 @@ pub fn disclosure(facts: &Facts) -> Disclosure {
             id: "backups",
             title: "バックアップと復元検証 / Backups and verified restores",
             on: false,
-            state: "この版にはバックアップ機能がない：運用者がDBのバックアップを行う必要がある / not provided by this version: the operator must back up the databases".into(),
+            state: "SQLiteは phr-gateway backup（オフライン鍵で暗号化、署名付き目録）と restore --verify で検証可能。世代管理・書き換え不可の保管・定期の復元訓練・PostgreSQLは未実装で、運用者の対応が必要 / SQLite: encrypted generations with a signed manifest and restore --verify; generations policy, write-once storage, scheduled drills and PostgreSQL are not built: the operator must cover them".into(),
         },
         Measure {
             id: "break-glass",

@@ -7,6 +7,7 @@
 pub mod alerts;
 pub mod app;
 pub mod audit;
+pub mod backup;
 pub mod break_glass;
 pub mod checkups;
 pub mod cli;

@@ -351,3 +351,64 @@ fn disclosure_states_what_the_configuration_does() {
     assert!(!bad.status.success());
     assert!(text(&bad.stderr).contains("choose html or json"));
 }
+
+#[test]
+fn backup_and_restore_verify_from_the_command_line() {
+    use age::secrecy::ExposeSecret;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path();
+    let identity = age::x25519::Identity::generate();
+    let config = data.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!("[backup]\nrecipient = \"{}\"\n", identity.to_public()),
+    )
+    .expect("config");
+    let with_config = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_phr-gateway"))
+            .arg("--data-dir")
+            .arg(data)
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .env("PHR_LOG__FORMAT", "pretty")
+            .output()
+            .expect("run phr-gateway")
+    };
+    let made = with_config(&["backup"]);
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    let generation = std::fs::read_dir(data.join("backups"))
+        .expect("backups")
+        .next()
+        .expect("a generation")
+        .expect("entry")
+        .path();
+    let key = data.join("offline.key");
+    std::fs::write(&key, identity.to_string().expose_secret()).expect("key");
+    let generation_arg = generation.display().to_string();
+    let key_arg = key.display().to_string();
+    let args = [
+        "restore",
+        "--verify",
+        "--generation",
+        generation_arg.as_str(),
+        "--identity",
+        key_arg.as_str(),
+    ];
+    let checked = with_config(&args);
+    assert!(checked.status.success(), "{}", text(&checked.stderr));
+    assert!(text(&checked.stdout).contains("verified"));
+
+    let archive = generation.join("database.sqlite.age");
+    let mut bytes = std::fs::read(&archive).expect("archive");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&archive, bytes).expect("flip");
+    let damaged = with_config(&args);
+    assert_eq!(damaged.status.code(), Some(3));
+    assert!(
+        text(&damaged.stderr).contains("SHA-256"),
+        "{}",
+        text(&damaged.stderr)
+    );
+}

@@ -9,6 +9,7 @@ mod access_log;
 mod alerts;
 mod audit;
 mod audit_shipping;
+mod backup;
 mod break_glass;
 mod config;
 mod consent_flow;

@@ -129,6 +129,12 @@ impl AuditLog {
         &self.origin
     }
 
+    /// Signs a text (ending in a newline) as a signed note with the audit key, e.g. a
+    /// backup's manifest; `verifier()` checks it.
+    pub fn sign_note(&self, body: &str) -> String {
+        self.signer.sign(body)
+    }
+
     pub fn verifier(&self) -> NoteVerifier {
         self.signer.verifier()
     }
