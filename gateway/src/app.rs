@@ -176,10 +176,7 @@ impl Gateway {
             consents.clone(),
             Duration::from_secs(config.export.file_lifetime_secs),
         );
-        let supply_chain = match &config.supply_chain_file {
-            Some(path) => std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?,
-            None => crate::supply_chain::DEFAULT_LIST.to_string(),
-        };
+        let supply_chain = crate::supply_chain::list_text(&config)?;
         crate::supply_chain::parse(&supply_chain, crate::store::japan_today())?;
         let alerts = crate::alerts::AlertEngine::new(
             db.clone(),

@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use sqlx::{Connection, Row};
 
 use crate::audit::checkpoint::NoteVerifier;
-use crate::audit::AuditLog;
+use crate::audit::{self, Agent, AuditEvent, AuditLog, EventKind, Outcome};
 use crate::error::{Error, Result};
 use crate::store::{Database, Engine};
 
@@ -199,6 +199,14 @@ async fn snapshot_and_seal(
     let note = audit.sign_note(&body);
     let path = target.join(MANIFEST);
     std::fs::write(&path, note).map_err(|e| Error::io(&path, e))?;
+    // A backup is a (sealed) copy of every record: on the record like any export.
+    let event = AuditEvent::new(EventKind::Export, Agent::system()).detail(format!(
+        "backup generation {} written ({} bytes encrypted, audit tree size {})",
+        manifest.generation, manifest.archive_bytes, manifest.audit_tree_size
+    ));
+    let mut tx = db.begin().await?;
+    audit::record(&mut tx, &event).await?;
+    tx.commit().await?;
     Ok(manifest)
 }
 
@@ -227,6 +235,28 @@ pub struct Verified {
     pub manifest: Manifest,
     /// Where the restored copy was written (a scratch file the caller may keep or remove).
     pub restored: PathBuf,
+}
+
+/// Records a verification's result in the live gateway's audit log.
+pub async fn record_verification(
+    db: &Database,
+    generation: &str,
+    result: &std::result::Result<Verified, BackupDamage>,
+) -> Result<()> {
+    let event = match result {
+        Ok(_) => AuditEvent::new(EventKind::Read, Agent::system()).detail(format!(
+            "backup generation {generation} restored into scratch and verified"
+        )),
+        Err(damage) => AuditEvent::new(EventKind::Read, Agent::system())
+            .outcome(Outcome::SeriousFailure)
+            .detail(format!(
+                "backup generation {generation} failed verification: {damage}"
+            )),
+    };
+    let mut tx = db.begin().await?;
+    audit::record(&mut tx, &event).await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 /// Verifies a generation: signature, generation, digest, decryption with `identity`, then

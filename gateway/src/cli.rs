@@ -297,8 +297,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Backup => {
             let mut config = Config::load(cli.config.as_deref(), &flags)?;
-            config.insecure_http = true;
-            config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+            config = offline(config);
             let recipient = config.backup.recipient.clone().ok_or_else(|| {
                 Error::config("backup.recipient", "set the offline age recipient (age1…)")
             })?;
@@ -315,6 +314,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 &recipient,
             )
             .await?;
+            let _ = gateway.state.audit.sequence(false).await;
             let _ = tokio::time::timeout(Duration::from_secs(5), gateway.state.db.close()).await;
             println!(
                 "backup {} written to {} ({} bytes, audit tree size {})",
@@ -337,8 +337,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 ));
             }
             let mut config = Config::load(cli.config.as_deref(), &flags)?;
-            config.insecure_http = true;
-            config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+            config = offline(config);
             let identity_text =
                 std::fs::read_to_string(&identity).map_err(|e| Error::io(&identity, e))?;
             let scratch = config.data_dir.join("restore-scratch");
@@ -352,6 +351,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 &scratch,
             )
             .await?;
+            let name = generation
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            crate::backup::record_verification(&gateway.state.db, &name, &checked).await?;
+            let _ = audit.sequence(false).await;
             let _ = tokio::time::timeout(Duration::from_secs(5), gateway.state.db.close()).await;
             match checked {
                 Ok(verified) => {
@@ -375,8 +380,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let mut config = Config::load(cli.config.as_deref(), &flags)?;
             let rotated = crate::crypto::kek_rotation::rotate(&config).await?;
-            config.insecure_http = true;
-            config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+            config = offline(config);
             let gateway = Gateway::build(config).await?;
             let event = crate::audit::AuditEvent::new(
                 crate::audit::EventKind::SecurityConfiguration,
@@ -409,8 +413,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 async fn operator_command(mut config: Config, command: OperatorCommand) -> Result<ExitCode> {
-    config.insecure_http = true;
-    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config = offline(config);
     let gateway = Gateway::build(config).await?;
     let state = &gateway.state;
     let result = async {
@@ -473,8 +476,7 @@ fn print_second_factor(totp: &crate::mfa::TotpEnrolment, codes: &[String]) {
 
 async fn audit_command(mut config: Config, command: AuditCommand) -> Result<ExitCode> {
     // The CLI never serves, so it needs no certificate.
-    config.insecure_http = true;
-    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config = offline(config);
     let gateway = Gateway::build(config).await?;
     let audit = gateway.state.audit.clone();
     let result = match command {
@@ -610,6 +612,14 @@ async fn verify_against_cli(
         }
         Err(AgainstError::Store(e)) => Err(e),
     }
+}
+
+/// The configuration for a CLI command that builds the gateway but never serves: no
+/// certificate is needed and nothing listens beyond an ephemeral loopback port.
+fn offline(mut config: Config) -> Config {
+    config.insecure_http = true;
+    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config
 }
 
 fn parse_time(text: &str) -> Result<i64> {

@@ -79,12 +79,7 @@ pub async fn gather(config: &Config) -> Result<Facts> {
     } else {
         None
     };
-    let supply_chain_text = match &config.supply_chain_file {
-        Some(path) => {
-            std::fs::read_to_string(path).map_err(|e| crate::error::Error::io(path, e))?
-        }
-        None => crate::supply_chain::DEFAULT_LIST.to_string(),
-    };
+    let supply_chain_text = crate::supply_chain::list_text(config)?;
     let break_glass = &config.break_glass;
     Ok(Facts {
         tls: !config.insecure_http,

@@ -352,8 +352,8 @@ fn disclosure_states_what_the_configuration_does() {
     assert!(text(&bad.stderr).contains("choose html or json"));
 }
 
-#[test]
-fn backup_and_restore_verify_from_the_command_line() {
+#[tokio::test]
+async fn backup_and_restore_verify_from_the_command_line() {
     use age::secrecy::ExposeSecret;
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path();
@@ -411,4 +411,19 @@ fn backup_and_restore_verify_from_the_command_line() {
         "{}",
         text(&damaged.stderr)
     );
+
+    // The backup and both verifications are in the audit log.
+    let pool = sqlite(data).await;
+    let leaves: Vec<String> = sqlx::query("SELECT body FROM audit_leaves")
+        .fetch_all(&pool)
+        .await
+        .expect("leaves")
+        .iter()
+        .map(|row| String::from_utf8_lossy(&row.get::<Vec<u8>, _>(0)).into_owned())
+        .collect();
+    pool.close().await;
+    let with = |needle: &str| leaves.iter().filter(|l| l.contains(needle)).count();
+    assert_eq!(with("written ("), 1);
+    assert_eq!(with("restored into scratch and verified"), 1);
+    assert_eq!(with("failed verification"), 1);
 }

@@ -10,7 +10,7 @@ use age::secrecy::ExposeSecret;
 use phr_gateway::audit::AccountRole;
 use phr_gateway::backup::{self, BackupDamage};
 
-use crate::helpers::{spawn_app, Engine, TestApp};
+use crate::helpers::{leaves_containing, spawn_app, Engine, TestApp};
 
 async fn verify(
     app: &TestApp,
@@ -50,6 +50,10 @@ async fn a_generation_restores_and_each_kind_of_damage_is_named() {
         .await
         .expect("backup");
     assert_eq!(first.row_counts["accounts"], 3);
+    assert!(
+        leaves_containing(&app, "backup generation").await >= 1,
+        "the backup is audited"
+    );
     assert!(first.audit_tree_size > 0);
     let first_dir = directory.join(&first.generation);
     // Nothing readable is left beside the archive.

@@ -500,3 +500,24 @@ pub async fn audit_events(app: &TestApp) -> Vec<serde_json::Value> {
         .map(|row| serde_json::from_slice(&row.get::<Vec<u8>, _>(0)).expect("json"))
         .collect()
 }
+
+/// POSTs JSON (with a bearer token when given); the status and the JSON answer (`Null` when
+/// the body is empty or not JSON).
+pub async fn post_json(
+    app: &TestApp,
+    path: &str,
+    token: Option<&str>,
+    body: serde_json::Value,
+) -> (reqwest::StatusCode, serde_json::Value) {
+    let mut request = app.client.post(app.url(path)).json(&body);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.expect("request");
+    let status = response.status();
+    let bytes = response.bytes().await.expect("body");
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    )
+}

@@ -12,7 +12,9 @@ use webauthn_authenticator_rs::WebauthnAuthenticator;
 use webauthn_rs::prelude::Url;
 
 use crate::both_engines;
-use crate::helpers::{count, leaves_containing, spawn_app, totp_code, Engine, TestApp, PASSWORD};
+use crate::helpers::{
+    count, leaves_containing, post_json as post, spawn_app, totp_code, Engine, TestApp, PASSWORD,
+};
 
 both_engines!(
     operators_need_a_second_factor_and_codes_work_once,
@@ -20,17 +22,6 @@ both_engines!(
     passkeys_register_sign_in_and_refuse_a_cloned_key,
     operators_end_sessions,
 );
-
-async fn post(app: &TestApp, path: &str, token: Option<&str>, body: Value) -> (StatusCode, Value) {
-    let mut request = app.client.post(app.url(path)).json(&body);
-    if let Some(token) = token {
-        request = request.bearer_auth(token);
-    }
-    let response = request.send().await.expect("request");
-    let status = response.status();
-    let body = response.json().await.unwrap_or(Value::Null);
-    (status, body)
-}
 
 async fn login(app: &TestApp, username: &str) -> (StatusCode, Value) {
     post(
@@ -462,6 +453,7 @@ async fn operators_end_sessions(engine: Engine) {
         .expect("resources");
     assert_eq!(resources.status(), StatusCode::UNAUTHORIZED);
     assert!(leaves_containing(&app, "ended by an operator").await >= 1);
+    assert!(leaves_containing(&app, "operator read live sessions").await >= 1);
     let (status, _) = post(
         &app,
         "/operator/sessions/0000000000000000/end",

@@ -11,7 +11,7 @@ use webauthn_authenticator_rs::WebauthnAuthenticator;
 use webauthn_rs::prelude::Url;
 
 use crate::both_engines;
-use crate::helpers::{leaves_containing, spawn_app, Engine, TestApp, PASSWORD};
+use crate::helpers::{leaves_containing, post_json, spawn_app, Engine, TestApp, PASSWORD};
 
 both_engines!(
     step_up_needs_the_second_factor_once_enrolled,
@@ -19,20 +19,7 @@ both_engines!(
 );
 
 async fn post(app: &TestApp, path: &str, token: &str, body: Value) -> (StatusCode, Value) {
-    let response = app
-        .client
-        .post(app.url(path))
-        .bearer_auth(token)
-        .json(&body)
-        .send()
-        .await
-        .expect("request");
-    let status = response.status();
-    let bytes = response.bytes().await.expect("body");
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
+    post_json(app, path, Some(token), body).await
 }
 
 fn code_in(secret: &str, steps_ahead: u64) -> String {

@@ -62,9 +62,11 @@ pub async fn start(
         (status = 403, description = "Not an operator", content_type = "application/problem+json")))]
 pub async fn list(
     State(state): State<AppState>,
-    _operator: OperatorSession,
+    operator: OperatorSession,
 ) -> Result<Json<Vec<EmergencyUse>>, ApiError> {
-    Ok(Json(state.break_glass.uses().await?))
+    let uses = state.break_glass.uses().await?;
+    super::operator::audit_operator_read(&state, &operator, "break-glass uses").await?;
+    Ok(Json(uses))
 }
 
 /// Records the review of a use (by an operator other than its user, not in break-glass).

@@ -39,9 +39,22 @@ pub async fn audit_checkpoint(
         (status = 403, description = "Not an operator", content_type = "application/problem+json")))]
 pub async fn sessions(
     State(state): State<AppState>,
-    _operator: OperatorSession,
+    operator: OperatorSession,
 ) -> Result<Json<Vec<LiveSession>>, ApiError> {
-    Ok(Json(state.accounts.live_sessions().await?))
+    let sessions = state.accounts.live_sessions().await?;
+    audit_operator_read(&state, &operator, "live sessions").await?;
+    Ok(Json(sessions))
+}
+
+/// Records an operator's read of account data (sessions, break-glass uses).
+pub(super) async fn audit_operator_read(
+    state: &AppState,
+    operator: &OperatorSession,
+    what: &str,
+) -> Result<(), ApiError> {
+    let event = crate::audit::AuditEvent::new(crate::audit::EventKind::Read, operator.0.agent())
+        .detail(format!("operator read {what}"));
+    Ok(state.audit.record_now(&event).await?)
 }
 
 /// Ends any live session at once. Audited.

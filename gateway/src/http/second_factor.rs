@@ -159,10 +159,7 @@ pub async fn passkey_challenge(
         .passkeys
         .start_authentication(&pending.0.session.account)
         .await?;
-    Ok(Json(PasskeyChallenge {
-        ceremony,
-        options: to_value(&options)?,
-    }))
+    challenge(ceremony, &options)
 }
 
 /// Finishes signing in with a passkey assertion.
@@ -215,10 +212,7 @@ pub async fn passkey_sign_in_start(
         Err(Error::Conflict(_)) => return Err(refused()),
         Err(e) => return Err(e.into()),
     };
-    Ok(Json(PasskeyChallenge {
-        ceremony,
-        options: to_value(&options)?,
-    }))
+    challenge(ceremony, &options)
 }
 
 /// Finishes signing in with a passkey alone.
@@ -342,10 +336,7 @@ pub async fn passkey_registration_start(
         .passkeys
         .start_registration(&auth.session.account)
         .await?;
-    Ok(Json(PasskeyChallenge {
-        ceremony,
-        options: to_value(&options)?,
-    }))
+    challenge(ceremony, &options)
 }
 
 /// Finishes registering a passkey.
@@ -494,13 +485,15 @@ pub async fn step_up_passkey_challenge(
         .passkeys
         .start_authentication(&auth.session.account)
         .await?;
-    Ok(Json(PasskeyChallenge {
-        ceremony,
-        options: to_value(&options)?,
-    }))
+    challenge(ceremony, &options)
 }
 
-fn to_value<T: Serialize>(value: &T) -> Result<serde_json::Value, ApiError> {
-    serde_json::to_value(value)
-        .map_err(|_| Error::Crypto("cannot encode the WebAuthn options").into())
+/// A ceremony's answer: its id and the WebAuthn options as the browser takes them.
+fn challenge<T: Serialize>(
+    ceremony: String,
+    options: &T,
+) -> Result<Json<PasskeyChallenge>, ApiError> {
+    let options = serde_json::to_value(options)
+        .map_err(|_| ApiError::from(Error::Crypto("cannot encode the WebAuthn options")))?;
+    Ok(Json(PasskeyChallenge { ceremony, options }))
 }

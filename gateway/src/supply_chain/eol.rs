@@ -42,10 +42,9 @@ pub fn warnings(inventory: &str, today: time::Date, within_days: i64) -> Result<
             format!("not a valid inventory: {e}"),
         )
     })?;
-    let format = time::macros::format_description!("[year]-[month]-[day]");
     let mut out = Vec::new();
     for entry in inventory.component {
-        let eol = time::Date::parse(&entry.eol, &format).map_err(|_| {
+        let eol = crate::store::parse_day(&entry.eol, "eol").map_err(|_| {
             Error::config(
                 "alerts.eol_inventory_file",
                 format!("{:?}: eol {:?} is not YYYY-MM-DD", entry.name, entry.eol),

@@ -14,6 +14,14 @@ use crate::error::{Error, Result};
 /// The list shipped with the gateway; a deployment names its own with `supply_chain_file`.
 pub const DEFAULT_LIST: &str = include_str!("../../../supply-chain.toml");
 
+/// The list a configuration names: its `supply_chain_file`, or the one shipped.
+pub fn list_text(config: &crate::config::Config) -> Result<String> {
+    match &config.supply_chain_file {
+        Some(path) => std::fs::read_to_string(path).map_err(|e| Error::io(path, e)),
+        None => Ok(DEFAULT_LIST.to_string()),
+    }
+}
+
 /// Reviews older than this are flagged.
 const REVIEW_EVERY_DAYS: i64 = 365;
 
@@ -50,7 +58,6 @@ pub struct SupplyChainEntry {
 pub fn parse(text: &str, today: time::Date) -> Result<Vec<SupplyChainEntry>> {
     let file: ListFile = toml::from_str(text)
         .map_err(|e| Error::config("supply_chain_file", format!("not a valid list: {e}")))?;
-    let format = time::macros::format_description!("[year]-[month]-[day]");
     file.component
         .into_iter()
         .map(|c| {
@@ -67,15 +74,16 @@ pub fn parse(text: &str, today: time::Date) -> Result<Vec<SupplyChainEntry>> {
                     ));
                 }
             }
-            let reviewed = time::Date::parse(&c.last_review, &format).map_err(|_| {
-                Error::config(
-                    "supply_chain_file",
-                    format!(
-                        "{:?}: last_review {:?} is not YYYY-MM-DD",
-                        c.name, c.last_review
-                    ),
-                )
-            })?;
+            let reviewed =
+                crate::store::parse_day(&c.last_review, "last_review").map_err(|_| {
+                    Error::config(
+                        "supply_chain_file",
+                        format!(
+                            "{:?}: last_review {:?} is not YYYY-MM-DD",
+                            c.name, c.last_review
+                        ),
+                    )
+                })?;
             Ok(SupplyChainEntry {
                 review_overdue: (today - reviewed).whole_days() > REVIEW_EVERY_DAYS,
                 name: c.name,
