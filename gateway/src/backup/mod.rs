@@ -7,18 +7,22 @@
 //! own error. Generations live in their own directories under `backup.directory`.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-use sqlx::{Connection, Row};
+use sqlx::Connection;
 
 use crate::audit::checkpoint::NoteVerifier;
 use crate::audit::{self, Agent, AuditEvent, AuditLog, EventKind, Outcome};
 use crate::error::{Error, Result};
 use crate::store::{Database, Engine};
+
+mod archive;
+mod sqlite;
+
+use archive::{decrypt, encrypt, sha256_file};
+use sqlite::{audit_head, row_counts};
 
 const ARCHIVE: &str = "database.sqlite.age";
 const MANIFEST: &str = "manifest.note";
@@ -54,57 +58,6 @@ pub enum BackupDamage {
     WrongKey,
     #[error("the restored database differs from the manifest: {0}")]
     Contents(String),
-}
-
-/// The tables counted in a manifest (every table but sqlx's own bookkeeping).
-async fn row_counts(conn: &mut sqlx::SqliteConnection) -> Result<BTreeMap<String, i64>> {
-    let tables: Vec<String> = sqlx::query_scalar(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'
-         AND name <> '_sqlx_migrations' ORDER BY name",
-    )
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut counts = BTreeMap::new();
-    for table in tables {
-        // Table names come from the schema itself, not from input.
-        let count: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM \"{table}\""))
-            .fetch_one(&mut *conn)
-            .await?;
-        counts.insert(table, count);
-    }
-    Ok(counts)
-}
-
-/// The newest signed checkpoint's size and root.
-async fn audit_head(conn: &mut sqlx::SqliteConnection) -> Result<(u64, String)> {
-    let row = sqlx::query(
-        "SELECT tree_size, root FROM audit_checkpoints ORDER BY tree_size DESC LIMIT 1",
-    )
-    .fetch_optional(&mut *conn)
-    .await?;
-    Ok(match row {
-        Some(row) => (
-            row.try_get::<i64, _>(0)?.max(0) as u64,
-            hex::encode(row.try_get::<Vec<u8>, _>(1)?),
-        ),
-        None => (0, String::new()),
-    })
-}
-
-fn sha256_file(path: &Path) -> Result<(String, u64)> {
-    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 64 * 1024];
-    let mut total = 0u64;
-    loop {
-        let read = file.read(&mut buffer).map_err(|e| Error::io(path, e))?;
-        if read == 0 {
-            break;
-        }
-        hasher.update(&buffer[..read]);
-        total += read as u64;
-    }
-    Ok((hex::encode(hasher.finalize()), total))
 }
 
 /// Takes a generation into `directory/<generation>/`; returns its manifest.
@@ -208,25 +161,6 @@ async fn snapshot_and_seal(
     audit::record(&mut tx, &event).await?;
     tx.commit().await?;
     Ok(manifest)
-}
-
-fn encrypt(plain: &Path, archive: &Path, recipient: &age::x25519::Recipient) -> Result<()> {
-    let encryptor =
-        age::Encryptor::with_recipients(std::iter::once(recipient as &dyn age::Recipient))
-            .map_err(|_| Error::Crypto("cannot encrypt the backup"))?;
-    let output = std::fs::File::create(archive).map_err(|e| Error::io(archive, e))?;
-    let mut writer = encryptor
-        .wrap_output(std::io::BufWriter::new(output))
-        .map_err(|e| Error::io(archive, e))?;
-    let mut input = std::fs::File::open(plain).map_err(|e| Error::io(plain, e))?;
-    std::io::copy(&mut input, &mut writer).map_err(|e| Error::io(archive, e))?;
-    let mut inner = writer.finish().map_err(|e| Error::io(archive, e))?;
-    inner.flush().map_err(|e| Error::io(archive, e))?;
-    inner
-        .into_inner()
-        .map_err(|e| Error::io(archive, e.into_error()))?
-        .sync_all()
-        .map_err(|e| Error::io(archive, e))
 }
 
 /// What a successful verification proved.
@@ -335,23 +269,4 @@ pub async fn verify(
         Err(e) => return Ok(Err(BackupDamage::Contents(format!("audit log: {e}")))),
     }
     Ok(Ok(Verified { manifest, restored }))
-}
-
-/// `false` when the identity is not a recipient of the archive.
-fn decrypt(archive: &Path, restored: &Path, identity: &age::x25519::Identity) -> Result<bool> {
-    let input = std::fs::File::open(archive).map_err(|e| Error::io(archive, e))?;
-    let decryptor = match age::Decryptor::new(std::io::BufReader::new(input)) {
-        Ok(d) => d,
-        Err(_) => return Ok(false),
-    };
-    let mut reader = match decryptor.decrypt(std::iter::once(identity as &dyn age::Identity)) {
-        Ok(reader) => reader,
-        Err(_) => return Ok(false),
-    };
-    let mut output = std::fs::File::create(restored).map_err(|e| Error::io(restored, e))?;
-    if std::io::copy(&mut reader, &mut output).is_err() {
-        return Ok(false);
-    }
-    output.sync_all().map_err(|e| Error::io(restored, e))?;
-    Ok(true)
 }
