@@ -65,9 +65,9 @@ async fn start_receiver() -> (Receiver, String) {
     (receiver, url)
 }
 
-/// The alert events that arrived, each checked against the gateway's JWKS with the
-/// endpoint's URL as audience.
-async fn delivered_alerts(app: &TestApp, receiver: &Receiver, url: &str) -> Vec<Value> {
+/// The alert events that arrived, each checked against the gateway's JWKS and addressed to
+/// `audience` (an operator endpoint's URL, or an institution's client id).
+async fn delivered_alerts(app: &TestApp, receiver: &Receiver, audience: &str) -> Vec<Value> {
     let tokens = receiver.tokens.lock().expect("lock").clone();
     let jwks = jwks(app).await;
     let mut alerts = Vec::new();
@@ -80,13 +80,49 @@ async fn delivered_alerts(app: &TestApp, receiver: &Receiver, url: &str) -> Vec<
         let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::EdDSA);
         validation.required_spec_claims.clear();
         validation.validate_exp = false;
-        validation.set_audience(&[url]);
+        validation.set_audience(&[audience]);
         let claims = jsonwebtoken::decode::<Value>(&token, &key, &validation)
             .expect("a SET signed by the gateway for this endpoint")
             .claims;
         alerts.push(claims["events"][ALERT_EVENT].clone());
     }
     alerts
+}
+
+/// Registers a client (an institution) with its webhook endpoint; its id.
+async fn register_institution(app: &TestApp, operator: &str, webhook: &str) -> String {
+    let response = app
+        .client
+        .post(app.url("/operator/clients"))
+        .bearer_auth(operator)
+        .json(&json!({
+            "display_name": "地域医療連携ネットワーク",
+            "redirect_uris": ["https://network.example.jp/cb"],
+            "token_endpoint_auth_method": "client_secret_basic",
+            "recipient": {"name": "地域医療連携ネットワーク協議会", "identifier": "9876543210987"},
+            "compliance": {
+                "declared": true,
+                "statement": "PHRサービス事業者に関する基本的指針を遵守します",
+                "declared_on": "2026-04-01"
+            }
+        }))
+        .send()
+        .await
+        .expect("register");
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let body: Value = response.json().await.expect("json");
+    let client_id = body["client_id"].as_str().expect("client_id").to_string();
+    let status = app
+        .client
+        .put(app.url(&format!("/operator/clients/{client_id}/webhook")))
+        .bearer_auth(operator)
+        .json(&json!({"url": webhook}))
+        .send()
+        .await
+        .expect("webhook")
+        .status();
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    client_id
 }
 
 /// Sequences what is pending and runs the rules once, as the background loop does (the
@@ -698,6 +734,9 @@ async fn a_new_advisory_is_notified_once_and_end_of_life_is_warned(engine: Engin
     })
     .await;
     let operator = app.sign_in(AccountRole::Operator, "op", None).await;
+    // An institution (a registered client) with a webhook endpoint is told too.
+    let (institution, institution_url) = start_receiver().await;
+    let institution_id = register_institution(&app, &operator, &institution_url).await;
 
     evaluate(&app).await;
     let delivered = delivered_alerts(&app, &receiver, &url).await;
@@ -731,11 +770,32 @@ async fn a_new_advisory_is_notified_once_and_end_of_life_is_warned(engine: Engin
         .unwrap_or("")
         .contains("PostgreSQL 15 is past"));
 
+    // The institution got the same two notices, addressed to it, without the operators'
+    // page and with the plain explanation.
+    let told = delivered_alerts(&app, &institution, &institution_id).await;
+    let mut rules: Vec<&str> = told.iter().filter_map(|a| a["rule"].as_str()).collect();
+    rules.sort_unstable();
+    assert_eq!(rules, ["end-of-life", "vulnerability"], "{told:?}");
+    for notice in &told {
+        assert!(notice.get("page").is_none(), "{notice}");
+        assert!(notice["message"].as_str().unwrap_or("").contains("脆弱性"));
+    }
+    assert!(told.iter().any(|a| a["summary"]
+        .as_str()
+        .unwrap_or("")
+        .contains("RUSTSEC-2026-9901")));
+
     // A second run rescans the snapshot and finds the same: nothing new is sent.
     evaluate(&app).await;
     evaluate(&app).await;
     let again = delivered_alerts(&app, &receiver, &url).await;
     assert_eq!(again.len(), delivered.len(), "{again:?}");
+    assert_eq!(
+        delivered_alerts(&app, &institution, &institution_id)
+            .await
+            .len(),
+        2
+    );
     assert_eq!(
         alerts_of_rule(&app, &operator, "vulnerability").await.len(),
         1

@@ -40,6 +40,8 @@ const LEASE_MILLIS: i64 = 60_000;
 const DELIVERY_BATCH: i64 = 20;
 /// The SET event type of an alert.
 pub const ALERT_EVENT: &str = "alert";
+/// What an institution is told with a vulnerability or end-of-life notice.
+const INSTITUTION_NOTICE: &str = "phr-gateway の運用者からのお知らせ: 本サービスが使用する部品に脆弱性またはサポート終了が見つかりました。影響、回避策と修正予定日は summary のとおりです。対応が済み次第お知らせします。 / A notice from the phr-gateway operator: a component of the service has a vulnerability or reaches its end of support; the summary gives the impact, the workaround and the planned fix date. We will tell you when it is fixed.";
 
 #[derive(Clone)]
 pub struct AlertEngine {
@@ -459,15 +461,32 @@ impl AlertEngine {
                 alert.summary
             ));
             audit::record(&mut tx, &event).await?;
-            for url in &self.inner.settings.webhook_urls {
+            let mut audiences: Vec<(String, Option<String>)> = self
+                .inner
+                .settings
+                .webhook_urls
+                .iter()
+                .map(|url| (url.clone(), None))
+                .collect();
+            if alert.rule.tells_institutions() {
+                let endpoints =
+                    sqlx::query("SELECT client_id, url FROM webhook_endpoints ORDER BY client_id")
+                        .fetch_all(&mut *tx)
+                        .await?;
+                for row in endpoints {
+                    audiences.push((row.try_get(1)?, Some(row.try_get(0)?)));
+                }
+            }
+            for (url, client_id) in audiences {
                 sqlx::query(
-                    "INSERT INTO alert_deliveries (id, alert_id, url, status, next_attempt_at,
-                         created_at)
-                     VALUES ($1, $2, $3, 'pending', $4, $4)",
+                    "INSERT INTO alert_deliveries (id, alert_id, url, client_id, status,
+                         next_attempt_at, created_at)
+                     VALUES ($1, $2, $3, $4, 'pending', $5, $5)",
                 )
                 .bind(uuid::Uuid::now_v7().to_string())
                 .bind(&id)
                 .bind(url)
+                .bind(client_id)
                 .bind(now)
                 .execute(&mut *tx)
                 .await?;
@@ -491,7 +510,7 @@ impl AlertEngine {
         let now = now_millis();
         let rows = sqlx::query(
             "SELECT d.id, d.url, d.attempts, a.id, a.rule, a.severity, a.summary, a.first_seen,
-                    a.last_seen
+                    a.last_seen, d.client_id
              FROM alert_deliveries d JOIN alerts a ON a.id = d.alert_id
              WHERE d.status = 'pending' AND d.next_attempt_at <= $1
                AND (d.lease_until IS NULL OR d.lease_until < $1)
@@ -508,15 +527,20 @@ impl AlertEngine {
             let attempts: i64 = row.try_get(2)?;
             let alert_id: String = row.try_get(3)?;
             let first_seen: i64 = row.try_get(7)?;
-            let body = json!({
+            let client_id: Option<String> = row.try_get(9)?;
+            let mut body = json!({
                 "alert": alert_id,
                 "rule": row.try_get::<String, _>(4)?,
                 "severity": row.try_get::<String, _>(5)?,
                 "summary": row.try_get::<String, _>(6)?,
                 "first_seen": millis_to_rfc3339(first_seen),
                 "last_seen": millis_to_rfc3339(row.try_get(8)?),
-                "page": format!("{}/operator/alerts-page", self.base_url()),
             });
+            // Operators get the page to act on; an institution gets what it is told and why.
+            match &client_id {
+                None => body["page"] = json!(format!("{}/operator/alerts-page", self.base_url())),
+                Some(_) => body["message"] = json!(INSTITUTION_NOTICE),
+            }
             let claimed = sqlx::query(
                 "UPDATE alert_deliveries SET lease_until = $1
                  WHERE id = $2 AND status = 'pending' AND (lease_until IS NULL OR lease_until < $3)",
@@ -535,7 +559,7 @@ impl AlertEngine {
             // A retry is the same event: the same jti.
             let sent = match self.inner.receipts.sign(&json!({
                 "iss": self.inner.receipts.issuer(),
-                "aud": url,
+                "aud": client_id.as_deref().unwrap_or(&url),
                 "iat": now / 1000,
                 "toe": first_seen / 1000,
                 "jti": delivery_id,

@@ -58,6 +58,13 @@ impl Rule {
             Rule::EndOfLife => "end-of-life",
         }
     }
+
+    /// Whether institutions and recipients with a registered webhook are told as well as
+    /// operators: what concerns the software they rely on (2省GL asks providers to push
+    /// vulnerability and end-of-support information to institutions, not wait to be asked).
+    pub fn tells_institutions(self) -> bool {
+        matches!(self, Rule::Vulnerability | Rule::EndOfLife)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

@@ -19,8 +19,48 @@ struct Inventory {
 struct Entry {
     name: String,
     version: String,
-    eol: String,
+    /// The last day of support; absent where none is published (most crates), in which
+    /// case `support` says what the policy is.
+    eol: Option<String>,
+    /// The Rust crate this entry is (its package name in `Cargo.lock`), whose `version`
+    /// must be the locked one's series.
+    #[serde(rename = "crate")]
+    crate_name: Option<String>,
+    support: Option<String>,
     source: String,
+}
+
+/// The crate entries (package name, version series) of an inventory, to be checked against
+/// the lock file so the inventory cannot silently describe another version.
+pub fn crate_entries(inventory: &str) -> Result<Vec<(String, String)>> {
+    Ok(parse(inventory)?
+        .component
+        .into_iter()
+        .filter_map(|entry| entry.crate_name.map(|name| (name, entry.version)))
+        .collect())
+}
+
+fn parse(inventory: &str) -> Result<Inventory> {
+    let inventory: Inventory = toml::from_str(inventory).map_err(|e| {
+        Error::config(
+            "alerts.eol_inventory_file",
+            format!("not a valid inventory: {e}"),
+        )
+    })?;
+    if let Some(entry) = inventory
+        .component
+        .iter()
+        .find(|entry| entry.eol.is_none() && entry.support.is_none())
+    {
+        return Err(Error::config(
+            "alerts.eol_inventory_file",
+            format!(
+                "{:?} has neither an eol date nor a support statement",
+                entry.name
+            ),
+        ));
+    }
+    Ok(inventory)
 }
 
 /// A component whose end of support is near or past.
@@ -36,18 +76,14 @@ pub struct EolWarning {
 
 /// The components within `within_days` of their date, or past it.
 pub fn warnings(inventory: &str, today: time::Date, within_days: i64) -> Result<Vec<EolWarning>> {
-    let inventory: Inventory = toml::from_str(inventory).map_err(|e| {
-        Error::config(
-            "alerts.eol_inventory_file",
-            format!("not a valid inventory: {e}"),
-        )
-    })?;
+    let inventory = parse(inventory)?;
     let mut out = Vec::new();
     for entry in inventory.component {
-        let eol = crate::store::parse_day(&entry.eol, "eol").map_err(|_| {
+        let Some(day) = entry.eol else { continue };
+        let eol = crate::store::parse_day(&day, "eol").map_err(|_| {
             Error::config(
                 "alerts.eol_inventory_file",
-                format!("{:?}: eol {:?} is not YYYY-MM-DD", entry.name, entry.eol),
+                format!("{:?}: eol {:?} is not YYYY-MM-DD", entry.name, day),
             )
         })?;
         let days_left = (eol - today).whole_days();
@@ -55,7 +91,7 @@ pub fn warnings(inventory: &str, today: time::Date, within_days: i64) -> Result<
             out.push(EolWarning {
                 name: entry.name,
                 version: entry.version,
-                eol: entry.eol,
+                eol: day,
                 source: entry.source,
                 days_left,
             });
@@ -101,6 +137,47 @@ source = "https://example.invalid/b"
                 .map(|(n, d)| (n.to_string(), d))
                 .collect();
             assert_eq!(got, expected, "{today}");
+        }
+    }
+
+    #[test]
+    fn crates_without_a_date_need_a_support_statement_and_are_never_warned() {
+        let with_crate = format!(
+            "{INVENTORY}\n[[component]]\nname = \"C\"\ncrate = \"c\"\nversion = \"0.8\"\nsupport = \"newest minor only\"\nsource = \"https://example.invalid/c\"\n"
+        );
+        let warned = warnings(&with_crate, date!(2099 - 01 - 01), 90).unwrap();
+        assert_eq!(warned.len(), 2, "only the dated entries: {warned:?}");
+        assert_eq!(
+            crate_entries(&with_crate).unwrap(),
+            vec![("c".to_string(), "0.8".to_string())]
+        );
+        let bare = with_crate.replace("support = \"newest minor only\"\n", "");
+        let error = warnings(&bare, date!(2026 - 01 - 01), 90)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("neither an eol date"), "{error}");
+    }
+
+    /// The shipped inventory describes the crates actually locked: bumping one without
+    /// reviewing its entry fails here.
+    #[test]
+    fn the_shipped_crate_entries_match_the_lock_file() {
+        let lock: cargo_lock::Lockfile = include_str!("../../../Cargo.lock").parse().unwrap();
+        let entries = crate_entries(DEFAULT_INVENTORY).unwrap();
+        assert!(entries.len() >= 8, "{entries:?}");
+        for (name, series) in entries {
+            let locked: Vec<String> = lock
+                .packages
+                .iter()
+                .filter(|p| p.name.as_str() == name)
+                .map(|p| p.version.to_string())
+                .collect();
+            assert!(
+                locked
+                    .iter()
+                    .any(|v| v == &series || v.starts_with(&format!("{series}."))),
+                "eol.toml lists {name} {series}; Cargo.lock has {locked:?}"
+            );
         }
     }
 
