@@ -526,7 +526,11 @@ async fn ransomware_cannot_take_the_generations_on_s3_and_the_newest_restores_ev
     assert_eq!(store.list().await.expect("list"), names);
     let verifier = state.audit.verifier();
     let origin = state.audit.origin().to_string();
-    app.stop().await;
+    // The gateway stops; its data directory (key store, KEK, keys) stays for the restore.
+    let mut app = app;
+    if let Some(gateway) = app.gateway.take() {
+        gateway.stop().await;
+    }
 
     // Restore the newest generation from S3 and prove it is all there.
     let scratch = config.data_dir.join("restore-scratch");
@@ -570,5 +574,6 @@ async fn ransomware_cannot_take_the_generations_on_s3_and_the_newest_restores_ev
         .get(0);
     assert_eq!(patients, newest.row_counts["patients"]);
     restored.state.db.close().await;
+    drop(app);
     drop(server);
 }
