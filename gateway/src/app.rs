@@ -300,6 +300,14 @@ impl Gateway {
         } else {
             (None, None)
         };
+        if self.state.config.backup.drill_identity_file.is_some() {
+            workers.push(tokio::spawn(crate::backup::drill::run_scheduled(
+                self.state.db.clone(),
+                self.state.audit.clone(),
+                self.state.config.clone(),
+                shutdown.subscribe(),
+            )));
+        }
         if self.state.config.alerts.evaluate {
             workers.push(tokio::spawn(
                 self.state.alerts.clone().run(shutdown.subscribe()),

@@ -79,14 +79,19 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Take a backup generation of the database (SQLite), encrypted to `backup.recipient`.
-    Backup,
+    /// Take a backup generation of the database (SQLite), encrypted to `backup.recipient`,
+    /// store it (`backup.store`) and delete what the retention policy lets go.
+    Backup {
+        #[command(subcommand)]
+        command: Option<BackupCommand>,
+    },
     /// Check a backup generation by restoring it into a scratch file.
     Restore {
         /// Verify only: restore into a scratch directory and check everything.
         #[arg(long)]
         verify: bool,
-        /// The generation's directory.
+        /// The generation's directory, or the name of a generation in the configured store
+        /// (e.g. on S3).
         #[arg(long)]
         generation: PathBuf,
         /// The age identity file (the offline key).
@@ -102,6 +107,20 @@ enum Command {
     Operator {
         #[command(subcommand)]
         command: OperatorCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BackupCommand {
+    /// Delete the generations the retention policy lets go (refused while the live
+    /// database looks encrypted or corrupt; exit code 4).
+    Prune,
+    /// Restore the latest generation and a random older one into scratch and verify them
+    /// (on a restore host holding the offline identity); exit code 3 on failure.
+    Drill {
+        /// The age identity file (the offline key; mode 0600).
+        #[arg(long)]
+        identity: PathBuf,
     },
 }
 
@@ -295,35 +314,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let config = Config::load(cli.config.as_deref(), &flags)?;
             audit_command(config, command).await
         }
-        Command::Backup => {
-            let mut config = Config::load(cli.config.as_deref(), &flags)?;
-            config = offline(config);
-            let recipient = config.backup.recipient.clone().ok_or_else(|| {
-                Error::config("backup.recipient", "set the offline age recipient (age1…)")
-            })?;
-            let directory = config
-                .backup
-                .directory
-                .clone()
-                .unwrap_or_else(|| config.data_dir.join("backups"));
-            let gateway = Gateway::build(config).await?;
-            let manifest = crate::backup::create(
-                &gateway.state.db,
-                &gateway.state.audit,
-                &directory,
-                &recipient,
-            )
-            .await?;
-            let _ = gateway.state.audit.sequence(false).await;
-            let _ = tokio::time::timeout(Duration::from_secs(5), gateway.state.db.close()).await;
-            println!(
-                "backup {} written to {} ({} bytes, audit tree size {})",
-                manifest.generation,
-                directory.join(&manifest.generation).display(),
-                manifest.archive_bytes,
-                manifest.audit_tree_size
-            );
-            Ok(ExitCode::SUCCESS)
+        Command::Backup { command } => {
+            let config = offline(Config::load(cli.config.as_deref(), &flags)?);
+            match command {
+                None => crate::backup::commands::backup(config).await,
+                Some(BackupCommand::Prune) => crate::backup::commands::prune_only(config).await,
+                Some(BackupCommand::Drill { identity }) => {
+                    crate::backup::commands::drill_command(config, &identity).await
+                }
+            }
         }
         Command::Restore {
             verify,
@@ -336,44 +335,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     "only verification into a scratch file is built so far",
                 ));
             }
-            let mut config = Config::load(cli.config.as_deref(), &flags)?;
-            config = offline(config);
-            let identity_text =
-                std::fs::read_to_string(&identity).map_err(|e| Error::io(&identity, e))?;
-            let scratch = config.data_dir.join("restore-scratch");
-            let gateway = Gateway::build(config).await?;
-            let audit = gateway.state.audit.clone();
-            let checked = crate::backup::verify(
-                &generation,
-                &identity_text,
-                &audit.verifier(),
-                audit.origin(),
-                &scratch,
-            )
-            .await?;
-            let name = generation
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            crate::backup::record_verification(&gateway.state.db, &name, &checked).await?;
-            let _ = audit.sequence(false).await;
-            let _ = tokio::time::timeout(Duration::from_secs(5), gateway.state.db.close()).await;
-            match checked {
-                Ok(verified) => {
-                    println!(
-                        "backup {} verified: signature, digest, {} tables' row counts and the audit log (size {}) match; restored copy at {}",
-                        verified.manifest.generation,
-                        verified.manifest.row_counts.len(),
-                        verified.manifest.audit_tree_size,
-                        verified.restored.display()
-                    );
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(damage) => {
-                    eprintln!("backup FAILED verification: {damage}");
-                    Ok(ExitCode::from(3))
-                }
-            }
+            let config = offline(Config::load(cli.config.as_deref(), &flags)?);
+            crate::backup::commands::restore_verify(config, &generation, &identity).await
         }
         Command::Keys {
             command: KeysCommand::RotateKek,

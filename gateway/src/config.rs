@@ -15,9 +15,11 @@ use crate::tls::TlsConfig;
 
 mod alerts;
 mod audit_shipping;
+mod backup_storage;
 mod consent;
 pub use alerts::AlertsConfig;
 pub use audit_shipping::{AuditShippingConfig, S3SinkConfig, Secret, SinkKind};
+pub use backup_storage::{GenerationStoreKind, ObjectLockMode};
 pub use consent::{ConsentConfig, ControllerConfig, PurposeConfig};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -259,6 +261,23 @@ pub struct BackupConfig {
     /// The offline age X25519 recipient (`age1…`) backups are encrypted to; its identity is
     /// kept away from this host and is needed only to restore.
     pub recipient: Option<String>,
+    /// Generations kept: the newest of each of this many days, weeks (ISO) and months
+    /// (Japan time). Unset: 7, 4 and 3.
+    pub keep_daily: Option<u32>,
+    pub keep_weekly: Option<u32>,
+    pub keep_monthly: Option<u32>,
+    /// `local` (default: the directory) or `s3` (write-once with Object Lock).
+    pub store: GenerationStoreKind,
+    /// The bucket for `store = "s3"` (the same keys as `audit_shipping.s3`).
+    pub s3: S3SinkConfig,
+    /// Object Lock mode of uploaded generations (`compliance` by default).
+    pub object_lock_mode: ObjectLockMode,
+    /// The offline identity for restore drills run by the gateway itself: setting it puts
+    /// the key that decrypts every backup on this host. Unset: drills run elsewhere
+    /// (`phr-gateway backup drill --identity FILE` on a restore host).
+    pub drill_identity_file: Option<std::path::PathBuf>,
+    /// How often the gateway drills when `drill_identity_file` is set. Unset: daily.
+    pub drill_interval_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -505,6 +524,9 @@ impl Config {
             .check()
             .map_err(|(key, reason)| Error::config(key, reason))?;
         self.alerts
+            .check()
+            .map_err(|(key, reason)| Error::config(key, reason))?;
+        self.backup
             .check()
             .map_err(|(key, reason)| Error::config(key, reason))?;
         if self.insecure_http && !is_loopback(self.listen.ip()) {

@@ -33,6 +33,56 @@ pub struct Facts {
     pub alert_webhooks: usize,
     pub data_location: Option<String>,
     pub supply_chain: Vec<SupplyChainEntry>,
+    /// Backups, when configured (`backup.recipient`).
+    pub backups: Option<BackupFacts>,
+}
+
+/// Where backup generations go, the policy, and the last verified restore.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupFacts {
+    pub store: String,
+    /// The store is write-once (S3 Object Lock in compliance mode).
+    pub write_once: bool,
+    pub policy: String,
+    /// The last verified restore: generation, when (RFC 3339), restore milliseconds.
+    pub last_verified: Option<(String, String, i64)>,
+}
+
+/// The backups' facts: the store is asked about itself (S3: its Object Lock setting) and
+/// the database for the last verified restore (both may be unreachable: then not claimed).
+async fn backup_facts(config: &Config) -> Option<BackupFacts> {
+    config.backup.recipient.as_ref()?;
+    let store = crate::backup::storage::from_config(&config.backup, &config.data_dir).await;
+    let (store, write_once) = match store {
+        Ok(store) => (store.describe(), store.is_write_once()),
+        Err(error) => (format!("unavailable ({error})"), false),
+    };
+    let last_verified = match crate::store::Database::connect(
+        &config.database_url(),
+        1,
+        std::time::Duration::from_secs(5),
+    )
+    .await
+    {
+        Ok(db) => {
+            let last = crate::backup::generations::last_verified(&db).await;
+            db.close().await;
+            last.ok().flatten().map(|last| {
+                (
+                    last.generation,
+                    crate::store::millis_to_rfc3339(last.verified_at_millis),
+                    last.restore_millis,
+                )
+            })
+        }
+        Err(_) => None,
+    };
+    Some(BackupFacts {
+        store,
+        write_once,
+        policy: crate::backup::retention::Policy::of(&config.backup).describe(),
+        last_verified,
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -110,6 +160,7 @@ pub async fn gather(config: &Config) -> Result<Facts> {
         alert_webhooks: config.alerts.webhook_urls.len(),
         data_location: config.disclosure.data_location.clone(),
         supply_chain: crate::supply_chain::parse(&supply_chain_text, crate::store::japan_today())?,
+        backups: backup_facts(config).await,
     })
 }
 
@@ -118,6 +169,15 @@ fn yes_no(on: bool) -> &'static str {
         "yes"
     } else {
         "no"
+    }
+}
+
+fn last_verified_text(backups: &BackupFacts) -> String {
+    match &backups.last_verified {
+        Some((generation, at, millis)) => {
+            format!("{generation} at {at} ({:.1} s)", *millis as f64 / 1000.0)
+        }
+        None => "none / なし".into(),
     }
 }
 
@@ -148,6 +208,29 @@ pub fn disclosure(facts: &Facts) -> Disclosure {
         )
     } else {
         "平文HTTP（ループバックのみ、監査記録あり） / plain HTTP on loopback only (audited)".into()
+    };
+    // On only when generations go to write-once storage and a restore was verified.
+    let backups_on = facts
+        .backups
+        .as_ref()
+        .is_some_and(|b| b.write_once && b.last_verified.is_some());
+    let backups_state = match &facts.backups {
+        None => "未設定（backup.recipient）：運用者がDBと鍵ストアをバックアップする / not configured (backup.recipient): the operator must back up the databases and key store".into(),
+        Some(b) => format!(
+            "SQLite：オフライン鍵で暗号化した世代（署名付き目録）を{}に保管（{}）、保持方針 {}、最後の検証済み復元：{}。PostgreSQLの世代は未実装 / SQLite generations encrypted to an offline key with a signed manifest, kept in {} ({}), policy {}, last verified restore: {}; PostgreSQL generations are not built",
+            b.store,
+            if b.write_once { "書き換え・削除不可" } else { "ランサムウェア耐性なし" },
+            b.policy,
+            last_verified_text(b),
+            b.store,
+            if b.write_once {
+                "write-once"
+            } else {
+                "not ransomware-resilient: deletable with this host's credentials"
+            },
+            b.policy,
+            last_verified_text(b),
+        ),
     };
     let measures = vec![
         Measure {
@@ -186,8 +269,8 @@ pub fn disclosure(facts: &Facts) -> Disclosure {
         Measure {
             id: "backups",
             title: "バックアップと復元検証 / Backups and verified restores",
-            on: false,
-            state: "SQLiteは phr-gateway backup（オフライン鍵で暗号化、署名付き目録）と restore --verify で検証可能。世代管理・書き換え不可の保管・定期の復元訓練・PostgreSQLは未実装で、運用者の対応が必要 / SQLite: encrypted generations with a signed manifest and restore --verify; generations policy, write-once storage, scheduled drills and PostgreSQL are not built: the operator must cover them".into(),
+            on: backups_on,
+            state: backups_state,
         },
         Measure {
             id: "break-glass",
@@ -370,7 +453,23 @@ mod tests {
             alert_webhooks: 0,
             data_location: None,
             supply_chain: Vec::new(),
+            backups: None,
         }
+    }
+
+    fn backups(write_once: bool, verified: bool) -> Option<BackupFacts> {
+        Some(BackupFacts {
+            store: "s3 http://127.0.0.1:9000/phr-backups/".into(),
+            write_once,
+            policy: "7 daily, 4 weekly, 3 monthly".into(),
+            last_verified: verified.then(|| {
+                (
+                    "20261126T052512Z".into(),
+                    "2026-11-26T06:00:00Z".into(),
+                    1500,
+                )
+            }),
+        })
     }
 
     fn on(document: &Disclosure, id: &str) -> bool {
@@ -422,8 +521,28 @@ mod tests {
             change(&mut f);
             assert_eq!(on(&disclosure(&f), id), expected, "{name}");
         }
-        // Backups are not claimed: this version has none.
-        assert!(!on(&disclosure(&facts()), "backups"));
+        // Backups are claimed only on write-once storage with a verified restore.
+        for (backups, expected) in [
+            (None, false),
+            (backups(false, true), false),
+            (backups(true, false), false),
+            (backups(true, true), true),
+        ] {
+            let mut f = facts();
+            f.backups = backups;
+            assert_eq!(on(&disclosure(&f), "backups"), expected, "{:?}", f.backups);
+        }
+        let mut f = facts();
+        f.backups = backups(true, true);
+        let state = disclosure(&f)
+            .measures
+            .into_iter()
+            .find(|m| m.id == "backups")
+            .unwrap()
+            .state;
+        assert!(state.contains("7 daily, 4 weekly, 3 monthly"), "{state}");
+        assert!(state.contains("20261126T052512Z"), "{state}");
+        assert!(state.contains("write-once"), "{state}");
     }
 
     #[test]

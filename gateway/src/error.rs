@@ -62,6 +62,10 @@ pub enum Error {
     #[error("audit log: {0}")]
     Audit(String),
 
+    /// Backup generations' storage (e.g. the S3 bucket) failed.
+    #[error("backup storage: {0}")]
+    BackupStorage(String),
+
     /// Raised by a test-only fault point between two statements of one transaction.
     #[error("injected fault at {0}")]
     InjectedFault(&'static str),

@@ -30,6 +30,7 @@ pub mod oauth;
 pub mod provenance;
 pub mod pull;
 pub mod receipts;
+pub mod s3;
 pub mod store;
 pub mod supply_chain;
 pub mod telemetry;

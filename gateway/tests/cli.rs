@@ -427,3 +427,80 @@ async fn backup_and_restore_verify_from_the_command_line() {
     assert_eq!(with("restored into scratch and verified"), 1);
     assert_eq!(with("failed verification"), 1);
 }
+
+#[test]
+fn backup_drill_and_prune_from_the_command_line() {
+    use age::secrecy::ExposeSecret;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path();
+    let identity = age::x25519::Identity::generate();
+    let config = data.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[backup]\nrecipient = \"{}\"\nkeep_daily = 1\nkeep_weekly = 0\nkeep_monthly = 0\n",
+            identity.to_public()
+        ),
+    )
+    .expect("config");
+    let with_config = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_phr-gateway"))
+            .arg("--data-dir")
+            .arg(data)
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .env("PHR_LOG__FORMAT", "pretty")
+            .output()
+            .expect("run phr-gateway")
+    };
+    let generations = || -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(data.join("backups"))
+            .expect("backups")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    // Two generations on the same day: the policy of one daily keeps only the newest.
+    let first = with_config(&["backup"]);
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    // Before the second one's prune, drill both.
+    let key = data.join("offline.key");
+    std::fs::write(&key, identity.to_string().expose_secret()).expect("key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let key_arg = key.display().to_string();
+    let loose = with_config(&["backup", "drill", "--identity", &key_arg]);
+    assert!(!loose.status.success());
+    assert!(
+        text(&loose.stderr).contains("chmod 600"),
+        "{}",
+        text(&loose.stderr)
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let drilled = with_config(&["backup", "drill", "--identity", &key_arg]);
+    assert!(drilled.status.success(), "{}", text(&drilled.stderr));
+    assert!(text(&drilled.stdout).contains("restored and verified"));
+
+    let second = with_config(&["backup"]);
+    assert!(second.status.success(), "{}", text(&second.stderr));
+    let out = text(&second.stdout);
+    assert!(out.contains("deleted "), "{out}");
+    assert_eq!(generations().len(), 1, "the older one of the day went");
+
+    // A database overwritten with other bytes: prune refuses and keeps everything.
+    let third_day = with_config(&["backup", "prune"]);
+    assert!(third_day.status.success(), "{}", text(&third_day.stderr));
+    let db = data.join("gateway.db");
+    let len = std::fs::metadata(&db).expect("db").len() as usize;
+    std::fs::write(&db, vec![0x5a; len]).expect("overwrite");
+    let refused = with_config(&["backup", "prune"]);
+    assert_eq!(refused.status.code(), Some(4), "{}", text(&refused.stderr));
+    assert!(text(&refused.stderr).contains("REFUSED"));
+    assert_eq!(generations().len(), 1);
+    // The drill fails clearly on a database it cannot open (it records its results there).
+    let drill_broken = with_config(&["backup", "drill", "--identity", &key_arg]);
+    assert!(!drill_broken.status.success());
+}

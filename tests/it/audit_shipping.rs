@@ -321,7 +321,7 @@ async fn sink_down_buffers_alerts_and_backfills(engine: Engine) {
 }
 
 /// The value of a metric in Prometheus text.
-fn metric(text: &str, name: &str) -> i64 {
+pub(crate) fn metric(text: &str, name: &str) -> i64 {
     text.lines()
         .find_map(|line| {
             line.strip_prefix(name)?
@@ -333,7 +333,7 @@ fn metric(text: &str, name: &str) -> i64 {
         .unwrap_or_else(|| panic!("no metric {name} in {text}"))
 }
 
-async fn metrics_text(app: &TestApp, token: &str) -> String {
+pub(crate) async fn metrics_text(app: &TestApp, token: &str) -> String {
     let response = app
         .client
         .get(app.url("/metrics"))
@@ -453,10 +453,10 @@ async fn reshipping_after_a_crash_is_idempotent_and_a_foreign_object_is_refused(
     gateway.stop().await;
 }
 
-/// The local S3-compatible server, stopped when dropped.
-struct S3Server {
+/// The local S3-compatible server, stopped when dropped (the backup tests use it too).
+pub(crate) struct S3Server {
     child: Child,
-    endpoint: String,
+    pub(crate) endpoint: String,
 }
 
 impl Drop for S3Server {
@@ -466,8 +466,8 @@ impl Drop for S3Server {
     }
 }
 
-const ACCESS_KEY: &str = "gateway-test-key";
-const SECRET_KEY: &str = "gateway-test-secret";
+pub(crate) const ACCESS_KEY: &str = "gateway-test-key";
+pub(crate) const SECRET_KEY: &str = "gateway-test-secret";
 
 fn python_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -475,7 +475,7 @@ fn python_dir() -> PathBuf {
         .join("python")
 }
 
-async fn start_s3() -> S3Server {
+pub(crate) async fn start_s3() -> S3Server {
     let port = TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")
@@ -510,7 +510,7 @@ async fn start_s3() -> S3Server {
 }
 
 /// Runs tests/python/s3_object_lock.py with the gateway's credentials; its JSON output.
-fn s3_script(args: &[&str]) -> serde_json::Value {
+pub(crate) fn s3_script(args: &[&str]) -> serde_json::Value {
     let output = Command::new("python3")
         .arg(python_dir().join("s3_object_lock.py"))
         .args(args)

@@ -10,6 +10,7 @@ mod alerts;
 mod audit;
 mod audit_shipping;
 mod backup;
+mod backup_generations;
 mod break_glass;
 mod config;
 mod consent_flow;

@@ -59,6 +59,8 @@ struct Inner {
     signing_keys: Vec<(&'static str, PathBuf)>,
     /// Audit shipping runs: its lag is read from the database.
     shipping_enabled: bool,
+    /// Backups are configured: their verified generations are read from the database.
+    backups_configured: bool,
     /// The configured external URL, else the one known once listening.
     configured_public_url: Option<String>,
     public_url: Arc<OnceLock<String>>,
@@ -96,6 +98,7 @@ pub struct Pass {
 /// Whether the rules look at this event at all (the window keeps only these).
 fn relevant(event: &ParsedLeaf) -> bool {
     event.emergency_override
+        || rules::is_backup_prune_refused(event)
         || (event.kind == Some(EventKind::Login) && event.failed)
         || (matches!(
             event.kind,
@@ -143,6 +146,7 @@ impl AlertEngine {
                 tls_certificate,
                 signing_keys,
                 shipping_enabled: config.audit_shipping.enabled,
+                backups_configured: config.backup.recipient.is_some(),
                 configured_public_url: config.public_url.clone(),
                 public_url,
                 reported: Mutex::default(),
@@ -242,8 +246,30 @@ impl AlertEngine {
             }
             None => None,
         };
+        let backup_verified = if self.inner.backups_configured {
+            let db = &self.inner.db;
+            let read = async {
+                let good = crate::backup::generations::verified_good(db).await?;
+                let last = crate::backup::generations::last_verification_at(db).await?;
+                Ok::<_, Error>((good, last))
+            };
+            match read.await {
+                Ok((good, last_verification_millis)) => Some(rules::BackupVerified {
+                    good,
+                    required: crate::backup::generations::MIN_VERIFIED_GENERATIONS,
+                    last_verification_millis,
+                }),
+                Err(error) => {
+                    tracing::warn!(%error, "reading the verified backup generations failed");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         Facts {
             now_millis: now,
+            backup_verified,
             verify_failure,
             shipping_lag,
             advisories: self.advisories(),

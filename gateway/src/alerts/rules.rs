@@ -30,10 +30,15 @@ pub enum Rule {
     Vulnerability,
     /// A component's end of support is near or past.
     EndOfLife,
+    /// Retention refused to delete generations: the live database looked encrypted or
+    /// corrupt.
+    BackupPruneRefused,
+    /// Fewer backup generations are verified-good than required.
+    BackupVerifiedGenerations,
 }
 
 impl Rule {
-    pub const ALL: [Rule; 9] = [
+    pub const ALL: [Rule; 11] = [
         Rule::FailedLogins,
         Rule::ManyPatientsRead,
         Rule::UnusualHours,
@@ -43,6 +48,8 @@ impl Rule {
         Rule::ExpiringCredential,
         Rule::Vulnerability,
         Rule::EndOfLife,
+        Rule::BackupPruneRefused,
+        Rule::BackupVerifiedGenerations,
     ];
 
     pub fn code(self) -> &'static str {
@@ -56,6 +63,8 @@ impl Rule {
             Rule::ExpiringCredential => "expiring-credential",
             Rule::Vulnerability => "vulnerability",
             Rule::EndOfLife => "end-of-life",
+            Rule::BackupPruneRefused => "backup-prune-refused",
+            Rule::BackupVerifiedGenerations => "backup-verified-generations",
         }
     }
 
@@ -218,6 +227,17 @@ pub struct Facts {
     pub advisories: Vec<crate::supply_chain::advisories::AdvisoryFinding>,
     /// Components near or past their end of support.
     pub end_of_life: Vec<crate::supply_chain::eol::EolWarning>,
+    /// Backup generations verified-good, when backups are configured.
+    pub backup_verified: Option<BackupVerified>,
+}
+
+/// The backup generations whose latest verification passed (not deleted since).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupVerified {
+    pub good: Vec<String>,
+    pub required: u64,
+    /// When the newest verification (of any result) was recorded; `None` before the first.
+    pub last_verification_millis: Option<i64>,
 }
 
 /// Every alert the events and facts raise, each once.
@@ -232,7 +252,81 @@ pub fn evaluate(events: &[ParsedLeaf], facts: &Facts, thresholds: &Thresholds) -
     raised.extend(expiring_credentials(facts, thresholds));
     raised.extend(vulnerabilities(facts));
     raised.extend(end_of_life(facts));
+    raised.extend(backup_prune_refused(events, thresholds));
+    raised.extend(backup_verified_generations(facts));
     raised
+}
+
+/// Whether an event is a refused prune (see `backup::generations::PRUNE_REFUSED`).
+pub fn is_backup_prune_refused(event: &ParsedLeaf) -> bool {
+    event.kind == Some(EventKind::SecurityConfiguration)
+        && event.failed
+        && event
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.starts_with(crate::backup::generations::PRUNE_REFUSED))
+}
+
+/// One critical alert per occurrence window in which pruning was refused.
+fn backup_prune_refused(events: &[ParsedLeaf], thresholds: &Thresholds) -> Vec<RaisedAlert> {
+    let mut occurrences: BTreeMap<i64, Occurrence> = BTreeMap::new();
+    for event in events.iter().filter(|e| is_backup_prune_refused(e)) {
+        let t = event.recorded_millis;
+        occurrences
+            .entry(occurrence_start(t, thresholds.occurrence_millis))
+            .or_insert(Occurrence::at(t, 0))
+            .include(t);
+    }
+    occurrences
+        .into_iter()
+        .map(|(bucket, seen)| RaisedAlert {
+            rule: Rule::BackupPruneRefused,
+            severity: Severity::Critical,
+            dedup_key: format!("{}:{bucket}", Rule::BackupPruneRefused.code()),
+            summary: "backup retention refused to delete generations: the live database looks \
+                      encrypted or corrupt; check it before anything else"
+                .into(),
+            first_seen_millis: seen.first,
+            last_seen_millis: seen.last,
+        })
+        .collect()
+}
+
+/// While fewer generations than required are verified-good. The key names the set of good
+/// generations and the newest verification, so the same shortfall raises one alert until
+/// the next verification (a drill that did not heal it reminds once more); once healed
+/// nothing is raised, and a later shortfall raises anew.
+fn backup_verified_generations(facts: &Facts) -> Option<RaisedAlert> {
+    let verified = facts.backup_verified.as_ref()?;
+    let good = verified.good.len() as u64;
+    if good >= verified.required {
+        return None;
+    }
+    let mut names = verified.good.clone();
+    names.sort();
+    Some(RaisedAlert {
+        rule: Rule::BackupVerifiedGenerations,
+        severity: if good == 0 {
+            Severity::Critical
+        } else {
+            Severity::Warning
+        },
+        dedup_key: format!(
+            "{}:{}",
+            Rule::BackupVerifiedGenerations.code(),
+            short_hash(&format!(
+                "{}@{}",
+                names.join(","),
+                verified.last_verification_millis.unwrap_or(0)
+            ))
+        ),
+        summary: format!(
+            "{good} backup generation(s) verified-good, fewer than {}: run phr-gateway backup drill",
+            verified.required
+        ),
+        first_seen_millis: facts.now_millis,
+        last_seen_millis: facts.now_millis,
+    })
 }
 
 /// One notification per advisory and affected crate version, ever (the key has no time).
@@ -1034,6 +1128,102 @@ mod tests {
             evaluate(&[], &cert(now), &thresholds)[0].dedup_key,
             evaluate(&[], &cert(now + day), &thresholds)[0].dedup_key
         );
+    }
+
+    #[test]
+    fn backup_rules_fire_as_the_table_says_and_heal() {
+        let thresholds = Thresholds::default();
+        let names =
+            |n: usize| -> Vec<String> { (0..n).map(|i| format!("2026112{i}T000000Z")).collect() };
+        let verified = |good: Vec<String>| Facts {
+            now_millis: NOON_JST,
+            backup_verified: Some(BackupVerified {
+                good,
+                required: 3,
+                last_verification_millis: Some(NOON_JST),
+            }),
+            ..Default::default()
+        };
+        type Case = (&'static str, Facts, Vec<(Rule, Severity)>);
+        let cases: Vec<Case> = vec![
+            ("backups not configured", Facts::default(), vec![]),
+            (
+                "none verified",
+                verified(vec![]),
+                vec![(Rule::BackupVerifiedGenerations, Severity::Critical)],
+            ),
+            (
+                "two verified",
+                verified(names(2)),
+                vec![(Rule::BackupVerifiedGenerations, Severity::Warning)],
+            ),
+            ("three verified", verified(names(3)), vec![]),
+            ("five verified", verified(names(5)), vec![]),
+        ];
+        for (name, facts, expected) in cases {
+            let raised: Vec<(Rule, Severity)> = evaluate(&[], &facts, &thresholds)
+                .into_iter()
+                .map(|a| (a.rule, a.severity))
+                .collect();
+            assert_eq!(raised, expected, "{name}");
+        }
+        // The same shortfall is one alert; after another verification, or another set of
+        // good generations, it is another.
+        let key = |facts: &Facts| evaluate(&[], facts, &thresholds)[0].dedup_key.clone();
+        assert_eq!(key(&verified(names(2))), key(&verified(names(2))));
+        assert_ne!(
+            key(&verified(names(2))),
+            key(&verified(vec![
+                "20261201T000000Z".into(),
+                "20261202T000000Z".into()
+            ]))
+        );
+        let mut later = verified(names(2));
+        if let Some(v) = later.backup_verified.as_mut() {
+            v.last_verification_millis = Some(NOON_JST + 1);
+        }
+        assert_ne!(key(&verified(names(2))), key(&later));
+
+        // A refused prune is a critical alert, one per occurrence window.
+        let refused = |at| ParsedLeaf {
+            failed: true,
+            detail: Some(format!(
+                "{}: the live database looks encrypted or corrupt (header)",
+                crate::backup::generations::PRUNE_REFUSED
+            )),
+            ..event(
+                EventKind::SecurityConfiguration,
+                AccessorKind::System,
+                None,
+                at,
+            )
+        };
+        let other_failure = ParsedLeaf {
+            failed: true,
+            detail: Some("TLS settings weakened".into()),
+            ..event(
+                EventKind::SecurityConfiguration,
+                AccessorKind::System,
+                None,
+                NOON_JST,
+            )
+        };
+        let facts = Facts {
+            now_millis: NOON_JST,
+            ..Default::default()
+        };
+        let raised = evaluate(
+            &[
+                refused(NOON_JST),
+                refused(NOON_JST + 60_000),
+                other_failure.clone(),
+            ],
+            &facts,
+            &thresholds,
+        );
+        assert_eq!(keys_of(&raised, Rule::BackupPruneRefused).len(), 1);
+        assert_eq!(raised[0].severity, Severity::Critical);
+        assert!(evaluate(&[other_failure], &facts, &thresholds).is_empty());
     }
 
     #[test]

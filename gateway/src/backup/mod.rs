@@ -19,7 +19,13 @@ use crate::error::{Error, Result};
 use crate::store::{Database, Engine};
 
 mod archive;
+pub mod commands;
+pub mod drill;
+pub mod generations;
+pub mod health;
+pub mod retention;
 mod sqlite;
+pub mod storage;
 
 use archive::{decrypt, encrypt, sha256_file};
 use sqlite::{audit_head, row_counts};

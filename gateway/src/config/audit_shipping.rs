@@ -80,6 +80,22 @@ impl Default for S3SinkConfig {
     }
 }
 
+/// An S3 endpoint must be https (plain http only on loopback, for tests).
+pub(super) fn check_endpoint(endpoint: &str) -> Result<(), String> {
+    let url = url::Url::parse(endpoint).map_err(|e| e.to_string())?;
+    let loopback = match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(d)) => d == "localhost",
+        None => false,
+    };
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        _ => Err("must be https (plain http only on loopback)".into()),
+    }
+}
+
 /// A secret string that never shows in logs or debug output.
 #[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
@@ -122,24 +138,7 @@ impl AuditShippingConfig {
                 "required for the s3 sink".into(),
             ));
         };
-        let url =
-            url::Url::parse(endpoint).map_err(|e| ("audit_shipping.s3.endpoint", e.to_string()))?;
-        let loopback = match url.host() {
-            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-            Some(url::Host::Domain(d)) => d == "localhost",
-            None => false,
-        };
-        match url.scheme() {
-            "https" => {}
-            "http" if loopback => {}
-            _ => {
-                return Err((
-                    "audit_shipping.s3.endpoint",
-                    "must be https (plain http only on loopback)".into(),
-                ))
-            }
-        }
+        check_endpoint(endpoint).map_err(|reason| ("audit_shipping.s3.endpoint", reason))?;
         if s3.bucket.as_deref().is_none_or(str::is_empty) {
             return Err((
                 "audit_shipping.s3.bucket",

@@ -28,6 +28,9 @@ pub struct Metrics {
     audit_shipping_behind: Gauge,
     audit_shipping_since_success: Gauge,
     audit_shipping_failing: Gauge,
+    backup_last_drill_success: Gauge,
+    backup_last_drill_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    backup_verified_generations: Gauge,
 }
 
 impl Default for Metrics {
@@ -69,8 +72,29 @@ impl Default for Metrics {
             "1 while audit shipping fails",
             audit_shipping_failing.clone(),
         );
+        let backup_last_drill_success = Gauge::default();
+        registry.register(
+            "backup_last_drill_success",
+            "1 when the last restore drill verified every generation it restored, 0 when not, -1 before the first",
+            backup_last_drill_success.clone(),
+        );
+        let backup_last_drill_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "backup_last_drill_seconds",
+            "Seconds the last restore drill's restores took",
+            backup_last_drill_seconds.clone(),
+        );
+        let backup_verified_generations = Gauge::default();
+        registry.register(
+            "backup_verified_generations",
+            "Backup generations whose latest verification passed (not deleted since)",
+            backup_verified_generations.clone(),
+        );
         Metrics {
             registry,
+            backup_last_drill_success,
+            backup_last_drill_seconds,
+            backup_verified_generations,
             audit_shipping_behind,
             audit_shipping_since_success,
             audit_shipping_failing,
@@ -126,6 +150,18 @@ pub async fn metrics(
     metrics
         .audit_shipping_failing
         .set(i64::from(shipping.failing));
+    let drill = crate::backup::generations::last_drill(&state.db).await?;
+    metrics
+        .backup_last_drill_success
+        .set(drill.map_or(-1, |d| i64::from(d.success)));
+    metrics
+        .backup_last_drill_seconds
+        .set(drill.map_or(0.0, |d| d.restore_millis as f64 / 1000.0));
+    metrics.backup_verified_generations.set(
+        crate::backup::generations::verified_good(&state.db)
+            .await?
+            .len() as i64,
+    );
     let mut text = String::new();
     encode(&mut text, &state.metrics.registry)
         .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "metrics encoding failed"))?;

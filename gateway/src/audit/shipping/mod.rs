@@ -41,13 +41,8 @@ pub const LEAVES_PER_OBJECT: u64 = 1000;
 pub const LEAVES_PREFIX: &str = "leaves/";
 pub const CHECKPOINTS_PREFIX: &str = "checkpoints/";
 
-/// What a create-only write found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PutOutcome {
-    Created,
-    /// An object with this key was already there; it was left as it is.
-    AlreadyExists,
-}
+/// What a create-only write found (shared with the S3 client).
+pub use crate::s3::PutOutcome;
 
 /// Where shipped copies go. Implementations never overwrite: `put_if_absent` creates the
 /// object or reports that it exists.
