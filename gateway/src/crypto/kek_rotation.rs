@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
 
 use super::key_file;
-use super::Kek;
+use super::FileKek;
 use crate::error::{Error, Result};
 
 /// Where an interrupted or running rotation keeps the new KEK.
@@ -80,12 +80,12 @@ pub fn prepare(kek_path: &Path) -> Result<RotationKeys> {
 }
 
 impl RotationKeys {
-    pub fn old(&self) -> Result<Kek> {
-        Kek::from_bytes(&self.old)
+    pub fn old(&self) -> Result<FileKek> {
+        FileKek::from_bytes(&self.old)
     }
 
-    pub fn new_kek(&self) -> Result<Kek> {
-        Kek::from_bytes(&self.new)
+    pub fn new_kek(&self) -> Result<FileKek> {
+        FileKek::from_bytes(&self.new)
     }
 }
 
