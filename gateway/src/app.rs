@@ -15,7 +15,7 @@ use crate::audit::shipping::{sink_from_config, AuditSink, Shipper};
 use crate::audit::{self, Agent, AuditEvent, AuditLog, EventKind};
 use crate::config::Config;
 use crate::consents::Consents;
-use crate::crypto::{key_file, FileKek};
+use crate::crypto::{key_file, FileKek, KekProvider};
 use crate::error::{Error, Result};
 use crate::http::{self, AppState};
 use crate::keystore::KeyStore;
@@ -72,9 +72,7 @@ impl Gateway {
         tls::install_crypto_provider();
         create_data_dir(&config)?;
 
-        crate::crypto::kek_rotation::check_no_interrupted(&config.kek_path())?;
-        let (kek_bytes, kek_created) = key_file::load_or_generate(&config.kek_path(), 32)?;
-        let kek = FileKek::from_bytes(&kek_bytes)?;
+        let (kek, kek_created) = open_kek(&config)?;
         let (seed, signing_created) =
             key_file::load_or_generate(&config.audit_signing_key_path(), 32)?;
         let seed: [u8; 32] = seed
@@ -101,7 +99,7 @@ impl Gateway {
         let timeout = Duration::from_secs(config.database.connect_timeout_secs);
         let db = Database::connect(&url, config.database.max_connections, timeout).await?;
         db.migrate().await?;
-        let keys = KeyStore::open(&config, &url, kek).await?;
+        let keys = KeyStore::open_with(&config, &url, kek).await?;
 
         let audit = AuditLog::new(
             db.clone(),
@@ -494,6 +492,18 @@ pub fn load_or_generate_source_client_key(path: &std::path::Path) -> Result<(Bac
     })?;
     key_file::write_private(path, pem.as_bytes())?;
     Ok((key, true))
+}
+
+/// The KEK the configuration names: on a PKCS#11 token, or (the default) in a 0600 file,
+/// generated at first start. `true` when it was generated now.
+fn open_kek(config: &Config) -> Result<(Arc<dyn KekProvider>, bool)> {
+    if let Some(pkcs11) = &config.keys.pkcs11 {
+        let opened = crate::crypto::pkcs11::Pkcs11Kek::open(pkcs11)?;
+        return Ok((Arc::new(opened.kek), opened.created));
+    }
+    crate::crypto::kek_rotation::check_no_interrupted(&config.kek_path())?;
+    let (kek_bytes, kek_created) = key_file::load_or_generate(&config.kek_path(), 32)?;
+    Ok((Arc::new(FileKek::from_bytes(&kek_bytes)?), kek_created))
 }
 
 /// Audits the start, any generated key, and every weakened security setting.

@@ -423,6 +423,7 @@ async fn keys_command(config: Config, command: KeysCommand) -> Result<ExitCode> 
             force,
         } => {
             // Before anything builds a gateway, which would generate a fresh KEK.
+            escrow::refuse_token_kek(&config)?;
             let text =
                 std::fs::read_to_string(&escrow_path).map_err(|e| Error::io(&escrow_path, e))?;
             let file = escrow::EscrowFile::parse(&text)?;

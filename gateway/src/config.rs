@@ -151,6 +151,27 @@ pub struct KeysConfig {
     /// Seconds a rotated-out JWS signing key stays in the JWKS so tokens it signed still
     /// verify; at least the longest token lifetime (300 s).
     pub jws_overlap_secs: u64,
+    /// Keep the KEK on a PKCS#11 token (an HSM) instead of `kek_file`.
+    pub pkcs11: Option<Pkcs11Config>,
+}
+
+/// `[keys.pkcs11]`: where the KEK lives when it is kept on a token.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11Config {
+    /// The vendor's PKCS#11 module, e.g. `/usr/lib/softhsm/libsofthsm2.so`.
+    pub module: PathBuf,
+    /// The token's label.
+    pub token_label: String,
+    /// A file (0600) holding the user PIN.
+    pub pin_file: PathBuf,
+    /// The AES key's label on the token; generated there, non-extractable, on first start.
+    #[serde(default = "default_pkcs11_key_label")]
+    pub key_label: String,
+}
+
+fn default_pkcs11_key_label() -> String {
+    "phr-gateway-kek".into()
 }
 
 impl Default for KeysConfig {
@@ -163,6 +184,7 @@ impl Default for KeysConfig {
             id_token_signing_key_file: None,
             escrow_recipients: Vec::new(),
             jws_overlap_secs: 3600,
+            pkcs11: None,
         }
     }
 }

@@ -95,7 +95,7 @@ impl DataKey {
     }
 }
 
-fn wrap_aad(patient_id: &str) -> String {
+pub(crate) fn wrap_aad(patient_id: &str) -> String {
     format!("phr-gateway/data-key/v1/{patient_id}")
 }
 

@@ -338,6 +338,18 @@ mod tests {
     }
 }
 
+/// A KEK on a PKCS#11 token never leaves it: file escrow, recovery and file rotation do not
+/// apply (the token's own backup or a second token does that job).
+pub fn refuse_token_kek(config: &crate::config::Config) -> Result<()> {
+    if config.keys.pkcs11.is_some() {
+        return Err(Error::config(
+            "keys.pkcs11",
+            "the KEK is on a PKCS#11 token and never leaves it: escrow, recovery and rotation of a KEK file do not apply; use the token's own backup",
+        ));
+    }
+    Ok(())
+}
+
 /// Where `keys escrow` writes by default: `<data_dir>/escrow/` (copy it off-site; it is
 /// useless without an offline identity).
 pub fn default_path(config: &crate::config::Config, kek_id: &str, now_secs: u64) -> PathBuf {
@@ -364,6 +376,7 @@ pub async fn escrow_kek(
     db: &crate::store::Database,
     out: Option<PathBuf>,
 ) -> Result<Escrowed> {
+    refuse_token_kek(config)?;
     let recipients = parse_recipients(&config.keys.escrow_recipients)?;
     let kek = key_file::load(&config.kek_path(), KEY_LEN)?;
     let kek_id = file_key_id(&kek);

@@ -102,6 +102,7 @@ pub struct Rotated {
 /// Rotates the KEK of the configured key store. Every gateway process using that key store
 /// must be stopped first: a running one keeps the old KEK in memory.
 pub async fn rotate(config: &crate::config::Config) -> Result<Rotated> {
+    super::escrow::refuse_token_kek(config)?;
     let kek_path = config.kek_path();
     let keys = prepare(&kek_path)?;
     let store =

@@ -6,6 +6,7 @@ pub mod escrow;
 pub mod kek_provider;
 pub mod kek_rotation;
 pub mod key_file;
+pub mod pkcs11;
 
 pub use envelope::{DataKey, Kek};
 pub use kek_provider::{FileKek, KekProvider};
