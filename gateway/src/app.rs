@@ -391,8 +391,9 @@ impl RunningGateway {
             Some(cert) => match cert.reload() {
                 Ok(fingerprint) => {
                     events.push(
-                        AuditEvent::new(EventKind::SecurityConfiguration, Agent::system())
-                            .detail(format!("TLS certificate reloaded: now serving SHA-256 {fingerprint}")),
+                        AuditEvent::new(EventKind::SecurityConfiguration, Agent::system()).detail(
+                            format!("TLS certificate reloaded: now serving SHA-256 {fingerprint}"),
+                        ),
                     );
                     Some(Ok(fingerprint))
                 }
@@ -419,8 +420,9 @@ impl RunningGateway {
         }
         for kid in &retired {
             events.push(
-                AuditEvent::new(EventKind::SecurityConfiguration, Agent::system())
-                    .detail(format!("ID token signing key {kid} retired: its overlap ended, removed from the JWKS")),
+                AuditEvent::new(EventKind::SecurityConfiguration, Agent::system()).detail(format!(
+                    "ID token signing key {kid} retired: its overlap ended, removed from the JWKS"
+                )),
             );
         }
         let mut tx = self.state.db.begin().await?;

@@ -452,7 +452,8 @@ async fn keys_command(config: Config, command: KeysCommand) -> Result<ExitCode> 
                     format!("replaced the KEK there (kept as {})", moved_to.display())
                 }
             };
-            let detail = format!(
+            let detail =
+                format!(
                 "key-encryption key {} recovered from escrow made {} ({what}; header signature {})",
                 file.header.kek_id,
                 file.header.created,
@@ -538,7 +539,9 @@ async fn keys_command(config: Config, command: KeysCommand) -> Result<ExitCode> 
                 "ID token signing key rotated: new kid {}, old kid {} published until unix time {}",
                 rotated.new_kid, rotated.old_kid, rotated.retires_at
             );
-            println!("send SIGHUP to running gateways (or restart them) so they sign with the new key");
+            println!(
+                "send SIGHUP to running gateways (or restart them) so they sign with the new key"
+            );
             Ok(ExitCode::SUCCESS)
         }
         KeysCommand::RotateAudit => {
@@ -548,7 +551,10 @@ async fn keys_command(config: Config, command: KeysCommand) -> Result<ExitCode> 
                 "audit signing key rotated: checkpoints up to size {} are signed by the old key, later ones by the new; the transition is leaf {}",
                 rotated.last_size, rotated.transition_leaf
             );
-            println!("new verifier key (keep it off-site with the old one):\n{}", rotated.current);
+            println!(
+                "new verifier key (keep it off-site with the old one):\n{}",
+                rotated.current
+            );
             println!("retired verifier key:\n{}", rotated.retired);
             Ok(ExitCode::SUCCESS)
         }
@@ -560,7 +566,8 @@ async fn keys_command(config: Config, command: KeysCommand) -> Result<ExitCode> 
             for (id, count) in &ids {
                 println!(
                     "  {count} data keys wrapped by {}",
-                    id.as_deref().unwrap_or("(not recorded: wrapped before KEK ids were kept)")
+                    id.as_deref()
+                        .unwrap_or("(not recorded: wrapped before KEK ids were kept)")
                 );
             }
             if ids.len() > 1 {

@@ -131,11 +131,10 @@ impl KeyStore {
     /// How many data keys each KEK wraps (`None`: recorded before ids were kept). More than
     /// one entry is a mixed state: a rotation not finished, or keys restored from elsewhere.
     pub async fn kek_ids(&self) -> Result<Vec<(Option<String>, u64)>> {
-        let rows = sqlx::query(
-            "SELECT kek_id, COUNT(*) FROM data_keys GROUP BY kek_id ORDER BY kek_id",
-        )
-        .fetch_all(self.db.read_pool())
-        .await?;
+        let rows =
+            sqlx::query("SELECT kek_id, COUNT(*) FROM data_keys GROUP BY kek_id ORDER BY kek_id")
+                .fetch_all(self.db.read_pool())
+                .await?;
         rows.iter()
             .map(|row| Ok((row.try_get(0)?, row.try_get::<i64, _>(1)? as u64)))
             .collect()
@@ -199,16 +198,14 @@ impl KeyStore {
                 already += 1;
                 continue;
             }
-            let rewrapped_key = kek_provider::rewrap(old, new, &patient_id, &wrapped)
-                .map_err(|_| {
+            let rewrapped_key =
+                kek_provider::rewrap(old, new, &patient_id, &wrapped).map_err(|_| {
                     Error::Crypto("a data key is wrapped by neither the old nor the new KEK")
                 })?;
-            sqlx::query(
-                "UPDATE data_keys SET wrapped_key = $1, kek_id = $2 WHERE patient_id = $3",
-            )
-            .bind(rewrapped_key)
-            .bind(new.key_id())
-            .bind(&patient_id)
+            sqlx::query("UPDATE data_keys SET wrapped_key = $1, kek_id = $2 WHERE patient_id = $3")
+                .bind(rewrapped_key)
+                .bind(new.key_id())
+                .bind(&patient_id)
                 .execute(&mut *tx)
                 .await?;
             rewrapped += 1;

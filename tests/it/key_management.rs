@@ -73,21 +73,22 @@ async fn a_lost_kek_is_recovered_from_escrow_and_the_data_reads_again(engine: En
     let kek_path = config.kek_path();
     let kek_id = state.keys.kek_id().to_string();
     let out = app.env().data_dir().join("offsite/kek.escrow");
-    let mut config_with_recipients = config.clone();
-    config_with_recipients.keys.escrow_recipients = state.config.keys.escrow_recipients.clone();
-    let escrowed = escrow::escrow_kek(
-        &config_with_recipients,
-        &state.audit,
-        &state.db,
-        Some(out.clone()),
-    )
-    .await
-    .expect("escrow");
+    let escrowed = escrow::escrow_kek(&state.config, &state.audit, &state.db, Some(out.clone()))
+        .await
+        .expect("escrow");
     assert_eq!(escrowed.kek_id, kek_id);
     assert_eq!(escrowed.recipients, 2);
-    assert_eq!(leaves_containing(&app, &format!("{kek_id} escrowed")).await, 1);
+    assert_eq!(
+        leaves_containing(&app, &format!("{kek_id} escrowed")).await,
+        1
+    );
     let text = std::fs::read_to_string(&out).expect("escrow file");
-    assert!(!text.contains(&std::fs::read_to_string(&kek_path).expect("kek").trim().to_string()));
+    assert!(!text.contains(
+        &std::fs::read_to_string(&kek_path)
+            .expect("kek")
+            .trim()
+            .to_string()
+    ));
     let ring = app.gateway().state.audit.verifiers();
     let app_config = app.env().config();
     app.stop().await;
@@ -101,7 +102,9 @@ async fn a_lost_kek_is_recovered_from_escrow_and_the_data_reads_again(engine: En
         .open(stranger.to_string().expose_secret())
         .expect_err("a stranger's identity");
     assert!(
-        wrong.to_string().contains("not one of the escrow's recipients"),
+        wrong
+            .to_string()
+            .contains("not one of the escrow's recipients"),
         "{wrong}"
     );
     // Either recipient alone recovers it.
@@ -119,10 +122,16 @@ async fn a_lost_kek_is_recovered_from_escrow_and_the_data_reads_again(engine: En
         escrow::Recovered::Written
     );
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(&kek_path).expect("kek").permissions().mode() & 0o777;
+    let mode = std::fs::metadata(&kek_path)
+        .expect("kek")
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o600);
 
-    let again = Gateway::build(app_config).await.expect("starts with the recovered KEK");
+    let again = Gateway::build(app_config)
+        .await
+        .expect("starts with the recovered KEK");
     assert_eq!(again.state.keys.kek_id(), kek_id);
     for id in &ids {
         let stored = again
@@ -241,7 +250,9 @@ async fn the_audit_key_rotates_and_every_checkpoint_still_verifies(engine: Engin
     assert_eq!(rotated.retired, old_verifier.verifier_key());
     assert_ne!(rotated.current, rotated.retired);
 
-    let gateway = Gateway::build(env_config.clone()).await.expect("starts with the new key");
+    let gateway = Gateway::build(env_config.clone())
+        .await
+        .expect("starts with the new key");
     let audit = gateway.state.audit.clone();
     assert_eq!(audit.verifier_key(), rotated.current);
     put(&gateway.state.resources, "p-audit", 1).await;
@@ -330,10 +341,7 @@ async fn an_id_token_signed_before_rotation_verifies_during_the_overlap_only() {
         .sign(&serde_json::json!({"sub": "p2"}))
         .expect("sign");
     let published = jwks(&app).await;
-    let kids: Vec<&str> = published
-        .iter()
-        .filter_map(|k| k["kid"].as_str())
-        .collect();
+    let kids: Vec<&str> = published.iter().filter_map(|k| k["kid"].as_str()).collect();
     assert!(kids.contains(&old_kid.as_str()) && kids.contains(&rotated.new_kid.as_str()));
     assert_eq!(
         jws_keys::verify_with_jwks(&before, &published).expect("old token")["sub"],
@@ -344,7 +352,11 @@ async fn an_id_token_signed_before_rotation_verifies_during_the_overlap_only() {
         "p2"
     );
     assert_eq!(
-        leaves_containing(&app, &format!("ID token signing key now {}", rotated.new_kid)).await,
+        leaves_containing(
+            &app,
+            &format!("ID token signing key now {}", rotated.new_kid)
+        )
+        .await,
         1
     );
 
@@ -370,7 +382,10 @@ fn certificate(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, std::p
         .distinguished_name
         .push(rcgen::DnType::CommonName, name);
     let cert = params.self_signed(&key).expect("cert");
-    let (cert_path, key_path) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+    let (cert_path, key_path) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
     std::fs::write(&cert_path, cert.pem()).expect("cert");
     std::fs::write(&key_path, key.serialize_pem()).expect("key");
     use std::os::unix::fs::PermissionsExt;
@@ -439,7 +454,11 @@ async fn healthz(tls: &mut Tls) {
         if let Some(head_end) = text.find("\r\n\r\n") {
             let length = text[..head_end]
                 .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                })
                 .unwrap_or(0);
             if response.len() >= head_end + 4 + length {
                 break;
@@ -447,6 +466,18 @@ async fn healthz(tls: &mut Tls) {
         }
     }
     assert!(String::from_utf8_lossy(&response).starts_with("HTTP/1.1 200"));
+}
+
+/// Audit leaves mentioning `needle`, after sequencing.
+async fn leaves_with(state: &phr_gateway::http::AppState, needle: &str) -> usize {
+    state.audit.sequence(false).await.expect("sequence");
+    sqlx::query("SELECT body FROM audit_leaves")
+        .fetch_all(state.db.read_pool())
+        .await
+        .expect("leaves")
+        .iter()
+        .filter(|r| String::from_utf8_lossy(&r.get::<Vec<u8>, _>(0)).contains(needle))
+        .count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -459,13 +490,16 @@ async fn a_renewed_tls_certificate_is_served_to_new_handshakes_without_a_restart
     std::fs::copy(&a_cert, &live_cert).expect("copy");
     std::fs::copy(&a_key, &live_key).expect("copy");
     let env = TestEnv::new(Engine::Sqlite).await;
-    let (cert_setting, key_setting) = (live_cert.clone(), live_key.clone());
-    let app = spawn_app_with(env, move |c| {
-        c.tls.cert_file = Some(cert_setting);
-        c.tls.key_file = Some(key_setting);
-    })
-    .await;
-    let port = app.gateway().addr.port();
+    let mut config = env.config();
+    config.tls.cert_file = Some(live_cert.clone());
+    config.tls.key_file = Some(live_key.clone());
+    let running = Gateway::build(config)
+        .await
+        .expect("build")
+        .start()
+        .await
+        .expect("start");
+    let port = running.addr.port();
     let connector = client_trusting(&[&a_cert, &b_cert]);
     let mut open = connect(&connector, port).await;
     healthz(&mut open).await;
@@ -474,27 +508,45 @@ async fn a_renewed_tls_certificate_is_served_to_new_handshakes_without_a_restart
     // Renewal: new files in place, then the trigger (SIGHUP runs the same).
     std::fs::copy(&b_cert, &live_cert).expect("renew cert");
     std::fs::copy(&b_key, &live_key).expect("renew key");
-    let reloaded = app.gateway().reload_keys().await.expect("reload");
+    let reloaded = running.reload_keys().await.expect("reload");
     let fingerprint = reloaded.tls_fingerprint.expect("tls").expect("loaded");
     use sha2::Digest;
-    assert_eq!(fingerprint, hex::encode(sha2::Sha256::digest(pem_der(&b_cert))));
+    assert_eq!(
+        fingerprint,
+        hex::encode(sha2::Sha256::digest(pem_der(&b_cert)))
+    );
 
     let fresh = connect(&connector, port).await;
-    assert_eq!(served(&fresh), pem_der(&b_cert), "new handshakes get the new certificate");
+    assert_eq!(
+        served(&fresh),
+        pem_der(&b_cert),
+        "new handshakes get the new certificate"
+    );
     healthz(&mut open).await;
-    assert_eq!(served(&open), pem_der(&a_cert), "the open connection keeps working");
+    assert_eq!(
+        served(&open),
+        pem_der(&a_cert),
+        "the open connection keeps working"
+    );
 
     // A broken renewal (key of another certificate) is refused and audited; B still serves.
     std::fs::copy(&a_key, &live_key).expect("mismatched key");
-    let refused = app.gateway().reload_keys().await.expect("reload");
+    let refused = running.reload_keys().await.expect("reload");
     let reason = refused.tls_fingerprint.expect("tls").expect_err("refused");
     assert!(reason.contains("does not belong"), "{reason}");
     let still = connect(&connector, port).await;
     assert_eq!(served(&still), pem_der(&b_cert));
-    assert_eq!(leaves_containing(&app, "TLS certificate reloaded").await, 1);
-    assert_eq!(leaves_containing(&app, "TLS certificate reload refused").await, 1);
+    assert_eq!(
+        leaves_with(&running.state, "TLS certificate reloaded").await,
+        1
+    );
+    assert_eq!(
+        leaves_with(&running.state, "TLS certificate reload refused").await,
+        1
+    );
     drop((open, fresh, still));
-    app.stop().await;
+    running.stop().await;
+    drop(env);
 }
 
 /// SoftHSM2 with one token, in a temporary directory.
@@ -528,7 +580,11 @@ impl SoftHsm {
             .args(["--so-pin", "12345678", "--pin", "87654321"])
             .output()
             .expect("softhsm2-util (apt package softhsm2; .ci/run installs it)");
-        assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+        assert!(
+            init.status.success(),
+            "{}",
+            String::from_utf8_lossy(&init.stderr)
+        );
         SoftHsm { dir, token }
     }
 
@@ -554,7 +610,10 @@ async fn the_kek_on_a_pkcs11_token_wraps_data_keys_and_never_leaves_it() {
     let mut config = env.config();
     config.keys.pkcs11 = Some(hsm.config("kek-refused", "00000000"));
     let refused = crate::helpers::build_error(config).await;
-    assert!(refused.contains("keys.pkcs11.pin_file") && refused.contains("login"), "{refused}");
+    assert!(
+        refused.contains("keys.pkcs11.pin_file") && refused.contains("login"),
+        "{refused}"
+    );
 
     for engine in [Engine::Sqlite, Engine::Postgres] {
         let label = format!("kek-{engine:?}");
@@ -562,13 +621,19 @@ async fn the_kek_on_a_pkcs11_token_wraps_data_keys_and_never_leaves_it() {
         let env = TestEnv::new(engine).await;
         let setting = token_config.clone();
         let app = spawn_app_with(env, move |c| c.keys.pkcs11 = Some(setting)).await;
-        let state = &app.gateway().state;
+        let state = &running.state;
         let kek_id = state.keys.kek_id().to_string();
-        assert!(kek_id.starts_with(&format!("pkcs11:phr-test/{label}/")), "{kek_id}");
+        assert!(
+            kek_id.starts_with(&format!("pkcs11:phr-test/{label}/")),
+            "{kek_id}"
+        );
         let id = put(&state.resources, "p-hsm", 0).await;
         state.resources.read("p-hsm", &id).await.expect("read");
         let config = app.env().config();
-        assert!(!config.kek_path().exists(), "no KEK file when the KEK is on a token");
+        assert!(
+            !config.kek_path().exists(),
+            "no KEK file when the KEK is on a token"
+        );
         assert_eq!(
             leaves_containing(&app, "key-encryption key generated").await,
             1,
@@ -593,7 +658,12 @@ async fn the_kek_on_a_pkcs11_token_wraps_data_keys_and_never_leaves_it() {
         let mut second_config = config.clone();
         second_config.keys.pkcs11 = Some(token_config.clone());
         let second = Gateway::build(second_config).await.expect("second gateway");
-        let stored = second.state.resources.read("p-hsm", &id).await.expect("read");
+        let stored = second
+            .state
+            .resources
+            .read("p-hsm", &id)
+            .await
+            .expect("read");
         assert!(String::from_utf8_lossy(&stored.body).contains("Observation"));
         second.state.db.close().await;
         app.stop().await;

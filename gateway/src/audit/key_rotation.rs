@@ -92,7 +92,10 @@ pub async fn rotate(config: &Config) -> Result<Rotated> {
             let retired = sign_transition(config, &old, &new).await?;
             let mut keys = ring.retired().to_vec();
             keys.push(retired.clone());
-            write_history(&history, &VerifierRing::new(keys, new.clone()).history_text())?;
+            write_history(
+                &history,
+                &VerifierRing::new(keys, new.clone()).history_text(),
+            )?;
             retired
         }
     };
@@ -134,11 +137,10 @@ async fn sign_transition(
         .await?
         .try_get::<Option<i64>, _>(0)?
         .ok_or_else(|| Error::Audit("the transition leaf was not sequenced".into()))?;
-    let checkpointed: Option<i64> =
-        sqlx::query("SELECT MAX(tree_size) FROM audit_checkpoints")
-            .fetch_one(audit.database().read_pool())
-            .await?
-            .try_get(0)?;
+    let checkpointed: Option<i64> = sqlx::query("SELECT MAX(tree_size) FROM audit_checkpoints")
+        .fetch_one(audit.database().read_pool())
+        .await?
+        .try_get(0)?;
     let last_size = outcome.tree_size;
     if checkpointed != Some(last_size as i64) || leaf as u64 >= last_size {
         return Err(Error::Audit(

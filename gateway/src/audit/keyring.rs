@@ -143,24 +143,31 @@ impl VerifierRing {
 
 fn parse_history(text: &str) -> std::result::Result<Vec<RetiredKey>, String> {
     let mut retired: Vec<RetiredKey> = Vec::new();
-    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (n, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         let bad = |why: &str| format!("line {}: {why}", n + 1);
         let mut parts = line.split_whitespace();
         let (Some(size), Some(leaf), Some(vkey), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
-            return Err(bad("expected `<last size> <transition leaf> <verifier key>`"));
+            return Err(bad(
+                "expected `<last size> <transition leaf> <verifier key>`",
+            ));
         };
         let last_size: u64 = size.parse().map_err(|_| bad("size is not a number"))?;
         let transition_leaf: u64 = leaf.parse().map_err(|_| bad("leaf is not a number"))?;
         if transition_leaf >= last_size {
-            return Err(bad("the transition leaf must lie inside the last signed size"));
+            return Err(bad(
+                "the transition leaf must lie inside the last signed size",
+            ));
         }
         if retired.last().is_some_and(|k| k.last_size >= last_size) {
             return Err(bad("sizes must increase"));
         }
-        let verifier =
-            NoteVerifier::from_verifier_key(vkey).map_err(|e| bad(&e.to_string()))?;
+        let verifier = NoteVerifier::from_verifier_key(vkey).map_err(|e| bad(&e.to_string()))?;
         retired.push(RetiredKey {
             verifier,
             last_size,

@@ -287,7 +287,9 @@ async fn check_key_transitions(
             return Err(fail(format!("the log has only {tree_size} leaves")).into());
         }
         if !checkpoints.iter().any(|cp| cp.size == size) {
-            return Err(fail("no checkpoint signed by the retiring key at that size".into()).into());
+            return Err(
+                fail("no checkpoint signed by the retiring key at that size".into()).into(),
+            );
         }
         let body: Option<Vec<u8>> =
             sqlx::query("SELECT body FROM audit_leaves WHERE tree_index = $1")
@@ -321,13 +323,14 @@ fn check_checkpoint(
     origin: &str,
     last_good_size: u64,
 ) -> Result<(), Tamper> {
-    let body = verifiers
-        .for_size(cp.size)
-        .verify(&cp.note)
-        .map_err(|e| Tamper::CheckpointSignature {
-            size: cp.size,
-            reason: e.to_string(),
-        })?;
+    let body =
+        verifiers
+            .for_size(cp.size)
+            .verify(&cp.note)
+            .map_err(|e| Tamper::CheckpointSignature {
+                size: cp.size,
+                reason: e.to_string(),
+            })?;
     let signed = Checkpoint::parse_body(&body).map_err(|e| Tamper::CheckpointSignature {
         size: cp.size,
         reason: e.to_string(),

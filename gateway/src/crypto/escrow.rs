@@ -189,10 +189,13 @@ impl EscrowFile {
             .map(str::trim)
             .find(|l| l.starts_with("AGE-SECRET-KEY-"))
             .ok_or_else(|| {
-                Error::Escrow("the identity file holds no age X25519 identity (AGE-SECRET-KEY-…)".into())
+                Error::Escrow(
+                    "the identity file holds no age X25519 identity (AGE-SECRET-KEY-…)".into(),
+                )
             })?;
-        let identity = age::x25519::Identity::from_str(identity)
-            .map_err(|e| Error::Escrow(format!("the identity is not a valid age identity ({e})")))?;
+        let identity = age::x25519::Identity::from_str(identity).map_err(|e| {
+            Error::Escrow(format!("the identity is not a valid age identity ({e})"))
+        })?;
         let wrong = || {
             Error::Escrow(format!(
                 "this identity ({}) is not one of the escrow's recipients ({})",
@@ -293,7 +296,10 @@ mod tests {
             let secret = id.to_string();
             assert_eq!(file.open(secret.expose_secret()).unwrap().as_slice(), kek);
         }
-        let err = file.open(c.to_string().expose_secret()).unwrap_err().to_string();
+        let err = file
+            .open(c.to_string().expose_secret())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not one of the escrow's recipients"), "{err}");
         assert!(file.open("no identity here").is_err());
     }
@@ -303,8 +309,17 @@ mod tests {
         let a = age::x25519::Identity::generate();
         let text = seal(&[9u8; 32], &[a.to_public()], "t", unsigned).unwrap();
         let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
-        let last = lines.len() - 1;
-        lines[last] = lines[last].chars().rev().collect();
+        let first_data = lines
+            .iter()
+            .position(|l| l.starts_with(SIGNATURE_PREFIX))
+            .unwrap()
+            + 1;
+        let flipped = if lines[first_data].starts_with('A') {
+            "B"
+        } else {
+            "A"
+        };
+        lines[first_data].replace_range(0..1, flipped);
         let changed = lines.join("\n") + "\n";
         assert!(EscrowFile::parse(&changed)
             .unwrap_err()
@@ -323,12 +338,17 @@ mod tests {
     fn install_never_overwrites_a_different_key_silently() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keys/kek.key");
-        assert_eq!(install(&path, &[1u8; 32], false, 1).unwrap(), Recovered::Written);
+        assert_eq!(
+            install(&path, &[1u8; 32], false, 1).unwrap(),
+            Recovered::Written
+        );
         assert_eq!(
             install(&path, &[1u8; 32], false, 2).unwrap(),
             Recovered::AlreadyInPlace
         );
-        let err = install(&path, &[2u8; 32], false, 3).unwrap_err().to_string();
+        let err = install(&path, &[2u8; 32], false, 3)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("--force"), "{err}");
         let Recovered::Replaced { moved_to } = install(&path, &[2u8; 32], true, 4).unwrap() else {
             panic!("replaced")

@@ -123,7 +123,10 @@ mod tests {
         );
         let wrapped = new_data_key(&a, "p").unwrap();
         let moved = rewrap(&a, &b, "p", &wrapped).unwrap();
-        assert_eq!(*a.unwrap("p", &wrapped).unwrap(), *b.unwrap("p", &moved).unwrap());
+        assert_eq!(
+            *a.unwrap("p", &wrapped).unwrap(),
+            *b.unwrap("p", &moved).unwrap()
+        );
         assert!(a.unwrap("p", &moved).is_err());
         assert!(b.unwrap("q", &moved).is_err(), "bound to its patient");
     }

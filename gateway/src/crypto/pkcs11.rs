@@ -37,7 +37,10 @@ fn context(module: &Path) -> Result<Pkcs11> {
         return Ok(ctx.clone());
     }
     let fail = |what: &str, e: cryptoki::error::Error| {
-        Error::config("keys.pkcs11.module", format!("{}: {what}: {e}", module.display()))
+        Error::config(
+            "keys.pkcs11.module",
+            format!("{}: {what}: {e}", module.display()),
+        )
     };
     let ctx = Pkcs11::new(module).map_err(|e| fail("cannot load the module", e))?;
     ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
@@ -78,12 +81,17 @@ impl Pkcs11Kek {
             .ok_or_else(|| {
                 Error::config(
                     "keys.pkcs11.token_label",
-                    format!("no token labelled {:?} in {}", config.token_label, config.module.display()),
+                    format!(
+                        "no token labelled {:?} in {}",
+                        config.token_label,
+                        config.module.display()
+                    ),
                 )
             })?;
         let pin = super::key_file::check_private(&config.pin_file)
             .and_then(|_| {
-                std::fs::read_to_string(&config.pin_file).map_err(|e| Error::io(&config.pin_file, e))
+                std::fs::read_to_string(&config.pin_file)
+                    .map_err(|e| Error::io(&config.pin_file, e))
             })
             .map(|text| AuthPin::new(text.trim().to_string().into()))?;
         let session = ctx.open_rw_session(slot).map_err(token_error)?;
@@ -131,14 +139,20 @@ impl Pkcs11Kek {
                         ],
                     )
                     .map_err(|e| {
-                        Error::config("keys.pkcs11", format!("cannot generate the KEK on the token: {e}"))
+                        Error::config(
+                            "keys.pkcs11",
+                            format!("cannot generate the KEK on the token: {e}"),
+                        )
                     })?;
                 (key, true)
             }
             _ => {
                 return Err(Error::config(
                     "keys.pkcs11.key_label",
-                    format!("several keys on the token are labelled {:?}", config.key_label),
+                    format!(
+                        "several keys on the token are labelled {:?}",
+                        config.key_label
+                    ),
                 ))
             }
         };
@@ -170,7 +184,10 @@ impl Pkcs11Kek {
     pub fn extractable(&self) -> Result<bool> {
         let session = self.session()?;
         let attrs = session
-            .get_attributes(self.key, &[AttributeType::Extractable, AttributeType::Sensitive])
+            .get_attributes(
+                self.key,
+                &[AttributeType::Extractable, AttributeType::Sensitive],
+            )
             .map_err(|_| Error::Crypto("cannot read the KEK's attributes on the token"))?;
         let mut extractable = true;
         let mut sensitive = false;
@@ -230,8 +247,6 @@ impl KekProvider for Pkcs11Kek {
         self.session()?
             .decrypt(&Mechanism::AesGcm(params), self.key, sealed)
             .map(Zeroizing::new)
-            .map_err(|_| {
-                Error::Crypto("decryption failed: wrong key, wrong row or tampered data")
-            })
+            .map_err(|_| Error::Crypto("decryption failed: wrong key, wrong row or tampered data"))
     }
 }

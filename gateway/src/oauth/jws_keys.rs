@@ -53,7 +53,8 @@ fn previous_prefix(path: &Path) -> Option<String> {
 
 fn load_key(path: &Path) -> Result<BackendKey> {
     key_file::check_private(path)?;
-    let pem = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?);
+    let pem =
+        zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?);
     BackendKey::from_pem(&pem).map_err(|e| Error::KeyFile {
         path: path.into(),
         reason: e.to_string(),
@@ -266,10 +267,15 @@ mod tests {
         // The overlap ends: gone from the JWKS at once, and its file at the next reload.
         let jwks = ring.public_jwks(1_600);
         assert_eq!(jwks.len(), 1);
-        assert!(verify_with_jwks(&before, &jwks).unwrap_err().contains(&old_kid));
+        assert!(verify_with_jwks(&before, &jwks)
+            .unwrap_err()
+            .contains(&old_kid));
         assert_eq!(ring.reload(1_600).unwrap(), vec![old_kid]);
         assert!(ring.previous_paths().is_empty());
-        assert_eq!(std::fs::read_dir(path.parent().unwrap()).unwrap().count(), 1);
+        assert_eq!(
+            std::fs::read_dir(path.parent().unwrap()).unwrap().count(),
+            1
+        );
     }
 
     #[test]
