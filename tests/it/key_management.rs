@@ -91,7 +91,9 @@ async fn a_lost_kek_is_recovered_from_escrow_and_the_data_reads_again(engine: En
     ));
     let ring = app.gateway().state.audit.verifiers();
     let app_config = app.env().config();
-    app.stop().await;
+    // Stop the gateway, keep its data directory.
+    let mut app = app;
+    app.gateway.take().expect("running").stop().await;
 
     // Disaster: the KEK file is gone.
     std::fs::remove_file(&kek_path).expect("lose the KEK");
@@ -143,6 +145,7 @@ async fn a_lost_kek_is_recovered_from_escrow_and_the_data_reads_again(engine: En
         assert!(String::from_utf8_lossy(&stored.body).contains("Observation"));
     }
     again.state.db.close().await;
+    drop(app);
 }
 
 /// A provider that counts what it is asked: the key store must go through it for every
@@ -408,6 +411,10 @@ fn client_trusting(certs: &[&std::path::Path]) -> tokio_rustls::TlsConnector {
     .expect("versions")
     .with_root_certificates(roots)
     .with_no_client_auth();
+    // Every connection a full handshake: a resumed session carries on with the certificate
+    // of the session it resumes.
+    let mut config = config;
+    config.resumption = rustls::client::Resumption::disabled();
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
@@ -621,7 +628,7 @@ async fn the_kek_on_a_pkcs11_token_wraps_data_keys_and_never_leaves_it() {
         let env = TestEnv::new(engine).await;
         let setting = token_config.clone();
         let app = spawn_app_with(env, move |c| c.keys.pkcs11 = Some(setting)).await;
-        let state = &running.state;
+        let state = &app.gateway().state;
         let kek_id = state.keys.kek_id().to_string();
         assert!(
             kek_id.starts_with(&format!("pkcs11:phr-test/{label}/")),
