@@ -15,7 +15,7 @@ use crate::audit::shipping::{sink_from_config, AuditSink, Shipper};
 use crate::audit::{self, Agent, AuditEvent, AuditLog, EventKind};
 use crate::config::Config;
 use crate::consents::Consents;
-use crate::crypto::{key_file, Kek};
+use crate::crypto::{key_file, FileKek, KekProvider};
 use crate::error::{Error, Result};
 use crate::http::{self, AppState};
 use crate::keystore::KeyStore;
@@ -32,6 +32,8 @@ use phr_adapters::fhir_r4::BackendKey;
 pub struct Gateway {
     pub state: AppState,
     tls: Option<Arc<rustls::ServerConfig>>,
+    /// Swaps in a renewed certificate without a restart.
+    tls_cert: Option<Arc<tls::ReloadableCert>>,
     /// Replaces the configured audit sink (tests inject failing or lossy sinks).
     audit_sink: Option<Arc<dyn AuditSink>>,
 }
@@ -40,6 +42,7 @@ pub struct Gateway {
 pub struct RunningGateway {
     pub addr: SocketAddr,
     pub state: AppState,
+    tls_cert: Option<Arc<tls::ReloadableCert>>,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<std::io::Result<()>>,
     sequencer: JoinHandle<()>,
@@ -69,9 +72,7 @@ impl Gateway {
         tls::install_crypto_provider();
         create_data_dir(&config)?;
 
-        crate::crypto::kek_rotation::check_no_interrupted(&config.kek_path())?;
-        let (kek_bytes, kek_created) = key_file::load_or_generate(&config.kek_path(), 32)?;
-        let kek = Kek::from_bytes(&kek_bytes)?;
+        let (kek, kek_created) = open_kek(&config)?;
         let (seed, signing_created) =
             key_file::load_or_generate(&config.audit_signing_key_path(), 32)?;
         let seed: [u8; 32] = seed
@@ -88,8 +89,8 @@ impl Gateway {
 
         let (source_client_key, source_key_created) =
             load_or_generate_source_client_key(&config.source_client_key_path())?;
-        let (id_token_key, id_token_key_created) =
-            load_or_generate_source_client_key(&config.id_token_key_path())?;
+        let (id_token_keys, id_token_key_created) =
+            crate::oauth::jws_keys::JwsKeyring::open(&config.id_token_key_path())?;
         let registry = match registry {
             Some(registry) => registry,
             None => SourceRegistry::from_config(&config.sources, &source_client_key)?,
@@ -98,7 +99,7 @@ impl Gateway {
         let timeout = Duration::from_secs(config.database.connect_timeout_secs);
         let db = Database::connect(&url, config.database.max_connections, timeout).await?;
         db.migrate().await?;
-        let keys = KeyStore::open(&config, &url, kek).await?;
+        let keys = KeyStore::open_with(&config, &url, kek).await?;
 
         let audit = AuditLog::new(
             db.clone(),
@@ -107,10 +108,17 @@ impl Gateway {
             config.audit.checkpoint_every_leaves,
             Duration::from_secs(config.audit.checkpoint_interval_secs),
         )?;
-        let tls = if config.insecure_http {
-            None
+        let ring = audit::keyring::VerifierRing::load(
+            &audit::keyring::history_path(&config.audit_signing_key_path()),
+            audit.verifier(),
+        )?;
+        audit::key_rotation::check_no_interrupted(&config, &ring)?;
+        let audit = audit.with_retired_keys(ring.retired().to_vec());
+        let (tls, tls_cert) = if config.insecure_http {
+            (None, None)
         } else {
-            Some(tls::load_server_config(&config.tls, &config.data_dir)?)
+            let (server, cert) = tls::load_reloadable_server_config(&config.tls, &config.data_dir)?;
+            (Some(server), Some(cert))
         };
 
         let generated: Vec<&str> = [
@@ -208,13 +216,14 @@ impl Gateway {
             registry: Arc::new(registry),
             receipts,
             source_client_key: Arc::new(source_client_key),
-            id_token_key: Arc::new(id_token_key),
+            id_token_keys: Arc::new(id_token_keys),
             public_url,
             supply_chain: Arc::new(supply_chain),
         };
         Ok(Gateway {
             state,
             tls,
+            tls_cert,
             audit_sink: None,
         })
     }
@@ -321,6 +330,7 @@ impl Gateway {
         Ok(RunningGateway {
             addr,
             state: self.state,
+            tls_cert: self.tls_cert,
             shutdown,
             server,
             sequencer,
@@ -350,13 +360,99 @@ impl RunningGateway {
         self.state.db.close().await;
     }
 
-    /// Serves until Ctrl-C or SIGTERM, then stops.
+    /// Serves until Ctrl-C or SIGTERM, then stops. SIGHUP reloads the TLS certificate and
+    /// the JWS signing keys (after a renewal or `keys rotate-jws`).
     pub async fn run_until_signal(self) -> Result<()> {
+        #[cfg(unix)]
+        if let Ok(mut hangup) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            let stop = wait_for_signal();
+            tokio::pin!(stop);
+            loop {
+                tokio::select! {
+                    _ = &mut stop => break,
+                    _ = hangup.recv() => {
+                        if let Err(error) = self.reload_keys().await {
+                            tracing::error!(%error, "reloading keys on SIGHUP failed");
+                        }
+                    }
+                }
+            }
+            tracing::info!("shutting down");
+            self.stop().await;
+            return Ok(());
+        }
         wait_for_signal().await;
         tracing::info!("shutting down");
         self.stop().await;
         Ok(())
     }
+
+    /// Re-reads the TLS certificate and key and the JWS signing keys from their files, each
+    /// audited. New TLS handshakes get the new certificate; open connections keep theirs.
+    /// A certificate that fails to load leaves the old one serving (and is audited as a
+    /// failure, with the reason).
+    pub async fn reload_keys(&self) -> Result<KeysReloaded> {
+        let mut events = Vec::new();
+        let tls_fingerprint = match &self.tls_cert {
+            Some(cert) => match cert.reload() {
+                Ok(fingerprint) => {
+                    events.push(
+                        AuditEvent::new(EventKind::SecurityConfiguration, Agent::system()).detail(
+                            format!("TLS certificate reloaded: now serving SHA-256 {fingerprint}"),
+                        ),
+                    );
+                    Some(Ok(fingerprint))
+                }
+                Err(error) => {
+                    events.push(
+                        AuditEvent::new(EventKind::SecurityConfiguration, Agent::system())
+                            .outcome(audit::Outcome::SeriousFailure)
+                            .detail(format!("TLS certificate reload refused, the previous one still serves: {error}")),
+                    );
+                    Some(Err(error.to_string()))
+                }
+            },
+            None => None,
+        };
+        let jws = &self.state.id_token_keys;
+        let before = jws.current_kid()?;
+        let retired = jws.reload(crate::oauth::jws_keys::now_secs())?;
+        let current = jws.current_kid()?;
+        if current != before {
+            events.push(
+                AuditEvent::new(EventKind::SecurityConfiguration, Agent::system())
+                    .detail(format!("ID token signing key now {current} (was {before}, kept in the JWKS for its overlap)")),
+            );
+        }
+        for kid in &retired {
+            events.push(
+                AuditEvent::new(EventKind::SecurityConfiguration, Agent::system()).detail(format!(
+                    "ID token signing key {kid} retired: its overlap ended, removed from the JWKS"
+                )),
+            );
+        }
+        let mut tx = self.state.db.begin().await?;
+        audit::record_all(&mut tx, &events).await?;
+        tx.commit().await?;
+        self.state.audit.notify();
+        Ok(KeysReloaded {
+            tls_fingerprint,
+            id_token_kid: current,
+            retired_kids: retired,
+        })
+    }
+}
+
+/// What `RunningGateway::reload_keys` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeysReloaded {
+    /// The fingerprint now served, or why the new certificate was refused; `None` on
+    /// plain HTTP.
+    pub tls_fingerprint: Option<std::result::Result<String, String>>,
+    pub id_token_kid: String,
+    pub retired_kids: Vec<String>,
 }
 
 async fn wait_for_signal() {
@@ -406,6 +502,18 @@ pub fn load_or_generate_source_client_key(path: &std::path::Path) -> Result<(Bac
     })?;
     key_file::write_private(path, pem.as_bytes())?;
     Ok((key, true))
+}
+
+/// The KEK the configuration names: on a PKCS#11 token, or (the default) in a 0600 file,
+/// generated at first start. `true` when it was generated now.
+fn open_kek(config: &Config) -> Result<(Arc<dyn KekProvider>, bool)> {
+    if let Some(pkcs11) = &config.keys.pkcs11 {
+        let opened = crate::crypto::pkcs11::Pkcs11Kek::open(pkcs11)?;
+        return Ok((Arc::new(opened.kek), opened.created));
+    }
+    crate::crypto::kek_rotation::check_no_interrupted(&config.kek_path())?;
+    let (kek_bytes, kek_created) = key_file::load_or_generate(&config.kek_path(), 32)?;
+    Ok((Arc::new(FileKek::from_bytes(&kek_bytes)?), kek_created))
 }
 
 /// Audits the start, any generated key, and every weakened security setting.

@@ -128,8 +128,35 @@ enum BackupCommand {
 enum KeysCommand {
     /// Re-wrap every data key under a new key-encryption key (no data is re-encrypted).
     /// Stop every gateway process using this key store first. Safe to run again after a
-    /// crash: it finishes the interrupted rotation.
+    /// crash: it finishes the interrupted rotation. With `keys.escrow_recipients` set, the
+    /// new KEK is escrowed at once; otherwise run `keys escrow`.
     RotateKek,
+    /// Write the KEK encrypted (age) to `keys.escrow_recipients`, with a header signed by
+    /// the audit key naming the KEK and the time. Copy the file off-site.
+    Escrow {
+        /// Default: <data_dir>/escrow/kek-<id>-<time>.escrow
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Restore the KEK from an escrow file with one recipient's age identity (0600). Refuses
+    /// to replace a different KEK unless --force (which keeps it as <kek>.replaced-<time>).
+    RecoverKek {
+        #[arg(long)]
+        escrow: PathBuf,
+        /// The age identity file (AGE-SECRET-KEY-…) of one escrow recipient.
+        #[arg(long)]
+        identity: PathBuf,
+        #[arg(long)]
+        force: bool,
+    },
+    /// New ID-token (JWS) signing key; the old one stays in the JWKS for
+    /// `keys.jws_overlap_secs`. Send SIGHUP to running gateways (or restart them).
+    RotateJws,
+    /// New audit checkpoint signing key; old checkpoints stay verifiable and the log records
+    /// the transition under the old key. Stop every gateway process using this log first.
+    RotateAudit,
+    /// Which KEK wraps how many data keys (more than one line: a mixed state).
+    Status,
 }
 
 #[derive(Debug, Subcommand)]
@@ -338,26 +365,85 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let config = offline(Config::load(cli.config.as_deref(), &flags)?);
             crate::backup::commands::restore_verify(config, &generation, &identity).await
         }
-        Command::Keys {
-            command: KeysCommand::RotateKek,
+        Command::Keys { command } => {
+            let config = Config::load(cli.config.as_deref(), &flags)?;
+            keys_command(config, command).await
+        }
+        Command::Operator { command } => {
+            let config = Config::load(cli.config.as_deref(), &flags)?;
+            operator_command(config, command).await
+        }
+    }
+}
+
+async fn keys_command(config: Config, command: KeysCommand) -> Result<ExitCode> {
+    use crate::crypto::escrow;
+    let now_secs = crate::oauth::jws_keys::now_secs();
+    match command {
+        KeysCommand::RecoverKek {
+            escrow: escrow_path,
+            identity,
+            force,
         } => {
-            let mut config = Config::load(cli.config.as_deref(), &flags)?;
+            // Before anything builds a gateway, which would generate a fresh KEK.
+            escrow::refuse_token_kek(&config)?;
+            let text =
+                std::fs::read_to_string(&escrow_path).map_err(|e| Error::io(&escrow_path, e))?;
+            let file = escrow::EscrowFile::parse(&text)?;
+            let identity_text = zeroize::Zeroizing::new(
+                std::fs::read_to_string(&identity).map_err(|e| Error::io(&identity, e))?,
+            );
+            let kek = file.open(&identity_text)?;
+            let ring = audit_verifiers(&config)?;
+            let signed = escrow::check_signature(&file, ring.as_ref())?;
+            let kek_path = config.kek_path();
+            let outcome = escrow::install(&kek_path, &kek, force, now_secs)?;
+            let gateway = Gateway::build(offline(config)).await?;
+            let mismatched: u64 = gateway
+                .state
+                .keys
+                .kek_ids()
+                .await?
+                .iter()
+                .filter(|(id, _)| id.as_deref().is_some_and(|id| id != file.header.kek_id))
+                .map(|(_, n)| n)
+                .sum();
+            let what = match &outcome {
+                escrow::Recovered::Written => "written".to_string(),
+                escrow::Recovered::AlreadyInPlace => "already in place".to_string(),
+                escrow::Recovered::Replaced { moved_to } => {
+                    format!("replaced the KEK there (kept as {})", moved_to.display())
+                }
+            };
+            let detail =
+                format!(
+                "key-encryption key {} recovered from escrow made {} ({what}; header signature {})",
+                file.header.kek_id,
+                file.header.created,
+                if signed { "verified" } else { "not checked: no audit key at hand" }
+            );
+            record_system_event(&gateway, detail.clone()).await?;
+            finish(&gateway).await;
+            println!("{detail}");
+            println!("written to {} (mode 0600)", kek_path.display());
+            if mismatched > 0 {
+                println!("warning: {mismatched} data keys in the key store are wrapped by another KEK (see `phr-gateway keys status`)");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCommand::RotateKek => {
             let rotated = crate::crypto::kek_rotation::rotate(&config).await?;
-            config = offline(config);
-            let gateway = Gateway::build(config).await?;
-            let event = crate::audit::AuditEvent::new(
-                crate::audit::EventKind::SecurityConfiguration,
-                crate::audit::Agent::system(),
+            let gateway = Gateway::build(offline(config)).await?;
+            record_system_event(
+                &gateway,
+                format!(
+                    "key-encryption key rotated to {}: {} data keys re-wrapped, {} already under the new key",
+                    gateway.state.keys.kek_id(),
+                    rotated.rewrapped,
+                    rotated.already
+                ),
             )
-            .detail(format!(
-                "key-encryption key rotated: {} data keys re-wrapped, {} already under the new key",
-                rotated.rewrapped, rotated.already
-            ));
-            let mut tx = gateway.state.db.begin().await?;
-            crate::audit::record(&mut tx, &event).await?;
-            tx.commit().await?;
-            let _ = gateway.state.audit.sequence(false).await;
-            let _ = tokio::time::timeout(Duration::from_secs(5), gateway.state.db.close()).await;
+            .await?;
             println!(
                 "key-encryption key rotated: {} data keys re-wrapped ({} already under the new key)",
                 rotated.rewrapped, rotated.already
@@ -366,13 +452,135 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 "the old key is at {}: keep it while key-store backups made before now are kept, then destroy it",
                 rotated.retired.display()
             );
+            let state = &gateway.state;
+            if state.config.keys.escrow_recipients.is_empty() {
+                println!("the new key-encryption key has no escrow yet: set keys.escrow_recipients and run `phr-gateway keys escrow`");
+            } else {
+                let escrowed =
+                    escrow::escrow_kek(&state.config, &state.audit, &state.db, None).await?;
+                println!(
+                    "the new key-encryption key {} is escrowed to {} recipient(s) at {}: copy it off-site",
+                    escrowed.kek_id,
+                    escrowed.recipients,
+                    escrowed.path.display()
+                );
+            }
+            finish(&gateway).await;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Operator { command } => {
-            let config = Config::load(cli.config.as_deref(), &flags)?;
-            operator_command(config, command).await
+        KeysCommand::Escrow { out } => {
+            let gateway = Gateway::build(offline(config)).await?;
+            let state = &gateway.state;
+            let escrowed = escrow::escrow_kek(&state.config, &state.audit, &state.db, out).await;
+            finish(&gateway).await;
+            let escrowed = escrowed?;
+            println!(
+                "key-encryption key {} escrowed to {} recipient(s) at {}: copy it off-site; it opens only with an offline identity",
+                escrowed.kek_id,
+                escrowed.recipients,
+                escrowed.path.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCommand::RotateJws => {
+            let path = config.id_token_key_path();
+            // Generates the key on a first run, so there is one to rotate.
+            crate::oauth::jws_keys::JwsKeyring::open(&path)?;
+            let overlap = config.keys.jws_overlap_secs;
+            let rotated = crate::oauth::jws_keys::rotate(&path, overlap, now_secs)?;
+            let gateway = Gateway::build(offline(config)).await?;
+            record_system_event(
+                &gateway,
+                format!(
+                    "ID token signing key rotated: {} signs from now on; {} stays in the JWKS for {overlap} s",
+                    rotated.new_kid, rotated.old_kid
+                ),
+            )
+            .await?;
+            finish(&gateway).await;
+            println!(
+                "ID token signing key rotated: new kid {}, old kid {} published until unix time {}",
+                rotated.new_kid, rotated.old_kid, rotated.retires_at
+            );
+            println!(
+                "send SIGHUP to running gateways (or restart them) so they sign with the new key"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCommand::RotateAudit => {
+            let rotated = crate::audit::key_rotation::rotate(&config).await?;
+            // The rotation is in the log already: the transition leaf, under the old key.
+            println!(
+                "audit signing key rotated: checkpoints up to size {} are signed by the old key, later ones by the new; the transition is leaf {}",
+                rotated.last_size, rotated.transition_leaf
+            );
+            println!(
+                "new verifier key (keep it off-site with the old one):\n{}",
+                rotated.current
+            );
+            println!("retired verifier key:\n{}", rotated.retired);
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCommand::Status => {
+            let gateway = Gateway::build(offline(config)).await?;
+            let keys = &gateway.state.keys;
+            println!("this gateway's key-encryption key: {}", keys.kek_id());
+            let ids = keys.kek_ids().await?;
+            for (id, count) in &ids {
+                println!(
+                    "  {count} data keys wrapped by {}",
+                    id.as_deref()
+                        .unwrap_or("(not recorded: wrapped before KEK ids were kept)")
+                );
+            }
+            if ids.len() > 1 {
+                println!("mixed state: more than one KEK wraps data keys (an unfinished rotation or keys restored from elsewhere)");
+            }
+            finish(&gateway).await;
+            Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The audit verifier keys of this data directory, when its audit key survived.
+fn audit_verifiers(config: &Config) -> Result<Option<crate::audit::keyring::VerifierRing>> {
+    let path = config.audit_signing_key_path();
+    if !path.exists() {
+        return Ok(None);
+    }
+    let seed = crate::crypto::key_file::load(&path, 32)?;
+    let seed: [u8; 32] = seed
+        .as_slice()
+        .try_into()
+        .map_err(|_| Error::Crypto("audit signing key must be 32 bytes"))?;
+    let signer = crate::audit::checkpoint::NoteSigner::new(
+        &config.audit.origin,
+        ed25519_dalek::SigningKey::from_bytes(&seed),
+    )
+    .map_err(|e| Error::Audit(e.to_string()))?;
+    crate::audit::keyring::VerifierRing::load(
+        &crate::audit::keyring::history_path(&path),
+        signer.verifier(),
+    )
+    .map(Some)
+}
+
+async fn record_system_event(gateway: &Gateway, detail: String) -> Result<()> {
+    let event = crate::audit::AuditEvent::new(
+        crate::audit::EventKind::SecurityConfiguration,
+        crate::audit::Agent::system(),
+    )
+    .detail(detail);
+    let mut tx = gateway.state.db.begin().await?;
+    crate::audit::record(&mut tx, &event).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Sequences what the command recorded and closes the database.
+async fn finish(gateway: &Gateway) {
+    let _ = gateway.state.audit.sequence(false).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), gateway.state.db.close()).await;
 }
 
 async fn operator_command(mut config: Config, command: OperatorCommand) -> Result<ExitCode> {
@@ -477,7 +685,7 @@ async fn audit_command(mut config: Config, command: AuditCommand) -> Result<Exit
             };
             match verify(
                 audit.database(),
-                &audit.verifier(),
+                audit.verifiers(),
                 audit.origin(),
                 trusted.as_deref(),
             )
@@ -550,7 +758,7 @@ async fn verify_against_cli(
             Box::new(LocalSink::new(dir))
         }
     };
-    match verify_against(audit.database(), &audit.verifier(), audit.origin(), &*sink).await {
+    match verify_against(audit.database(), audit.verifiers(), audit.origin(), &*sink).await {
         Ok(report) => {
             println!(
                 "audit log OK against {}: {} shipped leaves and {} shipped checkpoints verified (latest at size {}); the live log ({} leaves) extends them",

@@ -130,7 +130,7 @@ impl Default for DatabaseConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct KeysConfig {
     /// Key-encryption key (32 random bytes, hex). Unset: `<data_dir>/keys/kek.key`,
@@ -144,8 +144,51 @@ pub struct KeysConfig {
     /// (SMART Backend Services). Unset: `<data_dir>/keys/source-client.pem`.
     pub source_client_key_file: Option<PathBuf>,
     /// ES384 private key (PKCS#8 PEM) signing the ID tokens given to apps that ask for
-    /// `openid`. Unset: `<data_dir>/keys/id-token-signing.pem`.
+    /// `openid`. Unset: `<data_dir>/keys/id-token-signing.pem`. Rotated keys are kept
+    /// beside it as `<file>.previous-<unix seconds>` while the JWKS still publishes them.
     pub id_token_signing_key_file: Option<PathBuf>,
+    /// age X25519 recipients (`age1…`) the KEK is escrowed to (`phr-gateway keys escrow`,
+    /// and automatically after `keys rotate-kek`); their identities are kept offline.
+    pub escrow_recipients: Vec<String>,
+    /// Seconds a rotated-out JWS signing key stays in the JWKS so tokens it signed still
+    /// verify; at least the longest token lifetime (300 s).
+    pub jws_overlap_secs: u64,
+    /// Keep the KEK on a PKCS#11 token (an HSM) instead of `kek_file`.
+    pub pkcs11: Option<Pkcs11Config>,
+}
+
+/// `[keys.pkcs11]`: where the KEK lives when it is kept on a token.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11Config {
+    /// The vendor's PKCS#11 module, e.g. `/usr/lib/softhsm/libsofthsm2.so`.
+    pub module: PathBuf,
+    /// The token's label.
+    pub token_label: String,
+    /// A file (0600) holding the user PIN.
+    pub pin_file: PathBuf,
+    /// The AES key's label on the token; generated there, non-extractable, on first start.
+    #[serde(default = "default_pkcs11_key_label")]
+    pub key_label: String,
+}
+
+fn default_pkcs11_key_label() -> String {
+    "phr-gateway-kek".into()
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        KeysConfig {
+            kek_file: None,
+            audit_signing_key_file: None,
+            receipt_signing_key_file: None,
+            source_client_key_file: None,
+            id_token_signing_key_file: None,
+            escrow_recipients: Vec::new(),
+            jws_overlap_secs: 3600,
+            pkcs11: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -529,6 +572,18 @@ impl Config {
         self.backup
             .check()
             .map_err(|(key, reason)| Error::config(key, reason))?;
+        if !self.keys.escrow_recipients.is_empty() {
+            crate::crypto::escrow::parse_recipients(&self.keys.escrow_recipients)?;
+        }
+        if self.keys.jws_overlap_secs < crate::oauth::MAX_ACCESS_TOKEN_SECS {
+            return Err(Error::config(
+                "keys.jws_overlap_secs",
+                format!(
+                    "must be at least the longest token lifetime, {} s",
+                    crate::oauth::MAX_ACCESS_TOKEN_SECS
+                ),
+            ));
+        }
         if self.insecure_http && !is_loopback(self.listen.ip()) {
             return Err(Error::config(
                 "insecure_http",

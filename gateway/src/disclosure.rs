@@ -22,8 +22,11 @@ pub struct Facts {
     pub mutual_tls: bool,
     /// Where the audit log is shipped, and whether that copy is write-once.
     pub audit_sink: Option<(String, bool)>,
-    /// The key-encryption key's file, and where the data keys are kept.
-    pub kek_file: String,
+    /// Where the key-encryption key is kept (a 0600 file, or a PKCS#11 token), and where
+    /// the data keys are kept.
+    pub kek_custody: String,
+    /// Offline recipients the KEK is escrowed to (0: no escrow configured).
+    pub kek_escrow_recipients: usize,
     pub key_store: String,
     pub advisory_check: bool,
     pub end_of_life_check: bool,
@@ -140,7 +143,22 @@ pub async fn gather(config: &Config) -> Result<Facts> {
         dev_certificate: config.tls.cert_file.is_none(),
         mutual_tls: config.tls.client_ca_file.is_some(),
         audit_sink,
-        kek_file: config.kek_path().display().to_string(),
+        kek_custody: match &config.keys.pkcs11 {
+            Some(token) => format!(
+                "PKCS#11トークン {}（取り出し不可の鍵） / on PKCS#11 token {}, non-extractable",
+                token.token_label, token.token_label
+            ),
+            None => format!(
+                "{}、権限0600 / file {}, mode 0600",
+                config.kek_path().display(),
+                config.kek_path().display()
+            ),
+        },
+        kek_escrow_recipients: if config.keys.pkcs11.is_some() {
+            0
+        } else {
+            config.keys.escrow_recipients.len()
+        },
         key_store: match (&config.database.key_store_url, &config.database.url) {
             (Some(_), _) => "別のデータベース / a separate database".into(),
             (None, None) => "別のSQLiteファイル keys.db / a separate SQLite file".into(),
@@ -250,8 +268,17 @@ pub fn disclosure(facts: &Facts) -> Disclosure {
             title: "保存データの暗号化と鍵管理 / Encryption at rest and key custody",
             on: true,
             state: format!(
-                "患者ごとのデータ鍵でAES-256-GCM、鍵はKEK（{}、権限0600）で包んで保管：{} / per-patient AES-256-GCM keys wrapped by the KEK",
-                facts.kek_file, facts.key_store
+                "患者ごとのデータ鍵でAES-256-GCM、鍵はKEK（{}）で包んで保管：{}。{} 署名鍵（監査・IDトークン）とTLS証明書は旧鍵の検証を保ったまま更新可能 / per-patient AES-256-GCM keys wrapped by the KEK; {}; the audit and ID-token signing keys and the TLS certificate rotate with the old keys still verifying",
+                facts.kek_custody,
+                facts.key_store,
+                match facts.kek_escrow_recipients {
+                    0 => "KEKのエスクローは未設定（運用者の対応が必要）。".to_string(),
+                    n => format!("KEKは{n}名のオフライン保管者に暗号化してエスクロー（phr-gateway keys escrow）。"),
+                },
+                match facts.kek_escrow_recipients {
+                    0 => "no KEK escrow is configured (the operator must cover it)".to_string(),
+                    n => format!("the KEK is escrowed, encrypted, to {n} offline holders (phr-gateway keys escrow)"),
+                }
             ),
         },
         Measure {
@@ -443,7 +470,8 @@ mod tests {
             dev_certificate: false,
             mutual_tls: false,
             audit_sink: Some(("local directory /srv/audit".into(), false)),
-            kek_file: "/srv/keys/kek".into(),
+            kek_custody: "/srv/keys/kek".into(),
+            kek_escrow_recipients: 2,
             key_store: "keys.db".into(),
             advisory_check: false,
             end_of_life_check: true,

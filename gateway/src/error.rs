@@ -34,6 +34,15 @@ pub enum Error {
     #[error("no data key for patient {0}: the data cannot be decrypted")]
     KeyMissing(String),
 
+    /// The data key was wrapped by another KEK than the one this process holds (a rotation
+    /// not finished, a key store restored from elsewhere).
+    #[error("a data key is wrapped by KEK {wrapped_by}, but this gateway holds KEK {held}")]
+    KekMismatch { wrapped_by: String, held: String },
+
+    /// Key escrow or recovery failed; the message says what to do.
+    #[error("key escrow: {0}")]
+    Escrow(String),
+
     #[error("not found: {0}")]
     NotFound(String),
 

@@ -10,7 +10,8 @@ use sqlx::migrate::Migrator;
 use sqlx::{Executor, Row};
 
 use crate::config::Config;
-use crate::crypto::{DataKey, Kek};
+use crate::crypto::kek_provider::{self, KekProvider};
+use crate::crypto::DataKey;
 use crate::error::{Error, Result};
 use crate::store::{now_millis, Database, Engine, SessionSetup};
 
@@ -20,7 +21,8 @@ static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/keystore-pos
 #[derive(Clone)]
 pub struct KeyStore {
     db: Database,
-    kek: Arc<Kek>,
+    /// The only thing that sees data keys unwrapped: a file KEK, an HSM, a KMS.
+    kek: Arc<dyn KekProvider>,
     /// Unwrapped keys recently read, so a burst of reads of one patient's data does not
     /// go to the key store each time. Shredding evicts at once here; another process may
     /// hold a key up to [`KEY_CACHE_TTL`] longer, when the erased rows are already gone.
@@ -35,7 +37,20 @@ const KEY_CACHE_SIZE: usize = 4096;
 
 impl KeyStore {
     /// Opens the key store that goes with the main database at `main_url`.
-    pub async fn open(config: &Config, main_url: &str, kek: Kek) -> Result<Self> {
+    pub async fn open(
+        config: &Config,
+        main_url: &str,
+        kek: impl KekProvider + 'static,
+    ) -> Result<Self> {
+        Self::open_with(config, main_url, Arc::new(kek)).await
+    }
+
+    /// `open` with a shared provider (an HSM session, a test double).
+    pub async fn open_with(
+        config: &Config,
+        main_url: &str,
+        kek: Arc<dyn KekProvider>,
+    ) -> Result<Self> {
         let url = match &config.database.key_store_url {
             Some(url) => url.clone(),
             None => match Engine::of_url(main_url)? {
@@ -62,7 +77,7 @@ impl KeyStore {
         db.migrate_with(migrator).await?;
         Ok(KeyStore {
             db,
-            kek: Arc::new(kek),
+            kek,
             cache: Arc::default(),
         })
     }
@@ -89,13 +104,40 @@ impl KeyStore {
 
     /// The key as the store holds it now.
     async fn stored_key(&self, patient_id: &str) -> Result<DataKey> {
-        let row = sqlx::query("SELECT wrapped_key FROM data_keys WHERE patient_id = $1")
+        let row = sqlx::query("SELECT wrapped_key, kek_id FROM data_keys WHERE patient_id = $1")
             .bind(patient_id)
             .fetch_optional(self.db.read_pool())
             .await?;
         let row = row.ok_or_else(|| Error::KeyMissing(patient_id.to_string()))?;
         let wrapped: Vec<u8> = row.try_get(0)?;
-        self.kek.unwrap_data_key(patient_id, &wrapped)
+        let kek_id: Option<String> = row.try_get(1)?;
+        // A key under another KEK is a state to name, not a decryption failure to guess at.
+        if let Some(kek_id) = kek_id {
+            if kek_id != self.kek.key_id() {
+                return Err(Error::KekMismatch {
+                    wrapped_by: kek_id,
+                    held: self.kek.key_id().to_string(),
+                });
+            }
+        }
+        DataKey::from_bytes(&self.kek.unwrap(patient_id, &wrapped)?)
+    }
+
+    /// The id of the KEK this key store wraps new keys with.
+    pub fn kek_id(&self) -> &str {
+        self.kek.key_id()
+    }
+
+    /// How many data keys each KEK wraps (`None`: recorded before ids were kept). More than
+    /// one entry is a mixed state: a rotation not finished, or keys restored from elsewhere.
+    pub async fn kek_ids(&self) -> Result<Vec<(Option<String>, u64)>> {
+        let rows =
+            sqlx::query("SELECT kek_id, COUNT(*) FROM data_keys GROUP BY kek_id ORDER BY kek_id")
+                .fetch_all(self.db.read_pool())
+                .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get::<i64, _>(1)? as u64)))
+            .collect()
     }
 
     /// The patient's data key, created on first use. `true` when it was created now.
@@ -105,14 +147,15 @@ impl KeyStore {
             Err(Error::KeyMissing(_)) => {}
             Err(e) => return Err(e),
         }
-        let (_, wrapped) = self.kek.new_data_key(patient_id)?;
+        let wrapped = kek_provider::new_data_key(&*self.kek, patient_id)?;
         let inserted = sqlx::query(
-            "INSERT INTO data_keys (patient_id, wrapped_key, created_at) VALUES ($1, $2, $3)
-             ON CONFLICT (patient_id) DO NOTHING",
+            "INSERT INTO data_keys (patient_id, wrapped_key, created_at, kek_id)
+             VALUES ($1, $2, $3, $4) ON CONFLICT (patient_id) DO NOTHING",
         )
         .bind(patient_id)
         .bind(wrapped)
         .bind(now_millis())
+        .bind(self.kek.key_id())
         .execute(self.db.write_pool())
         .await?
         .rows_affected();
@@ -133,7 +176,11 @@ impl KeyStore {
     /// Re-wraps every data key from `old` to `new` in one transaction (KEK rotation). A key
     /// already under `new` (a resumed rotation) is left as it is; a key under neither stops
     /// the rotation with nothing changed. Returns (re-wrapped, already under `new`).
-    pub async fn rewrap_all(&self, old: &Kek, new: &Kek) -> Result<(u64, u64)> {
+    pub async fn rewrap_all(
+        &self,
+        old: &dyn KekProvider,
+        new: &dyn KekProvider,
+    ) -> Result<(u64, u64)> {
         let mut tx = self.db.begin().await?;
         let rows = sqlx::query("SELECT patient_id, wrapped_key FROM data_keys ORDER BY patient_id")
             .fetch_all(&mut *tx)
@@ -142,15 +189,22 @@ impl KeyStore {
         for row in rows {
             let patient_id: String = row.try_get(0)?;
             let wrapped: Vec<u8> = row.try_get(1)?;
-            if new.wraps(&patient_id, &wrapped) {
+            if new.unwrap(&patient_id, &wrapped).is_ok() {
+                sqlx::query("UPDATE data_keys SET kek_id = $1 WHERE patient_id = $2")
+                    .bind(new.key_id())
+                    .bind(&patient_id)
+                    .execute(&mut *tx)
+                    .await?;
                 already += 1;
                 continue;
             }
-            let rewrapped_key = old.rewrap(&patient_id, &wrapped, new).map_err(|_| {
-                Error::Crypto("a data key is wrapped by neither the old nor the new KEK")
-            })?;
-            sqlx::query("UPDATE data_keys SET wrapped_key = $1 WHERE patient_id = $2")
+            let rewrapped_key =
+                kek_provider::rewrap(old, new, &patient_id, &wrapped).map_err(|_| {
+                    Error::Crypto("a data key is wrapped by neither the old nor the new KEK")
+                })?;
+            sqlx::query("UPDATE data_keys SET wrapped_key = $1, kek_id = $2 WHERE patient_id = $3")
                 .bind(rewrapped_key)
+                .bind(new.key_id())
                 .bind(&patient_id)
                 .execute(&mut *tx)
                 .await?;

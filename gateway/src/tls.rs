@@ -307,6 +307,15 @@ pub fn load_server_config(
     config: &TlsConfig,
     data_dir: &Path,
 ) -> Result<Arc<ServerConfig>, TlsError> {
+    load_reloadable_server_config(config, data_dir).map(|(server_config, _)| server_config)
+}
+
+/// [`load_server_config`], with the handle that swaps in a renewed certificate and key
+/// without a restart ([`ReloadableCert::reload`]).
+pub fn load_reloadable_server_config(
+    config: &TlsConfig,
+    data_dir: &Path,
+) -> Result<(Arc<ServerConfig>, Arc<ReloadableCert>), TlsError> {
     config.validate().map_err(TlsError::InvalidConfig)?;
     install_crypto_provider();
     let provider = Arc::new(guideline_crypto_provider());
@@ -315,17 +324,13 @@ pub fn load_server_config(
         (Some(cert), Some(key)) => (cert.clone(), key.clone()),
         _ => ensure_dev_certificate(&data_dir.join("tls"))?,
     };
-    let cert_chain = read_certificates(&cert_path)?;
-    let key = read_private_key(&key_path)?;
-    // Load the key once on its own so a broken key is reported as such, with its path,
-    // instead of as a generic rustls error from the builder below.
-    provider
-        .key_provider
-        .load_private_key(key.clone_key())
-        .map_err(|err| TlsError::BadKey {
-            path: key_path.clone(),
-            reason: err.to_string(),
-        })?;
+    let certified = ReloadableCert::load(&cert_path, &key_path, &provider)?;
+    let resolver = Arc::new(ReloadableCert {
+        cert_path,
+        key_path,
+        provider: Arc::clone(&provider),
+        current: std::sync::RwLock::new(certified),
+    });
 
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(config.min_version.protocol_versions())
@@ -338,21 +343,89 @@ pub fn load_server_config(
             &provider,
         )?),
     };
-    let mut server_config = builder
-        .with_single_cert(cert_chain, key)
-        .map_err(|err| match err {
+    let mut server_config = builder.with_cert_resolver(resolver.clone());
+    // Offer HTTP/2 first; the connection layer serves either.
+    server_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok((Arc::new(server_config), resolver))
+}
+
+/// The server certificate and key, swappable while serving: each new handshake takes the
+/// pair in force at that moment; connections already established keep theirs. A renewal
+/// that fails to load (a missing file, a key that does not match) leaves the old pair.
+#[derive(Debug)]
+pub struct ReloadableCert {
+    cert_path: PathBuf,
+    key_path: PathBuf,
+    provider: Arc<CryptoProvider>,
+    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+}
+
+impl ReloadableCert {
+    fn load(
+        cert_path: &Path,
+        key_path: &Path,
+        provider: &CryptoProvider,
+    ) -> Result<Arc<rustls::sign::CertifiedKey>, TlsError> {
+        let cert_chain = read_certificates(cert_path)?;
+        let key = read_private_key(key_path)?;
+        let signing_key =
+            provider
+                .key_provider
+                .load_private_key(key)
+                .map_err(|err| TlsError::BadKey {
+                    path: key_path.to_path_buf(),
+                    reason: err.to_string(),
+                })?;
+        let certified = rustls::sign::CertifiedKey::new(cert_chain, signing_key);
+        certified.keys_match().map_err(|err| match err {
             rustls::Error::InconsistentKeys(_) => TlsError::KeyMismatch {
-                cert_path: cert_path.clone(),
-                key_path: key_path.clone(),
+                cert_path: cert_path.to_path_buf(),
+                key_path: key_path.to_path_buf(),
             },
             other => TlsError::InvalidCertificate {
-                path: cert_path.clone(),
+                path: cert_path.to_path_buf(),
                 reason: other.to_string(),
             },
         })?;
-    // Offer HTTP/2 first; the connection layer serves either.
-    server_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(server_config))
+        Ok(Arc::new(certified))
+    }
+
+    /// Re-reads the certificate and key files; on success new handshakes present them.
+    /// Returns the SHA-256 fingerprint (hex) of the leaf now served.
+    pub fn reload(&self) -> Result<String, TlsError> {
+        let certified = Self::load(&self.cert_path, &self.key_path, &self.provider)?;
+        let fingerprint = leaf_fingerprint(&certified);
+        if let Ok(mut current) = self.current.write() {
+            *current = certified;
+        }
+        Ok(fingerprint)
+    }
+
+    /// SHA-256 (hex) of the leaf certificate served now.
+    pub fn fingerprint(&self) -> String {
+        self.current
+            .read()
+            .map(|c| leaf_fingerprint(&c))
+            .unwrap_or_default()
+    }
+}
+
+fn leaf_fingerprint(certified: &rustls::sign::CertifiedKey) -> String {
+    use sha2::Digest;
+    certified
+        .cert
+        .first()
+        .map(|leaf| hex::encode(sha2::Sha256::digest(leaf.as_ref())))
+        .unwrap_or_default()
+}
+
+impl rustls::server::ResolvesServerCert for ReloadableCert {
+    fn resolve(
+        &self,
+        _client_hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.current.read().ok().map(|c| Arc::clone(&c))
+    }
 }
 
 fn client_verifier(

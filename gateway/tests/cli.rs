@@ -504,3 +504,203 @@ fn backup_drill_and_prune_from_the_command_line() {
     let drill_broken = with_config(&["backup", "drill", "--identity", &key_arg]);
     assert!(!drill_broken.status.success());
 }
+
+fn gateway_with_config(data_dir: &Path, config: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_phr-gateway"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("PHR_LOG__FORMAT", "pretty")
+        .output()
+        .expect("run phr-gateway")
+}
+
+#[tokio::test]
+async fn a_lost_kek_is_recovered_from_its_escrow_with_an_offline_identity() {
+    use age::secrecy::ExposeSecret;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let (holder, stranger) = (
+        age::x25519::Identity::generate(),
+        age::x25519::Identity::generate(),
+    );
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!("[keys]\nescrow_recipients = [\"{}\"]\n", holder.to_public()),
+    )
+    .expect("config");
+    let (identity, wrong) = (
+        dir.path().join("holder.key"),
+        dir.path().join("stranger.key"),
+    );
+    std::fs::write(&identity, holder.to_string().expose_secret()).expect("identity");
+    std::fs::write(&wrong, stranger.to_string().expose_secret()).expect("identity");
+    let escrow = dir.path().join("offsite.escrow");
+    let escrow_arg = escrow.to_str().expect("path");
+
+    let made = gateway_with_config(&data, &config, &["keys", "escrow", "--out", escrow_arg]);
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    let status = gateway_with_config(&data, &config, &["keys", "status"]);
+    let kek_id = text(&status.stdout)
+        .lines()
+        .next()
+        .and_then(|l| l.rsplit(' ').next())
+        .expect("kek id")
+        .to_string();
+    assert!(kek_id.starts_with("file:"), "{}", text(&status.stdout));
+    assert!(text(&made.stdout).contains(&kek_id));
+
+    let kek_path = data.join("keys/kek.key");
+    let kek = std::fs::read(&kek_path).expect("kek");
+    std::fs::remove_file(&kek_path).expect("lose the KEK");
+    let recover = |identity: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "keys",
+            "recover-kek",
+            "--escrow",
+            escrow_arg,
+            "--identity",
+            identity.to_str().expect("path"),
+        ];
+        args.extend_from_slice(extra);
+        gateway_with_config(&data, &config, &args)
+    };
+    let refused = recover(&wrong, &[]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("not one of the escrow's recipients"),
+        "{}",
+        text(&refused.stderr)
+    );
+    assert!(!kek_path.exists(), "nothing written on a wrong identity");
+
+    let recovered = recover(&identity, &[]);
+    assert!(recovered.status.success(), "{}", text(&recovered.stderr));
+    assert!(
+        text(&recovered.stdout).contains("header signature verified"),
+        "{}",
+        text(&recovered.stdout)
+    );
+    assert_eq!(std::fs::read(&kek_path).expect("kek"), kek);
+    let mode = std::fs::metadata(&kek_path)
+        .expect("meta")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+
+    // A different KEK in place is not replaced without --force.
+    std::fs::remove_file(&kek_path).expect("rm");
+    std::fs::write(&kek_path, format!("{}\n", "cd".repeat(32))).expect("other kek");
+    std::fs::set_permissions(&kek_path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let kept = recover(&identity, &[]);
+    assert!(!kept.status.success());
+    assert!(
+        text(&kept.stderr).contains("--force"),
+        "{}",
+        text(&kept.stderr)
+    );
+    let forced = recover(&identity, &["--force"]);
+    assert!(forced.status.success(), "{}", text(&forced.stderr));
+    assert_eq!(std::fs::read(&kek_path).expect("kek"), kek);
+
+    let verified = gateway_with_config(&data, &config, &["audit", "verify"]);
+    assert!(verified.status.success(), "{}", text(&verified.stderr));
+    let pool = sqlite(&data).await;
+    let bodies: Vec<String> = sqlx::query("SELECT body FROM audit_leaves")
+        .fetch_all(&pool)
+        .await
+        .expect("leaves")
+        .iter()
+        .map(|r| text(&r.get::<Vec<u8>, _>(0)))
+        .collect();
+    pool.close().await;
+    assert_eq!(
+        bodies
+            .iter()
+            .filter(|b| b.contains(" escrowed to "))
+            .count(),
+        1
+    );
+    assert_eq!(
+        bodies
+            .iter()
+            .filter(|b| b.contains("recovered from escrow"))
+            .count(),
+        2
+    );
+
+    // A rotation escrows the new KEK at once when recipients are configured…
+    let rotated = gateway_with_config(&data, &config, &["keys", "rotate-kek"]);
+    assert!(rotated.status.success(), "{}", text(&rotated.stderr));
+    assert!(
+        text(&rotated.stdout).contains("is escrowed to 1 recipient(s)"),
+        "{}",
+        text(&rotated.stdout)
+    );
+    let new_kek = std::fs::read_to_string(&kek_path).expect("new kek");
+    let escrowed: Vec<_> = std::fs::read_dir(data.join("escrow"))
+        .expect("escrow dir")
+        .filter_map(|e| e.ok())
+        .collect();
+    assert_eq!(escrowed.len(), 1);
+    let file = phr_gateway::crypto::escrow::EscrowFile::parse(
+        &std::fs::read_to_string(escrowed[0].path()).expect("escrow"),
+    )
+    .expect("parse");
+    let opened = file
+        .open(holder.to_string().expose_secret())
+        .expect("opens");
+    assert_eq!(hex::encode(opened.as_slice()), new_kek.trim());
+    // …and says it needs one when none are.
+    let plain = dir.path().join("plain.toml");
+    std::fs::write(&plain, "").expect("config");
+    let bare = gateway_with_config(&data, &plain, &["keys", "rotate-kek"]);
+    assert!(bare.status.success(), "{}", text(&bare.stderr));
+    assert!(text(&bare.stdout).contains("has no escrow yet"));
+}
+
+#[test]
+fn audit_verify_passes_across_an_audit_key_rotation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path();
+    assert!(gateway(data, &["audit", "checkpoint"]).status.success());
+    let before = text(&gateway(data, &["audit", "verifier-key"]).stdout);
+    let rotated = gateway(data, &["keys", "rotate-audit"]);
+    assert!(rotated.status.success(), "{}", text(&rotated.stderr));
+    let after = text(&gateway(data, &["audit", "verifier-key"]).stdout);
+    assert_ne!(before, after);
+    assert!(text(&rotated.stdout).contains(after.trim()));
+    assert!(gateway(data, &["audit", "checkpoint"]).status.success());
+    let verified = gateway(data, &["audit", "verify"]);
+    assert!(verified.status.success(), "{}", text(&verified.stderr));
+    assert!(text(&verified.stdout).contains("audit log OK"));
+
+    // Without the history of retired keys the old checkpoints no longer verify.
+    std::fs::remove_file(data.join("keys/audit-signing.key.history")).expect("rm");
+    let lost = gateway(data, &["audit", "verify"]);
+    assert_eq!(lost.status.code(), Some(3), "{}", text(&lost.stdout));
+}
+
+#[test]
+fn rotate_jws_keeps_the_old_key_for_its_overlap() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path();
+    let rotated = gateway(data, &["keys", "rotate-jws"]);
+    assert!(rotated.status.success(), "{}", text(&rotated.stderr));
+    let previous: Vec<_> = std::fs::read_dir(data.join("keys"))
+        .expect("keys")
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("id-token-signing.pem.previous-")
+        })
+        .collect();
+    assert_eq!(previous.len(), 1);
+    assert!(text(&rotated.stdout).contains("SIGHUP"));
+}

@@ -25,6 +25,7 @@ mod fhir_validation;
 mod http;
 mod institution_uploads;
 mod kek_rotation;
+mod key_management;
 mod maintenance;
 mod notifications;
 mod oauth;

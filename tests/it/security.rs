@@ -174,7 +174,11 @@ async fn a_different_kek_cannot_read_existing_data() {
         .read("p1", &meta.id)
         .await
         .expect_err("must fail");
-    assert!(matches!(err, phr_gateway::Error::Crypto(_)), "{err}");
+    // The key store names the KEK that wrapped the key, so the mismatch is said plainly.
+    assert!(
+        matches!(err, phr_gateway::Error::KekMismatch { .. }),
+        "{err}"
+    );
 }
 
 #[tokio::test]

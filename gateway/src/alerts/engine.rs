@@ -206,7 +206,7 @@ impl AlertEngine {
         }
         let audit = &self.inner.audit;
         let outcome =
-            audit::verify::verify(&self.inner.db, &audit.verifier(), audit.origin(), None).await;
+            audit::verify::verify(&self.inner.db, audit.verifiers(), audit.origin(), None).await;
         let failure = match outcome {
             Ok(_) => None,
             Err(VerifyError::Tamper(tamper)) => Some(VerifyFailure {

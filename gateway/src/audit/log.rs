@@ -9,6 +9,7 @@ use tokio::sync::{oneshot, Notify};
 
 use super::checkpoint::{Checkpoint, NoteSigner, NoteVerifier};
 use super::event::AuditEvent;
+use super::keyring::{RetiredKey, VerifierRing};
 use super::merkle::{self, CompactRange, Hash};
 use crate::error::{Error, Result};
 use crate::store::{now_millis, Database, Engine};
@@ -66,6 +67,8 @@ pub async fn record_all(conn: &mut AnyConnection, events: &[AuditEvent]) -> Resu
 pub struct AuditLog {
     db: Database,
     signer: Arc<NoteSigner>,
+    /// Keys this log was signed with before (see `keyring`).
+    retired: Arc<Vec<RetiredKey>>,
     origin: String,
     every_leaves: u64,
     interval: Duration,
@@ -116,6 +119,7 @@ impl AuditLog {
         Ok(AuditLog {
             db,
             signer: Arc::new(signer),
+            retired: Arc::default(),
             origin: origin.to_string(),
             every_leaves,
             interval,
@@ -127,6 +131,17 @@ impl AuditLog {
 
     pub fn origin(&self) -> &str {
         &self.origin
+    }
+
+    /// The keys retired by earlier rotations, read from the key history file.
+    pub fn with_retired_keys(mut self, retired: Vec<RetiredKey>) -> Self {
+        self.retired = Arc::new(retired);
+        self
+    }
+
+    /// Every key this log was signed with: what `audit verify` checks checkpoints against.
+    pub fn verifiers(&self) -> VerifierRing {
+        VerifierRing::new(self.retired.to_vec(), self.signer.verifier())
     }
 
     /// Signs a text (ending in a newline) as a signed note with the audit key, e.g. a

@@ -9,6 +9,8 @@ pub mod access_log;
 pub mod checkpoint;
 pub mod event;
 pub mod export;
+pub mod key_rotation;
+pub mod keyring;
 pub mod log;
 pub mod merkle;
 pub mod search;

@@ -5,7 +5,8 @@
 use futures::TryStreamExt;
 use sqlx::Row;
 
-use super::checkpoint::{Checkpoint, NoteVerifier};
+use super::checkpoint::Checkpoint;
+use super::keyring::VerifierRing;
 use super::log::to_hash;
 use super::merkle::{self, CompactRange, Hash};
 use crate::error::Error;
@@ -45,6 +46,8 @@ pub enum Tamper {
         "checkpoint at size {size} is beyond the log's {log_size} leaves: leaves were deleted"
     )]
     Truncated { size: u64, log_size: u64 },
+    #[error("audit key rotation at size {size}: {reason}")]
+    KeyTransition { size: u64, reason: String },
     #[error("trusted checkpoint: {0}")]
     TrustedUnreadable(String),
     #[error(
@@ -73,16 +76,19 @@ struct StoredCheckpoint {
     note: String,
 }
 
+/// `verifiers`: the ring of every audit key (`AuditLog::verifiers`), or one key for a log
+/// that never rotated its key.
 pub async fn verify(
     db: &Database,
-    verifier: &NoteVerifier,
+    verifiers: impl Into<VerifierRing>,
     origin: &str,
     trusted_note: Option<&str>,
 ) -> Result<VerifyReport, VerifyError> {
+    let verifiers = &verifiers.into();
     let trusted = match trusted_note {
         Some(note) => {
-            let body = verifier
-                .verify(note)
+            let body = verifiers
+                .verify_any(note)
                 .map_err(|e| Tamper::TrustedUnreadable(e.to_string()))?;
             let cp = Checkpoint::parse_body(&body)
                 .map_err(|e| Tamper::TrustedUnreadable(e.to_string()))?;
@@ -122,7 +128,7 @@ pub async fn verify(
             if cp.size != range.size() {
                 break;
             }
-            check_checkpoint(cp, &range.root(), verifier, origin, last_good_size)?;
+            check_checkpoint(cp, &range.root(), verifiers, origin, last_good_size)?;
             last_good_size = cp.size;
             checked += 1;
             next_checkpoint += 1;
@@ -132,7 +138,7 @@ pub async fn verify(
     // A checkpoint for the empty tree, then any checkpoint beyond the leaves we have.
     while let Some(cp) = checkpoints.get(next_checkpoint) {
         if cp.size == 0 {
-            check_checkpoint(cp, &merkle::empty_root(), verifier, origin, 0)?;
+            check_checkpoint(cp, &merkle::empty_root(), verifiers, origin, 0)?;
             checked += 1;
             next_checkpoint += 1;
         } else {
@@ -143,6 +149,8 @@ pub async fn verify(
             .into());
         }
     }
+
+    check_key_transitions(db, verifiers, &checkpoints, tree_size).await?;
 
     let trusted_size = match trusted {
         Some(cp) => {
@@ -263,19 +271,66 @@ async fn scan_range(pool: sqlx::AnyPool, start: u64, end: u64) -> Result<RangeSc
     Ok(RangeScan::Complete(hashes))
 }
 
+/// Each retired key signed a checkpoint at the size where it retired, and that checkpoint
+/// covers a leaf naming the key that follows it (checked leaves and checkpoints only: the
+/// caller has already checked every leaf's hash and every checkpoint's root).
+async fn check_key_transitions(
+    db: &Database,
+    verifiers: &VerifierRing,
+    checkpoints: &[StoredCheckpoint],
+    tree_size: u64,
+) -> Result<(), VerifyError> {
+    for (i, retired) in verifiers.retired().iter().enumerate() {
+        let size = retired.last_size;
+        let fail = |reason: String| Tamper::KeyTransition { size, reason };
+        if size > tree_size {
+            return Err(fail(format!("the log has only {tree_size} leaves")).into());
+        }
+        if !checkpoints.iter().any(|cp| cp.size == size) {
+            return Err(
+                fail("no checkpoint signed by the retiring key at that size".into()).into(),
+            );
+        }
+        let body: Option<Vec<u8>> =
+            sqlx::query("SELECT body FROM audit_leaves WHERE tree_index = $1")
+                .bind(retired.transition_leaf as i64)
+                .fetch_optional(db.read_pool())
+                .await?
+                .map(|row| row.try_get(0))
+                .transpose()?;
+        let successor = verifiers.successor(i).verifier_key();
+        let names_successor = body
+            .as_deref()
+            .map(String::from_utf8_lossy)
+            .is_some_and(|text| {
+                text.contains("audit signing key transition") && text.contains(&successor)
+            });
+        if !names_successor {
+            return Err(fail(format!(
+                "leaf {} is not a transition record naming the next key {successor}",
+                retired.transition_leaf
+            ))
+            .into());
+        }
+    }
+    Ok(())
+}
+
 fn check_checkpoint(
     cp: &StoredCheckpoint,
     computed_root: &Hash,
-    verifier: &NoteVerifier,
+    verifiers: &VerifierRing,
     origin: &str,
     last_good_size: u64,
 ) -> Result<(), Tamper> {
-    let body = verifier
-        .verify(&cp.note)
-        .map_err(|e| Tamper::CheckpointSignature {
-            size: cp.size,
-            reason: e.to_string(),
-        })?;
+    let body =
+        verifiers
+            .for_size(cp.size)
+            .verify(&cp.note)
+            .map_err(|e| Tamper::CheckpointSignature {
+                size: cp.size,
+                reason: e.to_string(),
+            })?;
     let signed = Checkpoint::parse_body(&body).map_err(|e| Tamper::CheckpointSignature {
         size: cp.size,
         reason: e.to_string(),

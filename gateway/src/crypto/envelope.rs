@@ -55,6 +55,20 @@ impl Kek {
         open(&self.cipher, wrap_aad(patient_id).as_bytes(), wrapped).is_ok()
     }
 
+    /// Wraps raw data-key bytes (the [`super::KekProvider`] interface).
+    pub fn wrap_raw(&self, patient_id: &str, raw: &[u8]) -> Result<Vec<u8>> {
+        seal(&self.cipher, wrap_aad(patient_id).as_bytes(), raw)
+    }
+
+    /// Unwraps raw data-key bytes (the [`super::KekProvider`] interface).
+    pub fn unwrap_raw(&self, patient_id: &str, wrapped: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+        Ok(Zeroizing::new(open(
+            &self.cipher,
+            wrap_aad(patient_id).as_bytes(),
+            wrapped,
+        )?))
+    }
+
     pub fn unwrap_data_key(&self, patient_id: &str, wrapped: &[u8]) -> Result<DataKey> {
         let raw = Zeroizing::new(open(
             &self.cipher,
@@ -66,7 +80,7 @@ impl Kek {
 }
 
 impl DataKey {
-    fn from_bytes(bytes: &[u8]) -> Result<Self> {
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         let cipher =
             Aes256Gcm::new_from_slice(bytes).map_err(|_| Error::Crypto("invalid key length"))?;
         Ok(DataKey { cipher })
@@ -81,7 +95,7 @@ impl DataKey {
     }
 }
 
-fn wrap_aad(patient_id: &str) -> String {
+pub(crate) fn wrap_aad(patient_id: &str) -> String {
     format!("phr-gateway/data-key/v1/{patient_id}")
 }
 

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
 
 use super::key_file;
-use super::Kek;
+use super::FileKek;
 use crate::error::{Error, Result};
 
 /// Where an interrupted or running rotation keeps the new KEK.
@@ -80,12 +80,12 @@ pub fn prepare(kek_path: &Path) -> Result<RotationKeys> {
 }
 
 impl RotationKeys {
-    pub fn old(&self) -> Result<Kek> {
-        Kek::from_bytes(&self.old)
+    pub fn old(&self) -> Result<FileKek> {
+        FileKek::from_bytes(&self.old)
     }
 
-    pub fn new_kek(&self) -> Result<Kek> {
-        Kek::from_bytes(&self.new)
+    pub fn new_kek(&self) -> Result<FileKek> {
+        FileKek::from_bytes(&self.new)
     }
 }
 
@@ -102,6 +102,7 @@ pub struct Rotated {
 /// Rotates the KEK of the configured key store. Every gateway process using that key store
 /// must be stopped first: a running one keeps the old KEK in memory.
 pub async fn rotate(config: &crate::config::Config) -> Result<Rotated> {
+    super::escrow::refuse_token_kek(config)?;
     let kek_path = config.kek_path();
     let keys = prepare(&kek_path)?;
     let store =

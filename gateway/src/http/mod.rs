@@ -86,7 +86,8 @@ pub struct AppState {
     /// Authenticates the gateway to sources (SMART Backend Services `private_key_jwt`).
     pub source_client_key: Arc<phr_adapters::fhir_r4::BackendKey>,
     /// Signs the ID tokens given to apps that ask for `openid`.
-    pub id_token_key: Arc<phr_adapters::fhir_r4::BackendKey>,
+    /// Signs ID tokens; keys rotated out stay in the JWKS for their overlap.
+    pub id_token_keys: Arc<crate::oauth::jws_keys::JwsKeyring>,
     /// Whether connections are TLS (HSTS is only meaningful then).
     pub tls: bool,
     /// The external base URL, known once the listener is bound (port 0 in tests).

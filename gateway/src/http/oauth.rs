@@ -539,11 +539,7 @@ fn id_token(
     if issued.scopes.contains(&scopes::Scope::FhirUser) {
         claims["fhirUser"] = json!(format!("{base}/fhir/Patient/{patient}"));
     }
-    state
-        .id_token_key
-        .sign(&claims)
-        .map(Some)
-        .map_err(|e| Error::Invalid(format!("ID token: {e}")))
+    state.id_token_keys.sign(&claims).map(Some)
 }
 
 /// A form body, refused when it is not a form or repeats a parameter (RFC 6749 §3.2).

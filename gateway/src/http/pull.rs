@@ -631,13 +631,17 @@ pub async fn withdraw_instruction(
 #[utoipa::path(get, path = "/.well-known/jwks.json", tag = "keys",
     responses((status = 200, description = "JWK Set", content_type = "application/jwk-set+json")))]
 pub async fn jwks(State(state): State<AppState>) -> Response {
-    let keys = serde_json::json!({
-        "keys": [
-            state.receipts.public_jwk(),
-            state.source_client_key.public_jwk(),
-            state.id_token_key.public_jwk(),
-        ]
-    });
+    let mut keys = vec![
+        state.receipts.public_jwk(),
+        state.source_client_key.public_jwk(),
+    ];
+    // The ID-token signing key, and any rotated out but still in its overlap.
+    keys.extend(
+        state
+            .id_token_keys
+            .public_jwks(crate::oauth::jws_keys::now_secs()),
+    );
+    let keys = serde_json::json!({ "keys": keys });
     (
         [(axum::http::header::CONTENT_TYPE, "application/jwk-set+json")],
         keys.to_string(),

@@ -12,6 +12,7 @@ pub mod assertion;
 pub mod authorize;
 pub mod clients;
 pub mod housekeeping;
+pub mod jws_keys;
 pub mod scopes;
 pub mod tokens;
 

@@ -9,7 +9,8 @@ use futures::TryStreamExt;
 use sqlx::Row;
 
 use super::{decode_leaves, key_number, AuditSink, CHECKPOINTS_PREFIX, LEAVES_PREFIX};
-use crate::audit::checkpoint::{Checkpoint, NoteVerifier};
+use crate::audit::checkpoint::Checkpoint;
+use crate::audit::keyring::VerifierRing;
 use crate::audit::merkle::{self, CompactRange, Hash};
 use crate::audit::verify::{self, Tamper, VerifyError};
 use crate::error::Error;
@@ -120,7 +121,7 @@ pub async fn load_shipped(sink: &dyn AuditSink) -> Result<ShippedCopy, AgainstEr
 pub fn compare(
     shipped: &ShippedCopy,
     live: &LiveLog,
-    verifier: &NoteVerifier,
+    verifier: &VerifierRing,
     origin: &str,
 ) -> Result<AgainstReport, Divergence> {
     // Shipped leaves by index; objects may overlap only if they agree.
@@ -246,10 +247,10 @@ pub fn compare(
 
 fn signed_checkpoint(
     note: &str,
-    verifier: &NoteVerifier,
+    verifier: &VerifierRing,
     origin: &str,
 ) -> Result<Checkpoint, String> {
-    let body = verifier.verify(note).map_err(|e| e.to_string())?;
+    let body = verifier.verify_any(note).map_err(|e| e.to_string())?;
     let cp = Checkpoint::parse_body(&body).map_err(|e| e.to_string())?;
     if cp.origin != origin {
         return Err(format!(
@@ -309,10 +310,11 @@ async fn load_live_cursor(db: &Database) -> Result<(u64, u64), AgainstError> {
 /// with the latest shipped checkpoint as its trusted checkpoint.
 pub async fn verify_against(
     db: &Database,
-    verifier: &NoteVerifier,
+    verifier: impl Into<VerifierRing>,
     origin: &str,
     sink: &dyn AuditSink,
 ) -> Result<AgainstReport, AgainstError> {
+    let verifier = &verifier.into();
     // The cursor first, the copy next, the live leaves last: the shipper may run meanwhile,
     // and this order only ever finds more than the cursor and the copy promise.
     let cursor = load_live_cursor(db).await?;
@@ -379,7 +381,7 @@ mod tests {
     }
 
     fn check(copy: &ShippedCopy, live: &LiveLog) -> Result<AgainstReport, Divergence> {
-        compare(copy, live, &signer().verifier(), ORIGIN)
+        compare(copy, live, &signer().verifier().into(), ORIGIN)
     }
 
     #[test]
