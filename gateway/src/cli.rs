@@ -79,13 +79,28 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Take a backup generation of the database (SQLite), encrypted to `backup.recipient`.
-    Backup,
-    /// Check a backup generation by restoring it into a scratch file.
+    /// Take a backup generation of the database (SQLite or PostgreSQL), encrypted to
+    /// `backup.recipient`.
+    Backup {
+        /// Back up the key store instead, into `backup.key_store_directory` (to
+        /// `backup.key_store_recipient`), then prune key-store generations older than
+        /// `backup.key_store_retention_days` and the retired KEKs only they needed.
+        #[arg(long)]
+        key_store: bool,
+    },
+    /// Check a backup generation by restoring it into scratch; with `--key-store` and
+    /// without `--verify`, restore a key-store generation over the live key store (stop the
+    /// gateway first; every erasure since is applied again).
     Restore {
-        /// Verify only: restore into a scratch directory and check everything.
+        /// Verify only: restore into a scratch directory (or database) and check everything.
         #[arg(long)]
         verify: bool,
+        /// The generation is a key-store generation.
+        #[arg(long)]
+        key_store: bool,
+        /// PostgreSQL: keep the scratch database after a successful verification.
+        #[arg(long)]
+        keep_scratch: bool,
         /// The generation's directory.
         #[arg(long)]
         generation: PathBuf,
@@ -295,10 +310,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let config = Config::load(cli.config.as_deref(), &flags)?;
             audit_command(config, command).await
         }
-        Command::Backup => {
+        Command::Backup { key_store } => {
             let mut config = Config::load(cli.config.as_deref(), &flags)?;
             config = offline(config);
-            let recipient = config.backup.recipient.clone().ok_or_else(|| {
+            let recipient = config.backup.recipient.clone();
+            let options = crate::backup::Options::from_config(&config);
+            if key_store {
+                return key_store_backup(config, recipient, options).await;
+            }
+            let recipient = recipient.ok_or_else(|| {
                 Error::config("backup.recipient", "set the offline age recipient (age1…)")
             })?;
             let directory = config
@@ -307,18 +327,21 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .clone()
                 .unwrap_or_else(|| config.data_dir.join("backups"));
             let gateway = Gateway::build(config).await?;
-            let manifest = crate::backup::create(
+            let manifest = crate::backup::create_with(
                 &gateway.state.db,
                 &gateway.state.audit,
                 &directory,
                 &recipient,
+                &options,
             )
-            .await?;
+            .await;
             let _ = gateway.state.audit.sequence(false).await;
             let _ = tokio::time::timeout(Duration::from_secs(5), gateway.state.db.close()).await;
+            let manifest = manifest?;
             println!(
-                "backup {} written to {} ({} bytes, audit tree size {})",
+                "backup {} ({}) written to {} ({} bytes, audit tree size {})",
                 manifest.generation,
+                manifest.engine,
                 directory.join(&manifest.generation).display(),
                 manifest.archive_bytes,
                 manifest.audit_tree_size
@@ -327,45 +350,75 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Restore {
             verify,
+            key_store,
+            keep_scratch,
             generation,
             identity,
         } => {
-            if !verify {
+            if !verify && !key_store {
                 return Err(Error::config(
                     "--verify",
-                    "only verification into a scratch file is built so far",
+                    "only verification into scratch is built for database generations; a key-store generation restores with --key-store",
                 ));
             }
             let mut config = Config::load(cli.config.as_deref(), &flags)?;
             config = offline(config);
             let identity_text =
                 std::fs::read_to_string(&identity).map_err(|e| Error::io(&identity, e))?;
-            let scratch = config.data_dir.join("restore-scratch");
-            let gateway = Gateway::build(config).await?;
-            let audit = gateway.state.audit.clone();
-            let checked = crate::backup::verify(
-                &generation,
-                &identity_text,
-                &audit.verifier(),
-                audit.origin(),
-                &scratch,
-            )
-            .await?;
+            let mut options = crate::backup::Options::from_config(&config);
+            options.keep_scratch = keep_scratch;
             let name = generation
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
+            if key_store && !verify {
+                return restore_key_store(config, &generation, &identity_text, &options).await;
+            }
+            let gateway = Gateway::build(config).await?;
+            let audit = gateway.state.audit.clone();
+            let checked = if key_store {
+                crate::backup::verify_key_store(
+                    &generation,
+                    &identity_text,
+                    &audit.verifier(),
+                    &options,
+                )
+                .await
+            } else {
+                crate::backup::verify_with(
+                    &generation,
+                    &identity_text,
+                    &audit.verifier(),
+                    audit.origin(),
+                    &options,
+                )
+                .await
+            };
+            let checked = match checked {
+                Ok(checked) => checked,
+                Err(e) => {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), gateway.state.db.close())
+                        .await;
+                    return Err(e);
+                }
+            };
             crate::backup::record_verification(&gateway.state.db, &name, &checked).await?;
             let _ = audit.sequence(false).await;
             let _ = tokio::time::timeout(Duration::from_secs(5), gateway.state.db.close()).await;
             match checked {
                 Ok(verified) => {
+                    let restored = match &verified.scratch_database {
+                        Some(database) => format!("scratch database {database} kept"),
+                        None if verified.restored.as_os_str().is_empty() => {
+                            "scratch database dropped".to_string()
+                        }
+                        None => format!("restored copy at {}", verified.restored.display()),
+                    };
                     println!(
-                        "backup {} verified: signature, digest, {} tables' row counts and the audit log (size {}) match; restored copy at {}",
+                        "backup {} verified: signature, digest, {} tables' row counts and the audit log (size {}) match; {restored}",
                         verified.manifest.generation,
                         verified.manifest.row_counts.len(),
                         verified.manifest.audit_tree_size,
-                        verified.restored.display()
                     );
                     Ok(ExitCode::SUCCESS)
                 }
@@ -611,6 +664,110 @@ async fn verify_against_cli(
             Ok(ExitCode::from(3))
         }
         Err(AgainstError::Store(e)) => Err(e),
+    }
+}
+
+/// `backup --key-store`: a key-store generation, then the prune of expired ones.
+async fn key_store_backup(
+    config: Config,
+    recipient: Option<String>,
+    options: crate::backup::Options,
+) -> Result<ExitCode> {
+    let recipient = config
+        .backup
+        .key_store_recipient
+        .clone()
+        .or(recipient)
+        .ok_or_else(|| {
+            Error::config(
+                "backup.key_store_recipient",
+                "set the offline age recipient (age1…) of key-store generations (or backup.recipient)",
+            )
+        })?;
+    let directory = config
+        .backup
+        .key_store_directory
+        .clone()
+        .unwrap_or_else(|| config.data_dir.join("key-store-backups"));
+    let retention = config.backup.key_store_retention_days;
+    let kek_path = config.kek_path();
+    let gateway = Gateway::build(config).await?;
+    let state = &gateway.state;
+    let result = async {
+        let manifest = crate::backup::create_key_store(
+            &state.keys,
+            &state.db,
+            &state.audit,
+            &directory,
+            &recipient,
+            &options,
+        )
+        .await?;
+        let pruned = crate::backup::prune_key_store(
+            &directory,
+            retention,
+            time::OffsetDateTime::now_utc(),
+            &kek_path,
+        )?;
+        crate::backup::record_prune(&state.db, &pruned).await?;
+        Ok::<_, Error>((manifest, pruned))
+    }
+    .await;
+    let _ = state.audit.sequence(false).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), state.db.close()).await;
+    let (manifest, pruned) = result?;
+    println!(
+        "key-store backup {} ({}) written to {} ({} bytes); kept {retention} days",
+        manifest.generation,
+        manifest.engine,
+        directory.join(&manifest.generation).display(),
+        manifest.archive_bytes,
+    );
+    for generation in &pruned.generations {
+        println!("expired key-store generation {generation} deleted");
+    }
+    for kek in &pruned.retired_keks {
+        println!("retired key-encryption key {} destroyed", kek.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `restore --key-store` (no `--verify`): the live key store replaced by a generation.
+async fn restore_key_store(
+    config: Config,
+    generation: &std::path::Path,
+    identity: &str,
+    options: &crate::backup::Options,
+) -> Result<ExitCode> {
+    let gateway = Gateway::build(config.clone()).await?;
+    let state = &gateway.state;
+    // The key store is about to be replaced: this process lets go of it first.
+    state.keys.close().await;
+    let restored = crate::backup::restore_key_store(
+        &config,
+        &state.db,
+        generation,
+        identity,
+        &state.audit.verifier(),
+        options,
+    )
+    .await;
+    let _ = state.audit.sequence(false).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), state.db.close()).await;
+    match restored? {
+        Ok(restored) => {
+            println!(
+                "key store restored from {} ({} data keys in it); {} key(s) erased since were shredded again",
+                restored.manifest.generation,
+                restored.manifest.row_counts.get("data_keys").copied().unwrap_or(0),
+                restored.reshredded
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(damage) => {
+            eprintln!("key-store generation FAILED verification, nothing restored: {damage}");
+            Ok(ExitCode::from(3))
+        }
     }
 }
 

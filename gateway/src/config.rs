@@ -250,7 +250,7 @@ impl Default for PullConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct BackupConfig {
     /// Where generations are written. Unset: `<data_dir>/backups` (a local directory is not
@@ -259,6 +259,29 @@ pub struct BackupConfig {
     /// The offline age X25519 recipient (`age1…`) backups are encrypted to; its identity is
     /// kept away from this host and is needed only to restore.
     pub recipient: Option<String>,
+    /// Where key-store generations (`backup --key-store`) are written, apart from the data
+    /// they unlock. Unset: `<data_dir>/key-store-backups`.
+    pub key_store_directory: Option<PathBuf>,
+    /// The offline age recipient key-store generations are encrypted to. Unset: `recipient`.
+    pub key_store_recipient: Option<String>,
+    /// Days a key-store generation is kept (shorter than the database generations'): after
+    /// it, an erased patient's key is in no backup any more.
+    pub key_store_retention_days: u32,
+    /// Where `pg_dump`/`pg_restore` are. Unset: `PATH`, then `/usr/lib/postgresql/*/bin`.
+    pub pg_bin_dir: Option<PathBuf>,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        BackupConfig {
+            directory: None,
+            recipient: None,
+            key_store_directory: None,
+            key_store_recipient: None,
+            key_store_retention_days: 35,
+            pg_bin_dir: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -507,6 +530,20 @@ impl Config {
         self.alerts
             .check()
             .map_err(|(key, reason)| Error::config(key, reason))?;
+        if self.backup.key_store_retention_days == 0 {
+            return Err(Error::config(
+                "backup.key_store_retention_days",
+                "must be at least 1 (a key-store generation must live until the next one)",
+            ));
+        }
+        if self.backup.key_store_directory.is_some()
+            && self.backup.key_store_directory == self.backup.directory
+        {
+            return Err(Error::config(
+                "backup.key_store_directory",
+                "must not be the database generations' directory: keys are kept apart from the data they unlock",
+            ));
+        }
         if self.insecure_http && !is_loopback(self.listen.ip()) {
             return Err(Error::config(
                 "insecure_http",

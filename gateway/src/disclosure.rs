@@ -187,7 +187,7 @@ pub fn disclosure(facts: &Facts) -> Disclosure {
             id: "backups",
             title: "バックアップと復元検証 / Backups and verified restores",
             on: false,
-            state: "SQLiteは phr-gateway backup（オフライン鍵で暗号化、署名付き目録）と restore --verify で検証可能。世代管理・書き換え不可の保管・定期の復元訓練・PostgreSQLは未実装で、運用者の対応が必要 / SQLite: encrypted generations with a signed manifest and restore --verify; generations policy, write-once storage, scheduled drills and PostgreSQL are not built: the operator must cover them".into(),
+            state: "SQLite・PostgreSQLとも phr-gateway backup（オフライン鍵で暗号化、署名付き目録）と restore --verify で検証可能。鍵ストアは別の世代として短い保存期間で保管し、復元時は削除済みの鍵を再び破棄。世代管理・書き換え不可の保管・定期の復元訓練は未実装で、運用者の対応が必要 / SQLite and PostgreSQL: encrypted generations with a signed manifest and restore --verify; the key store in generations of its own with a shorter retention, erased keys shredded again on restore; generations policy, write-once storage and scheduled drills are not built: the operator must cover them".into(),
         },
         Measure {
             id: "break-glass",
