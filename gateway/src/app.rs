@@ -100,6 +100,21 @@ impl Gateway {
         let db = Database::connect(&url, config.database.max_connections, timeout).await?;
         db.migrate().await?;
         let keys = KeyStore::open_with(&config, &url, kek).await?;
+        // A key store restored from an older backup must not bring a shredded key back:
+        // every erasure since is applied again before anything is served.
+        let reshredded = keys.reapply_erasures(&db).await?;
+        if reshredded > 0 {
+            let event = crate::audit::AuditEvent::new(
+                crate::audit::EventKind::DataKeyDestroyed,
+                crate::audit::Agent::system(),
+            )
+            .detail(format!(
+                "{reshredded} data key(s) erased earlier were found in the key store (restored from a backup?) and shredded again"
+            ));
+            let mut tx = db.begin().await?;
+            crate::audit::record(&mut tx, &event).await?;
+            tx.commit().await?;
+        }
 
         let audit = AuditLog::new(
             db.clone(),

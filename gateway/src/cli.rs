@@ -79,17 +79,31 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Take a backup generation of the database (SQLite), encrypted to `backup.recipient`,
-    /// store it (`backup.store`) and delete what the retention policy lets go.
+    /// Take a backup generation of the database (SQLite or PostgreSQL), encrypted to
+    /// `backup.recipient`, store it (`backup.store`) and delete what the retention policy
+    /// lets go.
     Backup {
+        /// Back up the key store instead, into `backup.key_store_directory` (to
+        /// `backup.key_store_recipient`), then prune key-store generations older than
+        /// `backup.key_store_retention_days` and the retired KEKs only they needed.
+        #[arg(long)]
+        key_store: bool,
         #[command(subcommand)]
         command: Option<BackupCommand>,
     },
-    /// Check a backup generation by restoring it into a scratch file.
+    /// Check a backup generation by restoring it into scratch; with `--key-store` and
+    /// without `--verify`, restore a key-store generation over the live key store (stop the
+    /// gateway first; every erasure since is applied again).
     Restore {
-        /// Verify only: restore into a scratch directory and check everything.
+        /// Verify only: restore into a scratch directory (or database) and check everything.
         #[arg(long)]
         verify: bool,
+        /// The generation is a key-store generation.
+        #[arg(long)]
+        key_store: bool,
+        /// PostgreSQL: keep the scratch database after a successful verification.
+        #[arg(long)]
+        keep_scratch: bool,
         /// The generation's directory, or the name of a generation in the configured store
         /// (e.g. on S3).
         #[arg(long)]
@@ -341,8 +355,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let config = Config::load(cli.config.as_deref(), &flags)?;
             audit_command(config, command).await
         }
-        Command::Backup { command } => {
+        Command::Backup { key_store, command } => {
             let config = offline(Config::load(cli.config.as_deref(), &flags)?);
+            if key_store {
+                let recipient = config.backup.recipient.clone();
+                let options = crate::backup::Options::from_config(&config);
+                return key_store_backup(config, recipient, options).await;
+            }
             match command {
                 None => crate::backup::commands::backup(config).await,
                 Some(BackupCommand::Prune) => crate::backup::commands::prune_only(config).await,
@@ -353,17 +372,35 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Restore {
             verify,
+            key_store,
+            keep_scratch,
             generation,
             identity,
         } => {
-            if !verify {
+            if !verify && !key_store {
                 return Err(Error::config(
                     "--verify",
-                    "only verification into a scratch file is built so far",
+                    "only verification into scratch is built for database generations; a key-store generation restores with --key-store",
                 ));
             }
             let config = offline(Config::load(cli.config.as_deref(), &flags)?);
-            crate::backup::commands::restore_verify(config, &generation, &identity).await
+            let mut options = crate::backup::Options::from_config(&config);
+            options.keep_scratch = keep_scratch;
+            if !key_store {
+                return crate::backup::commands::restore_verify(
+                    config,
+                    &generation,
+                    &identity,
+                    &options,
+                )
+                .await;
+            }
+            let identity_text =
+                std::fs::read_to_string(&identity).map_err(|e| Error::io(&identity, e))?;
+            if !verify {
+                return restore_key_store(config, &generation, &identity_text, &options).await;
+            }
+            verify_key_store_command(config, &generation, &identity_text, &options).await
         }
         Command::Keys { command } => {
             let config = Config::load(cli.config.as_deref(), &flags)?;
@@ -785,6 +822,110 @@ async fn verify_against_cli(
     }
 }
 
+/// `backup --key-store`: a key-store generation, then the prune of expired ones.
+async fn key_store_backup(
+    config: Config,
+    recipient: Option<String>,
+    options: crate::backup::Options,
+) -> Result<ExitCode> {
+    let recipient = config
+        .backup
+        .key_store_recipient
+        .clone()
+        .or(recipient)
+        .ok_or_else(|| {
+            Error::config(
+                "backup.key_store_recipient",
+                "set the offline age recipient (age1…) of key-store generations (or backup.recipient)",
+            )
+        })?;
+    let directory = config
+        .backup
+        .key_store_directory
+        .clone()
+        .unwrap_or_else(|| config.data_dir.join("key-store-backups"));
+    let retention = config.backup.key_store_retention_days;
+    let kek_path = config.kek_path();
+    let gateway = Gateway::build(config).await?;
+    let state = &gateway.state;
+    let result = async {
+        let manifest = crate::backup::create_key_store(
+            &state.keys,
+            &state.db,
+            &state.audit,
+            &directory,
+            &recipient,
+            &options,
+        )
+        .await?;
+        let pruned = crate::backup::prune_key_store(
+            &directory,
+            retention,
+            time::OffsetDateTime::now_utc(),
+            &kek_path,
+        )?;
+        crate::backup::record_prune(&state.db, &pruned).await?;
+        Ok::<_, Error>((manifest, pruned))
+    }
+    .await;
+    let _ = state.audit.sequence(false).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), state.db.close()).await;
+    let (manifest, pruned) = result?;
+    println!(
+        "key-store backup {} ({}) written to {} ({} bytes); kept {retention} days",
+        manifest.generation,
+        manifest.engine,
+        directory.join(&manifest.generation).display(),
+        manifest.archive_bytes,
+    );
+    for generation in &pruned.generations {
+        println!("expired key-store generation {generation} deleted");
+    }
+    for kek in &pruned.retired_keks {
+        println!("retired key-encryption key {} destroyed", kek.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `restore --key-store` (no `--verify`): the live key store replaced by a generation.
+async fn restore_key_store(
+    config: Config,
+    generation: &std::path::Path,
+    identity: &str,
+    options: &crate::backup::Options,
+) -> Result<ExitCode> {
+    let gateway = Gateway::build(config.clone()).await?;
+    let state = &gateway.state;
+    // The key store is about to be replaced: this process lets go of it first.
+    state.keys.close().await;
+    let restored = crate::backup::restore_key_store(
+        &config,
+        &state.db,
+        generation,
+        identity,
+        &state.audit.verifiers(),
+        options,
+    )
+    .await;
+    let _ = state.audit.sequence(false).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), state.db.close()).await;
+    match restored? {
+        Ok(restored) => {
+            println!(
+                "key store restored from {} ({} data keys in it); {} key(s) erased since were shredded again",
+                restored.manifest.generation,
+                restored.manifest.row_counts.get("data_keys").copied().unwrap_or(0),
+                restored.reshredded
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(damage) => {
+            eprintln!("key-store generation FAILED verification, nothing restored: {damage}");
+            Ok(ExitCode::from(3))
+        }
+    }
+}
+
 /// The configuration for a CLI command that builds the gateway but never serves: no
 /// certificate is needed and nothing listens beyond an ephemeral loopback port.
 fn offline(mut config: Config) -> Config {
@@ -797,4 +938,46 @@ fn parse_time(text: &str) -> Result<i64> {
     let time = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
         .map_err(|e| Error::config("--since", format!("not an RFC 3339 time ({e})")))?;
     Ok((time.unix_timestamp_nanos() / 1_000_000) as i64)
+}
+
+/// `restore --verify --key-store`: a key-store generation restored into scratch and checked.
+async fn verify_key_store_command(
+    config: Config,
+    generation: &std::path::Path,
+    identity: &str,
+    options: &crate::backup::Options,
+) -> Result<ExitCode> {
+    let name = generation
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let gateway = Gateway::build(config).await?;
+    let audit = gateway.state.audit.clone();
+    let checked =
+        crate::backup::verify_key_store(generation, identity, &audit.verifiers(), options).await;
+    let checked = match checked {
+        Ok(checked) => checked,
+        Err(e) => {
+            let _ = tokio::time::timeout(Duration::from_secs(5), gateway.state.db.close()).await;
+            return Err(e);
+        }
+    };
+    crate::backup::record_verification(&gateway.state.db, &name, &checked).await?;
+    let _ = audit.sequence(false).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), gateway.state.db.close()).await;
+    match checked {
+        Ok(verified) => {
+            println!(
+                "key-store backup {} verified: signature, digest and {} tables' row counts match; restored copy at {}",
+                verified.manifest.generation,
+                verified.manifest.row_counts.len(),
+                verified.restored.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(damage) => {
+            eprintln!("backup FAILED verification: {damage}");
+            Ok(ExitCode::from(3))
+        }
+    }
 }

@@ -295,7 +295,7 @@ impl Default for PullConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct BackupConfig {
     /// Where generations are written. Unset: `<data_dir>/backups` (a local directory is not
@@ -321,6 +321,37 @@ pub struct BackupConfig {
     pub drill_identity_file: Option<std::path::PathBuf>,
     /// How often the gateway drills when `drill_identity_file` is set. Unset: daily.
     pub drill_interval_secs: Option<u64>,
+    /// Where key-store generations (`backup --key-store`) are written, apart from the data
+    /// they unlock. Unset: `<data_dir>/key-store-backups`.
+    pub key_store_directory: Option<PathBuf>,
+    /// The offline age recipient key-store generations are encrypted to. Unset: `recipient`.
+    pub key_store_recipient: Option<String>,
+    /// Days a key-store generation is kept (shorter than the database generations'): after
+    /// it, an erased patient's key is in no backup any more.
+    pub key_store_retention_days: u32,
+    /// Where `pg_dump`/`pg_restore` are. Unset: `PATH`, then `/usr/lib/postgresql/*/bin`.
+    pub pg_bin_dir: Option<PathBuf>,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        BackupConfig {
+            directory: None,
+            recipient: None,
+            key_store_directory: None,
+            key_store_recipient: None,
+            key_store_retention_days: 35,
+            pg_bin_dir: None,
+            keep_daily: None,
+            keep_weekly: None,
+            keep_monthly: None,
+            store: GenerationStoreKind::default(),
+            s3: S3SinkConfig::default(),
+            object_lock_mode: ObjectLockMode::default(),
+            drill_identity_file: None,
+            drill_interval_secs: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -582,6 +613,20 @@ impl Config {
                     "must be at least the longest token lifetime, {} s",
                     crate::oauth::MAX_ACCESS_TOKEN_SECS
                 ),
+            ));
+        }
+        if self.backup.key_store_retention_days == 0 {
+            return Err(Error::config(
+                "backup.key_store_retention_days",
+                "must be at least 1 (a key-store generation must live until the next one)",
+            ));
+        }
+        if self.backup.key_store_directory.is_some()
+            && self.backup.key_store_directory == self.backup.directory
+        {
+            return Err(Error::config(
+                "backup.key_store_directory",
+                "must not be the database generations' directory: keys are kept apart from the data they unlock",
             ));
         }
         if self.insecure_http && !is_loopback(self.listen.ip()) {

@@ -235,7 +235,7 @@ pub fn disclosure(facts: &Facts) -> Disclosure {
     let backups_state = match &facts.backups {
         None => "未設定（backup.recipient）：運用者がDBと鍵ストアをバックアップする / not configured (backup.recipient): the operator must back up the databases and key store".into(),
         Some(b) => format!(
-            "SQLite：オフライン鍵で暗号化した世代（署名付き目録）を{}に保管（{}）、保持方針 {}、最後の検証済み復元：{}。PostgreSQLの世代は未実装 / SQLite generations encrypted to an offline key with a signed manifest, kept in {} ({}), policy {}, last verified restore: {}; PostgreSQL generations are not built",
+            "SQLite・PostgreSQL：オフライン鍵で暗号化した世代（署名付き目録）を{}に保管（{}）、保持方針 {}、最後の検証済み復元：{}。鍵ストアは別の世代として短い保存期間で保管し、復元時は削除済みの鍵を再び破棄 / SQLite and PostgreSQL generations encrypted to an offline key with a signed manifest, kept in {} ({}), policy {}, last verified restore: {}; the key store in generations of its own with a shorter retention, erased keys shredded again on restore",
             b.store,
             if b.write_once { "書き換え・削除不可" } else { "ランサムウェア耐性なし" },
             b.policy,

@@ -51,30 +51,7 @@ impl KeyStore {
         main_url: &str,
         kek: Arc<dyn KekProvider>,
     ) -> Result<Self> {
-        let url = match &config.database.key_store_url {
-            Some(url) => url.clone(),
-            None => match Engine::of_url(main_url)? {
-                Engine::Sqlite => format!(
-                    "sqlite://{}?mode=rwc",
-                    config.data_dir.join("keys.db").display()
-                ),
-                Engine::Postgres => main_url.to_string(),
-            },
-        };
-        let db = Database::connect_with(
-            &url,
-            config.database.max_connections.min(4),
-            Duration::from_secs(config.database.connect_timeout_secs),
-            SessionSetup::KeyStore {
-                schema: config.database.key_store_schema.clone(),
-            },
-        )
-        .await?;
-        let migrator = match db.engine() {
-            Engine::Sqlite => &SQLITE_MIGRATIONS,
-            Engine::Postgres => &POSTGRES_MIGRATIONS,
-        };
-        db.migrate_with(migrator).await?;
+        let db = open_database(config, main_url).await?;
         Ok(KeyStore {
             db,
             kek,
@@ -218,9 +195,13 @@ impl KeyStore {
     }
 
     /// Destroys the patient's data key so their stored data can never be decrypted again.
+    /// The erasure goes into `ledger` (the main database's erasure ledger) first, so that a
+    /// key store restored from an older backup has it applied again (see
+    /// [`reapply_erasures`]); a crash between the two leaves the key to be shredded then.
     /// On SQLite the deleted bytes are zeroed (`secure_delete`) and the WAL truncated; on
     /// PostgreSQL the table is rewritten so the old tuple leaves the table's files.
-    pub async fn shred(&self, patient_id: &str) -> Result<bool> {
+    pub async fn shred(&self, ledger: &Database, patient_id: &str) -> Result<bool> {
+        record_erasure(ledger, patient_id, now_millis()).await?;
         if let Ok(mut cache) = self.cache.lock() {
             cache.remove(patient_id);
         }
@@ -229,21 +210,25 @@ impl KeyStore {
             .execute(self.db.write_pool())
             .await?
             .rows_affected();
-        match self.db.engine() {
-            Engine::Sqlite => {
-                self.db
-                    .write_pool()
-                    .execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                    .await?;
-            }
-            Engine::Postgres => {
-                self.db
-                    .write_pool()
-                    .execute("VACUUM FULL data_keys")
-                    .await?;
+        compact(&self.db).await?;
+        Ok(deleted == 1)
+    }
+
+    /// Applies the erasure ledger again (at every start, and after a key-store restore):
+    /// see [`reapply_erasures`]. Returns how many keys were shredded now.
+    pub async fn reapply_erasures(&self, ledger: &Database) -> Result<u64> {
+        let shredded = reapply_erasures(ledger, &self.db).await?;
+        if shredded > 0 {
+            if let Ok(mut cache) = self.cache.lock() {
+                cache.clear();
             }
         }
-        Ok(deleted == 1)
+        Ok(shredded)
+    }
+
+    /// The key store's own database (for its backups).
+    pub(crate) fn database(&self) -> &Database {
+        &self.db
     }
 
     pub async fn ping(&self) -> Result<()> {
@@ -253,4 +238,90 @@ impl KeyStore {
     pub async fn close(&self) {
         self.db.close().await
     }
+}
+
+/// Where the key store that goes with the main database at `main_url` is.
+pub(crate) fn url_of(config: &Config, main_url: &str) -> Result<String> {
+    Ok(match &config.database.key_store_url {
+        Some(url) => url.clone(),
+        None => match Engine::of_url(main_url)? {
+            Engine::Sqlite => format!(
+                "sqlite://{}?mode=rwc",
+                config.data_dir.join("keys.db").display()
+            ),
+            Engine::Postgres => main_url.to_string(),
+        },
+    })
+}
+
+/// The key store's database, opened and migrated (no KEK needed: its rows stay wrapped).
+pub(crate) async fn open_database(config: &Config, main_url: &str) -> Result<Database> {
+    let url = url_of(config, main_url)?;
+    let db = Database::connect_with(
+        &url,
+        config.database.max_connections.min(4),
+        Duration::from_secs(config.database.connect_timeout_secs),
+        SessionSetup::KeyStore {
+            schema: config.database.key_store_schema.clone(),
+        },
+    )
+    .await?;
+    let migrator = match db.engine() {
+        Engine::Sqlite => &SQLITE_MIGRATIONS,
+        Engine::Postgres => &POSTGRES_MIGRATIONS,
+    };
+    db.migrate_with(migrator).await?;
+    Ok(db)
+}
+
+/// Writes one erasure into the ledger (a later erasure of the same key id moves its time).
+async fn record_erasure(ledger: &Database, key_id: &str, at: i64) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO erased_data_keys (key_id, erased_at) VALUES ($1, $2)
+         ON CONFLICT (key_id) DO UPDATE SET erased_at = excluded.erased_at",
+    )
+    .bind(key_id)
+    .bind(at)
+    .execute(ledger.write_pool())
+    .await?;
+    Ok(())
+}
+
+/// Shreds again every key in `key_store` that the ledger says was erased: a key whose id is
+/// in the ledger and that was created no later than its erasure. A key made after the
+/// erasure (the same patient using the gateway again) is a new key and stays.
+pub(crate) async fn reapply_erasures(ledger: &Database, key_store: &Database) -> Result<u64> {
+    let erased = sqlx::query("SELECT key_id, erased_at FROM erased_data_keys")
+        .fetch_all(ledger.read_pool())
+        .await?;
+    if erased.is_empty() {
+        return Ok(0);
+    }
+    let mut shredded = 0;
+    let mut tx = key_store.begin().await?;
+    for row in erased {
+        let key_id: String = row.try_get(0)?;
+        let erased_at: i64 = row.try_get(1)?;
+        shredded += sqlx::query("DELETE FROM data_keys WHERE patient_id = $1 AND created_at <= $2")
+            .bind(key_id)
+            .bind(erased_at)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+    }
+    tx.commit().await?;
+    if shredded > 0 {
+        compact(key_store).await?;
+    }
+    Ok(shredded)
+}
+
+/// Makes deleted key rows leave the files (see [`KeyStore::shred`]).
+async fn compact(key_store: &Database) -> Result<()> {
+    let statement = match key_store.engine() {
+        Engine::Sqlite => "PRAGMA wal_checkpoint(TRUNCATE)",
+        Engine::Postgres => "VACUUM FULL data_keys",
+    };
+    key_store.write_pool().execute(statement).await?;
+    Ok(())
 }

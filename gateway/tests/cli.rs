@@ -704,3 +704,83 @@ fn rotate_jws_keeps_the_old_key_for_its_overlap() {
     assert_eq!(previous.len(), 1);
     assert!(text(&rotated.stdout).contains("SIGHUP"));
 }
+
+#[tokio::test]
+async fn key_store_backup_verify_and_restore_from_the_command_line() {
+    use age::secrecy::ExposeSecret;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path();
+    let identity = age::x25519::Identity::generate();
+    let keys_identity = age::x25519::Identity::generate();
+    let config = data.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[backup]\nrecipient = \"{}\"\nkey_store_recipient = \"{}\"\n",
+            identity.to_public(),
+            keys_identity.to_public()
+        ),
+    )
+    .expect("config");
+    let with_config = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_phr-gateway"))
+            .arg("--data-dir")
+            .arg(data)
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .env("PHR_LOG__FORMAT", "pretty")
+            .output()
+            .expect("run phr-gateway")
+    };
+    let made = with_config(&["backup", "--key-store"]);
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    assert!(text(&made.stdout).contains("key-store backup"));
+    assert!(
+        !data.join("backups").exists(),
+        "apart from the data generations"
+    );
+    let generation = std::fs::read_dir(data.join("key-store-backups"))
+        .expect("key-store backups")
+        .next()
+        .expect("a generation")
+        .expect("entry")
+        .path();
+    assert!(generation.join("keys.sqlite.age").exists());
+    let key = data.join("offline-keys.key");
+    std::fs::write(&key, keys_identity.to_string().expose_secret()).expect("key");
+    let data_key = data.join("offline.key");
+    std::fs::write(&data_key, identity.to_string().expose_secret()).expect("key");
+    let generation_arg = generation.display().to_string();
+    let key_arg = key.display().to_string();
+    let verify = |extra: &[&str], key: &str| {
+        let mut args = vec!["restore"];
+        args.extend_from_slice(extra);
+        args.extend(["--generation", generation_arg.as_str(), "--identity", key]);
+        with_config(&args)
+    };
+    // Its own recipient: the data generations' key does not open it.
+    let wrong = verify(
+        &["--verify", "--key-store"],
+        &data_key.display().to_string(),
+    );
+    assert_eq!(wrong.status.code(), Some(3), "{}", text(&wrong.stderr));
+    assert!(text(&wrong.stderr).contains("wrong key"));
+    let checked = verify(&["--verify", "--key-store"], &key_arg);
+    assert!(checked.status.success(), "{}", text(&checked.stderr));
+    // A key-store generation is refused where a database generation is expected.
+    let refused = verify(&["--verify"], &key_arg);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("is a key-store generation"),
+        "{}",
+        text(&refused.stderr)
+    );
+    let restored = verify(&["--key-store"], &key_arg);
+    assert!(restored.status.success(), "{}", text(&restored.stderr));
+    assert!(
+        text(&restored.stdout).contains("shredded again"),
+        "{}",
+        text(&restored.stdout)
+    );
+}

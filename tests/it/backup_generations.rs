@@ -39,7 +39,8 @@ both_engines!(
 /// placeholder archive (retention and the live check read only manifests).
 fn fake_generation(app: &TestApp, dir: &Path, name: &str, row_counts: &[(&str, i64)]) {
     let manifest = Manifest {
-        format: 1,
+        format: 2,
+        kind: backup::Kind::Database,
         generation: name.into(),
         created_at: "2026-11-01T00:00:00Z".into(),
         engine: "sqlite".into(),
@@ -97,7 +98,7 @@ async fn prune_follows_the_policy_and_refuses_while_the_database_looks_gutted(en
         monthly: 0,
     };
     let url = state.config.database_url();
-    let verifier = state.audit.verifier();
+    let verifier = state.audit.verifiers();
     let report = prune(&state.db, &url, &store, &policy, &verifier)
         .await
         .expect("prune");
@@ -170,7 +171,8 @@ async fn alert_count(app: &TestApp) -> i64 {
 fn verified(name: &str) -> Result<backup::Verified, BackupDamage> {
     Ok(backup::Verified {
         manifest: Manifest {
-            format: 1,
+            format: 2,
+            kind: backup::Kind::Database,
             generation: name.into(),
             created_at: String::new(),
             engine: "sqlite".into(),
@@ -182,6 +184,7 @@ fn verified(name: &str) -> Result<backup::Verified, BackupDamage> {
             audit_root: String::new(),
         },
         restored: std::path::PathBuf::new(),
+        scratch_database: None,
     })
 }
 
@@ -293,15 +296,22 @@ async fn a_drill_restores_the_latest_and_an_older_generation_and_shows_in_metric
             &recipient,
             &store,
             &policy,
+            &backup::Options::new(&directory),
         )
         .await
         .expect("take");
         names.push(manifest.generation);
     }
     let scratch = app.env().data_dir().join("scratch");
-    let report = drill(&state.db, &state.audit, &store, &secret, &scratch)
-        .await
-        .expect("drill");
+    let report = drill(
+        &state.db,
+        &state.audit,
+        &store,
+        &secret,
+        &backup::Options::new(&scratch),
+    )
+    .await
+    .expect("drill");
     assert!(report.success(), "{report:?}");
     let drilled: Vec<&str> = report
         .checks
@@ -329,9 +339,15 @@ async fn a_drill_restores_the_latest_and_an_older_generation_and_shows_in_metric
     let middle = bytes.len() / 2;
     bytes[middle] ^= 1;
     std::fs::write(&archive, bytes).expect("damage");
-    let failed = drill(&state.db, &state.audit, &store, &secret, &scratch)
-        .await
-        .expect("drill");
+    let failed = drill(
+        &state.db,
+        &state.audit,
+        &store,
+        &secret,
+        &backup::Options::new(&scratch),
+    )
+    .await
+    .expect("drill");
     assert!(!failed.success());
     assert!(failed.checks[0]
         .failure
@@ -436,6 +452,7 @@ async fn ransomware_cannot_take_the_generations_on_s3_and_the_newest_restores_ev
             &recipient,
             &store,
             &policy,
+            &backup::Options::new(&staging),
         )
         .await
         .expect("take a generation");
@@ -516,7 +533,7 @@ async fn ransomware_cannot_take_the_generations_on_s3_and_the_newest_restores_ev
             weekly: 0,
             monthly: 0,
         },
-        &state.audit.verifier(),
+        &state.audit.verifiers(),
     )
     .await
     .expect("prune");
@@ -524,7 +541,7 @@ async fn ransomware_cannot_take_the_generations_on_s3_and_the_newest_restores_ev
     assert!(problems[0].contains("SQLite header"), "{problems:?}");
     assert!(report.removed.is_empty() && report.refused_by_store.is_empty());
     assert_eq!(store.list().await.expect("list"), names);
-    let verifier = state.audit.verifier();
+    let verifier = state.audit.verifiers();
     let origin = state.audit.origin().to_string();
     // The gateway stops; its data directory (key store, KEK, keys) stays for the restore.
     let mut app = app;

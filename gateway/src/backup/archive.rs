@@ -24,8 +24,30 @@ pub(super) fn sha256_file(path: &Path) -> Result<(String, u64)> {
     Ok((hex::encode(hasher.finalize()), total))
 }
 
+/// Creates an empty file only its owner can read (for a transient plaintext copy).
+pub(super) fn create_private(path: &Path) -> Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path).map_err(|e| Error::io(path, e))?;
+    Ok(())
+}
+
 pub(super) fn encrypt(
     plain: &Path,
+    archive: &Path,
+    recipient: &age::x25519::Recipient,
+) -> Result<()> {
+    let mut input = std::fs::File::open(plain).map_err(|e| Error::io(plain, e))?;
+    encrypt_from(&mut input, archive, recipient)
+}
+
+/// Encrypts everything `input` yields into `archive` (a stream: a dump piped from
+/// `pg_dump` never touches the disk in the clear). An error reading `input` is reported
+/// against `archive`.
+pub(super) fn encrypt_from(
+    input: &mut dyn Read,
     archive: &Path,
     recipient: &age::x25519::Recipient,
 ) -> Result<()> {
@@ -36,8 +58,7 @@ pub(super) fn encrypt(
     let mut writer = encryptor
         .wrap_output(std::io::BufWriter::new(output))
         .map_err(|e| Error::io(archive, e))?;
-    let mut input = std::fs::File::open(plain).map_err(|e| Error::io(plain, e))?;
-    std::io::copy(&mut input, &mut writer).map_err(|e| Error::io(archive, e))?;
+    std::io::copy(input, &mut writer).map_err(|e| Error::io(archive, e))?;
     let mut inner = writer.finish().map_err(|e| Error::io(archive, e))?;
     inner.flush().map_err(|e| Error::io(archive, e))?;
     inner
@@ -53,19 +74,53 @@ pub(super) fn decrypt(
     restored: &Path,
     identity: &age::x25519::Identity,
 ) -> Result<bool> {
+    let mut output = std::fs::File::create(restored).map_err(|e| Error::io(restored, e))?;
+    let decrypted = decrypt_into(archive, &mut output, identity)?;
+    if decrypted == Decrypted::All {
+        output.sync_all().map_err(|e| Error::io(restored, e))?;
+    }
+    Ok(decrypted == Decrypted::All)
+}
+
+/// How far a decryption got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Decrypted {
+    /// The identity is not a recipient, or the stream did not authenticate.
+    WrongKey,
+    /// The writer refused more (e.g. `pg_restore` stopped): not the archive's fault.
+    WriterClosed,
+    All,
+}
+
+/// Decrypts `archive` into `output`, telling apart a key or archive that does not decrypt
+/// from a writer that gave up.
+pub(super) fn decrypt_into(
+    archive: &Path,
+    output: &mut dyn Write,
+    identity: &age::x25519::Identity,
+) -> Result<Decrypted> {
     let input = std::fs::File::open(archive).map_err(|e| Error::io(archive, e))?;
     let decryptor = match age::Decryptor::new(std::io::BufReader::new(input)) {
         Ok(d) => d,
-        Err(_) => return Ok(false),
+        Err(_) => return Ok(Decrypted::WrongKey),
     };
     let mut reader = match decryptor.decrypt(std::iter::once(identity as &dyn age::Identity)) {
         Ok(reader) => reader,
-        Err(_) => return Ok(false),
+        Err(_) => return Ok(Decrypted::WrongKey),
     };
-    let mut output = std::fs::File::create(restored).map_err(|e| Error::io(restored, e))?;
-    if std::io::copy(&mut reader, &mut output).is_err() {
-        return Ok(false);
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let read = match reader.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(read) => read,
+            Err(_) => return Ok(Decrypted::WrongKey),
+        };
+        if output.write_all(&buffer[..read]).is_err() {
+            return Ok(Decrypted::WriterClosed);
+        }
     }
-    output.sync_all().map_err(|e| Error::io(restored, e))?;
-    Ok(true)
+    if output.flush().is_err() {
+        return Ok(Decrypted::WriterClosed);
+    }
+    Ok(Decrypted::All)
 }

@@ -49,6 +49,7 @@ pub async fn backup(config: Config) -> Result<ExitCode> {
     let store = storage::from_config(&config.backup, &config.data_dir).await?;
     let policy = Policy::of(&config.backup);
     let database_url = config.database_url();
+    let options = super::Options::from_config(&config);
     let gateway = Gateway::build(config).await?;
     let state = &gateway.state;
     let taken = take(
@@ -58,6 +59,7 @@ pub async fn backup(config: Config) -> Result<ExitCode> {
         &recipient,
         store.as_ref(),
         &policy,
+        &options,
     )
     .await;
     let manifest = match taken {
@@ -79,7 +81,7 @@ pub async fn backup(config: Config) -> Result<ExitCode> {
         &database_url,
         store.as_ref(),
         &policy,
-        &state.audit.verifier(),
+        &state.audit.verifiers(),
     )
     .await;
     close(&gateway).await;
@@ -110,7 +112,7 @@ pub async fn prune_only(config: Config) -> Result<ExitCode> {
         &database_url,
         store.as_ref(),
         &policy,
-        &gateway.state.audit.verifier(),
+        &gateway.state.audit.verifiers(),
     )
     .await;
     close(&gateway).await;
@@ -139,14 +141,14 @@ fn print_drill(report: &DrillReport) {
 pub async fn drill_command(config: Config, identity: &Path) -> Result<ExitCode> {
     let identity = read_identity(identity)?;
     let store = storage::from_config(&config.backup, &config.data_dir).await?;
-    let scratch = config.data_dir.join("restore-scratch");
+    let options = super::Options::from_config(&config);
     let gateway = Gateway::build(config).await?;
     let report = drill(
         &gateway.state.db,
         &gateway.state.audit,
         store.as_ref(),
         &identity,
-        &scratch,
+        &options,
     )
     .await;
     close(&gateway).await;
@@ -165,9 +167,10 @@ pub async fn restore_verify(
     config: Config,
     generation: &Path,
     identity: &Path,
+    options: &super::Options,
 ) -> Result<ExitCode> {
     let identity_text = std::fs::read_to_string(identity).map_err(|e| Error::io(identity, e))?;
-    let scratch = config.data_dir.join("restore-scratch");
+    let scratch = options.scratch_dir.clone();
     let store = storage::from_config(&config.backup, &config.data_dir).await?;
     let name = generation
         .file_name()
@@ -181,12 +184,12 @@ pub async fn restore_verify(
     } else {
         store.fetch(&name, &scratch.join("fetched")).await?
     };
-    let checked = super::verify(
+    let checked = super::verify_with(
         &dir,
         &identity_text,
-        &audit.verifier(),
+        &audit.verifiers(),
         audit.origin(),
-        &scratch,
+        options,
     )
     .await?;
     let restore_millis = started.elapsed().as_millis().min(i64::MAX as u128) as i64;

@@ -58,8 +58,9 @@ pub async fn drill(
     audit: &AuditLog,
     store: &dyn GenerationStore,
     identity: &str,
-    scratch: &Path,
+    options: &super::Options,
 ) -> Result<DrillReport> {
+    let scratch = &options.scratch_dir;
     let run = uuid::Uuid::now_v7().to_string();
     let names = store.list().await?;
     let picked = pick(&names, &mut rand::thread_rng());
@@ -72,7 +73,7 @@ pub async fn drill(
         let started = Instant::now();
         let dir = store.fetch(&generation, &fetched).await?;
         let result =
-            super::verify(&dir, identity, &audit.verifier(), audit.origin(), scratch).await?;
+            super::verify_with(&dir, identity, &audit.verifiers(), audit.origin(), options).await?;
         let restore_millis = started.elapsed().as_millis().min(i64::MAX as u128) as i64;
         // The restored copy is plaintext: it goes as soon as it is checked.
         if let Ok(verified) = &result {
@@ -139,7 +140,7 @@ pub async fn run_scheduled(
         return;
     };
     let every = std::time::Duration::from_secs(config.backup.drill_interval_secs.unwrap_or(86_400));
-    let scratch = config.data_dir.join("restore-scratch");
+    let options = super::Options::from_config(&config);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
@@ -148,7 +149,7 @@ pub async fn run_scheduled(
         let outcome = async {
             let identity = read_identity(&identity_file)?;
             let store = super::storage::from_config(&config.backup, &config.data_dir).await?;
-            drill(&db, &audit, store.as_ref(), &identity, &scratch).await
+            drill(&db, &audit, store.as_ref(), &identity, &options).await
         }
         .await;
         match outcome {

@@ -10,7 +10,7 @@ use super::health::check_live;
 use super::retention::{decide, Generation, Policy, Reason};
 use super::storage::{created_at, GenerationStore, Removal};
 use super::{BackupDamage, Manifest, Verified};
-use crate::audit::checkpoint::NoteVerifier;
+use crate::audit::keyring::VerifierRing;
 use crate::audit::{self, Agent, AuditEvent, AuditLog, EventKind, Outcome};
 use crate::error::{Error, Result};
 use crate::store::{now_millis, Database};
@@ -30,8 +30,9 @@ pub async fn take(
     recipient: &str,
     store: &dyn GenerationStore,
     policy: &Policy,
+    options: &super::Options,
 ) -> Result<Manifest> {
-    let manifest = super::create(db, audit, staging, recipient).await?;
+    let manifest = super::create_with(db, audit, staging, recipient, options).await?;
     let written = staging.join(&manifest.generation);
     let created = created_at(&manifest.generation)
         .ok_or_else(|| Error::Invalid(format!("generation name {}", manifest.generation)))?;
@@ -73,13 +74,13 @@ pub struct PruneReport {
 async fn newest_signed_manifest(
     store: &dyn GenerationStore,
     names: &[String],
-    verifier: &NoteVerifier,
+    verifier: &VerifierRing,
 ) -> Option<Manifest> {
     for name in names.iter().rev() {
         let Ok(Some(note)) = store.manifest(name).await else {
             continue;
         };
-        let Ok(body) = verifier.verify(&note) else {
+        let Ok(body) = verifier.verify_any(&note) else {
             continue;
         };
         if let Ok(manifest) = serde_json::from_str::<Manifest>(body.trim_end()) {
@@ -99,7 +100,7 @@ pub async fn prune(
     database_url: &str,
     store: &dyn GenerationStore,
     policy: &Policy,
-    verifier: &NoteVerifier,
+    verifier: &VerifierRing,
 ) -> Result<PruneReport> {
     let names = store.list().await?;
     let reference = newest_signed_manifest(store, &names, verifier).await;

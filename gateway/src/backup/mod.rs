@@ -1,10 +1,12 @@
-//! Backups of the main database (SQLite so far; PostgreSQL's `pg_dump` path is still to
-//! come): a consistent snapshot (`VACUUM INTO`), encrypted to an offline age recipient (the
-//! gateway holds only the public key), with a manifest signed by the audit key as a signed
-//! note — time, schema version, row counts per table, the archive's SHA-256 and the audit
-//! tree size and root — so a restore can prove it got back exactly what was saved.
-//! `verify` restores into a scratch file and checks all of it; each kind of damage has its
-//! own error. Generations live in their own directories under `backup.directory`.
+//! Backups of the main database: a consistent snapshot (SQLite `VACUUM INTO`; PostgreSQL
+//! `pg_dump -Fc` in one exported snapshot, without the key-store schema), encrypted to an
+//! offline age recipient (the gateway holds only the public key), with a manifest signed by
+//! the audit key as a signed note — time, schema version, row counts per table, the
+//! archive's SHA-256 and the audit tree size and root — so a restore can prove it got back
+//! exactly what was saved. `verify` restores into a scratch file (SQLite) or a scratch
+//! database it drops afterwards (PostgreSQL) and checks all of it; each kind of damage has
+//! its own error. Generations live in their own directories under `backup.directory`.
+//! The key store is backed up apart, in generations of its own kind (see `key_store`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,7 +15,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use sqlx::Connection;
 
-use crate::audit::checkpoint::NoteVerifier;
+use crate::audit::keyring::VerifierRing;
 use crate::audit::{self, Agent, AuditEvent, AuditLog, EventKind, Outcome};
 use crate::error::{Error, Result};
 use crate::store::{Database, Engine};
@@ -23,20 +25,106 @@ pub mod commands;
 pub mod drill;
 pub mod generations;
 pub mod health;
+mod key_store;
+mod postgres;
 pub mod retention;
 mod sqlite;
 pub mod storage;
 
 use archive::{decrypt, encrypt, sha256_file};
+use postgres::{ScratchDatabase, Tables};
 use sqlite::{audit_head, row_counts};
 
-const ARCHIVE: &str = "database.sqlite.age";
+pub use key_store::{
+    create_key_store, expired_generations, prune_key_store, record_prune, restore_key_store,
+    verify_key_store, KeyStoreRestored, Pruned,
+};
+
 const MANIFEST: &str = "manifest.note";
+
+/// What a generation is a copy of. The two kinds never share a generation (nor, by
+/// default, a directory): the key store unlocks the data, so it is kept apart and
+/// expires sooner.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    /// The main database (every record, sealed under keys it does not hold).
+    #[default]
+    Database,
+    /// The key store (each patient's wrapped data key).
+    KeyStore,
+}
+
+impl Kind {
+    fn describe(self) -> &'static str {
+        match self {
+            Kind::Database => "a database generation",
+            Kind::KeyStore => "a key-store generation",
+        }
+    }
+}
+
+/// The archive's file name in a generation of `kind` taken from `engine`.
+pub fn archive_name(kind: Kind, engine: &str) -> &'static str {
+    match (kind, engine) {
+        (Kind::Database, "sqlite") => "database.sqlite.age",
+        (Kind::Database, _) => "database.pgdump.age",
+        (Kind::KeyStore, "sqlite") => "keys.sqlite.age",
+        (Kind::KeyStore, _) => "keys.pgdump.age",
+    }
+}
+
+/// What taking and checking generations needs beyond the database itself.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Where `pg_dump`/`pg_restore` are; unset: `PATH`, then `/usr/lib/postgresql/*/bin`.
+    pub pg_bin_dir: Option<PathBuf>,
+    /// The PostgreSQL schema of the key store: left out of database generations, the only
+    /// thing in key-store generations.
+    pub key_store_schema: String,
+    /// Where SQLite generations are restored to be checked.
+    pub scratch_dir: PathBuf,
+    /// A PostgreSQL server (URL) to make scratch databases on; the gateway's own.
+    pub postgres_server: Option<String>,
+    /// Keep a PostgreSQL scratch database after a successful verification.
+    pub keep_scratch: bool,
+}
+
+impl Options {
+    pub fn new(scratch_dir: &Path) -> Self {
+        Options {
+            pg_bin_dir: None,
+            key_store_schema: "phr_keys".into(),
+            scratch_dir: scratch_dir.to_path_buf(),
+            postgres_server: None,
+            keep_scratch: false,
+        }
+    }
+
+    /// From the configuration: its tools directory, key-store schema and database server.
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        let url = config.database_url();
+        Options {
+            pg_bin_dir: config.backup.pg_bin_dir.clone(),
+            key_store_schema: config.database.key_store_schema.clone(),
+            scratch_dir: config.data_dir.join("restore-scratch"),
+            postgres_server: (Engine::of_url(&url).ok() == Some(Engine::Postgres)).then_some(url),
+            keep_scratch: false,
+        }
+    }
+
+    fn tool(&self, name: &str) -> Result<PathBuf> {
+        postgres::locate(name, &postgres::search_dirs(self.pg_bin_dir.as_deref()))
+    }
+}
 
 /// What a generation holds, signed by the gateway's audit key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
     pub format: u32,
+    /// Absent in the first format (database generations only).
+    #[serde(default)]
+    pub kind: Kind,
     /// The generation's name (also its directory's).
     pub generation: String,
     pub created_at: String,
@@ -66,27 +154,14 @@ pub enum BackupDamage {
     Contents(String),
 }
 
-/// Takes a generation into `directory/<generation>/`; returns its manifest.
-pub async fn create(
-    db: &Database,
-    audit: &AuditLog,
-    directory: &Path,
-    recipient: &str,
-) -> Result<Manifest> {
-    if db.engine() != Engine::Sqlite {
-        return Err(Error::config(
-            "database",
-            "backups of PostgreSQL are not built yet (pg_dump); back it up with your PostgreSQL tooling",
-        ));
-    }
-    let recipient = age::x25519::Recipient::from_str(recipient).map_err(|e| {
-        Error::config(
-            "backup.recipient",
-            format!("not an age X25519 recipient: {e}"),
-        )
-    })?;
-    // The snapshot's checkpoint must cover what it holds: sequence and sign first.
-    audit.sequence(true).await?;
+/// Parses the offline recipient named by `setting`.
+fn parse_recipient(setting: &str, recipient: &str) -> Result<age::x25519::Recipient> {
+    age::x25519::Recipient::from_str(recipient)
+        .map_err(|e| Error::config(setting, format!("not an age X25519 recipient: {e}")))
+}
+
+/// A new generation's name (its time, to the second) and its empty directory.
+fn new_generation(directory: &Path) -> Result<(String, time::OffsetDateTime, PathBuf)> {
     let now = time::OffsetDateTime::now_utc();
     let generation = format!(
         "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
@@ -104,12 +179,125 @@ pub async fn create(
         )));
     }
     std::fs::create_dir_all(&target).map_err(|e| Error::io(&target, e))?;
-    // The plaintext snapshot lives only until it is encrypted (removed on every path).
-    let snapshot = target.join(".snapshot.sqlite");
-    let result =
-        snapshot_and_seal(db, audit, &target, &snapshot, generation, now, &recipient).await;
-    let _ = std::fs::remove_file(&snapshot);
+    Ok((generation, now, target))
+}
+
+/// Signs `manifest` and writes it beside the archive.
+fn write_manifest(audit: &AuditLog, target: &Path, manifest: &Manifest) -> Result<()> {
+    let body = serde_json::to_string(manifest).map_err(|e| Error::Invalid(e.to_string()))? + "\n";
+    let note = audit.sign_note(&body);
+    let path = target.join(MANIFEST);
+    std::fs::write(&path, note).map_err(|e| Error::io(&path, e))
+}
+
+fn rfc3339(now: time::OffsetDateTime) -> String {
+    crate::store::millis_to_rfc3339((now.unix_timestamp_nanos() / 1_000_000) as i64)
+}
+
+/// Takes a generation into `directory/<generation>/`; returns its manifest.
+pub async fn create(
+    db: &Database,
+    audit: &AuditLog,
+    directory: &Path,
+    recipient: &str,
+) -> Result<Manifest> {
+    create_with(db, audit, directory, recipient, &Options::new(directory)).await
+}
+
+/// `create`, with the PostgreSQL tools and key-store schema of `options`.
+pub async fn create_with(
+    db: &Database,
+    audit: &AuditLog,
+    directory: &Path,
+    recipient: &str,
+    options: &Options,
+) -> Result<Manifest> {
+    let recipient = parse_recipient("backup.recipient", recipient)?;
+    // Find the tool before anything is written.
+    let pg_dump = match db.engine() {
+        Engine::Sqlite => None,
+        Engine::Postgres => Some(options.tool("pg_dump")?),
+    };
+    // The snapshot's checkpoint must cover what it holds: sequence and sign first.
+    audit.sequence(true).await?;
+    let (generation, now, target) = new_generation(directory)?;
+    let result = match pg_dump {
+        None => {
+            // The plaintext snapshot lives only until it is encrypted (removed on every path).
+            let snapshot = target.join(".snapshot.sqlite");
+            let result =
+                snapshot_and_seal(db, audit, &target, &snapshot, generation, now, &recipient).await;
+            let _ = std::fs::remove_file(&snapshot);
+            result
+        }
+        Some(pg_dump) => {
+            dump_and_seal(
+                db, audit, &target, &pg_dump, generation, now, &recipient, options,
+            )
+            .await
+        }
+    };
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&target);
+    }
     result
+}
+
+/// PostgreSQL: `pg_dump` of everything but the key store, straight into the encryptor.
+#[allow(clippy::too_many_arguments)]
+async fn dump_and_seal(
+    db: &Database,
+    audit: &AuditLog,
+    target: &Path,
+    pg_dump: &Path,
+    generation: String,
+    now: time::OffsetDateTime,
+    recipient: &age::x25519::Recipient,
+    options: &Options,
+) -> Result<Manifest> {
+    let archive = target.join(archive_name(Kind::Database, "postgres"));
+    let snapshot = postgres::dump_sealed(
+        db.url(),
+        pg_dump,
+        Tables::AllBut(&options.key_store_schema),
+        &archive,
+        recipient,
+    )
+    .await?;
+    let (archive_sha256, archive_bytes) = sha256_file(&archive)?;
+    let (audit_tree_size, audit_root) = snapshot.audit_head.unwrap_or_default();
+    let manifest = Manifest {
+        format: 2,
+        kind: Kind::Database,
+        generation,
+        created_at: rfc3339(now),
+        engine: "postgres".into(),
+        schema_version: snapshot.schema_version,
+        row_counts: snapshot.row_counts,
+        archive_sha256,
+        archive_bytes,
+        audit_tree_size,
+        audit_root,
+    };
+    write_manifest(audit, target, &manifest)?;
+    record_written(db, &manifest).await?;
+    Ok(manifest)
+}
+
+/// A backup is a (sealed) copy of every record: on the record like any export.
+async fn record_written(db: &Database, manifest: &Manifest) -> Result<()> {
+    let what = match manifest.kind {
+        Kind::Database => "backup generation",
+        Kind::KeyStore => "key-store backup generation",
+    };
+    let event = AuditEvent::new(EventKind::Export, Agent::system()).detail(format!(
+        "{what} {} written ({}, {} bytes encrypted, audit tree size {})",
+        manifest.generation, manifest.engine, manifest.archive_bytes, manifest.audit_tree_size
+    ));
+    let mut tx = db.begin().await?;
+    audit::record(&mut tx, &event).await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 async fn snapshot_and_seal(
@@ -121,7 +309,9 @@ async fn snapshot_and_seal(
     now: time::OffsetDateTime,
     recipient: &age::x25519::Recipient,
 ) -> Result<Manifest> {
-    // VACUUM INTO writes a consistent copy while the gateway keeps serving.
+    // VACUUM INTO writes a consistent copy while the gateway keeps serving (into an empty
+    // file made first, so the plaintext copy is the owner's alone).
+    archive::create_private(snapshot)?;
     sqlx::query("VACUUM INTO $1")
         .bind(snapshot.display().to_string())
         .execute(db.write_pool())
@@ -137,15 +327,14 @@ async fn snapshot_and_seal(
             .await?;
     conn.close().await?;
 
-    let archive = target.join(ARCHIVE);
+    let archive = target.join(archive_name(Kind::Database, "sqlite"));
     encrypt(snapshot, &archive, recipient)?;
     let (archive_sha256, archive_bytes) = sha256_file(&archive)?;
     let manifest = Manifest {
-        format: 1,
+        format: 2,
+        kind: Kind::Database,
         generation,
-        created_at: crate::store::millis_to_rfc3339(
-            (now.unix_timestamp_nanos() / 1_000_000) as i64,
-        ),
+        created_at: rfc3339(now),
         engine: "sqlite".into(),
         schema_version,
         row_counts,
@@ -154,18 +343,8 @@ async fn snapshot_and_seal(
         audit_tree_size,
         audit_root,
     };
-    let body = serde_json::to_string(&manifest).map_err(|e| Error::Invalid(e.to_string()))? + "\n";
-    let note = audit.sign_note(&body);
-    let path = target.join(MANIFEST);
-    std::fs::write(&path, note).map_err(|e| Error::io(&path, e))?;
-    // A backup is a (sealed) copy of every record: on the record like any export.
-    let event = AuditEvent::new(EventKind::Export, Agent::system()).detail(format!(
-        "backup generation {} written ({} bytes encrypted, audit tree size {})",
-        manifest.generation, manifest.archive_bytes, manifest.audit_tree_size
-    ));
-    let mut tx = db.begin().await?;
-    audit::record(&mut tx, &event).await?;
-    tx.commit().await?;
+    write_manifest(audit, target, &manifest)?;
+    record_written(db, &manifest).await?;
     Ok(manifest)
 }
 
@@ -173,8 +352,11 @@ async fn snapshot_and_seal(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified {
     pub manifest: Manifest,
-    /// Where the restored copy was written (a scratch file the caller may keep or remove).
+    /// Where the restored copy was written (a scratch file the caller may keep or remove);
+    /// empty for PostgreSQL.
     pub restored: PathBuf,
+    /// PostgreSQL: the scratch database, when kept (`Options::keep_scratch`).
+    pub scratch_database: Option<String>,
 }
 
 /// Records a verification's result in the live gateway's audit log.
@@ -205,39 +387,147 @@ pub async fn record_verification(
 pub async fn verify(
     generation_dir: &Path,
     identity: &str,
-    verifier: &NoteVerifier,
+    verifier: &VerifierRing,
     origin: &str,
     scratch_dir: &Path,
 ) -> Result<std::result::Result<Verified, BackupDamage>> {
+    verify_with(
+        generation_dir,
+        identity,
+        verifier,
+        origin,
+        &Options::new(scratch_dir),
+    )
+    .await
+}
+
+/// `verify` on either engine: a PostgreSQL generation is restored into a scratch database
+/// on `options.postgres_server`, dropped afterwards unless `options.keep_scratch`.
+pub async fn verify_with(
+    generation_dir: &Path,
+    identity: &str,
+    verifier: &VerifierRing,
+    origin: &str,
+    options: &Options,
+) -> Result<std::result::Result<Verified, BackupDamage>> {
+    let manifest = match open_generation(generation_dir, verifier, Kind::Database)? {
+        Ok(manifest) => manifest,
+        Err(damage) => return Ok(Err(damage)),
+    };
+    let archive = generation_dir.join(archive_name(Kind::Database, &manifest.engine));
+    let identity = parse_identity(identity)?;
+    match manifest.engine.as_str() {
+        "sqlite" => verify_sqlite(manifest, &archive, &identity, verifier, origin, options).await,
+        "postgres" => {
+            verify_postgres(manifest, &archive, &identity, verifier, origin, options).await
+        }
+        other => Err(Error::Invalid(format!(
+            "a generation of unknown engine {other}"
+        ))),
+    }
+}
+
+fn parse_identity(identity: &str) -> Result<age::x25519::Identity> {
+    age::x25519::Identity::from_str(identity.trim())
+        .map_err(|e| Error::config("--identity", format!("not an age X25519 identity: {e}")))
+}
+
+/// The checks every generation passes before anything is decrypted: the manifest's
+/// signature, its kind (refused clearly when it is the other kind), its generation, and
+/// the archive's digest.
+fn open_generation(
+    generation_dir: &Path,
+    verifier: &VerifierRing,
+    expected: Kind,
+) -> Result<std::result::Result<Manifest, BackupDamage>> {
     let note_path = generation_dir.join(MANIFEST);
     let note = std::fs::read_to_string(&note_path).map_err(|e| Error::io(&note_path, e))?;
-    let body = match verifier.verify(&note) {
+    let body = match verifier.verify_any(&note) {
         Ok(body) => body,
         Err(e) => return Ok(Err(BackupDamage::Signature(e.to_string()))),
     };
     let manifest: Manifest = serde_json::from_str(body.trim_end())
         .map_err(|e| Error::Invalid(format!("manifest: {e}")))?;
-    let expected = generation_dir
+    if manifest.kind != expected {
+        let hint = match manifest.kind {
+            Kind::KeyStore => "use `restore --key-store` for it",
+            Kind::Database => "use `restore` without --key-store for it",
+        };
+        return Err(Error::Invalid(format!(
+            "{} is {}, not {}: {hint}",
+            generation_dir.display(),
+            manifest.kind.describe(),
+            expected.describe()
+        )));
+    }
+    let expected_name = generation_dir
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or_default()
         .to_string();
-    if manifest.generation != expected {
+    if manifest.generation != expected_name {
         return Ok(Err(BackupDamage::OtherGeneration {
-            expected,
+            expected: expected_name,
             found: manifest.generation,
         }));
     }
-    let archive = generation_dir.join(ARCHIVE);
+    let archive = generation_dir.join(archive_name(manifest.kind, &manifest.engine));
     let (digest, _) = sha256_file(&archive)?;
     if digest != manifest.archive_sha256 {
         return Ok(Err(BackupDamage::Digest));
     }
-    let identity = age::x25519::Identity::from_str(identity.trim())
-        .map_err(|e| Error::config("--identity", format!("not an age X25519 identity: {e}")))?;
+    Ok(Ok(manifest))
+}
+
+/// Row counts and audit head of a restored copy against the manifest.
+fn compare(
+    manifest: &Manifest,
+    counts: &BTreeMap<String, i64>,
+    head: Option<(u64, &str)>,
+) -> Option<BackupDamage> {
+    if counts != &manifest.row_counts {
+        return Some(BackupDamage::Contents("row counts differ".into()));
+    }
+    match head {
+        Some((size, root)) if size != manifest.audit_tree_size || root != manifest.audit_root => {
+            Some(BackupDamage::Contents("audit checkpoint differs".into()))
+        }
+        _ => None,
+    }
+}
+
+/// Recomputes the whole audit tree from the restored leaves and checks every checkpoint.
+async fn check_audit_log(
+    restored_url: &str,
+    manifest: &Manifest,
+    verifier: &VerifierRing,
+    origin: &str,
+) -> Result<Option<BackupDamage>> {
+    let restored_db = Database::connect(restored_url, 1, std::time::Duration::from_secs(5)).await?;
+    let report = crate::audit::verify::verify(&restored_db, verifier, origin, None).await;
+    restored_db.close().await;
+    Ok(match report {
+        Ok(report) if report.latest_checkpoint.unwrap_or(0) == manifest.audit_tree_size => None,
+        Ok(report) => Some(BackupDamage::Contents(format!(
+            "the restored audit log ends at checkpoint {:?}, the manifest says {}",
+            report.latest_checkpoint, manifest.audit_tree_size
+        ))),
+        Err(e) => Some(BackupDamage::Contents(format!("audit log: {e}"))),
+    })
+}
+
+async fn verify_sqlite(
+    manifest: Manifest,
+    archive: &Path,
+    identity: &age::x25519::Identity,
+    verifier: &VerifierRing,
+    origin: &str,
+    options: &Options,
+) -> Result<std::result::Result<Verified, BackupDamage>> {
+    let scratch_dir = &options.scratch_dir;
     std::fs::create_dir_all(scratch_dir).map_err(|e| Error::io(scratch_dir, e))?;
     let restored = scratch_dir.join(format!("restored-{}.sqlite", manifest.generation));
-    if !decrypt(&archive, &restored, &identity)? {
+    if !decrypt(archive, &restored, identity)? {
         return Ok(Err(BackupDamage::WrongKey));
     }
     let mut conn =
@@ -246,33 +536,74 @@ pub async fn verify(
     let counts = row_counts(&mut conn).await?;
     let (size, root) = audit_head(&mut conn).await?;
     conn.close().await?;
-    if counts != manifest.row_counts {
-        return Ok(Err(BackupDamage::Contents("row counts differ".into())));
+    if let Some(damage) = compare(&manifest, &counts, Some((size, &root))) {
+        return Ok(Err(damage));
     }
-    if size != manifest.audit_tree_size || root != manifest.audit_root {
-        return Ok(Err(BackupDamage::Contents(
-            "audit checkpoint differs".into(),
-        )));
-    }
-    // Recompute the whole audit tree from the restored leaves and check every checkpoint.
     // The restored copy is a scratch file of our own: the pool may set its pragmas on it.
-    let restored_db = Database::connect(
-        &format!("sqlite://{}", restored.display()),
-        1,
-        std::time::Duration::from_secs(5),
-    )
-    .await?;
-    let report = crate::audit::verify::verify(&restored_db, verifier, origin, None).await;
-    restored_db.close().await;
-    match report {
-        Ok(report) if report.latest_checkpoint.unwrap_or(0) == manifest.audit_tree_size => {}
-        Ok(report) => {
-            return Ok(Err(BackupDamage::Contents(format!(
-                "the restored audit log ends at checkpoint {:?}, the manifest says {}",
-                report.latest_checkpoint, manifest.audit_tree_size
-            ))))
-        }
-        Err(e) => return Ok(Err(BackupDamage::Contents(format!("audit log: {e}")))),
+    let url = format!("sqlite://{}", restored.display());
+    if let Some(damage) = check_audit_log(&url, &manifest, verifier, origin).await? {
+        return Ok(Err(damage));
     }
-    Ok(Ok(Verified { manifest, restored }))
+    Ok(Ok(Verified {
+        manifest,
+        restored,
+        scratch_database: None,
+    }))
+}
+
+/// The PostgreSQL server scratch databases are made on.
+fn scratch_server(options: &Options) -> Result<&str> {
+    options.postgres_server.as_deref().ok_or_else(|| {
+        Error::config(
+            "database.url",
+            "a PostgreSQL generation is verified in a scratch database: run this with the gateway's PostgreSQL configuration",
+        )
+    })
+}
+
+async fn verify_postgres(
+    manifest: Manifest,
+    archive: &Path,
+    identity: &age::x25519::Identity,
+    verifier: &VerifierRing,
+    origin: &str,
+    options: &Options,
+) -> Result<std::result::Result<Verified, BackupDamage>> {
+    let server = scratch_server(options)?;
+    let pg_restore = options.tool("pg_restore")?;
+    let scratch = ScratchDatabase::create(server, &manifest.generation).await?;
+    let checked = async {
+        match postgres::restore(&pg_restore, &scratch.url, archive, identity, false).await? {
+            postgres::Restore::Done => {}
+            postgres::Restore::WrongKey => return Ok(Some(BackupDamage::WrongKey)),
+            postgres::Restore::Failed(message) => {
+                return Ok(Some(BackupDamage::Contents(format!(
+                    "pg_restore refused it: {message}"
+                ))))
+            }
+        }
+        let mut conn = sqlx::PgConnection::connect(&scratch.url).await?;
+        let counts =
+            postgres::row_counts(&mut conn, Tables::AllBut(&options.key_store_schema)).await?;
+        let (size, root) = postgres::audit_head(&mut conn).await?;
+        conn.close().await?;
+        if let Some(damage) = compare(&manifest, &counts, Some((size, &root))) {
+            return Ok(Some(damage));
+        }
+        check_audit_log(&scratch.url, &manifest, verifier, origin).await
+    }
+    .await;
+    let keep = options.keep_scratch && matches!(checked, Ok(None));
+    let name = scratch.name.clone();
+    if !keep {
+        scratch.drop_database().await?;
+    }
+    match checked? {
+        Some(damage) => Ok(Err(damage)),
+        None => Ok(Ok(Verified {
+            manifest,
+            restored: PathBuf::new(),
+            scratch_database: keep.then_some(name),
+        })),
+    }
 }

@@ -189,7 +189,7 @@ impl ExportJobs {
             .detail(format!("bulk export {} cancelled: {reason}", job.id));
         audit::record(&mut tx, &event).await?;
         tx.commit().await?;
-        self.keys.shred(&job_key_id(&job.id)).await?;
+        self.keys.shred(&self.db, &job_key_id(&job.id)).await?;
         Ok(())
     }
 
@@ -468,7 +468,7 @@ impl ExportJobs {
         };
         match self.run(worker, &job).await {
             Ok(ExportStatus::Cancelled) => {
-                self.keys.shred(&job_key_id(&job.id)).await?;
+                self.keys.shred(&self.db, &job_key_id(&job.id)).await?;
                 sqlx::query("DELETE FROM export_chunks WHERE job_id = $1")
                     .bind(&job.id)
                     .execute(self.db.write_pool())
@@ -521,7 +521,7 @@ impl ExportJobs {
                 .bind(id)
                 .execute(self.db.write_pool())
                 .await?;
-            self.keys.shred(&job_key_id(id)).await?;
+            self.keys.shred(&self.db, &job_key_id(id)).await?;
         }
         Ok(ids.len() as u64)
     }

@@ -68,6 +68,8 @@ pub(crate) enum SessionSetup {
 #[derive(Clone)]
 pub struct Database {
     engine: Engine,
+    /// Where it is (for tools that connect on their own: `pg_dump`, `pg_restore`).
+    url: Arc<str>,
     read: AnyPool,
     write: AnyPool,
     faults: FaultPoints,
@@ -129,6 +131,7 @@ impl Database {
         };
         Ok(Database {
             engine,
+            url: Arc::from(url),
             read,
             write,
             faults: FaultPoints::default(),
@@ -152,6 +155,11 @@ impl Database {
 
     pub fn engine(&self) -> Engine {
         self.engine
+    }
+
+    /// The URL it was opened with (it may hold a password: never log it).
+    pub(crate) fn url(&self) -> &str {
+        &self.url
     }
 
     pub fn read_pool(&self) -> &AnyPool {

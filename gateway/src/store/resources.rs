@@ -462,7 +462,7 @@ impl ResourceStore {
     /// version, resource and reconciliation key, with the audit leaves, in one transaction.
     /// Returns how many resources were deleted and whether a key was destroyed.
     pub async fn erase_patient(&self, agent: &Agent, patient_id: &str) -> Result<(u64, bool)> {
-        let destroyed = self.keys.shred(patient_id).await?;
+        let destroyed = self.keys.shred(&self.db, patient_id).await?;
         let mut tx = self.db.begin().await?;
         sqlx::query("DELETE FROM resource_versions WHERE patient_id = $1")
             .bind(patient_id)
@@ -498,7 +498,7 @@ impl ResourceStore {
     /// Crypto-shreds the patient's data: their data key is destroyed, so every stored copy
     /// of their resources (backups included) becomes unreadable. Audited.
     pub async fn shred_patient(&self, agent: &Agent, patient_id: &str) -> Result<bool> {
-        let destroyed = self.keys.shred(patient_id).await?;
+        let destroyed = self.keys.shred(&self.db, patient_id).await?;
         let event = AuditEvent::new(EventKind::DataKeyDestroyed, agent.clone()).patient(patient_id);
         let mut tx = self.db.begin().await?;
         super::reconciliation::forget_patient_in(&mut tx, patient_id).await?;
