@@ -175,19 +175,7 @@ pub async fn verify_key_store(
         Ok(compare(&manifest, &counts, None))
     }
     .await;
-    let keep = options.keep_scratch && matches!(checked, Ok(None));
-    let name = scratch.name.clone();
-    if !keep {
-        scratch.drop_database().await?;
-    }
-    match checked? {
-        Some(damage) => Ok(Err(damage)),
-        None => Ok(Ok(Verified {
-            manifest,
-            restored: PathBuf::new(),
-            scratch_database: keep.then_some(name),
-        })),
-    }
+    super::settle_scratch(scratch, checked, manifest, options.keep_scratch).await
 }
 
 /// What restoring a key-store generation did.

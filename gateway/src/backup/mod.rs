@@ -593,7 +593,18 @@ async fn verify_postgres(
         check_audit_log(&scratch.url, &manifest, verifier, origin).await
     }
     .await;
-    let keep = options.keep_scratch && matches!(checked, Ok(None));
+    settle_scratch(scratch, checked, manifest, options.keep_scratch).await
+}
+
+/// The end of a check in a PostgreSQL scratch database: dropped unless the check passed and
+/// `keep_scratch` asks to keep it.
+async fn settle_scratch(
+    scratch: ScratchDatabase,
+    checked: Result<Option<BackupDamage>>,
+    manifest: Manifest,
+    keep_scratch: bool,
+) -> Result<std::result::Result<Verified, BackupDamage>> {
+    let keep = keep_scratch && matches!(checked, Ok(None));
     let name = scratch.name.clone();
     if !keep {
         scratch.drop_database().await?;
