@@ -360,6 +360,66 @@ async fn a_drill_restores_the_latest_and_an_older_generation_and_shows_in_metric
 }
 
 /// `n` random bytes (from v4 UUIDs' random bits).
+/// With `backup.drill_identity_file` set (a restore host), the gateway drills on its own
+/// schedule: the result is recorded like a command-line drill's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_drills_on_its_schedule_when_it_holds_the_identity() {
+    use std::os::unix::fs::PermissionsExt;
+    let identity = age::x25519::Identity::generate();
+    let recipient = identity.to_public().to_string();
+    let env = TestEnv::new(Engine::Sqlite).await;
+    let key = env.data_dir().join("drill.key");
+    std::fs::write(&key, identity.to_string().expose_secret()).expect("identity");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let app = spawn_app_with(env, |config| {
+        config.backup.recipient = Some(recipient.clone());
+        config.backup.drill_identity_file = Some(key.clone());
+        config.backup.drill_interval_secs = Some(1);
+    })
+    .await;
+    let state = &app.gateway().state;
+    // Where the configured (local) store keeps generations.
+    let directory = state.config.data_dir.join("backups");
+    let manifest = take(
+        &state.db,
+        &state.audit,
+        &directory,
+        &recipient,
+        &LocalGenerationStore {
+            directory: directory.clone(),
+        },
+        &Policy::default(),
+        &backup::Options::new(&directory),
+    )
+    .await
+    .expect("take");
+    // Wait for the scheduler's pass (it runs every second); no speed is measured here.
+    let mut drilled = None;
+    for _ in 0..300 {
+        if let Some(last) = backup::generations::last_drill(&state.db)
+            .await
+            .expect("last drill")
+        {
+            drilled = Some(last);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let drilled = drilled.expect("the gateway ran a drill on its schedule");
+    assert!(drilled.success, "{drilled:?}");
+    // Audited like any drill (the leaf may still be waiting for the sequencer).
+    let mut audited = 0;
+    for _ in 0..100 {
+        audited = leaves_containing(&app, &format!("{} verified in", manifest.generation)).await;
+        if audited > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(audited >= 1, "the drill is in the audit log");
+    app.stop().await;
+}
+
 fn random_bytes(n: usize) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(n + 16);
     while bytes.len() < n {
