@@ -364,17 +364,7 @@ async fn backup_and_restore_verify_from_the_command_line() {
         format!("[backup]\nrecipient = \"{}\"\n", identity.to_public()),
     )
     .expect("config");
-    let with_config = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_phr-gateway"))
-            .arg("--data-dir")
-            .arg(data)
-            .arg("--config")
-            .arg(&config)
-            .args(args)
-            .env("PHR_LOG__FORMAT", "pretty")
-            .output()
-            .expect("run phr-gateway")
-    };
+    let with_config = |args: &[&str]| gateway_with_config(data, &config, args);
     let made = with_config(&["backup"]);
     assert!(made.status.success(), "{}", text(&made.stderr));
     let generation = std::fs::read_dir(data.join("backups"))
@@ -444,17 +434,7 @@ fn backup_drill_and_prune_from_the_command_line() {
         ),
     )
     .expect("config");
-    let with_config = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_phr-gateway"))
-            .arg("--data-dir")
-            .arg(data)
-            .arg("--config")
-            .arg(&config)
-            .args(args)
-            .env("PHR_LOG__FORMAT", "pretty")
-            .output()
-            .expect("run phr-gateway")
-    };
+    let with_config = |args: &[&str]| gateway_with_config(data, &config, args);
     let generations = || -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(data.join("backups"))
             .expect("backups")
@@ -722,17 +702,7 @@ async fn key_store_backup_verify_and_restore_from_the_command_line() {
         ),
     )
     .expect("config");
-    let with_config = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_phr-gateway"))
-            .arg("--data-dir")
-            .arg(data)
-            .arg("--config")
-            .arg(&config)
-            .args(args)
-            .env("PHR_LOG__FORMAT", "pretty")
-            .output()
-            .expect("run phr-gateway")
-    };
+    let with_config = |args: &[&str]| gateway_with_config(data, &config, args);
     let made = with_config(&["backup", "--key-store"]);
     assert!(made.status.success(), "{}", text(&made.stderr));
     assert!(text(&made.stdout).contains("key-store backup"));
