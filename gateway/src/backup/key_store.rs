@@ -132,11 +132,10 @@ pub async fn verify_key_store(
     verifier: &VerifierRing,
     options: &Options,
 ) -> Result<std::result::Result<Verified, BackupDamage>> {
-    let manifest = match open_generation(generation_dir, verifier, Kind::KeyStore)? {
-        Ok(manifest) => manifest,
+    let (manifest, archive) = match open_generation(generation_dir, verifier, Kind::KeyStore)? {
+        Ok(opened) => opened,
         Err(damage) => return Ok(Err(damage)),
     };
-    let archive = generation_dir.join(archive_name(Kind::KeyStore, &manifest.engine));
     let identity = parse_identity(identity)?;
     if manifest.engine == "sqlite" {
         let scratch_dir = &options.scratch_dir;
@@ -198,12 +197,11 @@ pub async fn restore_key_store(
     verifier: &VerifierRing,
     options: &Options,
 ) -> Result<std::result::Result<KeyStoreRestored, BackupDamage>> {
-    let manifest = match open_generation(generation_dir, verifier, Kind::KeyStore)? {
-        Ok(manifest) => manifest,
+    let (manifest, archive) = match open_generation(generation_dir, verifier, Kind::KeyStore)? {
+        Ok(opened) => opened,
         Err(damage) => return Ok(Err(damage)),
     };
     let identity = parse_identity(identity)?;
-    let archive = generation_dir.join(archive_name(Kind::KeyStore, &manifest.engine));
     let url = crate::keystore::url_of(config, &config.database_url())?;
     let live_engine = match Engine::of_url(&url)? {
         Engine::Sqlite => "sqlite",

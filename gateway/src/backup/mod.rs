@@ -410,11 +410,10 @@ pub async fn verify_with(
     origin: &str,
     options: &Options,
 ) -> Result<std::result::Result<Verified, BackupDamage>> {
-    let manifest = match open_generation(generation_dir, verifier, Kind::Database)? {
-        Ok(manifest) => manifest,
+    let (manifest, archive) = match open_generation(generation_dir, verifier, Kind::Database)? {
+        Ok(opened) => opened,
         Err(damage) => return Ok(Err(damage)),
     };
-    let archive = generation_dir.join(archive_name(Kind::Database, &manifest.engine));
     let identity = parse_identity(identity)?;
     match manifest.engine.as_str() {
         "sqlite" => verify_sqlite(manifest, &archive, &identity, verifier, origin, options).await,
@@ -439,7 +438,7 @@ fn open_generation(
     generation_dir: &Path,
     verifier: &VerifierRing,
     expected: Kind,
-) -> Result<std::result::Result<Manifest, BackupDamage>> {
+) -> Result<std::result::Result<(Manifest, PathBuf), BackupDamage>> {
     let note_path = generation_dir.join(MANIFEST);
     let note = std::fs::read_to_string(&note_path).map_err(|e| Error::io(&note_path, e))?;
     let body = match verifier.verify_any(&note) {
@@ -476,7 +475,7 @@ fn open_generation(
     if digest != manifest.archive_sha256 {
         return Ok(Err(BackupDamage::Digest));
     }
-    Ok(Ok(manifest))
+    Ok(Ok((manifest, archive)))
 }
 
 /// Row counts and audit head of a restored copy against the manifest.
