@@ -104,6 +104,19 @@ pub fn parse_bundle_page(bytes: &[u8], rules: &EntryRules) -> Result<ParsedPage,
     })
 }
 
+/// `parse_bundle_page` on the blocking pool: a page of a thousand entries is milliseconds
+/// of parsing and typed checks, which on an async worker would hold up every other task
+/// on it (among them the transaction that stores the previous page).
+pub async fn parse_bundle_page_blocking(
+    bytes: Vec<u8>,
+    rules: &EntryRules,
+) -> Result<ParsedPage, SourceError> {
+    let rules = rules.clone();
+    tokio::task::spawn_blocking(move || parse_bundle_page(&bytes, &rules))
+        .await
+        .map_err(|error| SourceError::Protocol(format!("page parsing stopped: {error}")))?
+}
+
 /// Checks a single resource (e.g. the answer to `GET Patient/{id}`).
 pub fn examine_resource_bytes(bytes: &[u8], rules: &EntryRules) -> EntryOutcome {
     match serde_json::from_slice::<&RawValue>(bytes) {

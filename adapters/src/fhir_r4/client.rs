@@ -455,7 +455,7 @@ impl PullRun {
                 None,
             ),
             Pass::Search(ref resource_type) => {
-                match bundle::parse_bundle_page(&reply.body, &self.rules) {
+                match bundle::parse_bundle_page_blocking(reply.body, &self.rules).await {
                     Ok(page) => (page.entries, page.next_url),
                     // One type's unreadable page does not end the pull: record it and go
                     // on with the next type (it is fetched again at the next pull).
@@ -475,7 +475,7 @@ impl PullRun {
                 }
             }
             Pass::Everything => {
-                match bundle::parse_bundle_page(&reply.body, &self.rules) {
+                match bundle::parse_bundle_page_blocking(reply.body, &self.rules).await {
                     Ok(page) => (page.entries, page.next_url),
                     // An unreadable `$everything` page does not end the pull: record it and
                     // fetch type by type instead, which reaches the same data.

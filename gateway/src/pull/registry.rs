@@ -9,7 +9,7 @@ use phr_adapters::self_info::{Category, SelfInfoConfig, SelfInfoSource};
 use phr_adapters::Source;
 
 use crate::config::{SourceAuth, SourceConfig, SourceKind};
-use sqlx::Row;
+use sqlx::{AnyConnection, Row};
 
 use crate::error::{Error, Result};
 use crate::store::{now_millis, Database};
@@ -157,12 +157,18 @@ pub async fn mark_unavailable(db: &Database, source_id: &str, reason: &str) -> R
 }
 
 pub async fn mark_available(db: &Database, source_id: &str) -> Result<()> {
+    let mut conn = db.write_pool().acquire().await?;
+    mark_available_in(&mut conn, source_id).await
+}
+
+/// `mark_available` in the caller's transaction (a pull's last page commits it).
+pub async fn mark_available_in(conn: &mut AnyConnection, source_id: &str) -> Result<()> {
     sqlx::query(
         "UPDATE sources SET unavailable_since = NULL, unavailable_reason = NULL
          WHERE id = $1 AND unavailable_since IS NOT NULL",
     )
     .bind(source_id)
-    .execute(db.write_pool())
+    .execute(&mut *conn)
     .await?;
     Ok(())
 }

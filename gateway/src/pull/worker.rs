@@ -16,7 +16,9 @@ use tokio::sync::watch;
 
 use super::instructions::{Instruction, InstructionStatus, Instructions};
 use super::queue::{BatchCounts, JobOutcome, JobQueue, PullJob};
-use super::registry::{mark_available, mark_unavailable, SourceInfo, SourceRegistry};
+use super::registry::{
+    mark_available, mark_available_in, mark_unavailable, SourceInfo, SourceRegistry,
+};
 use crate::audit::{self, Agent, AuditEvent, AuditLog, EventKind, Outcome};
 use crate::checkups;
 use crate::error::Result;
@@ -25,7 +27,7 @@ use crate::provenance::{provenance_for, Origin};
 use crate::store::now_millis;
 use crate::store::reconciliation;
 use crate::store::resources::{
-    NewResource, ResourceMeta, ResourceStore, SourceIdentity, WriteOutcome,
+    NewResource, ResourceMeta, ResourceStore, SealedBatch, SourceIdentity, WriteOutcome,
 };
 
 /// Timing of the worker; defaults suit production, tests shorten them.
@@ -240,8 +242,8 @@ impl PullWorker {
                 }
             }
         }
-        mark_available(self.queue_db(), &info.id).await?;
         let Some(last) = held else {
+            mark_available(self.queue_db(), &info.id).await?;
             return unfinished(JobOutcome::Done);
         };
         if !self
@@ -264,113 +266,46 @@ impl PullWorker {
         batch: PullBatch,
         last: bool,
     ) -> Result<bool> {
-        let mut accepted = Vec::new();
-        let mut refused: Vec<(Option<String>, Option<String>, String)> = Vec::new();
-        for item in batch.items {
-            match item {
-                PullItem::Resource(resource) => {
-                    let Some(category) = DataCategory::of_resource_type(&resource.resource_type)
-                    else {
-                        refused.push((
-                            Some(resource.resource_type),
-                            Some(resource.source_resource_id),
-                            "resource type not covered by any category".into(),
-                        ));
-                        continue;
-                    };
-                    // Only what the patient instructed is kept.
-                    if !instruction.categories.contains(&category) {
-                        refused.push((
-                            Some(resource.resource_type),
-                            Some(resource.source_resource_id),
-                            format!("category {} was not instructed", category.code()),
-                        ));
-                        continue;
-                    }
-                    // One canonical form for code systems (OID or URL as received).
-                    let body = match normalize_json_bytes(&resource.body) {
-                        Ok((normalized, _)) => normalized.into_owned(),
-                        Err(e) => {
-                            refused.push((
-                                Some(resource.resource_type),
-                                Some(resource.source_resource_id),
-                                format!("not JSON: {e}"),
-                            ));
-                            continue;
-                        }
-                    };
-                    let new = NewResource {
-                        patient_id: instruction.patient_id.clone(),
-                        category: category.code().into(),
-                        source: SourceIdentity {
-                            source: source.id.clone(),
-                            resource_type: resource.resource_type.clone(),
-                            source_resource_id: resource.source_resource_id.clone(),
-                            version_id: resource.version_id.clone(),
-                        },
-                        body,
-                    };
-                    if let Err(e) = self.resources.validate(&new) {
-                        refused.push((
-                            Some(resource.resource_type),
-                            Some(resource.source_resource_id),
-                            e.to_string(),
-                        ));
-                        continue;
-                    }
-                    // A 特定健診 CDA also becomes its checkup report Bundle (stored once per
-                    // checkup, whoever sends it); the DocumentReference keeps the original.
-                    if resource.resource_type == "DocumentReference" {
-                        if let Some(xml) = checkups::cda_of_document_reference(&new.body) {
-                            match checkups::convert(&instruction.patient_id, &xml) {
-                                Ok(checkup) => {
-                                    for error in checkup.item_errors {
-                                        refused.push((
-                                            Some("Observation".into()),
-                                            Some(resource.source_resource_id.clone()),
-                                            format!("特定健診 result left out: {error}"),
-                                        ));
-                                    }
-                                    accepted.push(checkup.resource);
-                                }
-                                Err(e) => refused.push((
-                                    Some("Bundle".into()),
-                                    Some(resource.source_resource_id.clone()),
-                                    format!("特定健診 CDA not converted: {e}"),
-                                )),
-                            }
-                        }
-                    }
-                    accepted.push(new);
-                }
-                PullItem::Rejected {
-                    resource_type,
-                    source_resource_id,
-                    reason,
-                } => {
-                    refused.push((resource_type, source_resource_id, reason));
-                }
-                PullItem::TypeNotGranted { resource_type } => {
-                    refused.push((
-                        Some(resource_type),
-                        None,
-                        "the source did not grant this type".into(),
-                    ));
-                }
-            }
-        }
+        let PreparedPage { accepted, refused } = {
+            let (resources, items) = (self.resources.clone(), batch.items);
+            let (patient_id, categories) = (
+                instruction.patient_id.clone(),
+                instruction.categories.clone(),
+            );
+            let source_id = source.id.clone();
+            // Normalising, checking and converting a page is CPU work: on the blocking pool,
+            // so the async workers stay free for the transactions waiting on them.
+            tokio::task::spawn_blocking(move || {
+                prepare_page(items, &patient_id, &categories, &source_id, &resources)
+            })
+            .await
+            .map_err(|e| {
+                crate::error::Error::Invalid(format!("a page could not be prepared: {e}"))
+            })?
+        };
 
         let mut counts = BatchCounts {
             rejected: refused.len() as i64,
             ..BatchCounts::default()
         };
         let keys = self.resources.data_keys_for(&accepted).await?;
+        // Hashed and encrypted before the transaction, so the single writer is held only
+        // for the statements.
+        let mut accepted = {
+            let keys = keys.clone();
+            tokio::task::spawn_blocking(move || SealedBatch::seal(accepted, &keys))
+                .await
+                .map_err(|e| {
+                    crate::error::Error::Invalid(format!("a page could not be sealed: {e}"))
+                })??
+        };
         // The page, its Provenance, the job's progress and the cursor commit together.
         let mut tx = self.queue_db().begin().await?;
         if !accepted.is_empty() {
             // A dispensing another source already delivered is stored onto the same resource.
-            medications::reconcile_in(&mut tx, &mut accepted).await?;
+            medications::reconcile_in(&mut tx, &mut accepted.resources).await?;
             for checkup in accepted
+                .resources
                 .iter()
                 .filter(|new| new.source.source == checkups::CHECKUP_SOURCE)
             {
@@ -390,7 +325,7 @@ impl PullWorker {
             );
             let written = self
                 .resources
-                .put_batch_in(&mut tx, &agent, accepted, &keys, Some(detail))
+                .put_sealed_in(&mut tx, &agent, accepted, &keys, Some(detail))
                 .await?;
             for (_, outcome) in &written {
                 match outcome {
@@ -451,6 +386,9 @@ impl PullWorker {
             .await?;
         let mut claimed = None;
         if last {
+            // The source answered to the end: no longer "unavailable since …" (in this
+            // commit, rather than waiting for the writer on its own).
+            mark_available_in(&mut tx, &source.id).await?;
             let next_at = Some(self.next_pull_at());
             if !self
                 .queue
@@ -564,7 +502,122 @@ fn provenance_of(
     )
 }
 
-fn summary(refused: &[(Option<String>, Option<String>, String)]) -> String {
+/// An item refused from a page: its type and source id where known, and why.
+type Refusal = (Option<String>, Option<String>, String);
+
+/// A page made ready to store: the resources to keep, and the items refused.
+struct PreparedPage {
+    accepted: Vec<NewResource>,
+    refused: Vec<Refusal>,
+}
+
+/// Keeps what the patient instructed, in one canonical form of code systems, each checked
+/// for the store; a 特定健診 CDA also becomes its checkup report Bundle. No I/O.
+fn prepare_page(
+    items: Vec<PullItem>,
+    patient_id: &str,
+    categories: &[DataCategory],
+    source_id: &str,
+    resources: &ResourceStore,
+) -> PreparedPage {
+    let mut accepted = Vec::new();
+    let mut refused: Vec<Refusal> = Vec::new();
+    for item in items {
+        match item {
+            PullItem::Resource(resource) => {
+                let Some(category) = DataCategory::of_resource_type(&resource.resource_type) else {
+                    refused.push((
+                        Some(resource.resource_type),
+                        Some(resource.source_resource_id),
+                        "resource type not covered by any category".into(),
+                    ));
+                    continue;
+                };
+                // Only what the patient instructed is kept.
+                if !categories.contains(&category) {
+                    refused.push((
+                        Some(resource.resource_type),
+                        Some(resource.source_resource_id),
+                        format!("category {} was not instructed", category.code()),
+                    ));
+                    continue;
+                }
+                // One canonical form for code systems (OID or URL as received).
+                let body = match normalize_json_bytes(&resource.body) {
+                    Ok((normalized, _)) => normalized.into_owned(),
+                    Err(e) => {
+                        refused.push((
+                            Some(resource.resource_type),
+                            Some(resource.source_resource_id),
+                            format!("not JSON: {e}"),
+                        ));
+                        continue;
+                    }
+                };
+                let new = NewResource {
+                    patient_id: patient_id.to_string(),
+                    category: category.code().into(),
+                    source: SourceIdentity {
+                        source: source_id.to_string(),
+                        resource_type: resource.resource_type.clone(),
+                        source_resource_id: resource.source_resource_id.clone(),
+                        version_id: resource.version_id.clone(),
+                    },
+                    body,
+                };
+                if let Err(e) = resources.validate(&new) {
+                    refused.push((
+                        Some(resource.resource_type),
+                        Some(resource.source_resource_id),
+                        e.to_string(),
+                    ));
+                    continue;
+                }
+                // A 特定健診 CDA also becomes its checkup report Bundle (stored once per
+                // checkup, whoever sends it); the DocumentReference keeps the original.
+                if resource.resource_type == "DocumentReference" {
+                    if let Some(xml) = checkups::cda_of_document_reference(&new.body) {
+                        match checkups::convert(patient_id, &xml) {
+                            Ok(checkup) => {
+                                for error in checkup.item_errors {
+                                    refused.push((
+                                        Some("Observation".into()),
+                                        Some(resource.source_resource_id.clone()),
+                                        format!("特定健診 result left out: {error}"),
+                                    ));
+                                }
+                                accepted.push(checkup.resource);
+                            }
+                            Err(e) => refused.push((
+                                Some("Bundle".into()),
+                                Some(resource.source_resource_id.clone()),
+                                format!("特定健診 CDA not converted: {e}"),
+                            )),
+                        }
+                    }
+                }
+                accepted.push(new);
+            }
+            PullItem::Rejected {
+                resource_type,
+                source_resource_id,
+                reason,
+            } => {
+                refused.push((resource_type, source_resource_id, reason));
+            }
+            PullItem::TypeNotGranted { resource_type } => {
+                refused.push((
+                    Some(resource_type),
+                    None,
+                    "the source did not grant this type".into(),
+                ));
+            }
+        }
+    }
+    PreparedPage { accepted, refused }
+}
+
+fn summary(refused: &[Refusal]) -> String {
     let mut reasons: Vec<&str> = refused.iter().map(|(_, _, r)| r.as_str()).collect();
     reasons.sort_unstable();
     reasons.dedup();

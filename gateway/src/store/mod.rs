@@ -46,6 +46,45 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// The engine behind a connection of the `Any` driver.
+    pub fn of_connection(conn: &sqlx::AnyConnection) -> Engine {
+        if conn.backend_name().eq_ignore_ascii_case("sqlite") {
+            Engine::Sqlite
+        } else {
+            Engine::Postgres
+        }
+    }
+}
+
+/// `(…), (…)` placeholders for a multi-row statement of `rows` rows of `columns` values,
+/// bound in order. SQLite gets anonymous `?`: it resolves a numbered `$n` by searching the
+/// statement's parameter names, which is quadratic in their number and was the largest
+/// single cost of storing a page. PostgreSQL needs `$n`.
+pub fn row_placeholders(engine: Engine, rows: usize, columns: usize) -> String {
+    let mut sql = String::with_capacity(rows * columns * 6);
+    for r in 0..rows {
+        if r > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for c in 0..columns {
+            if c > 0 {
+                sql.push_str(", ");
+            }
+            match engine {
+                Engine::Sqlite => sql.push('?'),
+                Engine::Postgres => {
+                    sql.push('$');
+                    sql.push_str(&(r * columns + c + 1).to_string());
+                }
+            }
+        }
+        sql.push(')');
+    }
+    sql
+}
+
 impl fmt::Display for Engine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

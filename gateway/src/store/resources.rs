@@ -74,6 +74,49 @@ pub struct StoredResource {
     pub body: Vec<u8>,
 }
 
+/// A batch sealed before its transaction, as if every resource were new: each gets a fresh
+/// time-ordered id and its body is encrypted as version 1. Hashing and encrypting a page is
+/// then done outside the database's single writer; inside, only a resource that turns out
+/// to exist already is sealed again (as its next version). No I/O.
+pub struct SealedBatch {
+    /// The resources as given (a caller may still reconcile their source identities; the
+    /// bodies must stay as they are).
+    pub resources: Vec<NewResource>,
+    ahead: Vec<SealedAhead>,
+}
+
+struct SealedAhead {
+    digest: [u8; 32],
+    id: String,
+    sealed: Vec<u8>,
+}
+
+impl SealedBatch {
+    pub fn seal(resources: Vec<NewResource>, keys: &HashMap<String, DataKey>) -> Result<Self> {
+        let ahead = resources
+            .iter()
+            .map(|new| {
+                let key = keys
+                    .get(&new.patient_id)
+                    .ok_or(Error::Crypto("no data key fetched for the batch's patient"))?;
+                // Time-ordered ids keep index inserts at the right edge of the B-trees.
+                let id = uuid::Uuid::now_v7().to_string();
+                let sealed = key.seal(&body_aad(&new.patient_id, &id, 1), &new.body)?;
+                Ok(SealedAhead {
+                    digest: Sha256::digest(&new.body).into(),
+                    id,
+                    sealed,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(SealedBatch { resources, ahead })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.resources.is_empty()
+    }
+}
+
 /// The resource store: the main database for rows, the key store for data keys.
 #[derive(Clone)]
 pub struct ResourceStore {
@@ -193,23 +236,35 @@ impl ResourceStore {
         keys: &HashMap<String, DataKey>,
         detail: Option<String>,
     ) -> Result<Vec<(ResourceMeta, WriteOutcome)>> {
+        let sealed = SealedBatch::seal(batch, keys)?;
+        self.put_sealed_in(tx, agent, sealed, keys, detail).await
+    }
+
+    /// `put_batch_in` for a batch sealed before the transaction (see `SealedBatch`).
+    pub async fn put_sealed_in(
+        &self,
+        tx: &mut AnyConnection,
+        agent: &Agent,
+        batch: SealedBatch,
+        keys: &HashMap<String, DataKey>,
+        detail: Option<String>,
+    ) -> Result<Vec<(ResourceMeta, WriteOutcome)>> {
         let now = now_millis();
         for patient_id in keys.keys() {
             insert_patient(&mut *tx, patient_id, now).await?;
         }
 
-        let digests: Vec<[u8; 32]> = batch
-            .iter()
-            .map(|new| Sha256::digest(&new.body).into())
-            .collect();
-        let mut known = find_existing(&mut *tx, &batch).await?;
-        let mut seen = find_seen_versions(&mut *tx, &batch, &digests, &known).await?;
-        let mut results = Vec::with_capacity(batch.len());
+        let SealedBatch { resources, ahead } = batch;
+        let digests: Vec<[u8; 32]> = ahead.iter().map(|a| a.digest).collect();
+        let mut known = find_existing(&mut *tx, &resources).await?;
+        let mut seen = find_seen_versions(&mut *tx, &resources, &digests, &known).await?;
+        let mut results = Vec::with_capacity(resources.len());
         let mut rows: Vec<VersionRow> = Vec::new();
-        for (new, digest) in batch.into_iter().zip(digests) {
+        for (new, ahead) in resources.into_iter().zip(ahead) {
+            let digest = ahead.digest;
             let source_version = source_version_of(&new, &digest);
             let identity = Identity::of(&new);
-            let (id, version, outcome) = match known.get(&identity) {
+            let (id, version, outcome, sealed) = match known.get(&identity) {
                 Some((id, current)) => match seen.get(&(id.clone(), source_version.clone())) {
                     Some(earlier) => {
                         let meta = meta_of(
@@ -223,10 +278,19 @@ impl ResourceStore {
                         results.push((meta, WriteOutcome::Unchanged));
                         continue;
                     }
-                    None => (id.clone(), current + 1, WriteOutcome::NewVersion),
+                    None => {
+                        // Sealed ahead as new; a new version is bound to its own id and
+                        // version, so it is sealed again here.
+                        let (id, version) = (id.clone(), current + 1);
+                        let key = keys
+                            .get(&new.patient_id)
+                            .ok_or(Error::Crypto("data key vanished during the batch"))?;
+                        let sealed =
+                            key.seal(&body_aad(&new.patient_id, &id, version), &new.body)?;
+                        (id, version, WriteOutcome::NewVersion, sealed)
+                    }
                 },
-                // Time-ordered ids keep index inserts at the right edge of the B-trees.
-                None => (uuid::Uuid::now_v7().to_string(), 1, WriteOutcome::Created),
+                None => (ahead.id, 1, WriteOutcome::Created, ahead.sealed),
             };
             known.insert(identity, (id.clone(), version));
             seen.insert(
@@ -237,10 +301,6 @@ impl ResourceStore {
                     digest,
                 },
             );
-            let key = keys
-                .get(&new.patient_id)
-                .ok_or(Error::Crypto("data key vanished during the batch"))?;
-            let sealed = key.seal(&body_aad(&new.patient_id, &id, version), &new.body)?;
             let meta = meta_of(&new, &id, version, &source_version, now, digest);
             rows.push(VersionRow {
                 meta: meta.clone(),
@@ -661,10 +721,9 @@ struct VersionRow {
     sealed: Vec<u8>,
 }
 
-/// Bind parameters per multi-row statement. SQLite looks parameters up by name, which costs
-/// time quadratic in their number, so statements stay small; still far fewer round trips
-/// than one statement per row.
-const PARAMS_PER_STATEMENT: usize = 256;
+/// Bind parameters per multi-row statement: a page of a pull fits in one or two
+/// statements, and SQLite's old default limit (999) is never reached.
+const PARAMS_PER_STATEMENT: usize = 960;
 
 fn rows_per_statement(columns: usize) -> usize {
     (PARAMS_PER_STATEMENT / columns).max(1)
@@ -699,24 +758,9 @@ fn meta_of(
     }
 }
 
-/// `($1, $2, …), (…)` placeholders for `rows` rows of `columns` values.
-fn placeholders(rows: usize, columns: usize) -> String {
-    let mut sql = String::with_capacity(rows * columns * 6);
-    for r in 0..rows {
-        if r > 0 {
-            sql.push_str(", ");
-        }
-        sql.push('(');
-        for c in 0..columns {
-            if c > 0 {
-                sql.push_str(", ");
-            }
-            sql.push('$');
-            sql.push_str(&(r * columns + c + 1).to_string());
-        }
-        sql.push(')');
-    }
-    sql
+/// `(…), (…)` placeholders for the connection's engine (see `row_placeholders`).
+fn placeholders(conn: &AnyConnection, rows: usize, columns: usize) -> String {
+    super::row_placeholders(super::Engine::of_connection(conn), rows, columns)
 }
 
 /// The stored id and current version of every resource of the batch that exists already.
@@ -736,7 +780,7 @@ async fn find_existing(
              FROM (VALUES {}) AS v
              JOIN resources r ON r.patient_id = v.column1 AND r.source = v.column2
                  AND r.resource_type = v.column3 AND r.source_resource_id = v.column4",
-            placeholders(chunk.len(), 4)
+            placeholders(tx, chunk.len(), 4)
         );
         let mut query = sqlx::query(&sql);
         for identity in chunk {
@@ -783,7 +827,7 @@ async fn find_seen_versions(
              FROM (VALUES {}) AS v
              JOIN resource_versions rv ON rv.resource_id = v.column1
                  AND rv.source_version = v.column2",
-            placeholders(chunk.len(), 2)
+            placeholders(tx, chunk.len(), 2)
         );
         let mut query = sqlx::query(&sql);
         for (id, source_version) in chunk {
@@ -822,7 +866,7 @@ async fn upsert_resources(tx: &mut AnyConnection, rows: &[VersionRow]) -> Result
              VALUES {}
              ON CONFLICT (id) DO UPDATE SET current_version = excluded.current_version,
                  last_updated = excluded.last_updated, category = excluded.category",
-            placeholders(chunk.len(), 8)
+            placeholders(tx, chunk.len(), 8)
         );
         let mut query = sqlx::query(&sql);
         for meta in chunk {
@@ -851,7 +895,7 @@ async fn insert_versions(
             "INSERT INTO resource_versions (resource_id, version, patient_id, source_version,
                  digest, last_updated, body)
              VALUES {}",
-            placeholders(chunk.len(), 7)
+            placeholders(tx, chunk.len(), 7)
         );
         let mut query = sqlx::query(&sql);
         for row in chunk {
