@@ -3,6 +3,8 @@
 //! `cargo bench -p phr-gateway --bench pull` (PHR_BENCH_ENGINES=sqlite|postgres,
 //! PHR_BENCH_PULLS=hospital|portal). The portal run does the same with the self-information
 //! API simulator (its JSON mapped to JP Core, 特定健診 CDAs validated and converted).
+//! PHR_BENCH_SPANS=1 also prints the wall time inside each stage of a pull job (setup,
+//! start, waiting for a page, prepare, keys, seal, waiting for the writer, transaction).
 
 #[path = "support.rs"]
 mod support;
@@ -16,7 +18,7 @@ use phr_consent::DataCategory;
 use phr_gateway::audit::Agent;
 use phr_gateway::config::{SourceConfig, SourceKind};
 use sqlx::Row;
-use support::{engines, timed, BenchEnv};
+use support::{engines, timed, BenchEnv, SpanTimes};
 
 /// Pull workers (`PHR_BENCH_WORKERS`, default 2: the gateway's default `pull.workers`).
 fn workers() -> usize {
@@ -30,10 +32,11 @@ fn workers() -> usize {
 #[tokio::main]
 async fn main() {
     let pulls = std::env::var("PHR_BENCH_PULLS").unwrap_or_else(|_| "hospital,portal".into());
+    let spans = SpanTimes::install();
     if pulls.contains("hospital") {
         for (patients, per_patient) in [(1usize, 50_000usize), (1_000, 50)] {
             for engine in engines() {
-                run(engine, patients, per_patient).await;
+                run(engine, patients, per_patient, spans.as_ref()).await;
             }
         }
     }
@@ -141,7 +144,12 @@ async fn run_portal(engine: phr_gateway::store::Engine, persons: usize) {
     env.cleanup().await;
 }
 
-async fn run(engine: phr_gateway::store::Engine, patients: usize, per_patient: usize) {
+async fn run(
+    engine: phr_gateway::store::Engine,
+    patients: usize,
+    per_patient: usize,
+    spans: Option<&SpanTimes>,
+) {
     let Some(mut env) = BenchEnv::new(engine).await else {
         println!("{engine}: not reachable, skipped");
         return;
@@ -221,7 +229,13 @@ async fn run(engine: phr_gateway::store::Engine, patients: usize, per_patient: u
             .expect("activate");
     }
 
+    if let Some(spans) = spans {
+        spans.report("linking");
+    }
     let secs = drain_with_workers(state).await;
+    if let Some(spans) = spans {
+        spans.report(&format!("{engine} {patients}×{per_patient}"));
+    }
     let stored = count(
         state,
         "SELECT COUNT(*) FROM resources WHERE category <> 'provenance'",

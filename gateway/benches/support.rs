@@ -101,3 +101,75 @@ pub fn engines() -> Vec<Engine> {
         _ => vec![Engine::Sqlite, Engine::Postgres],
     }
 }
+
+/// Wall time spent inside each named `debug` span, summed over a run (`PHR_BENCH_SPANS=1`):
+/// where a pipeline's time goes, e.g. how long pull pages wait for the single writer.
+#[derive(Clone, Default)]
+pub struct SpanTimes(
+    std::sync::Arc<
+        std::sync::Mutex<std::collections::BTreeMap<&'static str, (u64, std::time::Duration)>>,
+    >,
+);
+
+impl SpanTimes {
+    /// Installs the recorder when `PHR_BENCH_SPANS=1`.
+    pub fn install() -> Option<SpanTimes> {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::Layer;
+        if std::env::var("PHR_BENCH_SPANS").as_deref() != Ok("1") {
+            return None;
+        }
+        let times = SpanTimes::default();
+        let subscriber = tracing_subscriber::registry().with(
+            times
+                .clone()
+                .with_filter(tracing_subscriber::filter::LevelFilter::DEBUG),
+        );
+        tracing::subscriber::set_global_default(subscriber).ok()?;
+        Some(times)
+    }
+
+    /// Prints and clears the sums.
+    pub fn report(&self, label: &str) {
+        let Ok(mut times) = self.0.lock() else {
+            return;
+        };
+        for (name, (count, total)) in std::mem::take(&mut *times) {
+            println!(
+                "  {label}: {name:<20} {count:>7} × {:>8.1} µs = {:>7.2} s",
+                total.as_secs_f64() * 1e6 / count.max(1) as f64,
+                total.as_secs_f64()
+            );
+        }
+    }
+}
+
+impl<S> tracing_subscriber::Layer<S> for SpanTimes
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        _attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(Instant::now());
+        }
+    }
+
+    fn on_close(&self, id: tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        let Some(span) = ctx.span(&id) else {
+            return;
+        };
+        let Some(started) = span.extensions().get::<Instant>().copied() else {
+            return;
+        };
+        if let Ok(mut times) = self.0.lock() {
+            let entry = times.entry(span.name()).or_default();
+            entry.0 += 1;
+            entry.1 += started.elapsed();
+        }
+    }
+}

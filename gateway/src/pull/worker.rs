@@ -13,6 +13,7 @@ use phr_adapters::{PullBatch, PullItem, PullRequest, SourceError};
 use phr_consent::DataCategory;
 use rand::Rng;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use super::instructions::{Instruction, InstructionStatus, Instructions};
 use super::queue::{BatchCounts, JobOutcome, JobQueue, PullJob};
@@ -168,7 +169,11 @@ impl PullWorker {
     /// page), so the caller need not finish it.
     async fn run_job(&self, job: &PullJob, lost: &AtomicBool) -> Result<(RunResult, bool)> {
         let unfinished = |result| Ok((RunResult::Finished(result), false));
-        let instruction = self.instructions.get(&job.instruction_id).await?;
+        let instruction = self
+            .instructions
+            .get(&job.instruction_id)
+            .instrument(tracing::debug_span!("pull_setup"))
+            .await?;
         if instruction.status != InstructionStatus::Active {
             return unfinished(JobOutcome::Cancelled);
         }
@@ -191,7 +196,11 @@ impl PullWorker {
             cursor: self.instructions.cursor(&instruction.id).await?,
             resource_types: instruction.resource_types(),
         };
-        let stream = match source.pull(request).await {
+        let stream = match source
+            .pull(request)
+            .instrument(tracing::debug_span!("pull_start"))
+            .await
+        {
             Ok(stream) => stream,
             Err(e) => {
                 let result = self.on_source_error(job, &instruction, &info, e).await?;
@@ -213,7 +222,11 @@ impl PullWorker {
                 }
             }
         }));
-        while let Some(batch) = incoming.recv().await {
+        while let Some(batch) = incoming
+            .recv()
+            .instrument(tracing::debug_span!("pull_wait_page"))
+            .await
+        {
             if lost.load(Ordering::SeqCst) {
                 return Ok((RunResult::LeaseLost, false));
             }
@@ -278,6 +291,7 @@ impl PullWorker {
             tokio::task::spawn_blocking(move || {
                 prepare_page(items, &patient_id, &categories, &source_id, &resources)
             })
+            .instrument(tracing::debug_span!("pull_prepare"))
             .await
             .map_err(|e| {
                 crate::error::Error::Invalid(format!("a page could not be prepared: {e}"))
@@ -288,127 +302,145 @@ impl PullWorker {
             rejected: refused.len() as i64,
             ..BatchCounts::default()
         };
-        let keys = self.resources.data_keys_for(&accepted).await?;
+        let keys = self
+            .resources
+            .data_keys_for(&accepted)
+            .instrument(tracing::debug_span!("pull_keys"))
+            .await?;
         // Hashed and encrypted before the transaction, so the single writer is held only
         // for the statements.
         let mut accepted = {
             let keys = keys.clone();
             tokio::task::spawn_blocking(move || SealedBatch::seal(accepted, &keys))
+                .instrument(tracing::debug_span!("pull_seal"))
                 .await
                 .map_err(|e| {
                     crate::error::Error::Invalid(format!("a page could not be sealed: {e}"))
                 })??
         };
         // The page, its Provenance, the job's progress and the cursor commit together.
-        let mut tx = self.queue_db().begin().await?;
-        if !accepted.is_empty() {
-            // A dispensing another source already delivered is stored onto the same resource.
-            medications::reconcile_in(&mut tx, &mut accepted.resources).await?;
-            for checkup in accepted
-                .resources
-                .iter()
-                .filter(|new| new.source.source == checkups::CHECKUP_SOURCE)
-            {
-                reconciliation::record_origin_in(
-                    &mut tx,
-                    &checkup.patient_id,
-                    &checkup.source.resource_type,
-                    &checkup.source.source_resource_id,
-                    &source.id,
-                )
-                .await?;
-            }
-            let agent = Agent::system();
-            let detail = format!(
-                "pull job {} from source {} (instruction {})",
-                job.id, source.id, instruction.id
-            );
-            let written = self
-                .resources
-                .put_sealed_in(&mut tx, &agent, accepted, &keys, Some(detail))
-                .await?;
-            for (_, outcome) in &written {
-                match outcome {
-                    WriteOutcome::Unchanged => counts.unchanged += 1,
-                    _ => counts.received += 1,
-                }
-            }
-            crate::notifications::announce_written_in(&mut tx, &instruction.patient_id, &written)
-                .await?;
-            if let Some(provenance) = provenance_of(job, instruction, source, &written)? {
-                self.resources
-                    .put_batch_in(&mut tx, &agent, vec![provenance], &keys, None)
-                    .await?;
-            }
-        }
-        if !self
-            .queue
-            .add_progress(&mut tx, &job.id, &self.id, counts)
-            .await?
-        {
-            return Ok(false);
-        }
-        for (resource_type, source_resource_id, reason) in &refused {
-            self.queue
-                .record_item_error(
-                    &mut tx,
-                    &job.id,
-                    resource_type.as_deref(),
-                    source_resource_id.as_deref(),
-                    reason,
-                )
-                .await?;
-        }
-        if !refused.is_empty() {
-            let mut event = AuditEvent::new(EventKind::PullItemRejected, Agent::system())
-                .outcome(Outcome::MinorFailure)
-                .patient(&instruction.patient_id)
-                .detail(format!(
-                    "pull job {}: {} item(s) refused: {}",
-                    job.id,
-                    refused.len(),
-                    summary(&refused)
-                ));
-            for (resource_type, source_resource_id, _) in refused.iter().take(50) {
-                if let (Some(t), Some(id)) = (resource_type, source_resource_id) {
-                    event = event.resource(format!("{}/{t}/{id}", source.id));
-                }
-            }
-            audit::record(&mut tx, &event).await?;
-        }
-        self.instructions
-            .advance(
-                &mut tx,
-                instruction,
-                &batch.cursor,
-                batch.refreshed_credentials.as_ref(),
-            )
+        let mut tx = self
+            .queue_db()
+            .begin()
+            .instrument(tracing::debug_span!("pull_begin"))
             .await?;
-        let mut claimed = None;
-        if last {
-            // The source answered to the end: no longer "unavailable since …" (in this
-            // commit, rather than waiting for the writer on its own).
-            mark_available_in(&mut tx, &source.id).await?;
-            let next_at = Some(self.next_pull_at());
+        // Everything from here to the commit holds the database's single writer (SQLite).
+        async move {
+            if !accepted.is_empty() {
+                // A dispensing another source already delivered is stored onto the same resource.
+                medications::reconcile_in(&mut tx, &mut accepted.resources).await?;
+                for checkup in accepted
+                    .resources
+                    .iter()
+                    .filter(|new| new.source.source == checkups::CHECKUP_SOURCE)
+                {
+                    reconciliation::record_origin_in(
+                        &mut tx,
+                        &checkup.patient_id,
+                        &checkup.source.resource_type,
+                        &checkup.source.source_resource_id,
+                        &source.id,
+                    )
+                    .await?;
+                }
+                let agent = Agent::system();
+                let detail = format!(
+                    "pull job {} from source {} (instruction {})",
+                    job.id, source.id, instruction.id
+                );
+                let written = self
+                    .resources
+                    .put_sealed_in(&mut tx, &agent, accepted, &keys, Some(detail))
+                    .await?;
+                for (_, outcome) in &written {
+                    match outcome {
+                        WriteOutcome::Unchanged => counts.unchanged += 1,
+                        _ => counts.received += 1,
+                    }
+                }
+                crate::notifications::announce_written_in(
+                    &mut tx,
+                    &instruction.patient_id,
+                    &written,
+                )
+                .await?;
+                if let Some(provenance) = provenance_of(job, instruction, source, &written)? {
+                    self.resources
+                        .put_batch_in(&mut tx, &agent, vec![provenance], &keys, None)
+                        .await?;
+                }
+            }
             if !self
                 .queue
-                .finish_in(&mut tx, job, &self.id, &JobOutcome::Done, next_at)
+                .add_progress(&mut tx, &job.id, &self.id, counts)
                 .await?
             {
                 return Ok(false);
             }
-            claimed = self
-                .queue
-                .claim_in(&mut tx, &self.id, self.settings.lease)
-                .await?;
-        }
-        tx.commit().await?;
-        if let Some(next) = claimed {
-            if let Ok(mut ahead) = self.claimed_ahead.lock() {
-                *ahead = Some(next);
+            for (resource_type, source_resource_id, reason) in &refused {
+                self.queue
+                    .record_item_error(
+                        &mut tx,
+                        &job.id,
+                        resource_type.as_deref(),
+                        source_resource_id.as_deref(),
+                        reason,
+                    )
+                    .await?;
             }
+            if !refused.is_empty() {
+                let mut event = AuditEvent::new(EventKind::PullItemRejected, Agent::system())
+                    .outcome(Outcome::MinorFailure)
+                    .patient(&instruction.patient_id)
+                    .detail(format!(
+                        "pull job {}: {} item(s) refused: {}",
+                        job.id,
+                        refused.len(),
+                        summary(&refused)
+                    ));
+                for (resource_type, source_resource_id, _) in refused.iter().take(50) {
+                    if let (Some(t), Some(id)) = (resource_type, source_resource_id) {
+                        event = event.resource(format!("{}/{t}/{id}", source.id));
+                    }
+                }
+                audit::record(&mut tx, &event).await?;
+            }
+            self.instructions
+                .advance(
+                    &mut tx,
+                    instruction,
+                    &batch.cursor,
+                    batch.refreshed_credentials.as_ref(),
+                )
+                .await?;
+            let mut claimed = None;
+            if last {
+                // The source answered to the end: no longer "unavailable since …" (in this
+                // commit, rather than waiting for the writer on its own).
+                mark_available_in(&mut tx, &source.id).await?;
+                let next_at = Some(self.next_pull_at());
+                if !self
+                    .queue
+                    .finish_in(&mut tx, job, &self.id, &JobOutcome::Done, next_at)
+                    .await?
+                {
+                    return Ok(false);
+                }
+                claimed = self
+                    .queue
+                    .claim_in(&mut tx, &self.id, self.settings.lease)
+                    .await?;
+            }
+            tx.commit().await?;
+            if let Some(next) = claimed {
+                if let Ok(mut ahead) = self.claimed_ahead.lock() {
+                    *ahead = Some(next);
+                }
+            }
+            Ok(true)
         }
-        Ok(true)
+        .instrument(tracing::debug_span!("pull_transaction"))
+        .await
     }
 
     async fn on_source_error(
