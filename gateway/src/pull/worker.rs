@@ -351,6 +351,7 @@ impl PullWorker {
                 let written = self
                     .resources
                     .put_sealed_in(&mut tx, &agent, accepted, &keys, Some(detail))
+                    .instrument(tracing::debug_span!("pull_tx_page"))
                     .await?;
                 for (_, outcome) in &written {
                     match outcome {
@@ -363,10 +364,12 @@ impl PullWorker {
                     &instruction.patient_id,
                     &written,
                 )
+                .instrument(tracing::debug_span!("pull_tx_announce"))
                 .await?;
                 if let Some(provenance) = provenance_of(job, instruction, source, &written)? {
                     self.resources
                         .put_batch_in(&mut tx, &agent, vec![provenance], &keys, None)
+                        .instrument(tracing::debug_span!("pull_tx_provenance"))
                         .await?;
                 }
             }
@@ -431,7 +434,9 @@ impl PullWorker {
                     .claim_in(&mut tx, &self.id, self.settings.lease)
                     .await?;
             }
-            tx.commit().await?;
+            tx.commit()
+                .instrument(tracing::debug_span!("pull_tx_commit"))
+                .await?;
             if let Some(next) = claimed {
                 if let Ok(mut ahead) = self.claimed_ahead.lock() {
                     *ahead = Some(next);
