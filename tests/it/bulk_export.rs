@@ -2,9 +2,9 @@
 //! credentials, `system/` scopes) kicks off `Group/[id]/$export` and `Patient/$export`,
 //! polls, reads the manifest and fetches NDJSON with its token; each patient's consent
 //! decides per resource type at export time, so what a patient did not consent to never
-//! appears; bad kick-offs are refused with OperationOutcomes; a withdrawal during an export
-//! stops it and drops its files; `_since` lists withdrawn patients in `deleted`; DELETE
-//! cancels; files expire.
+//! appears; bad kick-offs are refused with OperationOutcomes; a withdrawal or an amendment
+//! during an export stops it and drops its files; `_since` lists withdrawn patients in
+//! `deleted`; DELETE cancels; files expire.
 
 use phr_adapters::fhir_r4::BackendKey;
 use phr_consent::{DataCategory, Performer, PersonRef};
@@ -352,13 +352,41 @@ async fn a_backend_exports_only_what_each_patient_consented_to(engine: Engine) {
         vec![("Observation".to_string(), 6)]
     );
 
-    // A withdrawal during an export stops it and drops what it gathered.
-    let before_withdrawal = time::OffsetDateTime::now_utc() - time::Duration::minutes(1);
-    let interrupted = started(&env, &all, &group).await;
+    // An amendment during an export stops it too: the export read the consents of a run of
+    // patients ahead, and the new terms may permit less.
     let patient_2 = env
         .app
         .sign_in(AccountRole::Patient, "patient2", Some("patient-2"))
         .await;
+    let amended_midway = started(&env, &all, &group).await;
+    let ends_on = (time::OffsetDateTime::now_utc() + time::Duration::days(20))
+        .date()
+        .to_string();
+    let amended = env
+        .app
+        .client
+        .post(env.url(&format!("/api/consents/{second_consent}/change")))
+        .bearer_auth(&patient_2)
+        .json(&serde_json::json!({"purposes": ["PATRQT"], "categories": ["observations"], "ends_on": ends_on}))
+        .send()
+        .await
+        .expect("amend");
+    assert_eq!(amended.status(), StatusCode::OK);
+    assert_eq!(run(&env).await, None, "the stopped job is not run");
+    let stopped = poll(&env, &all, &amended_midway).await;
+    let status = stopped.status();
+    let body = stopped.text().await.expect("body");
+    outcome_of(
+        status,
+        &body,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "stopped by an amendment",
+    );
+    assert!(body.contains("changed a consent"), "{body}");
+
+    // A withdrawal during an export stops it and drops what it gathered.
+    let before_withdrawal = time::OffsetDateTime::now_utc() - time::Duration::minutes(1);
+    let interrupted = started(&env, &all, &group).await;
     let withdrawn = env
         .app
         .client

@@ -281,6 +281,9 @@ impl Consents {
         context: &ReceiptContext,
     ) -> Result<(Consent, String)> {
         let withdrawing = matches!(change, Change::Withdraw);
+        // An amendment may narrow what is permitted: an export that read the old terms
+        // starts over, as after a withdrawal.
+        let amending = matches!(change, Change::Amend(_));
         // Whatever the patient decides themself answers a pending confirmation.
         let by_patient = performer.representation == Representation::OneSelf;
         let now = OffsetDateTime::now_utc().max(current.consent.recorded_at);
@@ -330,9 +333,11 @@ impl Consents {
             ));
         }
         insert_version(&mut tx, &next, event, performer_account_id, &receipt).await?;
-        if withdrawing {
-            // Nothing gathered under the old consent may leave: unfinished exports stop.
+        if withdrawing || amending {
+            // Nothing gathered under the old terms may leave: unfinished exports stop.
             crate::export::ExportJobs::stop_for_client_in(&mut tx, &current.recipient).await?;
+        }
+        if withdrawing {
             // The recipient hears of it with the withdrawal's commit, or not at all.
             crate::notifications::enqueue_in(
                 &mut tx,
@@ -495,6 +500,35 @@ impl Consents {
             Err(Error::NotFound(_)) => Ok(None),
             Err(other) => Err(other),
         }
+    }
+
+    /// The current version of every active consent to `recipient` of the patients whose
+    /// ids lie in `first..=last` (as the database orders them), by patient: one query for a
+    /// run of patients, as a Bulk export walks them in that order.
+    pub async fn active_for_recipient_between(
+        &self,
+        recipient: &str,
+        first: &str,
+        last: &str,
+    ) -> Result<std::collections::HashMap<String, Vec<Consent>>> {
+        let rows = sqlx::query(
+            "SELECT c.patient_id, v.body FROM consents c JOIN consent_versions v
+                 ON v.consent_id = c.id AND v.version = c.current_version
+             WHERE c.recipient = $1 AND c.status = 'active'
+               AND c.patient_id >= $2 AND c.patient_id <= $3",
+        )
+        .bind(recipient)
+        .bind(first)
+        .bind(last)
+        .fetch_all(self.db.read_pool())
+        .await?;
+        let mut by_patient: std::collections::HashMap<String, Vec<Consent>> =
+            std::collections::HashMap::new();
+        for row in &rows {
+            let consent = consent_of(&row.try_get::<String, _>(1)?)?;
+            by_patient.entry(row.try_get(0)?).or_default().push(consent);
+        }
+        Ok(by_patient)
     }
 
     /// Records a refused access with its reason (PHI-free).

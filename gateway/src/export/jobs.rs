@@ -248,14 +248,14 @@ impl ExportJobs {
     }
 
     /// Stops every unfinished export of `client_id` and forgets its output: a patient
-    /// withdrew, and nothing gathered under the old consent may leave.
+    /// withdrew or changed a consent, and nothing gathered under the old terms may leave.
     pub async fn stop_for_client_in(
         conn: &mut sqlx::AnyConnection,
         client_id: &str,
     ) -> Result<u64> {
         let stopped = sqlx::query(
             "UPDATE export_jobs SET status = 'failed', lease_owner = NULL, updated_at = $1,
-                 error = 'a patient withdrew consent during the export; start a new export'
+                 error = 'a patient withdrew or changed a consent during the export; start a new export'
              WHERE client_id = $2 AND status IN ('queued', 'running')",
         )
         .bind(now_millis())
@@ -329,11 +329,24 @@ impl ExportJobs {
         // Audit leaves and progress go out every PROGRESS_EVERY patients (one commit each
         // time), always before the job is done, i.e. before any file can be fetched.
         let mut pending_events: Vec<AuditEvent> = Vec::new();
+        let mut run_consents = std::collections::HashMap::new();
         for (done, patient_id) in patients.iter().enumerate() {
-            if done % PROGRESS_EVERY == 0 && !self.still_ours(&job.id, worker).await? {
-                return Ok(ExportStatus::Cancelled);
+            if done % PROGRESS_EVERY == 0 {
+                if !self.still_ours(&job.id, worker).await? {
+                    return Ok(ExportStatus::Cancelled);
+                }
+                // The consents of the next run of patients in one query. A withdrawal or
+                // an amendment after this read stops the whole job and deletes its files
+                // (see `stop_for_client_in`), so nothing it withholds can leave.
+                let run = &patients[done..(done + PROGRESS_EVERY).min(patients.len())];
+                if let (Some(first), Some(last)) = (run.first(), run.last()) {
+                    run_consents = self
+                        .consents
+                        .active_for_recipient_between(&job.client_id, first, last)
+                        .await?;
+                }
             }
-            let consents = self.consents_of(patient_id, &job.client_id).await?;
+            let consents = run_consents.remove(patient_id).unwrap_or_default();
             let now = OffsetDateTime::now_utc();
             let permitted = |resource_type: &str| {
                 consents.iter().find_map(|consent| {
@@ -559,27 +572,6 @@ impl ExportJobs {
         .fetch_optional(self.db.read_pool())
         .await?;
         Ok(owner.is_some())
-    }
-
-    async fn consents_of(
-        &self,
-        patient_id: &str,
-        client_id: &str,
-    ) -> Result<Vec<phr_consent::Consent>> {
-        let ids: Vec<String> = sqlx::query_scalar(
-            "SELECT id FROM consents WHERE patient_id = $1 AND recipient = $2 AND status = 'active'",
-        )
-        .bind(patient_id)
-        .bind(client_id)
-        .fetch_all(self.db.read_pool())
-        .await?;
-        let mut consents = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Some(consent) = self.consents.consent_in_force_for(patient_id, &id).await? {
-                consents.push(consent);
-            }
-        }
-        Ok(consents)
     }
 
     /// Patients whose consents to `client_id` all ended (withdrawn, or the record erased)
