@@ -130,6 +130,20 @@ async fn fetch_lines(env: &Env, token: &str, url: &str) -> Vec<Value> {
         .collect()
 }
 
+/// The export at `status_url` was stopped by a patient's consent change: it is not run
+/// again, and its status answers with an OperationOutcome saying why.
+async fn assert_stopped(env: &Env, token: &str, status_url: &str, case: &str) {
+    assert_eq!(run(env).await, None, "{case}: the stopped job is not run");
+    let stopped = poll(env, token, status_url).await;
+    let status = stopped.status();
+    let body = stopped.text().await.expect("body");
+    outcome_of(status, &body, StatusCode::INTERNAL_SERVER_ERROR, case);
+    assert!(
+        body.contains("withdrew or changed a consent"),
+        "{case}: {body}"
+    );
+}
+
 fn outcome_of(status: StatusCode, body: &str, expected: StatusCode, case: &str) {
     assert_eq!(status, expected, "{case}: {body}");
     let outcome: Value = serde_json::from_str(body).expect("OperationOutcome");
@@ -372,17 +386,7 @@ async fn a_backend_exports_only_what_each_patient_consented_to(engine: Engine) {
         .await
         .expect("amend");
     assert_eq!(amended.status(), StatusCode::OK);
-    assert_eq!(run(&env).await, None, "the stopped job is not run");
-    let stopped = poll(&env, &all, &amended_midway).await;
-    let status = stopped.status();
-    let body = stopped.text().await.expect("body");
-    outcome_of(
-        status,
-        &body,
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "stopped by an amendment",
-    );
-    assert!(body.contains("changed a consent"), "{body}");
+    assert_stopped(&env, &all, &amended_midway, "stopped by an amendment").await;
 
     // A withdrawal during an export stops it and drops what it gathered.
     let before_withdrawal = time::OffsetDateTime::now_utc() - time::Duration::minutes(1);
@@ -396,17 +400,7 @@ async fn a_backend_exports_only_what_each_patient_consented_to(engine: Engine) {
         .await
         .expect("withdraw");
     assert_eq!(withdrawn.status(), StatusCode::OK);
-    assert_eq!(run(&env).await, None, "the stopped job is not run");
-    let stopped = poll(&env, &all, &interrupted).await;
-    let status = stopped.status();
-    let body = stopped.text().await.expect("body");
-    outcome_of(
-        status,
-        &body,
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "stopped by a withdrawal",
-    );
-    assert!(body.contains("withdrew"), "{body}");
+    assert_stopped(&env, &all, &interrupted, "stopped by a withdrawal").await;
 
     // _since: patient-2 withdrew since then, so the manifest lists them as deleted.
     let since = before_withdrawal
