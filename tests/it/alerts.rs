@@ -688,13 +688,24 @@ async fn the_alerts_page_shows_the_alert_and_the_event_rate_and_acknowledges() {
     .expect("click");
     let mut after = before;
     for _ in 0..50 {
-        after = c
-            .find_all(Locator::Css("tr[data-rule=failed-logins]"))
+        // Rows are counted only on a page that has loaded (its chart is there), in one
+        // script so both checks see the same document: while the browser is between the
+        // old page and the new one, it finds no rows at all.
+        let counted = c
+            .execute(
+                "return document.readyState === 'complete' && document.querySelector('#event-rate svg')
+                    ? document.querySelectorAll('tr[data-rule=failed-logins]').length : -1",
+                vec![],
+            )
             .await
-            .map(|rows| rows.len())
-            .unwrap_or(before);
-        if after < before {
-            break;
+            .ok()
+            .and_then(|v| v.as_i64())
+            .unwrap_or(-1);
+        if counted >= 0 {
+            after = counted as usize;
+            if after < before {
+                break;
+            }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
