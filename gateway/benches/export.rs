@@ -20,9 +20,9 @@ use phr_gateway::audit::Agent;
 use phr_gateway::consents::{GrantRequest, ReceiptContext};
 use phr_gateway::export::{ExportParameters, ExportStatus};
 use phr_gateway::oauth::clients::{self, ComplianceDeclaration, NewClient};
-use phr_gateway::store::resources::{NewResource, SourceIdentity};
+use phr_gateway::store::resources::NewResource;
 use sqlx::Row;
-use support::{engines, rss_kib, BenchEnv};
+use support::{blood_pressure, engines, rss_kib, BenchEnv};
 
 #[tokio::main]
 async fn main() {
@@ -163,24 +163,7 @@ async fn seed_patient(
     let patient_id = format!("p-{p:05}");
     let mut batch = Vec::with_capacity(per_patient.min(5_000));
     for n in 0..per_patient {
-        batch.push(NewResource {
-            patient_id: patient_id.clone(),
-            category: "observations".into(),
-            source: SourceIdentity {
-                source: "bench".into(),
-                resource_type: "Observation".into(),
-                source_resource_id: format!("o-{n}"),
-                version_id: Some("1".into()),
-            },
-            body: serde_json::json!({
-                "resourceType": "Observation", "id": format!("o-{n}"), "status": "final",
-                "code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
-                "subject": {"reference": "Patient/p"}, "effectiveDateTime": "2026-04-01",
-                "valueQuantity": {"value": 100 + n % 60, "unit": "mm[Hg]", "system": "http://unitsofmeasure.org", "code": "mm[Hg]"}
-            })
-            .to_string()
-            .into_bytes(),
-        });
+        batch.push(blood_pressure(&patient_id, n));
         if batch.len() == 5_000 {
             state
                 .resources

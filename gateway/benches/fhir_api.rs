@@ -17,9 +17,9 @@ use std::process::Command;
 
 use phr_consent::DataCategory;
 use phr_gateway::audit::Agent;
-use phr_gateway::store::resources::{NewResource, SourceIdentity};
+use phr_gateway::store::resources::NewResource;
 use recipient::{code_for, exchange, grant, setup};
-use support::{engines, BenchEnv};
+use support::{blood_pressure, engines, BenchEnv};
 
 const OBSERVATIONS: usize = 1_000;
 const CONNECTIONS: usize = 64;
@@ -54,27 +54,7 @@ async fn run(engine: phr_gateway::store::Engine) {
     let setup = setup(&gateway).await;
     let state = &gateway.state;
     let batch: Vec<NewResource> = (0..OBSERVATIONS)
-        .map(|n| NewResource {
-            patient_id: "p-bench".into(),
-            category: "observations".into(),
-            source: SourceIdentity {
-                source: "bench".into(),
-                resource_type: "Observation".into(),
-                source_resource_id: format!("o-{n}"),
-                version_id: Some("1".into()),
-            },
-            body: serde_json::json!({
-                "resourceType": "Observation",
-                "id": format!("o-{n}"),
-                "status": "final",
-                "code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
-                "subject": {"reference": "Patient/p"},
-                "effectiveDateTime": "2026-04-01",
-                "valueQuantity": {"value": 100 + n % 60, "unit": "mm[Hg]", "system": "http://unitsofmeasure.org", "code": "mm[Hg]"}
-            })
-            .to_string()
-            .into_bytes(),
-        })
+        .map(|n| blood_pressure("p-bench", n))
         .collect();
     state
         .resources

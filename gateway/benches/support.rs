@@ -5,6 +5,7 @@
 use std::time::Instant;
 
 use phr_gateway::config::{Config, LogFormat};
+use phr_gateway::store::resources::{NewResource, SourceIdentity};
 use phr_gateway::store::Engine;
 use phr_gateway::Gateway;
 use sqlx::Executor;
@@ -71,6 +72,32 @@ impl BenchEnv {
                 admin.close().await;
             }
         }
+    }
+}
+
+/// A small blood-pressure Observation, the `n`th of the patient's from the source `bench`
+/// (the FHIR API and export benches read these).
+pub fn blood_pressure(patient_id: &str, n: usize) -> NewResource {
+    NewResource {
+        patient_id: patient_id.to_string(),
+        category: "observations".into(),
+        source: SourceIdentity {
+            source: "bench".into(),
+            resource_type: "Observation".into(),
+            source_resource_id: format!("o-{n}"),
+            version_id: Some("1".into()),
+        },
+        body: serde_json::json!({
+            "resourceType": "Observation",
+            "id": format!("o-{n}"),
+            "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
+            "subject": {"reference": "Patient/p"},
+            "effectiveDateTime": "2026-04-01",
+            "valueQuantity": {"value": 100 + n % 60, "unit": "mm[Hg]", "system": "http://unitsofmeasure.org", "code": "mm[Hg]"}
+        })
+        .to_string()
+        .into_bytes(),
     }
 }
 

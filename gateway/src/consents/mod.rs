@@ -5,6 +5,7 @@
 
 mod receipts;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use phr_consent::{
@@ -510,7 +511,7 @@ impl Consents {
         recipient: &str,
         first: &str,
         last: &str,
-    ) -> Result<std::collections::HashMap<String, Vec<Consent>>> {
+    ) -> Result<HashMap<String, Vec<Consent>>> {
         let rows = sqlx::query(
             "SELECT c.patient_id, v.body FROM consents c JOIN consent_versions v
                  ON v.consent_id = c.id AND v.version = c.current_version
@@ -522,8 +523,7 @@ impl Consents {
         .bind(last)
         .fetch_all(self.db.read_pool())
         .await?;
-        let mut by_patient: std::collections::HashMap<String, Vec<Consent>> =
-            std::collections::HashMap::new();
+        let mut by_patient: HashMap<String, Vec<Consent>> = HashMap::new();
         for row in &rows {
             let consent = consent_of(&row.try_get::<String, _>(1)?)?;
             by_patient.entry(row.try_get(0)?).or_default().push(consent);

@@ -325,127 +325,122 @@ impl PullWorker {
             .instrument(tracing::debug_span!("pull_begin"))
             .await?;
         // Everything from here to the commit holds the database's single writer (SQLite).
-        async move {
-            if !accepted.is_empty() {
-                // A dispensing another source already delivered is stored onto the same resource.
-                medications::reconcile_in(&mut tx, &mut accepted.resources).await?;
-                for checkup in accepted
-                    .resources
-                    .iter()
-                    .filter(|new| new.source.source == checkups::CHECKUP_SOURCE)
-                {
-                    reconciliation::record_origin_in(
-                        &mut tx,
-                        &checkup.patient_id,
-                        &checkup.source.resource_type,
-                        &checkup.source.source_resource_id,
-                        &source.id,
-                    )
-                    .await?;
-                }
-                let agent = Agent::system();
-                let detail = format!(
-                    "pull job {} from source {} (instruction {})",
-                    job.id, source.id, instruction.id
-                );
-                let written = self
-                    .resources
-                    .put_sealed_in(&mut tx, &agent, accepted, &keys, Some(detail))
-                    .instrument(tracing::debug_span!("pull_tx_page"))
-                    .await?;
-                for (_, outcome) in &written {
-                    match outcome {
-                        WriteOutcome::Unchanged => counts.unchanged += 1,
-                        _ => counts.received += 1,
-                    }
-                }
-                crate::notifications::announce_written_in(
+        // The span is only timed (created here, closed when this function returns), not
+        // entered: a bench can see how long the writer is held.
+        let _transaction = tracing::debug_span!("pull_transaction");
+        if !accepted.is_empty() {
+            // A dispensing another source already delivered is stored onto the same resource.
+            medications::reconcile_in(&mut tx, &mut accepted.resources).await?;
+            for checkup in accepted
+                .resources
+                .iter()
+                .filter(|new| new.source.source == checkups::CHECKUP_SOURCE)
+            {
+                reconciliation::record_origin_in(
                     &mut tx,
-                    &instruction.patient_id,
-                    &written,
+                    &checkup.patient_id,
+                    &checkup.source.resource_type,
+                    &checkup.source.source_resource_id,
+                    &source.id,
                 )
-                .instrument(tracing::debug_span!("pull_tx_announce"))
                 .await?;
-                if let Some(provenance) = provenance_of(job, instruction, source, &written)? {
-                    self.resources
-                        .put_batch_in(&mut tx, &agent, vec![provenance], &keys, None)
-                        .instrument(tracing::debug_span!("pull_tx_provenance"))
-                        .await?;
+            }
+            let agent = Agent::system();
+            let detail = format!(
+                "pull job {} from source {} (instruction {})",
+                job.id, source.id, instruction.id
+            );
+            let written = self
+                .resources
+                .put_sealed_in(&mut tx, &agent, accepted, &keys, Some(detail))
+                .instrument(tracing::debug_span!("pull_tx_page"))
+                .await?;
+            for (_, outcome) in &written {
+                match outcome {
+                    WriteOutcome::Unchanged => counts.unchanged += 1,
+                    _ => counts.received += 1,
                 }
             }
+            crate::notifications::announce_written_in(&mut tx, &instruction.patient_id, &written)
+                .instrument(tracing::debug_span!("pull_tx_announce"))
+                .await?;
+            if let Some(provenance) = provenance_of(job, instruction, source, &written)? {
+                self.resources
+                    .put_batch_in(&mut tx, &agent, vec![provenance], &keys, None)
+                    .instrument(tracing::debug_span!("pull_tx_provenance"))
+                    .await?;
+            }
+        }
+        if !self
+            .queue
+            .add_progress(&mut tx, &job.id, &self.id, counts)
+            .await?
+        {
+            return Ok(false);
+        }
+        for (resource_type, source_resource_id, reason) in &refused {
+            self.queue
+                .record_item_error(
+                    &mut tx,
+                    &job.id,
+                    resource_type.as_deref(),
+                    source_resource_id.as_deref(),
+                    reason,
+                )
+                .await?;
+        }
+        if !refused.is_empty() {
+            let mut event = AuditEvent::new(EventKind::PullItemRejected, Agent::system())
+                .outcome(Outcome::MinorFailure)
+                .patient(&instruction.patient_id)
+                .detail(format!(
+                    "pull job {}: {} item(s) refused: {}",
+                    job.id,
+                    refused.len(),
+                    summary(&refused)
+                ));
+            for (resource_type, source_resource_id, _) in refused.iter().take(50) {
+                if let (Some(t), Some(id)) = (resource_type, source_resource_id) {
+                    event = event.resource(format!("{}/{t}/{id}", source.id));
+                }
+            }
+            audit::record(&mut tx, &event).await?;
+        }
+        self.instructions
+            .advance(
+                &mut tx,
+                instruction,
+                &batch.cursor,
+                batch.refreshed_credentials.as_ref(),
+            )
+            .await?;
+        let mut claimed = None;
+        if last {
+            // The source answered to the end: no longer "unavailable since …" (in this
+            // commit, rather than waiting for the writer on its own).
+            mark_available_in(&mut tx, &source.id).await?;
+            let next_at = Some(self.next_pull_at());
             if !self
                 .queue
-                .add_progress(&mut tx, &job.id, &self.id, counts)
+                .finish_in(&mut tx, job, &self.id, &JobOutcome::Done, next_at)
                 .await?
             {
                 return Ok(false);
             }
-            for (resource_type, source_resource_id, reason) in &refused {
-                self.queue
-                    .record_item_error(
-                        &mut tx,
-                        &job.id,
-                        resource_type.as_deref(),
-                        source_resource_id.as_deref(),
-                        reason,
-                    )
-                    .await?;
-            }
-            if !refused.is_empty() {
-                let mut event = AuditEvent::new(EventKind::PullItemRejected, Agent::system())
-                    .outcome(Outcome::MinorFailure)
-                    .patient(&instruction.patient_id)
-                    .detail(format!(
-                        "pull job {}: {} item(s) refused: {}",
-                        job.id,
-                        refused.len(),
-                        summary(&refused)
-                    ));
-                for (resource_type, source_resource_id, _) in refused.iter().take(50) {
-                    if let (Some(t), Some(id)) = (resource_type, source_resource_id) {
-                        event = event.resource(format!("{}/{t}/{id}", source.id));
-                    }
-                }
-                audit::record(&mut tx, &event).await?;
-            }
-            self.instructions
-                .advance(
-                    &mut tx,
-                    instruction,
-                    &batch.cursor,
-                    batch.refreshed_credentials.as_ref(),
-                )
+            claimed = self
+                .queue
+                .claim_in(&mut tx, &self.id, self.settings.lease)
                 .await?;
-            let mut claimed = None;
-            if last {
-                // The source answered to the end: no longer "unavailable since …" (in this
-                // commit, rather than waiting for the writer on its own).
-                mark_available_in(&mut tx, &source.id).await?;
-                let next_at = Some(self.next_pull_at());
-                if !self
-                    .queue
-                    .finish_in(&mut tx, job, &self.id, &JobOutcome::Done, next_at)
-                    .await?
-                {
-                    return Ok(false);
-                }
-                claimed = self
-                    .queue
-                    .claim_in(&mut tx, &self.id, self.settings.lease)
-                    .await?;
-            }
-            tx.commit()
-                .instrument(tracing::debug_span!("pull_tx_commit"))
-                .await?;
-            if let Some(next) = claimed {
-                if let Ok(mut ahead) = self.claimed_ahead.lock() {
-                    *ahead = Some(next);
-                }
-            }
-            Ok(true)
         }
-        .instrument(tracing::debug_span!("pull_transaction"))
-        .await
+        tx.commit()
+            .instrument(tracing::debug_span!("pull_tx_commit"))
+            .await?;
+        if let Some(next) = claimed {
+            if let Ok(mut ahead) = self.claimed_ahead.lock() {
+                *ahead = Some(next);
+            }
+        }
+        Ok(true)
     }
 
     async fn on_source_error(

@@ -44,9 +44,7 @@ impl Engine {
             ))
         }
     }
-}
 
-impl Engine {
     /// The engine behind a connection of the `Any` driver.
     pub fn of_connection(conn: &sqlx::AnyConnection) -> Engine {
         if conn.backend_name().eq_ignore_ascii_case("sqlite") {
