@@ -20,7 +20,6 @@ use phr_gateway::audit::Agent;
 use phr_gateway::consents::{GrantRequest, ReceiptContext};
 use phr_gateway::export::{ExportParameters, ExportStatus};
 use phr_gateway::oauth::clients::{self, ComplianceDeclaration, NewClient};
-use phr_gateway::store::resources::NewResource;
 use sqlx::Row;
 use support::{blood_pressure, engines, rss_kib, BenchEnv};
 

@@ -228,6 +228,7 @@ impl Gateway {
             exports,
             representations,
             queue,
+            page_commits: Arc::default(),
             registry: Arc::new(registry),
             receipts,
             source_client_key: Arc::new(source_client_key),

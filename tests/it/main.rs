@@ -35,6 +35,7 @@ mod patient_export;
 mod portal;
 mod portal_security;
 mod pull;
+mod pull_group_commit;
 mod pull_queue;
 mod pull_self_info;
 mod reconciliation;

@@ -81,6 +81,8 @@ pub struct AppState {
     pub exports: crate::export::ExportJobs,
     pub representations: crate::store::representations::Representations,
     pub queue: JobQueue,
+    /// Pull pages waiting for the writer, shared by this process's pull workers.
+    pub page_commits: Arc<crate::pull::PageCommits>,
     pub registry: Arc<SourceRegistry>,
     pub receipts: Arc<ReceiptSigner>,
     /// Authenticates the gateway to sources (SMART Backend Services `private_key_jwt`).
@@ -114,6 +116,7 @@ impl AppState {
                 max_backoff: Duration::from_secs(pull.max_backoff_secs),
             },
             claimed_ahead: Default::default(),
+            page_commits: self.page_commits.clone(),
         }
     }
 

@@ -16,20 +16,14 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use super::instructions::{Instruction, InstructionStatus, Instructions};
-use super::queue::{BatchCounts, JobOutcome, JobQueue, PullJob};
-use super::registry::{
-    mark_available, mark_available_in, mark_unavailable, SourceInfo, SourceRegistry,
-};
-use crate::audit::{self, Agent, AuditEvent, AuditLog, EventKind, Outcome};
+use super::page_commit::{LastPage, PageCommits, PageOutcome, PendingPage, Refusal};
+use super::queue::{JobOutcome, JobQueue, PullJob};
+use super::registry::{mark_available, mark_unavailable, SourceInfo, SourceRegistry};
+use crate::audit::{Agent, AuditLog};
 use crate::checkups;
 use crate::error::Result;
-use crate::medications;
-use crate::provenance::{provenance_for, Origin};
 use crate::store::now_millis;
-use crate::store::reconciliation;
-use crate::store::resources::{
-    NewResource, ResourceMeta, ResourceStore, SealedBatch, SourceIdentity, WriteOutcome,
-};
+use crate::store::resources::{NewResource, ResourceStore, SealedBatch, SourceIdentity};
 
 /// Timing of the worker; defaults suit production, tests shorten them.
 #[derive(Debug, Clone)]
@@ -65,6 +59,8 @@ pub struct PullWorker {
     /// The job claimed in the commit that finished the previous one (saves a commit per
     /// job when the queue is busy); taken by the next `run_once`.
     pub claimed_ahead: Arc<std::sync::Mutex<Option<PullJob>>>,
+    /// Where pages wait for the writer, shared by the process's workers (group commit).
+    pub page_commits: Arc<PageCommits>,
 }
 
 /// How one claimed job ended, as far as this worker knows.
@@ -298,10 +294,6 @@ impl PullWorker {
             })?
         };
 
-        let mut counts = BatchCounts {
-            rejected: refused.len() as i64,
-            ..BatchCounts::default()
-        };
         let keys = self
             .resources
             .data_keys_for(&accepted)
@@ -309,7 +301,7 @@ impl PullWorker {
             .await?;
         // Hashed and encrypted before the transaction, so the single writer is held only
         // for the statements.
-        let mut accepted = {
+        let accepted = {
             let keys = keys.clone();
             tokio::task::spawn_blocking(move || SealedBatch::seal(accepted, &keys))
                 .instrument(tracing::debug_span!("pull_seal"))
@@ -318,129 +310,32 @@ impl PullWorker {
                     crate::error::Error::Invalid(format!("a page could not be sealed: {e}"))
                 })??
         };
-        // The page, its Provenance, the job's progress and the cursor commit together.
-        let mut tx = self
-            .queue_db()
-            .begin()
-            .instrument(tracing::debug_span!("pull_begin"))
-            .await?;
-        // Everything from here to the commit holds the database's single writer (SQLite).
-        // The span is only timed (created here, closed when this function returns), not
-        // entered: a bench can see how long the writer is held.
-        let _transaction = tracing::debug_span!("pull_transaction");
-        if !accepted.is_empty() {
-            // A dispensing another source already delivered is stored onto the same resource.
-            medications::reconcile_in(&mut tx, &mut accepted.resources).await?;
-            for checkup in accepted
-                .resources
-                .iter()
-                .filter(|new| new.source.source == checkups::CHECKUP_SOURCE)
-            {
-                reconciliation::record_origin_in(
-                    &mut tx,
-                    &checkup.patient_id,
-                    &checkup.source.resource_type,
-                    &checkup.source.source_resource_id,
-                    &source.id,
-                )
-                .await?;
-            }
-            let agent = Agent::system();
-            let detail = format!(
-                "pull job {} from source {} (instruction {})",
-                job.id, source.id, instruction.id
-            );
-            let written = self
-                .resources
-                .put_sealed_in(&mut tx, &agent, accepted, &keys, Some(detail))
-                .instrument(tracing::debug_span!("pull_tx_page"))
-                .await?;
-            for (_, outcome) in &written {
-                match outcome {
-                    WriteOutcome::Unchanged => counts.unchanged += 1,
-                    _ => counts.received += 1,
+        let page = PendingPage {
+            job: job.clone(),
+            instruction: instruction.clone(),
+            source: source.clone(),
+            worker: self.id.clone(),
+            accepted,
+            keys,
+            refused,
+            cursor: batch.cursor,
+            refreshed_credentials: batch.refreshed_credentials,
+            last: last.then(|| LastPage {
+                next_pull_at: self.next_pull_at(),
+                lease: self.settings.lease,
+            }),
+        };
+        match self.page_commits.write(self, page).await? {
+            PageOutcome::LeaseLost => Ok(false),
+            PageOutcome::Stored { claimed } => {
+                if let Some(next) = claimed {
+                    if let Ok(mut ahead) = self.claimed_ahead.lock() {
+                        *ahead = Some(next);
+                    }
                 }
-            }
-            crate::notifications::announce_written_in(&mut tx, &instruction.patient_id, &written)
-                .instrument(tracing::debug_span!("pull_tx_announce"))
-                .await?;
-            if let Some(provenance) = provenance_of(job, instruction, source, &written)? {
-                self.resources
-                    .put_batch_in(&mut tx, &agent, vec![provenance], &keys, None)
-                    .instrument(tracing::debug_span!("pull_tx_provenance"))
-                    .await?;
+                Ok(true)
             }
         }
-        if !self
-            .queue
-            .add_progress(&mut tx, &job.id, &self.id, counts)
-            .await?
-        {
-            return Ok(false);
-        }
-        for (resource_type, source_resource_id, reason) in &refused {
-            self.queue
-                .record_item_error(
-                    &mut tx,
-                    &job.id,
-                    resource_type.as_deref(),
-                    source_resource_id.as_deref(),
-                    reason,
-                )
-                .await?;
-        }
-        if !refused.is_empty() {
-            let mut event = AuditEvent::new(EventKind::PullItemRejected, Agent::system())
-                .outcome(Outcome::MinorFailure)
-                .patient(&instruction.patient_id)
-                .detail(format!(
-                    "pull job {}: {} item(s) refused: {}",
-                    job.id,
-                    refused.len(),
-                    summary(&refused)
-                ));
-            for (resource_type, source_resource_id, _) in refused.iter().take(50) {
-                if let (Some(t), Some(id)) = (resource_type, source_resource_id) {
-                    event = event.resource(format!("{}/{t}/{id}", source.id));
-                }
-            }
-            audit::record(&mut tx, &event).await?;
-        }
-        self.instructions
-            .advance(
-                &mut tx,
-                instruction,
-                &batch.cursor,
-                batch.refreshed_credentials.as_ref(),
-            )
-            .await?;
-        let mut claimed = None;
-        if last {
-            // The source answered to the end: no longer "unavailable since …" (in this
-            // commit, rather than waiting for the writer on its own).
-            mark_available_in(&mut tx, &source.id).await?;
-            let next_at = Some(self.next_pull_at());
-            if !self
-                .queue
-                .finish_in(&mut tx, job, &self.id, &JobOutcome::Done, next_at)
-                .await?
-            {
-                return Ok(false);
-            }
-            claimed = self
-                .queue
-                .claim_in(&mut tx, &self.id, self.settings.lease)
-                .await?;
-        }
-        tx.commit()
-            .instrument(tracing::debug_span!("pull_tx_commit"))
-            .await?;
-        if let Some(next) = claimed {
-            if let Ok(mut ahead) = self.claimed_ahead.lock() {
-                *ahead = Some(next);
-            }
-        }
-        Ok(true)
     }
 
     async fn on_source_error(
@@ -500,42 +395,6 @@ impl PullWorker {
         self.resources.database()
     }
 }
-
-/// One FHIR Provenance per stored page: which resources (versions) came from which
-/// source, when, under which instruction. Nothing is written for a page of unchanged
-/// resources, so a page fetched twice gets one Provenance.
-fn provenance_of(
-    job: &PullJob,
-    instruction: &Instruction,
-    source: &SourceInfo,
-    written: &[(ResourceMeta, WriteOutcome)],
-) -> Result<Option<NewResource>> {
-    // A reconciled checkup that another source already delivered is unchanged but still
-    // gets this source in its Provenance (the Provenance id makes a re-fetch idempotent).
-    let targets: Vec<&ResourceMeta> = written
-        .iter()
-        .filter(|(meta, outcome)| {
-            *outcome != WriteOutcome::Unchanged || meta.resource_type == "Bundle"
-        })
-        .map(|(meta, _)| meta)
-        .collect();
-    provenance_for(
-        &Origin {
-            patient_id: &instruction.patient_id,
-            source_id: &source.id,
-            source_display: &source.display_name,
-            policy: Some(format!(
-                "urn:phr-gateway:pull-instruction:{}",
-                instruction.id
-            )),
-            entity: Some(("urn:phr-gateway:pull-job", &job.id)),
-        },
-        &targets,
-    )
-}
-
-/// An item refused from a page: its type and source id where known, and why.
-type Refusal = (Option<String>, Option<String>, String);
 
 /// A page made ready to store: the resources to keep, and the items refused.
 struct PreparedPage {
@@ -647,14 +506,6 @@ fn prepare_page(
         }
     }
     PreparedPage { accepted, refused }
-}
-
-fn summary(refused: &[Refusal]) -> String {
-    let mut reasons: Vec<&str> = refused.iter().map(|(_, _, r)| r.as_str()).collect();
-    reasons.sort_unstable();
-    reasons.dedup();
-    reasons.truncate(5);
-    reasons.join("; ")
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

@@ -292,6 +292,27 @@ pub(crate) async fn insert_patient(
     Ok(())
 }
 
+/// Records each patient that is new, in one statement, inside the caller's transaction.
+pub(crate) async fn insert_patients(
+    conn: &mut sqlx::AnyConnection,
+    patient_ids: &[&str],
+    now: i64,
+) -> Result<()> {
+    // Two parameters a row: well inside every engine's limit per statement.
+    for chunk in patient_ids.chunks(400) {
+        let sql = format!(
+            "INSERT INTO patients (id, created_at) VALUES {} ON CONFLICT (id) DO NOTHING",
+            row_placeholders(Engine::of_connection(conn), chunk.len(), 2)
+        );
+        let mut query = sqlx::query(&sql);
+        for patient_id in chunk {
+            query = query.bind(*patient_id).bind(now);
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
 /// Unix time in milliseconds, the store's one time representation.
 pub fn now_millis() -> i64 {
     millis_of(time::OffsetDateTime::now_utc())

@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
-use super::{insert_patient, now_millis, Database};
+use super::{insert_patient, insert_patients, now_millis, Database};
 use crate::audit::{self, Agent, AuditEvent, EventKind};
 use crate::crypto::DataKey;
 use crate::error::{Error, Result};
@@ -78,6 +78,7 @@ pub struct StoredResource {
 /// time-ordered id and its body is encrypted as version 1. Hashing and encrypting a page is
 /// then done outside the database's single writer; inside, only a resource that turns out
 /// to exist already is sealed again (as its next version). No I/O.
+#[derive(Clone, Default)]
 pub struct SealedBatch {
     /// The resources as given (a caller may still reconcile their source identities; the
     /// bodies must stay as they are).
@@ -85,6 +86,7 @@ pub struct SealedBatch {
     ahead: Vec<SealedAhead>,
 }
 
+#[derive(Clone)]
 struct SealedAhead {
     digest: [u8; 32],
     id: String,
@@ -249,18 +251,49 @@ impl ResourceStore {
         keys: &HashMap<String, DataKey>,
         detail: Option<String>,
     ) -> Result<Vec<(ResourceMeta, WriteOutcome)>> {
-        let now = now_millis();
-        for patient_id in keys.keys() {
-            insert_patient(&mut *tx, patient_id, now).await?;
-        }
+        let mut written = self
+            .put_sealed_pages_in(tx, agent, vec![(batch, detail)], keys)
+            .await?;
+        Ok(written.pop().unwrap_or_default())
+    }
 
-        let SealedBatch { resources, ahead } = batch;
+    /// Several sealed batches (pages) written with the same few statements, each page still
+    /// audited by a leaf of its own with its own note. This is how pages of several pull
+    /// jobs share one commit. The result holds each page's outcomes, in order.
+    pub async fn put_sealed_pages_in(
+        &self,
+        tx: &mut AnyConnection,
+        agent: &Agent,
+        pages: Vec<(SealedBatch, Option<String>)>,
+        keys: &HashMap<String, DataKey>,
+    ) -> Result<Vec<Vec<(ResourceMeta, WriteOutcome)>>> {
+        let now = now_millis();
+        let patients: Vec<&str> = keys.keys().map(String::as_str).collect();
+        insert_patients(&mut *tx, &patients, now).await?;
+
+        let mut all = Vec::new();
+        let mut ahead = Vec::new();
+        let mut page_ends = Vec::with_capacity(pages.len());
+        let mut details = Vec::with_capacity(pages.len());
+        for (batch, detail) in pages {
+            all.extend(batch.resources);
+            ahead.extend(batch.ahead);
+            page_ends.push(all.len());
+            details.push(detail);
+        }
         let digests: Vec<[u8; 32]> = ahead.iter().map(|a| a.digest).collect();
-        let mut known = find_existing(&mut *tx, &resources).await?;
-        let mut seen = find_seen_versions(&mut *tx, &resources, &digests, &known).await?;
-        let mut results = Vec::with_capacity(resources.len());
+        let mut known = find_existing(&mut *tx, &all).await?;
+        let mut seen = find_seen_versions(&mut *tx, &all, &digests, &known).await?;
+        let mut results = vec![Vec::new(); page_ends.len()];
+        // Each page's rows, by their position in `rows`.
+        let mut page_rows = vec![0..0; page_ends.len()];
         let mut rows: Vec<VersionRow> = Vec::new();
-        for (new, ahead) in resources.into_iter().zip(ahead) {
+        let mut page = 0;
+        for (i, (new, ahead)) in all.into_iter().zip(ahead).enumerate() {
+            while i >= page_ends[page] {
+                page += 1;
+                page_rows[page] = rows.len()..rows.len();
+            }
             let digest = ahead.digest;
             let source_version = source_version_of(&new, &digest);
             let identity = Identity::of(&new);
@@ -275,7 +308,7 @@ impl ResourceStore {
                             earlier.last_updated,
                             earlier.digest,
                         );
-                        results.push((meta, WriteOutcome::Unchanged));
+                        results[page].push((meta, WriteOutcome::Unchanged));
                         continue;
                     }
                     None => {
@@ -306,7 +339,8 @@ impl ResourceStore {
                 meta: meta.clone(),
                 sealed,
             });
-            results.push((meta, outcome));
+            page_rows[page].end = rows.len();
+            results[page].push((meta, outcome));
         }
         if rows.is_empty() {
             return Ok(results);
@@ -316,28 +350,14 @@ impl ResourceStore {
         insert_versions(&mut *tx, rows.iter()).await?;
         self.db.fault_point("resources.put.before_audit")?;
 
-        let created = results
-            .iter()
-            .any(|(_, outcome)| *outcome == WriteOutcome::Created);
-        let kind = if created {
-            EventKind::Create
-        } else {
-            EventKind::Update
-        };
-        let mut patients: Vec<&str> = rows.iter().map(|r| r.meta.patient_id.as_str()).collect();
-        patients.sort_unstable();
-        patients.dedup();
-        let mut event = AuditEvent::new(kind, agent.clone());
-        if let Some(detail) = detail {
-            event = event.detail(detail);
-        }
-        if let [patient] = patients.as_slice() {
-            event = event.patient(*patient);
-        }
-        for row in &rows {
-            event = event.resource(row.meta.history_reference());
-        }
-        audit::record(&mut *tx, &event).await?;
+        let events: Vec<AuditEvent> = page_rows
+            .into_iter()
+            .zip(&results)
+            .zip(details)
+            .filter(|((range, _), _)| !range.is_empty())
+            .map(|((range, outcomes), detail)| write_event(agent, &rows[range], outcomes, detail))
+            .collect();
+        audit::record_all(&mut *tx, &events).await?;
         Ok(results)
     }
 
@@ -916,6 +936,38 @@ async fn insert_versions(
 
 /// Binds a ciphertext to its row: moving it to another patient, resource or version breaks
 /// decryption.
+/// The audit leaf of one written page: every resource version it wrote, and the patient
+/// when the page holds one patient's data.
+fn write_event(
+    agent: &Agent,
+    rows: &[VersionRow],
+    outcomes: &[(ResourceMeta, WriteOutcome)],
+    detail: Option<String>,
+) -> AuditEvent {
+    let created = outcomes
+        .iter()
+        .any(|(_, outcome)| *outcome == WriteOutcome::Created);
+    let kind = if created {
+        EventKind::Create
+    } else {
+        EventKind::Update
+    };
+    let mut patients: Vec<&str> = rows.iter().map(|r| r.meta.patient_id.as_str()).collect();
+    patients.sort_unstable();
+    patients.dedup();
+    let mut event = AuditEvent::new(kind, agent.clone());
+    if let Some(detail) = detail {
+        event = event.detail(detail);
+    }
+    if let [patient] = patients.as_slice() {
+        event = event.patient(*patient);
+    }
+    for row in rows {
+        event = event.resource(row.meta.history_reference());
+    }
+    event
+}
+
 fn body_aad(patient_id: &str, id: &str, version: i64) -> Vec<u8> {
     format!("phr-gateway/resource/v1/{patient_id}/{id}/{version}").into_bytes()
 }
