@@ -19,6 +19,7 @@ pub mod disclosure;
 pub mod error;
 pub mod export;
 pub mod fhir;
+pub mod group_commit;
 pub mod http;
 pub mod import;
 pub mod keystore;

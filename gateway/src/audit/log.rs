@@ -5,13 +5,14 @@ use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use sqlx::{AnyConnection, Row};
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::Notify;
 
 use super::checkpoint::{Checkpoint, NoteSigner, NoteVerifier};
 use super::event::AuditEvent;
 use super::keyring::{RetiredKey, VerifierRing};
 use super::merkle::{self, CompactRange, Hash};
 use crate::error::{Error, Result};
+use crate::group_commit::GroupCommit;
 use crate::store::{now_millis, row_placeholders, Database, Engine};
 
 /// Leaves sequenced per statement; bounds the memory and lock time of one pass.
@@ -63,20 +64,8 @@ pub struct AuditLog {
     wake: Arc<Notify>,
     /// Told after a pass that sequenced leaves (the audit shipper listens).
     sequenced: Arc<Notify>,
-    group: Arc<GroupCommit>,
-}
-
-/// Told whether the leaf it waits for was committed.
-type CommitWaiter = oneshot::Sender<std::result::Result<(), String>>;
-
-/// Group commit of stand-alone leaves (reads, refusals): a caller queues its leaf, and
-/// whoever holds the commit turn writes every queued leaf in one transaction; each caller
-/// returns only once its own leaf is committed. Under concurrency many reads share one
-/// fsync instead of paying one each.
-#[derive(Default)]
-struct GroupCommit {
-    queued: std::sync::Mutex<Vec<(AuditEvent, CommitWaiter)>>,
-    turn: Arc<tokio::sync::Mutex<()>>,
+    /// Stand-alone leaves (reads, refusals) share commits.
+    group: Arc<GroupCommit<AuditEvent, std::result::Result<(), String>>>,
 }
 
 /// What one sequencer pass did.
@@ -154,43 +143,28 @@ impl AuditLog {
     /// Records an event that goes with no other change (a read, a failed login); returns
     /// once it is committed, possibly together with other callers' leaves.
     pub async fn record_now(&self, event: &AuditEvent) -> Result<()> {
-        let (done, committed) = oneshot::channel();
-        if let Ok(mut queued) = self.group.queued.lock() {
-            queued.push((event.clone(), done));
-        } else {
-            return Err(Error::Audit("audit queue poisoned".into()));
-        }
-        let turn = self.group.turn.clone().lock_owned().await;
-        let batch = self
+        let log = self.clone();
+        let committed = self
             .group
-            .queued
-            .lock()
-            .map(|mut queued| std::mem::take(&mut *queued))
-            .unwrap_or_default();
-        if batch.is_empty() {
-            drop(turn);
-        } else {
-            // On its own task, so a caller that goes away (a client hanging up) cannot
-            // abandon the commit the others are waiting for.
-            let log = self.clone();
-            tokio::spawn(async move {
-                let _turn = turn;
-                let (events, waiters): (Vec<AuditEvent>, Vec<_>) = batch.into_iter().unzip();
+            .submit(event.clone(), move |events| async move {
                 let outcome = log.commit_leaves(&events).await.map_err(|e| e.to_string());
-                for waiter in waiters {
-                    let _ = waiter.send(outcome.clone());
-                }
                 log.wake.notify_one();
-            });
-        }
-        match committed.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(reason)) => Err(Error::Audit(format!("audit leaf not written: {reason}"))),
-            Err(_) => Err(Error::Audit("audit commit abandoned".into())),
+                vec![outcome; events.len()]
+            })
+            .await;
+        match committed {
+            Some(Ok(())) => Ok(()),
+            Some(Err(reason)) => Err(Error::Audit(format!("audit leaf not written: {reason}"))),
+            None => Err(Error::Audit("audit commit abandoned".into())),
         }
     }
 
     async fn commit_leaves(&self, events: &[AuditEvent]) -> Result<()> {
+        if events.len() <= INSERT_CHUNK {
+            // One statement is atomic on its own: no BEGIN and COMMIT to wait for.
+            let mut conn = self.db.write_pool().acquire().await?;
+            return record_all(&mut conn, events).await;
+        }
         let mut tx = self.db.begin().await?;
         record_all(&mut tx, events).await?;
         tx.commit().await?;

@@ -15,18 +15,24 @@ async fn resolve_references(
     patient_id: &str,
     stored: &[(&StoredResource, &Value)],
 ) -> Result<ReferenceMap> {
-    let mut map = ReferenceMap::new();
+    // Each reference once, looked up together: a page of search results is one query.
+    let mut wanted = Vec::new();
     for (resource, body) in stored {
         for (resource_type, id) in references_in(body) {
-            if map.contains_key(&(resource_type.clone(), id.clone())) {
-                continue;
+            let key = (resource.meta.source.clone(), resource_type, id);
+            if !wanted.contains(&key) {
+                wanted.push(key);
             }
-            if let Some(gateway_id) = store
-                .gateway_id_of(patient_id, &resource.meta.source, &resource_type, &id)
-                .await?
-            {
-                map.insert((resource_type, id), gateway_id);
-            }
+        }
+    }
+    let found = store.gateway_ids_of(patient_id, &wanted).await?;
+    let mut map = ReferenceMap::new();
+    for key in wanted {
+        if let Some(gateway_id) = found.get(&key) {
+            let (_, resource_type, id) = key;
+            // The first resource's source decides, as when they were looked up one by one.
+            map.entry((resource_type, id))
+                .or_insert_with(|| gateway_id.clone());
         }
     }
     Ok(map)

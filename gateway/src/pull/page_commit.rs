@@ -8,11 +8,10 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use phr_adapters::LinkCredentials;
-use tokio::sync::oneshot;
 use tracing::Instrument;
 
 use super::instructions::Instruction;
@@ -23,6 +22,7 @@ use crate::audit::{self, Agent, AuditEvent, EventKind, Outcome};
 use crate::checkups;
 use crate::crypto::DataKey;
 use crate::error::{Error, Result};
+use crate::group_commit::GroupCommit;
 use crate::medications;
 use crate::provenance::{provenance_for, Origin};
 use crate::store::reconciliation;
@@ -67,15 +67,24 @@ pub(super) enum PageOutcome {
     LeaseLost,
 }
 
-type Waiting = Vec<(PendingPage, oneshot::Sender<Result<PageOutcome>>)>;
-
 /// The pages waiting for the writer, shared by the workers of one process.
 #[derive(Default)]
 pub struct PageCommits {
-    waiting: Mutex<Waiting>,
-    writer: Arc<tokio::sync::Mutex<()>>,
+    group: GroupCommit<PendingPage, Result<PageOutcome>>,
+    counts: Arc<Counters>,
+}
+
+#[derive(Default)]
+struct Counters {
     commits: AtomicU64,
     pages: AtomicU64,
+}
+
+impl Counters {
+    fn add(&self, pages: usize) {
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.pages.fetch_add(pages as u64, Ordering::Relaxed);
+    }
 }
 
 /// Pages stored and the commits that stored them, since the process started.
@@ -92,98 +101,90 @@ impl PageCommits {
         worker: &PullWorker,
         page: PendingPage,
     ) -> Result<PageOutcome> {
-        let (reply, outcome) = oneshot::channel();
-        self.lock_waiting()?.push((page, reply));
-        {
-            let _writer = self
-                .writer
-                .lock()
-                .instrument(tracing::debug_span!("pull_wait_writer"))
-                .await;
-            // Whoever holds the writer takes every page waiting, its own among them unless
-            // an earlier holder took that already.
-            let group = std::mem::take(&mut *self.lock_waiting()?);
-            if !group.is_empty() {
-                self.write_group(worker, group).await;
-            }
-        }
-        outcome
+        let (worker, counts) = (worker.clone(), self.counts.clone());
+        self.group
+            .submit(page, move |pages| async move {
+                write_group(&worker, &counts, pages).await
+            })
+            .instrument(tracing::debug_span!("pull_wait_writer"))
             .await
-            .map_err(|_| Error::Invalid("the page's writer stopped before answering".into()))?
+            .unwrap_or_else(|| {
+                Err(Error::Invalid(
+                    "the page's writer stopped before answering".into(),
+                ))
+            })
     }
 
     /// Pages stored and commits made so far.
     pub fn counts(&self) -> CommitCounts {
         CommitCounts {
-            commits: self.commits.load(Ordering::Relaxed),
-            pages: self.pages.load(Ordering::Relaxed),
+            commits: self.counts.commits.load(Ordering::Relaxed),
+            pages: self.counts.pages.load(Ordering::Relaxed),
         }
     }
 
     /// Pages waiting for the writer now.
     pub fn waiting(&self) -> usize {
-        self.waiting.lock().map(|w| w.len()).unwrap_or_default()
+        self.group.waiting()
     }
 
     /// Test hook: holds the writer until the guard is dropped, so pages gather.
     #[doc(hidden)]
     pub async fn hold_writer(&self) -> tokio::sync::OwnedMutexGuard<()> {
-        self.writer.clone().lock_owned().await
+        self.group.hold().await
     }
+}
 
-    fn lock_waiting(&self) -> Result<std::sync::MutexGuard<'_, Waiting>> {
-        self.waiting
-            .lock()
-            .map_err(|_| Error::Invalid("the pull pages' queue is poisoned".into()))
-    }
-
-    /// Writes a group and answers each page's worker.
-    async fn write_group(&self, worker: &PullWorker, group: Waiting) {
-        if group.len() > 1 {
-            // Kept for writing one by one should the shared transaction not commit.
-            let copies: Vec<PendingPage> = group.iter().map(|(page, _)| page.clone()).collect();
-            let (pages, replies): (Vec<PendingPage>, Vec<_>) = group.into_iter().unzip();
-            match write_pages(worker, pages).await {
-                Ok(Written::Stored(claimed)) => {
-                    self.counted(claimed.len());
-                    for (reply, claimed) in replies.into_iter().zip(claimed) {
-                        // A worker that stopped waiting learns nothing; its job is as stored.
-                        let _ = reply.send(Ok(PageOutcome::Stored { claimed }));
-                    }
-                    return;
-                }
-                Ok(Written::LeaseLost) => {}
-                Err(e) => tracing::warn!(
-                    error = %e,
-                    "a shared pull commit failed; writing its pages one by one"
-                ),
+/// Writes a group of pages; each page's outcome, in order.
+async fn write_group(
+    worker: &PullWorker,
+    counts: &Counters,
+    pages: Vec<PendingPage>,
+) -> Vec<Result<PageOutcome>> {
+    if pages.len() > 1 {
+        // Kept for writing one by one should the shared transaction not commit.
+        let copies = pages.clone();
+        match write_pages(worker, pages).await {
+            Ok(Written::Stored(claimed)) => {
+                counts.add(claimed.len());
+                return claimed
+                    .into_iter()
+                    .map(|claimed| Ok(PageOutcome::Stored { claimed }))
+                    .collect();
             }
-            for (page, reply) in copies.into_iter().zip(replies) {
-                let _ = reply.send(self.write_alone(worker, page).await);
-            }
-            return;
+            Ok(Written::LeaseLost) => {}
+            Err(e) => tracing::warn!(
+                error = %e,
+                "a shared pull commit failed; writing its pages one by one"
+            ),
         }
-        for (page, reply) in group {
-            let _ = reply.send(self.write_alone(worker, page).await);
+        let mut outcomes = Vec::with_capacity(copies.len());
+        for page in copies {
+            outcomes.push(write_alone(worker, counts, page).await);
         }
+        return outcomes;
     }
+    let mut outcomes = Vec::with_capacity(pages.len());
+    for page in pages {
+        outcomes.push(write_alone(worker, counts, page).await);
+    }
+    outcomes
+}
 
-    async fn write_alone(&self, worker: &PullWorker, page: PendingPage) -> Result<PageOutcome> {
-        Ok(match write_pages(worker, vec![page]).await? {
-            Written::Stored(mut claimed) => {
-                self.counted(1);
-                PageOutcome::Stored {
-                    claimed: claimed.pop().flatten(),
-                }
+async fn write_alone(
+    worker: &PullWorker,
+    counts: &Counters,
+    page: PendingPage,
+) -> Result<PageOutcome> {
+    Ok(match write_pages(worker, vec![page]).await? {
+        Written::Stored(mut claimed) => {
+            counts.add(1);
+            PageOutcome::Stored {
+                claimed: claimed.pop().flatten(),
             }
-            Written::LeaseLost => PageOutcome::LeaseLost,
-        })
-    }
-
-    fn counted(&self, pages: usize) {
-        self.commits.fetch_add(1, Ordering::Relaxed);
-        self.pages.fetch_add(pages as u64, Ordering::Relaxed);
-    }
+        }
+        Written::LeaseLost => PageOutcome::LeaseLost,
+    })
 }
 
 enum Written {

@@ -9,6 +9,8 @@ use sha2::{Digest, Sha256};
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
+use tracing::Instrument;
+
 use super::{insert_patient, insert_patients, now_millis, Database};
 use crate::audit::{self, Agent, AuditEvent, EventKind};
 use crate::crypto::DataKey;
@@ -269,7 +271,9 @@ impl ResourceStore {
     ) -> Result<Vec<Vec<(ResourceMeta, WriteOutcome)>>> {
         let now = now_millis();
         let patients: Vec<&str> = keys.keys().map(String::as_str).collect();
-        insert_patients(&mut *tx, &patients, now).await?;
+        insert_patients(&mut *tx, &patients, now)
+            .instrument(tracing::debug_span!("store_patients"))
+            .await?;
 
         let mut all = Vec::new();
         let mut ahead = Vec::new();
@@ -282,8 +286,12 @@ impl ResourceStore {
             details.push(detail);
         }
         let digests: Vec<[u8; 32]> = ahead.iter().map(|a| a.digest).collect();
-        let mut known = find_existing(&mut *tx, &all).await?;
-        let mut seen = find_seen_versions(&mut *tx, &all, &digests, &known).await?;
+        let mut known = find_existing(&mut *tx, &all)
+            .instrument(tracing::debug_span!("store_find_existing"))
+            .await?;
+        let mut seen = find_seen_versions(&mut *tx, &all, &digests, &known)
+            .instrument(tracing::debug_span!("store_find_seen"))
+            .await?;
         let mut results = vec![Vec::new(); page_ends.len()];
         // Each page's rows, by their position in `rows`.
         let mut page_rows = vec![0..0; page_ends.len()];
@@ -345,9 +353,13 @@ impl ResourceStore {
         if rows.is_empty() {
             return Ok(results);
         }
-        upsert_resources(&mut *tx, &rows).await?;
+        upsert_resources(&mut *tx, &rows)
+            .instrument(tracing::debug_span!("store_upsert"))
+            .await?;
         self.db.fault_point("resources.put.between_statements")?;
-        insert_versions(&mut *tx, rows.iter()).await?;
+        insert_versions(&mut *tx, rows.iter())
+            .instrument(tracing::debug_span!("store_versions"))
+            .await?;
         self.db.fault_point("resources.put.before_audit")?;
 
         let events: Vec<AuditEvent> = page_rows
@@ -357,7 +369,9 @@ impl ResourceStore {
             .filter(|((range, _), _)| !range.is_empty())
             .map(|((range, outcomes), detail)| write_event(agent, &rows[range], outcomes, detail))
             .collect();
-        audit::record_all(&mut *tx, &events).await?;
+        audit::record_all(&mut *tx, &events)
+            .instrument(tracing::debug_span!("store_audit"))
+            .await?;
         Ok(results)
     }
 
@@ -516,25 +530,43 @@ impl ResourceStore {
         decode_row(&row, &key, self.max_resource_bytes)
     }
 
-    /// The gateway id of the resource a source calls `resource_type/source_resource_id`
-    /// in the patient's record, if it is held.
-    pub async fn gateway_id_of(
+    /// The gateway's ids of the patient's resources known by their sources' ids, as
+    /// `(source, type, source id)`, in one query per few hundred (for resolving references).
+    pub async fn gateway_ids_of(
         &self,
         patient_id: &str,
-        source: &str,
-        resource_type: &str,
-        source_resource_id: &str,
-    ) -> Result<Option<String>> {
-        Ok(sqlx::query_scalar(
-            "SELECT id FROM resources WHERE patient_id = $1 AND source = $2
-                 AND resource_type = $3 AND source_resource_id = $4",
-        )
-        .bind(patient_id)
-        .bind(source)
-        .bind(resource_type)
-        .bind(source_resource_id)
-        .fetch_optional(self.db.read_pool())
-        .await?)
+        wanted: &[(String, String, String)],
+    ) -> Result<HashMap<(String, String, String), String>> {
+        let mut found = HashMap::new();
+        if wanted.is_empty() {
+            return Ok(found);
+        }
+        let mut conn = self.db.read_pool().acquire().await?;
+        for chunk in wanted.chunks(rows_per_statement(4)) {
+            let sql = format!(
+                // A join on VALUES so SQLite uses the unique index (see `find_existing`).
+                "SELECT r.id, r.source, r.resource_type, r.source_resource_id
+                 FROM (VALUES {}) AS v
+                 JOIN resources r ON r.patient_id = v.column1 AND r.source = v.column2
+                     AND r.resource_type = v.column3 AND r.source_resource_id = v.column4",
+                placeholders(&conn, chunk.len(), 4)
+            );
+            let mut query = sqlx::query(&sql);
+            for (source, resource_type, id) in chunk {
+                query = query
+                    .bind(patient_id)
+                    .bind(source)
+                    .bind(resource_type)
+                    .bind(id);
+            }
+            for row in query.fetch_all(&mut *conn).await? {
+                found.insert(
+                    (row.try_get(1)?, row.try_get(2)?, row.try_get(3)?),
+                    row.try_get(0)?,
+                );
+            }
+        }
+        Ok(found)
     }
 
     /// Erases the patient's record: the data key first (from then on nothing of theirs,
