@@ -340,6 +340,14 @@ async fn a_recipient_reads_and_searches_only_what_the_consent_allows(engine: Eng
         "the reference points at the served Encounter"
     );
     assert_eq!(encounter["resourceType"], "Encounter");
+    // Every result of a search page had its references resolved, together, to the same
+    // served Encounter.
+    for resource in &paged {
+        assert_eq!(
+            resource["encounter"]["reference"],
+            format!("Encounter/{}", encounter["id"].as_str().expect("id"))
+        );
+    }
     let (status, first_version) =
         get(&env, &format!("/fhir/Observation/{id}/_history/1"), &token).await;
     assert_eq!(status, StatusCode::OK);
