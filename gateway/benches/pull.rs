@@ -11,12 +11,12 @@ mod support;
 
 use std::sync::Arc;
 
-use phr_adapters::fhir_r4::simulator::patient_agent::{callback_from_redirect, sign_in_and_decide};
 use phr_adapters::fhir_r4::simulator::{HospitalSimulator, SimulatorConfig};
 use phr_adapters::AuthorizationRequest;
 use phr_consent::DataCategory;
 use phr_gateway::audit::Agent;
 use phr_gateway::config::{SourceConfig, SourceKind};
+use phr_gateway::demo::link_simulated_hospital_patient;
 use sqlx::Row;
 use support::{engines, timed, BenchEnv, SpanTimes};
 
@@ -48,6 +48,7 @@ async fn main() {
 }
 
 async fn run_portal(engine: phr_gateway::store::Engine, persons: usize) {
+    use phr_adapters::fhir_r4::simulator::patient_agent::callback_from_redirect;
     use phr_adapters::self_info::simulator::patient_agent::read_card_and_decide;
     use phr_adapters::self_info::simulator::{PortalSimulator, SimulatorConfig as PortalConfig};
     let Some(mut env) = BenchEnv::new(engine).await else {
@@ -177,56 +178,16 @@ async fn run(
     }];
     let gateway = env.gateway().await;
     let state = &gateway.state;
-    let (info, source) = state.registry.get("hospital").expect("source");
-    let categories = DataCategory::ALL.to_vec();
-    let redirect_uri = "https://localhost/patient/sources/callback".to_string();
     for n in 1..=patients {
-        let instruction_id = format!("bench-{n}");
-        let start = source
-            .start_authorization(&AuthorizationRequest {
-                instruction_id: instruction_id.clone(),
-                resource_types: categories
-                    .iter()
-                    .flat_map(|c| c.resource_types().iter().map(|t| t.to_string()))
-                    .collect(),
-                redirect_uri: redirect_uri.clone(),
-                on_behalf_of: None,
-            })
-            .await
-            .expect("start");
-        let patient_id = format!("bench-patient-{n}");
-        let (instruction, _) = state
-            .instructions
-            .give(
-                &Agent::system(),
-                &instruction_id,
-                "bench",
-                &patient_id,
-                info,
-                &categories,
-                &start.pending,
-            )
-            .await
-            .expect("give");
-        let location = sign_in_and_decide(
-            &start.authorize_url,
-            &format!("patient-{n:04}"),
-            &format!("phr-sim-{n:04}"),
-            |_| true,
-            true,
+        link_simulated_hospital_patient(
+            state,
+            "hospital",
+            n,
+            &format!("bench-{n}"),
+            &format!("bench-patient-{n}"),
         )
         .await
-        .expect("sign in at the hospital");
-        let callback = callback_from_redirect(&location).expect("callback");
-        let credentials = source
-            .finish_authorization(&start.pending, &callback)
-            .await
-            .expect("finish");
-        state
-            .instructions
-            .activate(&Agent::system(), &instruction, info, &credentials)
-            .await
-            .expect("activate");
+        .expect("link");
     }
 
     if let Some(spans) = spans {

@@ -253,6 +253,65 @@ fn demo_resources() -> Vec<(&'static str, &'static str, serde_json::Value)> {
     ]
 }
 
+/// Links simulated hospital patient number `n` (`patient-000n`, signed in at the
+/// simulator's login page without a browser) to `patient_id` under a new instruction for
+/// every category, as the portal's link flow would; the instruction's id. For benchmarks
+/// and tests that need many linked patients.
+pub async fn link_simulated_hospital_patient(
+    state: &AppState,
+    source_id: &str,
+    n: usize,
+    instruction_id: &str,
+    patient_id: &str,
+) -> Result<String> {
+    use phr_adapters::fhir_r4::simulator::patient_agent::{
+        callback_from_redirect, sign_in_and_decide,
+    };
+    let (info, source) = state.registry.get(source_id)?;
+    let categories = phr_consent::DataCategory::ALL.to_vec();
+    let start = source
+        .start_authorization(&phr_adapters::AuthorizationRequest {
+            instruction_id: instruction_id.to_string(),
+            resource_types: categories
+                .iter()
+                .flat_map(|c| c.resource_types().iter().map(|t| t.to_string()))
+                .collect(),
+            redirect_uri: "https://localhost/patient/sources/callback".into(),
+            on_behalf_of: None,
+        })
+        .await?;
+    let (instruction, _) = state
+        .instructions
+        .give(
+            &Agent::system(),
+            instruction_id,
+            "simulated",
+            patient_id,
+            info,
+            &categories,
+            &start.pending,
+        )
+        .await?;
+    let location = sign_in_and_decide(
+        &start.authorize_url,
+        &format!("patient-{n:04}"),
+        &format!("phr-sim-{n:04}"),
+        |_| true,
+        true,
+    )
+    .await
+    .map_err(Error::Invalid)?;
+    let callback = callback_from_redirect(&location).map_err(Error::Invalid)?;
+    let credentials = source
+        .finish_authorization(&start.pending, &callback)
+        .await?;
+    state
+        .instructions
+        .activate(&Agent::system(), &instruction, info, &credentials)
+        .await?;
+    Ok(instruction.id)
+}
+
 pub fn print_welcome(
     addr: SocketAddr,
     credentials: &DemoCredentials,

@@ -5,11 +5,8 @@
 
 use std::time::Duration;
 
-use phr_adapters::fhir_r4::simulator::patient_agent::{callback_from_redirect, sign_in_and_decide};
 use phr_adapters::fhir_r4::simulator::{HospitalSimulator, RunningSimulator, SimulatorConfig};
-use phr_adapters::AuthorizationRequest;
-use phr_consent::DataCategory;
-use phr_gateway::audit::Agent;
+use phr_gateway::demo::link_simulated_hospital_patient;
 use phr_gateway::pull::queue::JobOutcome;
 use phr_gateway::pull::worker::RunResult;
 use phr_gateway::pull::CommitCounts;
@@ -51,56 +48,19 @@ async fn group_env(engine: Engine) -> GroupEnv {
         c.sources = vec![hospital_source(base_url, 100)];
     })
     .await;
-    let state = &app.gateway().state;
-    let (info, source) = state.registry.get("hospital").expect("source");
-    let categories = DataCategory::ALL.to_vec();
     let mut instructions = Vec::new();
     for n in 1..=PATIENTS {
-        let start = source
-            .start_authorization(&AuthorizationRequest {
-                instruction_id: format!("gc-{n}"),
-                resource_types: categories
-                    .iter()
-                    .flat_map(|c| c.resource_types().iter().map(|t| t.to_string()))
-                    .collect(),
-                redirect_uri: "https://localhost/patient/sources/callback".into(),
-                on_behalf_of: None,
-            })
-            .await
-            .expect("start");
-        let (instruction, _) = state
-            .instructions
-            .give(
-                &Agent::system(),
+        instructions.push(
+            link_simulated_hospital_patient(
+                &app.gateway().state,
+                "hospital",
+                n,
                 &format!("gc-{n}"),
-                "test",
                 &format!("gc-patient-{n}"),
-                info,
-                &categories,
-                &start.pending,
             )
             .await
-            .expect("give");
-        let location = sign_in_and_decide(
-            &start.authorize_url,
-            &format!("patient-{n:04}"),
-            &format!("phr-sim-{n:04}"),
-            |_| true,
-            true,
-        )
-        .await
-        .expect("sign in at the hospital");
-        let callback = callback_from_redirect(&location).expect("callback");
-        let credentials = source
-            .finish_authorization(&start.pending, &callback)
-            .await
-            .expect("finish");
-        state
-            .instructions
-            .activate(&Agent::system(), &instruction, info, &credentials)
-            .await
-            .expect("activate");
-        instructions.push(instruction.id);
+            .expect("link"),
+        );
     }
     GroupEnv {
         app,
