@@ -26,7 +26,7 @@ fn workers() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .filter(|n| *n > 0)
-        .unwrap_or(2)
+        .unwrap_or(phr_gateway::config::PullConfig::default().workers as usize)
 }
 
 #[tokio::main]

@@ -270,7 +270,8 @@ impl Default for SessionConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PullConfig {
-    /// Pull workers in this process (0: this process only serves the API).
+    /// Pull workers in this process (0: this process only serves the API). They mostly wait
+    /// on sources, and pages that several of them have ready share one commit.
     pub workers: u32,
     /// How long a claimed job stays ours without renewal; a dead worker's job is claimed
     /// again after this.
@@ -286,7 +287,7 @@ pub struct PullConfig {
 impl Default for PullConfig {
     fn default() -> Self {
         PullConfig {
-            workers: 2,
+            workers: 8,
             lease_secs: 60,
             poll_millis: 1000,
             refresh_interval_secs: 24 * 60 * 60,
