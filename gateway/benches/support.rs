@@ -4,6 +4,10 @@
 
 use std::time::Instant;
 
+// The gateway binary's allocator (src/main.rs), so the figures are the shipped binary's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use phr_gateway::config::{Config, LogFormat};
 use phr_gateway::store::resources::{NewResource, SourceIdentity};
 use phr_gateway::store::Engine;
