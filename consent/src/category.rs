@@ -39,6 +39,15 @@ impl DataCategory {
         DataCategory::MedicalCosts,
     ];
 
+    /// The FHIR resource types the categories cover, in their order (what a source is
+    /// asked to grant).
+    pub fn resource_types_of(categories: &[DataCategory]) -> Vec<String> {
+        categories
+            .iter()
+            .flat_map(|c| c.resource_types().iter().map(|t| t.to_string()))
+            .collect()
+    }
+
     /// The FHIR resource types in this category.
     pub fn resource_types(self) -> &'static [&'static str] {
         match self {
@@ -122,6 +131,15 @@ impl DataCategory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_types_of_several_categories_are_theirs_in_order() {
+        assert_eq!(
+            DataCategory::resource_types_of(&[DataCategory::Allergies, DataCategory::Demographics]),
+            vec!["AllergyIntolerance".to_string(), "Patient".to_string()]
+        );
+        assert!(DataCategory::resource_types_of(&[]).is_empty());
+    }
 
     #[test]
     fn every_type_belongs_to_exactly_one_category() {

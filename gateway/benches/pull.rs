@@ -86,10 +86,7 @@ async fn run_portal(engine: phr_gateway::store::Engine, persons: usize) {
         let start = source
             .start_authorization(&AuthorizationRequest {
                 instruction_id: instruction_id.clone(),
-                resource_types: categories
-                    .iter()
-                    .flat_map(|c| c.resource_types().iter().map(|t| t.to_string()))
-                    .collect(),
+                resource_types: phr_consent::DataCategory::resource_types_of(&categories),
                 redirect_uri: "https://localhost/patient/sources/callback".into(),
                 on_behalf_of: None,
             })

@@ -272,10 +272,7 @@ pub async fn link_simulated_hospital_patient(
     let start = source
         .start_authorization(&phr_adapters::AuthorizationRequest {
             instruction_id: instruction_id.to_string(),
-            resource_types: categories
-                .iter()
-                .flat_map(|c| c.resource_types().iter().map(|t| t.to_string()))
-                .collect(),
+            resource_types: phr_consent::DataCategory::resource_types_of(&categories),
             redirect_uri: "https://localhost/patient/sources/callback".into(),
             on_behalf_of: None,
         })

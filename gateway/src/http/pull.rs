@@ -229,10 +229,7 @@ pub async fn give_instruction(
         _ => {}
     }
     let instruction_id = uuid::Uuid::now_v7().to_string();
-    let resource_types = chosen
-        .iter()
-        .flat_map(|c| c.resource_types().iter().map(|t| t.to_string()))
-        .collect();
+    let resource_types = DataCategory::resource_types_of(&chosen);
     let start = source
         .start_authorization(&AuthorizationRequest {
             instruction_id: instruction_id.clone(),

@@ -74,10 +74,7 @@ pub struct Instruction {
 impl Instruction {
     /// The FHIR types the patient's categories cover.
     pub fn resource_types(&self) -> Vec<String> {
-        self.categories
-            .iter()
-            .flat_map(|c| c.resource_types().iter().map(|t| t.to_string()))
-            .collect()
+        DataCategory::resource_types_of(&self.categories)
     }
 }
 

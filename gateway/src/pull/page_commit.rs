@@ -143,8 +143,8 @@ async fn write_group(
 ) -> Vec<Result<PageOutcome>> {
     if pages.len() > 1 {
         // Kept for writing one by one should the shared transaction not commit.
-        let copies = pages.clone();
-        match write_pages(worker, pages).await {
+        let shared = pages.clone();
+        match write_pages(worker, shared).await {
             Ok(Written::Stored(claimed)) => {
                 counts.add(claimed.len());
                 return claimed
@@ -158,11 +158,6 @@ async fn write_group(
                 "a shared pull commit failed; writing its pages one by one"
             ),
         }
-        let mut outcomes = Vec::with_capacity(copies.len());
-        for page in copies {
-            outcomes.push(write_alone(worker, counts, page).await);
-        }
-        return outcomes;
     }
     let mut outcomes = Vec::with_capacity(pages.len());
     for page in pages {
