@@ -11,6 +11,10 @@ pub enum Error {
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
 
+    /// From a native SQLite connection (`store::point_reads`).
+    #[error("database: {0}")]
+    NativeDatabase(#[from] rusqlite::Error),
+
     #[error("database migration: {0}")]
     Migration(#[from] sqlx::migrate::MigrateError),
 

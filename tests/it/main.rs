@@ -32,6 +32,7 @@ mod oauth;
 mod openapi;
 mod operator_pages;
 mod patient_export;
+mod point_reads;
 mod portal;
 mod portal_security;
 mod pull;

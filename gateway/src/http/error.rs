@@ -55,7 +55,9 @@ impl From<Error> for ApiError {
                 | crate::oauth::OAuthErrorCode::InvalidToken => StatusCode::UNAUTHORIZED,
                 _ => StatusCode::BAD_REQUEST,
             },
-            Error::Database(_) | Error::Migration(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Database(_) | Error::NativeDatabase(_) | Error::Migration(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Error::Source(e) => match e {
                 phr_adapters::SourceError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
                 phr_adapters::SourceError::Authorization(_) => StatusCode::BAD_REQUEST,
@@ -84,7 +86,7 @@ impl From<Error> for ApiError {
             detail,
             retry_after: match err {
                 Error::RateLimited { retry_after_secs } => Some(retry_after_secs),
-                Error::Database(_) => Some(5),
+                Error::Database(_) | Error::NativeDatabase(_) => Some(5),
                 Error::Source(phr_adapters::SourceError::Unavailable {
                     retry_after: Some(after),
                     ..

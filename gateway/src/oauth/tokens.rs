@@ -13,6 +13,7 @@ use super::scopes::{format_scopes, parse_scopes, Scope};
 use super::{digest, random_token, Lifetimes, OAuthError, OAuthErrorCode};
 use crate::audit::{self, Agent, AuditEvent, EventKind, Outcome};
 use crate::error::{Error, Result};
+use crate::store::point_reads::{Param, RowValues};
 use crate::store::{now_millis, Database};
 
 /// What a token endpoint answers with.
@@ -76,24 +77,24 @@ async fn load_token(conn: &mut AnyConnection, token: &str) -> Result<Option<Stor
     .bind(digest(token))
     .fetch_optional(conn)
     .await?;
-    row.as_ref().map(stored_of).transpose()
+    row.as_ref().map(|row| stored_of(row)).transpose()
 }
 
 /// A token row's first ten columns (as `load_token` selects them).
-fn stored_of(row: &sqlx::any::AnyRow) -> Result<StoredToken> {
-    let scopes: String = row.try_get(4)?;
+fn stored_of(row: &dyn RowValues) -> Result<StoredToken> {
+    let scopes = row.text(4)?;
     Ok(StoredToken {
-        kind: row.try_get(0)?,
-        client_id: row.try_get(1)?,
-        patient_id: row.try_get(2)?,
-        consent_id: row.try_get(3)?,
+        kind: row.text(0)?,
+        client_id: row.text(1)?,
+        patient_id: row.opt_text(2)?,
+        consent_id: row.opt_text(3)?,
         scopes: parse_scopes(&scopes)
             .map_err(|e| Error::Invalid(format!("stored token has a bad scope: {e}")))?,
-        family_id: row.try_get(5)?,
-        created_at: row.try_get(6)?,
-        expires_at: row.try_get(7)?,
-        used: row.try_get::<Option<i64>, _>(8)?.is_some(),
-        revoked: row.try_get::<Option<i64>, _>(9)?.is_some(),
+        family_id: row.text(5)?,
+        created_at: row.int(6)?,
+        expires_at: row.int(7)?,
+        used: row.opt_int(8)?.is_some(),
+        revoked: row.opt_int(9)?.is_some(),
     })
 }
 
@@ -578,22 +579,24 @@ pub async fn access_grant_and_consent(
     db: &Database,
     token: &str,
 ) -> Result<(AccessGrant, Option<String>)> {
-    let row = sqlx::query(
-        "SELECT t.kind, t.client_id, t.patient_id, t.consent_id, t.scopes, t.family_id,
-             t.created_at, t.expires_at, t.used_at, t.revoked_at, v.body
-         FROM oauth_tokens t
-         LEFT JOIN consents c ON c.id = t.consent_id AND c.patient_id = t.patient_id
-         LEFT JOIN consent_versions v ON v.consent_id = c.id AND v.version = c.current_version
-         WHERE t.token_hash = $1",
-    )
-    .bind(digest(token))
-    .fetch_optional(db.read_pool())
-    .await?;
-    let consent: Option<String> = match &row {
-        Some(row) => row.try_get(10)?,
-        None => None,
+    let token_hash = digest(token);
+    // Every FHIR request makes this read: a point read (see `store::point_reads`).
+    let row = db
+        .fetch_point(
+            "SELECT t.kind, t.client_id, t.patient_id, t.consent_id, t.scopes, t.family_id,
+                 t.created_at, t.expires_at, t.used_at, t.revoked_at, v.body
+             FROM oauth_tokens t
+             LEFT JOIN consents c ON c.id = t.consent_id AND c.patient_id = t.patient_id
+             LEFT JOIN consent_versions v ON v.consent_id = c.id AND v.version = c.current_version
+             WHERE t.token_hash = $1",
+            &[Param::Blob(&token_hash)],
+            |row| Ok((stored_of(row)?, row.opt_text(10)?)),
+        )
+        .await?;
+    let (stored, consent) = match row {
+        Some((stored, consent)) => (Some(stored), consent),
+        None => (None, None),
     };
-    let stored = row.as_ref().map(stored_of).transpose()?;
     Ok((grant_of(stored)?, consent))
 }
 

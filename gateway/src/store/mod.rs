@@ -6,6 +6,7 @@
 //! are the same pool.
 
 pub mod accounts;
+pub mod point_reads;
 pub mod reconciliation;
 pub mod representations;
 pub mod resources;
@@ -83,6 +84,12 @@ pub fn row_placeholders(engine: Engine, rows: usize, columns: usize) -> String {
     sql
 }
 
+/// `?, ?, …` (SQLite) or `$1, $2, …` (PostgreSQL) for an `IN (…)` list of `count` values.
+pub fn list_placeholders(engine: Engine, count: usize) -> String {
+    let row = row_placeholders(engine, 1, count);
+    row[1..row.len() - 1].to_string()
+}
+
 impl fmt::Display for Engine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -109,6 +116,8 @@ pub struct Database {
     url: Arc<str>,
     read: AnyPool,
     write: AnyPool,
+    /// SQLite's point reads, off sqlx's connection threads (see `point_reads`).
+    native: Option<point_reads::NativeReads>,
     faults: FaultPoints,
 }
 
@@ -166,11 +175,19 @@ impl Database {
                 (pool.clone(), pool)
             }
         };
+        let native = match (engine, &setup) {
+            (Engine::Sqlite, SessionSetup::Main) => Some(point_reads::NativeReads::for_url(
+                url,
+                Duration::from_millis(SQLITE_BUSY_TIMEOUT_MS),
+            )?),
+            _ => None,
+        };
         Ok(Database {
             engine,
             url: Arc::from(url),
             read,
             write,
+            native,
             faults: FaultPoints::default(),
         })
     }
@@ -218,6 +235,9 @@ impl Database {
     }
 
     pub async fn close(&self) {
+        if let Some(native) = &self.native {
+            native.close();
+        }
         self.write.close().await;
         self.read.close().await;
     }
@@ -233,6 +253,9 @@ impl Database {
     }
 }
 
+/// How long a SQLite statement waits for a lock before it fails.
+const SQLITE_BUSY_TIMEOUT_MS: u64 = 10_000;
+
 fn session_statements(engine: Engine, setup: &SessionSetup) -> Vec<String> {
     match (engine, setup) {
         (Engine::Sqlite, setup) => {
@@ -240,7 +263,7 @@ fn session_statements(engine: Engine, setup: &SessionSetup) -> Vec<String> {
                 "PRAGMA journal_mode = WAL".to_string(),
                 "PRAGMA synchronous = FULL".to_string(),
                 "PRAGMA foreign_keys = ON".to_string(),
-                "PRAGMA busy_timeout = 10000".to_string(),
+                format!("PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}"),
             ];
             if matches!(setup, SessionSetup::KeyStore { .. }) {
                 statements.push("PRAGMA secure_delete = ON".to_string());

@@ -6,11 +6,11 @@ use std::collections::HashMap;
 
 use futures::{Stream, TryStreamExt};
 use sha2::{Digest, Sha256};
-use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
 use tracing::Instrument;
 
+use super::point_reads::{Param, RowValues};
 use super::{insert_patient, insert_patients, now_millis, Database};
 use crate::audit::{self, Agent, AuditEvent, EventKind};
 use crate::crypto::DataKey;
@@ -377,16 +377,18 @@ impl ResourceStore {
 
     /// The current version of one resource, decrypted.
     pub async fn read(&self, patient_id: &str, id: &str) -> Result<StoredResource> {
-        let row = sqlx::query(&format!(
-            "{SELECT_CURRENT} WHERE r.id = $1 AND r.patient_id = $2"
-        ))
-        .bind(id)
-        .bind(patient_id)
-        .fetch_optional(self.db.read_pool())
-        .await?
-        .ok_or_else(|| Error::NotFound(format!("resource {id}")))?;
+        // Every FHIR read makes this one: a point read (see `store::point_reads`).
+        let (meta, sealed) = self
+            .db
+            .fetch_point(
+                &format!("{SELECT_CURRENT} WHERE r.id = $1 AND r.patient_id = $2"),
+                &[Param::Text(id), Param::Text(patient_id)],
+                sealed_row,
+            )
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("resource {id}")))?;
         let key = self.keys.data_key(patient_id).await?;
-        decode_row(&row, &key, self.max_resource_bytes)
+        open_sealed(meta, &sealed, &key, self.max_resource_bytes)
     }
 
     /// The most recently updated current resource of one type, decrypted (the patient's
@@ -1004,33 +1006,46 @@ fn body_aad(patient_id: &str, id: &str, version: i64) -> Vec<u8> {
     format!("phr-gateway/resource/v1/{patient_id}/{id}/{version}").into_bytes()
 }
 
-fn decode_meta(row: &AnyRow) -> Result<ResourceMeta> {
-    let digest: Vec<u8> = row.try_get(9)?;
+fn decode_meta(row: &dyn RowValues) -> Result<ResourceMeta> {
     Ok(ResourceMeta {
-        id: row.try_get(0)?,
-        version: row.try_get(1)?,
-        patient_id: row.try_get(2)?,
-        resource_type: row.try_get(3)?,
-        category: row.try_get(4)?,
-        source: row.try_get(5)?,
-        source_resource_id: row.try_get(6)?,
-        source_version: row.try_get(7)?,
-        last_updated: row.try_get(8)?,
-        digest: digest
+        id: row.text(0)?,
+        version: row.int(1)?,
+        patient_id: row.text(2)?,
+        resource_type: row.text(3)?,
+        category: row.text(4)?,
+        source: row.text(5)?,
+        source_resource_id: row.text(6)?,
+        source_version: row.text(7)?,
+        last_updated: row.int(8)?,
+        digest: row
+            .blob(9)?
             .try_into()
             .map_err(|_| Error::Crypto("stored digest is not 32 bytes"))?,
     })
 }
 
-fn decode_row(row: &AnyRow, key: &DataKey, cap: usize) -> Result<StoredResource> {
-    let meta = decode_meta(row)?;
-    let sealed: Vec<u8> = row.try_get(10)?;
+/// A row's metadata and its still sealed body.
+fn sealed_row(row: &dyn RowValues) -> Result<(ResourceMeta, Vec<u8>)> {
+    Ok((decode_meta(row)?, row.blob(10)?))
+}
+
+fn open_sealed(
+    meta: ResourceMeta,
+    sealed: &[u8],
+    key: &DataKey,
+    cap: usize,
+) -> Result<StoredResource> {
     if sealed.len() > cap + 64 {
         return Err(Error::TooLarge {
             size: sealed.len(),
             limit: cap,
         });
     }
-    let body = key.open(&body_aad(&meta.patient_id, &meta.id, meta.version), &sealed)?;
+    let body = key.open(&body_aad(&meta.patient_id, &meta.id, meta.version), sealed)?;
     Ok(StoredResource { meta, body })
+}
+
+fn decode_row(row: &dyn RowValues, key: &DataKey, cap: usize) -> Result<StoredResource> {
+    let (meta, sealed) = sealed_row(row)?;
+    open_sealed(meta, &sealed, key, cap)
 }
