@@ -16,6 +16,7 @@ both_engines!(
     a_claimed_job_is_reclaimed_after_its_lease,
     retries_wait_and_cancelled_jobs_stop,
     concurrent_workers_claim_each_job_once,
+    a_group_commit_claims_finishes_and_counts_for_several_workers_at_once,
 );
 
 /// Minimal rows a job hangs off (a source and an instruction), written directly.
@@ -255,4 +256,134 @@ async fn concurrent_workers_claim_each_job_once(engine: Engine) {
             );
         }
     }
+}
+
+/// The set-based statements a group commit of pull pages uses: several workers' next jobs
+/// claimed in one statement, their progress and their ends each in one; a job that is no
+/// longer its worker's fails the whole statement's check, so the caller rolls back.
+async fn a_group_commit_claims_finishes_and_counts_for_several_workers_at_once(engine: Engine) {
+    let env = TestEnv::new(engine).await;
+    let gateway = Gateway::build(env.config()).await.expect("build");
+    let queue = gateway.state.queue.clone();
+    for i in ["i1", "i2"] {
+        instruction(&gateway, i).await;
+        enqueue(&gateway, &queue, i).await.expect("queued");
+    }
+    let lease = Duration::from_secs(30);
+    let mut tx = gateway.state.db.begin().await.expect("tx");
+    let claimed = queue
+        .claim_all_in(&mut tx, &["w1", "w2", "w3"], lease)
+        .await
+        .expect("claim");
+    tx.commit().await.expect("commit");
+    assert_eq!(claimed.len(), 3, "one answer per worker, in order");
+    let (a, b) = (
+        claimed[0].clone().expect("w1 got a job"),
+        claimed[1].clone().expect("w2 got a job"),
+    );
+    assert!(
+        claimed[2].is_none(),
+        "two jobs were ready for three workers"
+    );
+    assert_ne!(a.id, b.id, "no job is claimed twice");
+    assert_eq!((a.attempts, b.attempts), (1, 1));
+    assert!(
+        queue.claim("w4", lease).await.expect("claim").is_none(),
+        "both are leased"
+    );
+    // Each job is leased to the worker it was paired with: the other cannot renew it.
+    assert!(queue.renew(&a.id, "w1", lease).await.expect("renew"));
+    assert!(!queue.renew(&a.id, "w2", lease).await.expect("renew"));
+    assert!(queue.renew(&b.id, "w2", lease).await.expect("renew"));
+
+    let counts = |received| BatchCounts {
+        received,
+        unchanged: 1,
+        rejected: 2,
+    };
+    let mut tx = gateway.state.db.begin().await.expect("tx");
+    assert!(
+        !queue
+            .add_progress_all(
+                &mut tx,
+                &[(&a.id, "w1", counts(5)), (&b.id, "w1", counts(7))]
+            )
+            .await
+            .expect("progress"),
+        "b is not w1's"
+    );
+    drop(tx); // rolled back
+    let mut tx = gateway.state.db.begin().await.expect("tx");
+    assert!(queue
+        .add_progress_all(
+            &mut tx,
+            &[(&a.id, "w1", counts(5)), (&b.id, "w2", counts(7))]
+        )
+        .await
+        .expect("progress"));
+    let next_at = now_millis() + 60_000;
+    assert!(
+        !queue
+            .finish_done_all(&mut tx, &[(&a, "w1", next_at), (&b, "w3", next_at)])
+            .await
+            .expect("finish"),
+        "b is not w3's"
+    );
+    drop(tx);
+    let mut tx = gateway.state.db.begin().await.expect("tx");
+    assert!(queue
+        .add_progress_all(
+            &mut tx,
+            &[(&a.id, "w1", counts(5)), (&b.id, "w2", counts(7))]
+        )
+        .await
+        .expect("progress"));
+    assert!(queue
+        .finish_done_all(&mut tx, &[(&a, "w1", next_at), (&b, "w2", next_at)])
+        .await
+        .expect("finish"));
+    tx.commit().await.expect("commit");
+
+    for (instruction_id, received) in [("i1", 5), ("i2", 7)] {
+        let progress = queue.progress(instruction_id).await.expect("progress");
+        assert_eq!(progress.len(), 2, "done, and its next pull queued");
+        let done = progress.iter().find(|p| p.status == "done").expect("done");
+        assert_eq!(
+            (done.received, done.unchanged, done.rejected),
+            (received, 1, 2),
+            "only the committed progress counts"
+        );
+        let next = progress
+            .iter()
+            .find(|p| p.status == "queued")
+            .expect("next");
+        assert_eq!(next.not_before, next_at);
+    }
+    // A withdrawn instruction gets no next pull.
+    sqlx::query("UPDATE pull_instructions SET status = 'withdrawn' WHERE id = 'i1'")
+        .execute(gateway.state.db.write_pool())
+        .await
+        .expect("withdraw");
+    sqlx::query("UPDATE pull_jobs SET not_before = 0 WHERE status = 'queued'")
+        .execute(gateway.state.db.write_pool())
+        .await
+        .expect("due now");
+    let mut tx = gateway.state.db.begin().await.expect("tx");
+    let claimed = queue
+        .claim_all_in(&mut tx, &["w5", "w6"], lease)
+        .await
+        .expect("claim");
+    assert!(
+        claimed.iter().all(Option::is_some),
+        "both next pulls are due"
+    );
+    let done: Vec<_> = claimed
+        .iter()
+        .zip(["w5", "w6"])
+        .map(|(job, w)| (job.as_ref().expect("job"), w, next_at))
+        .collect();
+    assert!(queue.finish_done_all(&mut tx, &done).await.expect("finish"));
+    tx.commit().await.expect("commit");
+    assert_eq!(queue.progress("i1").await.expect("progress").len(), 2);
+    assert_eq!(queue.progress("i2").await.expect("progress").len(), 3);
 }

@@ -119,10 +119,46 @@ pub async fn enqueue_in(
     Ok(true)
 }
 
-/// After new or corrected data for `patient_id` in `categories` was stored (in the caller's
-/// transaction): tells each recipient whose consent is in force for any of them.
-pub async fn data_changed_in(
+/// A recipient's live consent to a patient's data, whose recipient takes webhooks.
+struct Watching {
+    patient_id: String,
+    consent_id: String,
+    recipient: String,
+    consent: phr_consent::Consent,
+}
+
+/// The active consents of these patients whose recipients take webhooks, in one query.
+async fn watching(conn: &mut AnyConnection, patient_ids: &[&str]) -> Result<Vec<Watching>> {
+    let mut watching = Vec::new();
+    for chunk in patient_ids.chunks(500) {
+        let sql = format!(
+            "SELECT c.patient_id, c.id, c.recipient, v.body FROM consents c JOIN consent_versions v
+                 ON v.consent_id = c.id AND v.version = c.current_version
+             WHERE c.patient_id IN ({}) AND c.status = 'active'
+               AND c.recipient IN (SELECT client_id FROM webhook_endpoints)",
+            crate::store::list_placeholders(crate::store::Engine::of_connection(conn), chunk.len())
+        );
+        let mut query = sqlx::query(&sql);
+        for patient_id in chunk {
+            query = query.bind(patient_id.to_string());
+        }
+        for row in query.fetch_all(&mut *conn).await? {
+            watching.push(Watching {
+                patient_id: row.try_get(0)?,
+                consent_id: row.try_get(1)?,
+                recipient: row.try_get(2)?,
+                consent: crate::consents::consent_of(&row.try_get::<String, _>(3)?)?,
+            });
+        }
+    }
+    Ok(watching)
+}
+
+/// Queues `kind` for these categories of the patient's data to each recipient whose consent
+/// is in force and covers any of them; how many were queued.
+async fn queue_changed(
     conn: &mut AnyConnection,
+    watching: &[Watching],
     patient_id: &str,
     categories: &[DataCategory],
     kind: NotificationKind,
@@ -130,21 +166,10 @@ pub async fn data_changed_in(
     if categories.is_empty() {
         return Ok(0);
     }
-    let rows = sqlx::query(
-        "SELECT c.id, c.recipient, v.body FROM consents c JOIN consent_versions v
-             ON v.consent_id = c.id AND v.version = c.current_version
-         WHERE c.patient_id = $1 AND c.status = 'active'
-           AND c.recipient IN (SELECT client_id FROM webhook_endpoints)",
-    )
-    .bind(patient_id)
-    .fetch_all(&mut *conn)
-    .await?;
     let now = OffsetDateTime::now_utc();
     let mut queued = 0;
-    for row in rows {
-        let consent_id: String = row.try_get(0)?;
-        let recipient: String = row.try_get(1)?;
-        let consent = crate::consents::consent_of(&row.try_get::<String, _>(2)?)?;
+    for watch in watching.iter().filter(|w| w.patient_id == patient_id) {
+        let consent = &watch.consent;
         let in_force = consent.status == ConsentStatus::Active
             && consent
                 .provision
@@ -158,7 +183,15 @@ pub async fn data_changed_in(
             .collect();
         if in_force
             && !shared.is_empty()
-            && enqueue_in(conn, &recipient, patient_id, &consent_id, kind, &shared).await?
+            && enqueue_in(
+                conn,
+                &watch.recipient,
+                patient_id,
+                &watch.consent_id,
+                kind,
+                &shared,
+            )
+            .await?
         {
             queued += 1;
         }
@@ -174,7 +207,16 @@ pub async fn announce_written_in(
     patient_id: &str,
     written: &[(ResourceMeta, WriteOutcome)],
 ) -> Result<()> {
-    let categories_of = |wanted: WriteOutcome| {
+    announce_written_all(conn, &[(patient_id, written)]).await
+}
+
+/// `announce_written_in` for the batches of a group commit, with one query for the
+/// consents of all their patients.
+pub async fn announce_written_all(
+    conn: &mut AnyConnection,
+    batches: &[(&str, &[(ResourceMeta, WriteOutcome)])],
+) -> Result<()> {
+    let categories_of = |written: &[(ResourceMeta, WriteOutcome)], wanted: WriteOutcome| {
         let mut categories: Vec<DataCategory> = written
             .iter()
             .filter(|(_, outcome)| *outcome == wanted)
@@ -184,19 +226,45 @@ pub async fn announce_written_in(
         categories.dedup();
         categories
     };
-    let created = categories_of(WriteOutcome::Created);
-    let corrected = categories_of(WriteOutcome::NewVersion);
-    if created.is_empty() && corrected.is_empty() {
+    let changed: Vec<(&str, Vec<DataCategory>, Vec<DataCategory>)> = batches
+        .iter()
+        .map(|(patient_id, written)| {
+            (
+                *patient_id,
+                categories_of(written, WriteOutcome::Created),
+                categories_of(written, WriteOutcome::NewVersion),
+            )
+        })
+        .filter(|(_, created, corrected)| !created.is_empty() || !corrected.is_empty())
+        .collect();
+    if changed.is_empty() {
         return Ok(());
     }
-    data_changed_in(conn, patient_id, &created, NotificationKind::NewData).await?;
-    data_changed_in(
-        conn,
-        patient_id,
-        &corrected,
-        NotificationKind::DataCorrected,
-    )
-    .await?;
+    let mut patient_ids: Vec<&str> = changed.iter().map(|(p, _, _)| *p).collect();
+    patient_ids.sort_unstable();
+    patient_ids.dedup();
+    let watching = watching(conn, &patient_ids).await?;
+    if watching.is_empty() {
+        return Ok(());
+    }
+    for (patient_id, created, corrected) in &changed {
+        queue_changed(
+            conn,
+            &watching,
+            patient_id,
+            created,
+            NotificationKind::NewData,
+        )
+        .await?;
+        queue_changed(
+            conn,
+            &watching,
+            patient_id,
+            corrected,
+            NotificationKind::DataCorrected,
+        )
+        .await?;
+    }
     Ok(())
 }
 

@@ -460,33 +460,52 @@ impl Instructions {
         )
     }
 
-    /// After a stored batch, in the caller's transaction: the new cursor and, when the source
-    /// refreshed them, the new credentials.
-    pub async fn advance(
+    /// After stored pages, in the caller's transaction: each instruction's new cursor (all in
+    /// one statement) and, where the source refreshed them, its new credentials.
+    pub async fn advance_all(
+        &self,
+        conn: &mut AnyConnection,
+        pages: &[(&Instruction, &str, Option<&LinkCredentials>)],
+    ) -> Result<()> {
+        if pages.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "UPDATE source_links SET cursor = v.column2
+             FROM (VALUES {}) AS v
+             WHERE source_links.instruction_id = v.column1 AND source_links.revoked_at IS NULL",
+            crate::store::row_placeholders(self.db.engine(), pages.len(), 2)
+        );
+        let mut query = sqlx::query(&sql);
+        for (instruction, cursor, _) in pages {
+            query = query.bind(instruction.id.clone()).bind(cursor.to_string());
+        }
+        query.execute(&mut *conn).await?;
+        for (instruction, _, refreshed) in pages {
+            if let Some(credentials) = refreshed {
+                self.store_credentials(conn, instruction, credentials)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Credentials the source refreshed, sealed with the patient's key.
+    async fn store_credentials(
         &self,
         conn: &mut AnyConnection,
         instruction: &Instruction,
-        cursor: &str,
-        refreshed: Option<&LinkCredentials>,
+        credentials: &LinkCredentials,
     ) -> Result<()> {
+        let key = self.keys.data_key(&instruction.patient_id).await?;
+        let sealed = seal_credentials(&key, &instruction.id, credentials)?;
         sqlx::query(
-            "UPDATE source_links SET cursor = $1 WHERE instruction_id = $2 AND revoked_at IS NULL",
+            "UPDATE source_links SET credentials_sealed = $1 WHERE instruction_id = $2 AND revoked_at IS NULL",
         )
-        .bind(cursor)
+        .bind(sealed)
         .bind(&instruction.id)
         .execute(&mut *conn)
         .await?;
-        if let Some(credentials) = refreshed {
-            let key = self.keys.data_key(&instruction.patient_id).await?;
-            let sealed = seal_credentials(&key, &instruction.id, credentials)?;
-            sqlx::query(
-                "UPDATE source_links SET credentials_sealed = $1 WHERE instruction_id = $2 AND revoked_at IS NULL",
-            )
-            .bind(sealed)
-            .bind(&instruction.id)
-            .execute(&mut *conn)
-            .await?;
-        }
         Ok(())
     }
 

@@ -15,7 +15,7 @@ use phr_adapters::LinkCredentials;
 use tracing::Instrument;
 
 use super::instructions::Instruction;
-use super::queue::{BatchCounts, JobOutcome, PullJob};
+use super::queue::{BatchCounts, PullJob};
 use super::registry::{mark_available_in, SourceInfo};
 use super::worker::PullWorker;
 use crate::audit::{self, Agent, AuditEvent, EventKind, Outcome};
@@ -238,11 +238,16 @@ async fn write_pages(worker: &PullWorker, mut pages: Vec<PendingPage>) -> Result
         .instrument(tracing::debug_span!("pull_tx_page"))
         .await?;
 
+    let announced: Vec<(&str, &[(ResourceMeta, WriteOutcome)])> = pages
+        .iter()
+        .zip(&written)
+        .map(|(page, written)| (page.instruction.patient_id.as_str(), written.as_slice()))
+        .collect();
+    crate::notifications::announce_written_all(&mut tx, &announced)
+        .instrument(tracing::debug_span!("pull_tx_announce"))
+        .await?;
     let mut provenances = Vec::new();
     for (page, written) in pages.iter().zip(&written) {
-        crate::notifications::announce_written_in(&mut tx, &page.instruction.patient_id, written)
-            .instrument(tracing::debug_span!("pull_tx_announce"))
-            .await?;
         if let Some(provenance) = provenance_of(page, written)? {
             provenances.push((SealedBatch::seal(vec![provenance], &keys)?, None));
         }
@@ -255,59 +260,86 @@ async fn write_pages(worker: &PullWorker, mut pages: Vec<PendingPage>) -> Result
             .await?;
     }
 
-    let mut claimed = Vec::with_capacity(pages.len());
-    for (page, written) in pages.iter().zip(&written) {
-        let mut counts = BatchCounts {
-            rejected: page.refused.len() as i64,
-            ..BatchCounts::default()
-        };
-        for (_, outcome) in written {
-            match outcome {
-                WriteOutcome::Unchanged => counts.unchanged += 1,
-                _ => counts.received += 1,
+    // The jobs' bookkeeping, one statement for all pages where it can be: with small jobs
+    // (a page each) it was most of the group's statements.
+    let progress: Vec<(&str, &str, BatchCounts)> = pages
+        .iter()
+        .zip(&written)
+        .map(|(page, written)| {
+            let mut counts = BatchCounts {
+                rejected: page.refused.len() as i64,
+                ..BatchCounts::default()
+            };
+            for (_, outcome) in written {
+                match outcome {
+                    WriteOutcome::Unchanged => counts.unchanged += 1,
+                    _ => counts.received += 1,
+                }
             }
-        }
-        if !worker
-            .queue
-            .add_progress(&mut tx, &page.job.id, &page.worker, counts)
-            .await?
-        {
-            return Ok(Written::LeaseLost);
-        }
+            (page.job.id.as_str(), page.worker.as_str(), counts)
+        })
+        .collect();
+    if !worker.queue.add_progress_all(&mut tx, &progress).await? {
+        return Ok(Written::LeaseLost);
+    }
+    for page in &pages {
         record_refusals(worker, &mut tx, page).await?;
-        worker
-            .instructions
-            .advance(
-                &mut tx,
+    }
+    let cursors: Vec<_> = pages
+        .iter()
+        .map(|page| {
+            (
                 &page.instruction,
-                &page.cursor,
+                page.cursor.as_str(),
                 page.refreshed_credentials.as_ref(),
             )
+        })
+        .collect();
+    worker.instructions.advance_all(&mut tx, &cursors).await?;
+
+    let last: Vec<(&PendingPage, &LastPage)> = pages
+        .iter()
+        .filter_map(|page| page.last.as_ref().map(|last| (page, last)))
+        .collect();
+    // The sources answered to the end: no longer "unavailable since …" (in this commit,
+    // rather than waiting for the writer on their own).
+    let mut answered: Vec<&str> = last
+        .iter()
+        .map(|(page, _)| page.source.id.as_str())
+        .collect();
+    answered.sort_unstable();
+    answered.dedup();
+    for source_id in answered {
+        mark_available_in(&mut tx, source_id).await?;
+    }
+    let done: Vec<(&PullJob, &str, i64)> = last
+        .iter()
+        .map(|(page, last)| (&page.job, page.worker.as_str(), last.next_pull_at))
+        .collect();
+    if !worker.queue.finish_done_all(&mut tx, &done).await? {
+        return Ok(Written::LeaseLost);
+    }
+    // Each finishing worker's next job, claimed in the same commit: one statement per
+    // lease length (one, unless workers of different settings share the process).
+    let mut claimed: Vec<Option<PullJob>> = vec![None; pages.len()];
+    let mut leases: Vec<Duration> = last.iter().map(|(_, last)| last.lease).collect();
+    leases.sort_unstable();
+    leases.dedup();
+    for lease in leases {
+        let slots: Vec<usize> = pages
+            .iter()
+            .enumerate()
+            .filter(|(_, page)| page.last.as_ref().is_some_and(|l| l.lease == lease))
+            .map(|(slot, _)| slot)
+            .collect();
+        let claimants: Vec<&str> = slots.iter().map(|&s| pages[s].worker.as_str()).collect();
+        let next = worker
+            .queue
+            .claim_all_in(&mut tx, &claimants, lease)
             .await?;
-        let mut next = None;
-        if let Some(last) = &page.last {
-            // The source answered to the end: no longer "unavailable since …" (in this
-            // commit, rather than waiting for the writer on its own).
-            mark_available_in(&mut tx, &page.source.id).await?;
-            if !worker
-                .queue
-                .finish_in(
-                    &mut tx,
-                    &page.job,
-                    &page.worker,
-                    &JobOutcome::Done,
-                    Some(last.next_pull_at),
-                )
-                .await?
-            {
-                return Ok(Written::LeaseLost);
-            }
-            next = worker
-                .queue
-                .claim_in(&mut tx, &page.worker, last.lease)
-                .await?;
+        for (slot, job) in slots.into_iter().zip(next) {
+            claimed[slot] = job;
         }
-        claimed.push(next);
     }
     tx.commit()
         .instrument(tracing::debug_span!("pull_tx_commit"))

@@ -7,7 +7,7 @@ use std::time::Duration;
 use sqlx::Row;
 
 use crate::error::Result;
-use crate::store::{now_millis, Database, Engine};
+use crate::store::{now_millis, row_placeholders, Database, Engine};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PullJob {
@@ -117,36 +117,11 @@ impl JobQueue {
         worker: &str,
         lease: Duration,
     ) -> Result<Option<PullJob>> {
-        let now = now_millis();
-        let lock = match self.db.engine() {
-            Engine::Postgres => "FOR UPDATE SKIP LOCKED",
-            Engine::Sqlite => "",
-        };
-        let sql = format!(
-            "UPDATE pull_jobs SET status = 'running', lease_owner = $1, lease_expires_at = $2,
-                 attempts = attempts + 1, updated_at = $3
-             WHERE id = (SELECT id FROM pull_jobs
-                         WHERE (status = 'queued' AND not_before <= $3)
-                            OR (status = 'running' AND lease_expires_at < $3)
-                         ORDER BY not_before, id LIMIT 1 {lock})
-             RETURNING id, instruction_id, patient_id, source_id, attempts"
-        );
-        let row = sqlx::query(&sql)
-            .bind(worker)
-            .bind(now + lease.as_millis() as i64)
-            .bind(now)
-            .fetch_optional(conn)
-            .await?;
-        Ok(match row {
-            Some(row) => Some(PullJob {
-                id: row.try_get(0)?,
-                instruction_id: row.try_get(1)?,
-                patient_id: row.try_get(2)?,
-                source_id: row.try_get(3)?,
-                attempts: row.try_get(4)?,
-            }),
-            None => None,
-        })
+        Ok(self
+            .claim_all_in(conn, &[worker], lease)
+            .await?
+            .pop()
+            .flatten())
     }
 
     /// Extends the lease; `false` when this worker no longer holds the job.
@@ -175,21 +150,158 @@ impl JobQueue {
         worker: &str,
         counts: BatchCounts,
     ) -> Result<bool> {
-        let updated = sqlx::query(
-            "UPDATE pull_jobs SET received = received + $1, unchanged = unchanged + $2,
-                 rejected = rejected + $3, updated_at = $4
-             WHERE id = $5 AND lease_owner = $6 AND status = 'running'",
-        )
-        .bind(counts.received)
-        .bind(counts.unchanged)
-        .bind(counts.rejected)
-        .bind(now_millis())
-        .bind(job_id)
-        .bind(worker)
-        .execute(conn)
-        .await?
-        .rows_affected();
-        Ok(updated == 1)
+        self.add_progress_all(conn, &[(job_id, worker, counts)])
+            .await
+    }
+
+    /// `add_progress` for the jobs of a group commit, in one statement; `false` when any of
+    /// them is no longer its worker's (the caller must roll back).
+    pub async fn add_progress_all(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        progress: &[(&str, &str, BatchCounts)],
+    ) -> Result<bool> {
+        if progress.is_empty() {
+            return Ok(true);
+        }
+        let sql = format!(
+            "UPDATE pull_jobs SET received = pull_jobs.received + v.column3,
+                 unchanged = pull_jobs.unchanged + v.column4,
+                 rejected = pull_jobs.rejected + v.column5, updated_at = v.column6
+             FROM (VALUES {}) AS v
+             WHERE pull_jobs.id = v.column1 AND pull_jobs.lease_owner = v.column2
+               AND pull_jobs.status = 'running'",
+            row_placeholders(self.db.engine(), progress.len(), 6)
+        );
+        let now = now_millis();
+        let mut query = sqlx::query(&sql);
+        for (job_id, worker, counts) in progress {
+            query = query
+                .bind(job_id.to_string())
+                .bind(worker.to_string())
+                .bind(counts.received)
+                .bind(counts.unchanged)
+                .bind(counts.rejected)
+                .bind(now);
+        }
+        let updated = query.execute(&mut *conn).await?.rows_affected();
+        Ok(updated == progress.len() as u64)
+    }
+
+    /// `finish_in` with `Done` for the jobs of a group commit (job, its worker, when its
+    /// next pull is due), in two statements; `false` when any of them is no longer its
+    /// worker's (the caller must roll back).
+    pub async fn finish_done_all(
+        &self,
+        tx: &mut sqlx::AnyConnection,
+        done: &[(&PullJob, &str, i64)],
+    ) -> Result<bool> {
+        if done.is_empty() {
+            return Ok(true);
+        }
+        let engine = self.db.engine();
+        let now = now_millis();
+        let sql = format!(
+            "UPDATE pull_jobs SET status = 'done', finished_at = v.column3, lease_owner = NULL,
+                 lease_expires_at = NULL, updated_at = v.column3
+             FROM (VALUES {}) AS v
+             WHERE pull_jobs.id = v.column1 AND pull_jobs.lease_owner = v.column2",
+            row_placeholders(engine, done.len(), 3)
+        );
+        let mut query = sqlx::query(&sql);
+        for (job, worker, _) in done {
+            query = query
+                .bind(job.id.clone())
+                .bind(worker.to_string())
+                .bind(now);
+        }
+        if query.execute(&mut *tx).await?.rows_affected() != done.len() as u64 {
+            return Ok(false);
+        }
+        // Each instruction's next (incremental) pull, if it is still active and nothing is
+        // queued for it.
+        let sql = format!(
+            "INSERT INTO pull_jobs (id, instruction_id, patient_id, source_id, status, not_before,
+                 created_at, updated_at)
+             SELECT v.column1, v.column2, v.column3, v.column4, 'queued', v.column5, v.column6,
+                 v.column6
+             FROM (VALUES {}) AS v
+             WHERE EXISTS (SELECT 1 FROM pull_instructions i
+                           WHERE i.id = v.column2 AND i.status = 'active')
+               AND NOT EXISTS (SELECT 1 FROM pull_jobs j WHERE j.instruction_id = v.column2
+                               AND j.status IN ('queued', 'running'))",
+            row_placeholders(engine, done.len(), 6)
+        );
+        let mut query = sqlx::query(&sql);
+        for (job, _, next_at) in done {
+            query = query
+                .bind(uuid::Uuid::now_v7().to_string())
+                .bind(job.instruction_id.clone())
+                .bind(job.patient_id.clone())
+                .bind(job.source_id.clone())
+                .bind(*next_at)
+                .bind(now);
+        }
+        query.execute(&mut *tx).await?;
+        Ok(true)
+    }
+
+    /// `claim_in` for several workers at once, in one statement: each worker's claimed job,
+    /// in the order given (`None` for a worker when fewer jobs are ready than workers).
+    pub async fn claim_all_in(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        workers: &[&str],
+        lease: Duration,
+    ) -> Result<Vec<Option<PullJob>>> {
+        if workers.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = now_millis();
+        let lock = match self.db.engine() {
+            Engine::Postgres => "FOR UPDATE SKIP LOCKED",
+            Engine::Sqlite => "",
+        };
+        // The ready jobs, oldest first, numbered to pair them with the workers. The times
+        // and the count are our own integers, written into the statement; only the workers'
+        // ids are bound.
+        let sql = format!(
+            "WITH ready AS (SELECT id, not_before FROM pull_jobs
+                            WHERE (status = 'queued' AND not_before <= {now})
+                               OR (status = 'running' AND lease_expires_at < {now})
+                            ORDER BY not_before, id LIMIT {count} {lock}),
+                  numbered AS (SELECT id, row_number() OVER (ORDER BY not_before, id) AS n
+                               FROM ready),
+                  claimants AS (SELECT column1 AS n, column2 AS worker FROM (VALUES {values}) AS w)
+             UPDATE pull_jobs SET status = 'running', lease_owner = claimants.worker,
+                 lease_expires_at = {expires}, attempts = pull_jobs.attempts + 1,
+                 updated_at = {now}
+             FROM numbered JOIN claimants ON claimants.n = numbered.n
+             WHERE pull_jobs.id = numbered.id
+             RETURNING pull_jobs.id, pull_jobs.instruction_id, pull_jobs.patient_id,
+                 pull_jobs.source_id, pull_jobs.attempts, pull_jobs.lease_owner",
+            count = workers.len(),
+            expires = now + lease.as_millis() as i64,
+            values = row_placeholders(self.db.engine(), workers.len(), 2),
+        );
+        let mut query = sqlx::query(&sql);
+        for (n, worker) in workers.iter().enumerate() {
+            query = query.bind(n as i64 + 1).bind(worker.to_string());
+        }
+        let mut claimed: Vec<Option<PullJob>> = vec![None; workers.len()];
+        for row in query.fetch_all(&mut *conn).await? {
+            let owner: String = row.try_get(5)?;
+            if let Some(slot) = workers.iter().position(|w| *w == owner) {
+                claimed[slot] = Some(PullJob {
+                    id: row.try_get(0)?,
+                    instruction_id: row.try_get(1)?,
+                    patient_id: row.try_get(2)?,
+                    source_id: row.try_get(3)?,
+                    attempts: row.try_get(4)?,
+                });
+            }
+        }
+        Ok(claimed)
     }
 
     /// Records an item the pull could not store, with its reason.
@@ -242,6 +354,9 @@ impl JobQueue {
         outcome: &JobOutcome,
         next_at: Option<i64>,
     ) -> Result<bool> {
+        if let (JobOutcome::Done, Some(at)) = (outcome, next_at) {
+            return self.finish_done_all(tx, &[(job, worker, at)]).await;
+        }
         let now = now_millis();
         let (status, not_before, error, finished) = match outcome {
             JobOutcome::Done => ("done", None, None, Some(now)),
@@ -265,24 +380,6 @@ impl JobQueue {
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        if let (1, JobOutcome::Done, Some(at)) = (updated, outcome, next_at) {
-            sqlx::query(
-                "INSERT INTO pull_jobs (id, instruction_id, patient_id, source_id, status, not_before,
-                     created_at, updated_at)
-                 SELECT $1, $2, $3, $4, 'queued', $5, $6, $6
-                 WHERE EXISTS (SELECT 1 FROM pull_instructions WHERE id = $2 AND status = 'active')
-                   AND NOT EXISTS (SELECT 1 FROM pull_jobs WHERE instruction_id = $2
-                                   AND status IN ('queued', 'running'))",
-            )
-            .bind(uuid::Uuid::now_v7().to_string())
-            .bind(&job.instruction_id)
-            .bind(&job.patient_id)
-            .bind(&job.source_id)
-            .bind(at)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        }
         Ok(updated == 1)
     }
 
