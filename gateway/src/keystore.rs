@@ -79,6 +79,51 @@ impl KeyStore {
         Ok(key)
     }
 
+    /// Reads the keys of many patients into the cache in one query per 500, so a job that
+    /// goes through patients one by one (a Bulk export) does not read the key store for
+    /// each. A patient without a key is left out; `data_key` reports it then.
+    pub async fn warm(&self, patient_ids: &[&str]) -> Result<()> {
+        let now = Instant::now();
+        let missing: Vec<&str> = match self.cache.lock() {
+            Ok(cache) => patient_ids
+                .iter()
+                .copied()
+                .filter(|id| {
+                    cache
+                        .get(*id)
+                        .is_none_or(|(at, _)| now.duration_since(*at) >= KEY_CACHE_TTL)
+                })
+                .collect(),
+            Err(_) => return Ok(()),
+        };
+        for chunk in missing.chunks(500) {
+            let sql = format!(
+                "SELECT patient_id, wrapped_key, kek_id FROM data_keys WHERE patient_id IN ({})",
+                crate::store::list_placeholders(self.db.engine(), chunk.len())
+            );
+            let mut query = sqlx::query(&sql);
+            for id in chunk {
+                query = query.bind(id.to_string());
+            }
+            let mut keys = Vec::with_capacity(chunk.len());
+            for row in query.fetch_all(self.db.read_pool()).await? {
+                let patient_id: String = row.try_get(0)?;
+                let key = self.unwrap_stored(&patient_id, row.try_get(1)?, row.try_get(2)?)?;
+                keys.push((patient_id, key));
+            }
+            if let Ok(mut cache) = self.cache.lock() {
+                if cache.len() + keys.len() > KEY_CACHE_SIZE {
+                    cache.clear();
+                }
+                let at = Instant::now();
+                for (patient_id, key) in keys {
+                    cache.insert(patient_id, (at, key));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The key as the store holds it now.
     async fn stored_key(&self, patient_id: &str) -> Result<DataKey> {
         let row = sqlx::query("SELECT wrapped_key, kek_id FROM data_keys WHERE patient_id = $1")
@@ -86,8 +131,16 @@ impl KeyStore {
             .fetch_optional(self.db.read_pool())
             .await?;
         let row = row.ok_or_else(|| Error::KeyMissing(patient_id.to_string()))?;
-        let wrapped: Vec<u8> = row.try_get(0)?;
-        let kek_id: Option<String> = row.try_get(1)?;
+        self.unwrap_stored(patient_id, row.try_get(0)?, row.try_get(1)?)
+    }
+
+    /// A stored key (wrapped, and the id of the KEK that wrapped it) unwrapped.
+    fn unwrap_stored(
+        &self,
+        patient_id: &str,
+        wrapped: Vec<u8>,
+        kek_id: Option<String>,
+    ) -> Result<DataKey> {
         // A key under another KEK is a state to name, not a decryption failure to guess at.
         if let Some(kek_id) = kek_id {
             if kek_id != self.kek.key_id() {

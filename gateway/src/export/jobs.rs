@@ -344,6 +344,9 @@ impl ExportJobs {
                         .consents
                         .active_for_recipient_between(&job.client_id, first, last)
                         .await?;
+                    // And their data keys, rather than one key store read per patient.
+                    let run: Vec<&str> = run.iter().map(String::as_str).collect();
+                    self.keys.warm(&run).await?;
                 }
             }
             let consents = run_consents.remove(patient_id).unwrap_or_default();
