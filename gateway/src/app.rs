@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::consents::Consents;
 use crate::crypto::{key_file, FileKek, KekProvider};
 use crate::error::{Error, Result};
-use crate::http::{self, AppState};
+use crate::http::{self, AppState, AppStateInner};
 use crate::keystore::KeyStore;
 use crate::pull::{Instructions, JobQueue, SourceRegistry};
 use crate::receipts::ReceiptSigner;
@@ -208,7 +208,7 @@ impl Gateway {
             &config,
             public_url.clone(),
         )?;
-        let state = AppState {
+        let state = AppState::new(AppStateInner {
             alerts,
             tls: tls.is_some(),
             config: Arc::new(config),
@@ -235,7 +235,7 @@ impl Gateway {
             id_token_keys: Arc::new(id_token_keys),
             public_url,
             supply_chain: Arc::new(supply_chain),
-        };
+        });
         Ok(Gateway {
             state,
             tls,

@@ -60,9 +60,28 @@ use crate::store::resources::ResourceStore;
 use crate::store::Database;
 use crate::tls::ConnectionInfo;
 
-/// Everything a handler may use. Cheap to clone.
+/// Everything a handler may use, behind one reference count: axum clones the state for
+/// each extractor of each request, and cloning the stores one by one (each with reference
+/// counts of its own) was about a quarter of a FHIR read's CPU.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppStateInner>);
+
+impl AppState {
+    pub fn new(inner: AppStateInner) -> Self {
+        AppState(Arc::new(inner))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppStateInner;
+
+    fn deref(&self) -> &AppStateInner {
+        &self.0
+    }
+}
+
+/// What `AppState` shares.
+pub struct AppStateInner {
     pub config: Arc<Config>,
     pub db: Database,
     pub keys: KeyStore,

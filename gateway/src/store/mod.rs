@@ -109,8 +109,12 @@ pub(crate) enum SessionSetup {
     },
 }
 
+/// The database's pools, shared: cloning a `Database` is one reference count, since every
+/// store holds one and request handlers clone the stores freely.
 #[derive(Clone)]
-pub struct Database {
+pub struct Database(Arc<Pools>);
+
+struct Pools {
     engine: Engine,
     /// Where it is (for tools that connect on their own: `pg_dump`, `pg_restore`).
     url: Arc<str>,
@@ -182,74 +186,74 @@ impl Database {
             )?),
             _ => None,
         };
-        Ok(Database {
+        Ok(Database(Arc::new(Pools {
             engine,
             url: Arc::from(url),
             read,
             write,
             native,
             faults: FaultPoints::default(),
-        })
+        })))
     }
 
     /// Applies the main schema's migrations for this engine.
     pub async fn migrate(&self) -> Result<()> {
-        let migrator = match self.engine {
+        let migrator = match self.0.engine {
             Engine::Sqlite => &SQLITE_MIGRATIONS,
             Engine::Postgres => &POSTGRES_MIGRATIONS,
         };
-        migrator.run(&self.write).await?;
+        migrator.run(&self.0.write).await?;
         Ok(())
     }
 
     pub(crate) async fn migrate_with(&self, migrator: &Migrator) -> Result<()> {
-        migrator.run(&self.write).await?;
+        migrator.run(&self.0.write).await?;
         Ok(())
     }
 
     pub fn engine(&self) -> Engine {
-        self.engine
+        self.0.engine
     }
 
     /// The URL it was opened with (it may hold a password: never log it).
     pub(crate) fn url(&self) -> &str {
-        &self.url
+        &self.0.url
     }
 
     pub fn read_pool(&self) -> &AnyPool {
-        &self.read
+        &self.0.read
     }
 
     pub fn write_pool(&self) -> &AnyPool {
-        &self.write
+        &self.0.write
     }
 
     /// Starts a write transaction.
     pub async fn begin(&self) -> Result<Transaction<'static, Any>> {
-        Ok(self.write.begin().await?)
+        Ok(self.0.write.begin().await?)
     }
 
     pub async fn ping(&self) -> Result<()> {
-        self.read.execute("SELECT 1").await?;
+        self.0.read.execute("SELECT 1").await?;
         Ok(())
     }
 
     pub async fn close(&self) {
-        if let Some(native) = &self.native {
+        if let Some(native) = &self.0.native {
             native.close();
         }
-        self.write.close().await;
-        self.read.close().await;
+        self.0.write.close().await;
+        self.0.read.close().await;
     }
 
     /// Test hook: the next time the named point is reached, it fails. Lets tests prove a
     /// transaction leaves nothing half-written.
     pub fn inject_fault(&self, point: &'static str) {
-        self.faults.arm(point);
+        self.0.faults.arm(point);
     }
 
     pub(crate) fn fault_point(&self, point: &'static str) -> Result<()> {
-        self.faults.check(point)
+        self.0.faults.check(point)
     }
 }
 

@@ -11,7 +11,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use sqlx::any::AnyRow;
@@ -74,13 +74,12 @@ impl RowValues for rusqlite::Row<'_> {
 }
 
 /// Native read-only connections to the SQLite file, opened as needed and kept for reuse.
-#[derive(Clone)]
 pub(crate) struct NativeReads {
     path: PathBuf,
     busy_timeout: Duration,
-    idle: Arc<Mutex<Vec<rusqlite::Connection>>>,
+    idle: Mutex<Vec<rusqlite::Connection>>,
     /// Set by `close`, as sqlx's pools are closed with it: no reads after.
-    closed: Arc<AtomicBool>,
+    closed: AtomicBool,
 }
 
 /// Connections kept idle; more are opened when more threads read at once, and closed after.
@@ -97,8 +96,8 @@ impl NativeReads {
         Ok(NativeReads {
             path: options.get_filename().to_path_buf(),
             busy_timeout,
-            idle: Arc::default(),
-            closed: Arc::default(),
+            idle: Mutex::default(),
+            closed: AtomicBool::default(),
         })
     }
 
@@ -183,7 +182,7 @@ impl Database {
         params: &[Param<'_>],
         map: impl FnOnce(&dyn RowValues) -> Result<T>,
     ) -> Result<Option<T>> {
-        if let (Engine::Sqlite, Some(native)) = (self.engine, &self.native) {
+        if let (Engine::Sqlite, Some(native)) = (self.0.engine, &self.0.native) {
             return native.fetch_optional(sql, params, map);
         }
         let mut query = sqlx::query(sql);
