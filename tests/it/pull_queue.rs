@@ -313,12 +313,13 @@ async fn a_group_commit_claims_finishes_and_counts_for_several_workers_at_once(e
         "b is not w1's"
     );
     drop(tx); // rolled back
+    let owned_progress = [
+        (a.id.as_str(), "w1", counts(5)),
+        (b.id.as_str(), "w2", counts(7)),
+    ];
     let mut tx = gateway.state.db.begin().await.expect("tx");
     assert!(queue
-        .add_progress_all(
-            &mut tx,
-            &[(&a.id, "w1", counts(5)), (&b.id, "w2", counts(7))]
-        )
+        .add_progress_all(&mut tx, &owned_progress)
         .await
         .expect("progress"));
     let next_at = now_millis() + 60_000;
@@ -332,10 +333,7 @@ async fn a_group_commit_claims_finishes_and_counts_for_several_workers_at_once(e
     drop(tx);
     let mut tx = gateway.state.db.begin().await.expect("tx");
     assert!(queue
-        .add_progress_all(
-            &mut tx,
-            &[(&a.id, "w1", counts(5)), (&b.id, "w2", counts(7))]
-        )
+        .add_progress_all(&mut tx, &owned_progress)
         .await
         .expect("progress"));
     assert!(queue
