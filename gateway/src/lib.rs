@@ -34,6 +34,7 @@ pub mod receipts;
 pub mod s3;
 pub mod store;
 pub mod supply_chain;
+pub mod tasks;
 pub mod telemetry;
 pub mod tls;
 pub mod uploads;

@@ -24,6 +24,7 @@ use crate::checkups;
 use crate::error::Result;
 use crate::store::now_millis;
 use crate::store::resources::{NewResource, ResourceStore, SealedBatch, SourceIdentity};
+use crate::tasks::AbortOnDrop;
 
 /// Timing of the worker; defaults suit production, tests shorten them.
 #[derive(Debug, Clone)]
@@ -506,14 +507,6 @@ fn prepare_page(
         }
     }
     PreparedPage { accepted, refused }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// Renews the lease every third of its length; flags `lost` if the job is no longer ours.
