@@ -62,20 +62,11 @@ impl KeyStore {
     /// The patient's data key for reading (possibly from the cache), or `KeyMissing` once
     /// it has been shredded.
     pub async fn data_key(&self, patient_id: &str) -> Result<DataKey> {
-        if let Ok(cache) = self.cache.lock() {
-            if let Some((at, key)) = cache.get(patient_id) {
-                if at.elapsed() < KEY_CACHE_TTL {
-                    return Ok(key.clone());
-                }
-            }
+        if let Some(key) = self.cached(patient_id) {
+            return Ok(key);
         }
         let key = self.stored_key(patient_id).await?;
-        if let Ok(mut cache) = self.cache.lock() {
-            if cache.len() >= KEY_CACHE_SIZE {
-                cache.clear();
-            }
-            cache.insert(patient_id.to_string(), (Instant::now(), key.clone()));
-        }
+        self.remember(vec![(patient_id.to_string(), key.clone())]);
         Ok(key)
     }
 
@@ -83,19 +74,11 @@ impl KeyStore {
     /// goes through patients one by one (a Bulk export) does not read the key store for
     /// each. A patient without a key is left out; `data_key` reports it then.
     pub async fn warm(&self, patient_ids: &[&str]) -> Result<()> {
-        let now = Instant::now();
-        let missing: Vec<&str> = match self.cache.lock() {
-            Ok(cache) => patient_ids
-                .iter()
-                .copied()
-                .filter(|id| {
-                    cache
-                        .get(*id)
-                        .is_none_or(|(at, _)| now.duration_since(*at) >= KEY_CACHE_TTL)
-                })
-                .collect(),
-            Err(_) => return Ok(()),
-        };
+        let missing: Vec<&str> = patient_ids
+            .iter()
+            .copied()
+            .filter(|id| self.cached(id).is_none())
+            .collect();
         for chunk in missing.chunks(500) {
             let sql = format!(
                 "SELECT patient_id, wrapped_key, kek_id FROM data_keys WHERE patient_id IN ({})",
@@ -111,17 +94,29 @@ impl KeyStore {
                 let key = self.unwrap_stored(&patient_id, row.try_get(1)?, row.try_get(2)?)?;
                 keys.push((patient_id, key));
             }
-            if let Ok(mut cache) = self.cache.lock() {
-                if cache.len() + keys.len() > KEY_CACHE_SIZE {
-                    cache.clear();
-                }
-                let at = Instant::now();
-                for (patient_id, key) in keys {
-                    cache.insert(patient_id, (at, key));
-                }
-            }
+            self.remember(keys);
         }
         Ok(())
+    }
+
+    /// The patient's key from the cache, if it was read within [`KEY_CACHE_TTL`].
+    fn cached(&self, patient_id: &str) -> Option<DataKey> {
+        let cache = self.cache.lock().ok()?;
+        let (at, key) = cache.get(patient_id)?;
+        (at.elapsed() < KEY_CACHE_TTL).then(|| key.clone())
+    }
+
+    /// Keys just read from the store, for reuse (the cache starts over when full).
+    fn remember(&self, keys: Vec<(String, DataKey)>) {
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() + keys.len() > KEY_CACHE_SIZE {
+                cache.clear();
+            }
+            let at = Instant::now();
+            for (patient_id, key) in keys {
+                cache.insert(patient_id, (at, key));
+            }
+        }
     }
 
     /// The key as the store holds it now.

@@ -374,26 +374,16 @@ impl ExportJobs {
                     })
                 });
                 if let Some(resource_type) = first_type {
-                    let (resources, patient_id, resource_type) =
-                        (self.resources.clone(), next.clone(), resource_type.clone());
                     let updated = UpdatedRange {
                         from: job.parameters.since,
                         to: Some(job.transaction_time),
                     };
-                    let page = {
-                        let (patient_id, resource_type) =
-                            (patient_id.clone(), resource_type.clone());
-                        tokio::spawn(async move {
-                            resources
-                                .page_current(&patient_id, &[&resource_type], &updated, None, PAGE)
-                                .await
-                        })
-                    };
-                    next_page = Some(FirstPage {
-                        patient_id,
+                    next_page = Some(FirstPage::read(
+                        &self.resources,
+                        next,
                         resource_type,
-                        page: AbortOnDrop(page),
-                    });
+                        updated,
+                    ));
                 }
             }
             let mut exported = 0usize;
@@ -764,6 +754,30 @@ struct FirstPage {
 }
 
 impl FirstPage {
+    /// Starts reading the patient's first page of the type.
+    fn read(
+        resources: &ResourceStore,
+        patient_id: &str,
+        resource_type: &str,
+        updated: UpdatedRange,
+    ) -> FirstPage {
+        let (resources, patient, wanted) = (
+            resources.clone(),
+            patient_id.to_string(),
+            resource_type.to_string(),
+        );
+        let page = tokio::spawn(async move {
+            resources
+                .page_current(&patient, &[&wanted], &updated, None, PAGE)
+                .await
+        });
+        FirstPage {
+            patient_id: patient_id.to_string(),
+            resource_type: resource_type.to_string(),
+            page: AbortOnDrop(page),
+        }
+    }
+
     async fn rows(mut self) -> Result<Vec<StoredResource>> {
         (&mut self.page.0)
             .await

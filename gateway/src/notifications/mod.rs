@@ -155,19 +155,18 @@ async fn watching(conn: &mut AnyConnection, patient_ids: &[&str]) -> Result<Vec<
 }
 
 /// Queues `kind` for these categories of the patient's data to each recipient whose consent
-/// is in force and covers any of them; how many were queued.
+/// is in force and covers any of them.
 async fn queue_changed(
     conn: &mut AnyConnection,
     watching: &[Watching],
     patient_id: &str,
     categories: &[DataCategory],
     kind: NotificationKind,
-) -> Result<u64> {
+) -> Result<()> {
     if categories.is_empty() {
-        return Ok(0);
+        return Ok(());
     }
     let now = OffsetDateTime::now_utc();
-    let mut queued = 0;
     for watch in watching.iter().filter(|w| w.patient_id == patient_id) {
         let consent = &watch.consent;
         let in_force = consent.status == ConsentStatus::Active
@@ -181,9 +180,8 @@ async fn queue_changed(
             .copied()
             .filter(|c| consent.provision.categories.contains(c))
             .collect();
-        if in_force
-            && !shared.is_empty()
-            && enqueue_in(
+        if in_force && !shared.is_empty() {
+            enqueue_in(
                 conn,
                 &watch.recipient,
                 patient_id,
@@ -191,12 +189,10 @@ async fn queue_changed(
                 kind,
                 &shared,
             )
-            .await?
-        {
-            queued += 1;
+            .await?;
         }
     }
-    Ok(queued)
+    Ok(())
 }
 
 /// After a batch was stored (in its transaction): new resources announce `new-data`, new

@@ -28,6 +28,21 @@ pub enum Param<'a> {
     Blob(&'a [u8]),
 }
 
+/// `params` bound in order to a sqlx query.
+pub fn bind_params<'q>(
+    mut query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    params: &[Param<'_>],
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    for param in params {
+        query = match param {
+            Param::Text(text) => query.bind(text.to_string()),
+            Param::Int(int) => query.bind(*int),
+            Param::Blob(blob) => query.bind(blob.to_vec()),
+        };
+    }
+    query
+}
+
 /// The columns of one result row, whichever engine produced it.
 pub trait RowValues {
     fn text(&self, index: usize) -> Result<String>;
@@ -185,14 +200,7 @@ impl Database {
         if let (Engine::Sqlite, Some(native)) = (self.0.engine, &self.0.native) {
             return native.fetch_optional(sql, params, map);
         }
-        let mut query = sqlx::query(sql);
-        for param in params {
-            query = match param {
-                Param::Text(text) => query.bind(text.to_string()),
-                Param::Int(int) => query.bind(*int),
-                Param::Blob(blob) => query.bind(blob.to_vec()),
-            };
-        }
+        let query = bind_params(sqlx::query(sql), params);
         match query.fetch_optional(self.read_pool()).await? {
             Some(row) => map(&row).map(Some),
             None => Ok(None),

@@ -10,7 +10,7 @@ use sqlx::{AnyConnection, Row};
 
 use tracing::Instrument;
 
-use super::point_reads::{Param, RowValues};
+use super::point_reads::{bind_params, Param, RowValues};
 use super::{insert_patient, insert_patients, now_millis, Database};
 use crate::audit::{self, Agent, AuditEvent, EventKind};
 use crate::crypto::DataKey;
@@ -469,13 +469,7 @@ impl ResourceStore {
         let sql = format!(
             "{SELECT_CURRENT} WHERE r.patient_id = $1 AND {filter} ORDER BY r.id LIMIT {limit}"
         );
-        let mut query = sqlx::query(&sql).bind(patient_id);
-        for bind in binds {
-            query = match bind {
-                Bind::Text(text) => query.bind(text),
-                Bind::Int(int) => query.bind(int),
-            };
-        }
+        let query = bind_params(sqlx::query(&sql).bind(patient_id), &binds);
         let rows = query.fetch_all(self.db.read_pool()).await?;
         if rows.is_empty() {
             return Ok(Vec::new());
@@ -498,13 +492,7 @@ impl ResourceStore {
         }
         let (filter, binds) = current_filter(types, updated, None);
         let sql = format!("SELECT COUNT(*) FROM resources r WHERE r.patient_id = $1 AND {filter}");
-        let mut query = sqlx::query(&sql).bind(patient_id);
-        for bind in binds {
-            query = match bind {
-                Bind::Text(text) => query.bind(text),
-                Bind::Int(int) => query.bind(int),
-            };
-        }
+        let query = bind_params(sqlx::query(&sql).bind(patient_id), &binds);
         let row = query.fetch_one(self.db.read_pool()).await?;
         Ok(row.try_get(0)?)
     }
@@ -711,34 +699,30 @@ pub struct UpdatedRange {
     pub to: Option<i64>,
 }
 
-enum Bind {
-    Text(String),
-    Int(i64),
-}
-
-/// The `WHERE` conditions (after `r.patient_id = $1`) for current resources of `types`.
-fn current_filter(
-    types: &[&str],
+/// The `WHERE` conditions (after `r.patient_id = $1`) for current resources of `types`,
+/// and their parameters from `$2` on.
+fn current_filter<'a>(
+    types: &[&'a str],
     updated: &UpdatedRange,
-    after_id: Option<&str>,
-) -> (String, Vec<Bind>) {
+    after_id: Option<&'a str>,
+) -> (String, Vec<Param<'a>>) {
     let mut binds = Vec::new();
     let mut placeholders = Vec::with_capacity(types.len());
     for resource_type in types {
-        binds.push(Bind::Text((*resource_type).to_string()));
+        binds.push(Param::Text(resource_type));
         placeholders.push(format!("${}", binds.len() + 1));
     }
     let mut filter = format!("r.resource_type IN ({})", placeholders.join(", "));
     if let Some(from) = updated.from {
-        binds.push(Bind::Int(from));
+        binds.push(Param::Int(from));
         filter.push_str(&format!(" AND r.last_updated >= ${}", binds.len() + 1));
     }
     if let Some(to) = updated.to {
-        binds.push(Bind::Int(to));
+        binds.push(Param::Int(to));
         filter.push_str(&format!(" AND r.last_updated <= ${}", binds.len() + 1));
     }
     if let Some(after) = after_id {
-        binds.push(Bind::Text(after.to_string()));
+        binds.push(Param::Text(after));
         filter.push_str(&format!(" AND r.id > ${}", binds.len() + 1));
     }
     (filter, binds)
