@@ -184,6 +184,32 @@ async fn pages_ready_together_share_one_commit_and_keep_their_own_records(engine
             1,
             "one leaf for patient {n}'s page"
         );
+        // The Provenance is written with its page, so the page's leaf names it too.
+        let provenance: String = sqlx::query_scalar(&format!(
+            "SELECT id FROM resources WHERE patient_id = 'gc-patient-{n}' \
+             AND resource_type = 'Provenance'"
+        ))
+        .fetch_one(env.app.gateway().state.db.read_pool())
+        .await
+        .expect("the Provenance");
+        let named = format!("Provenance/{provenance}/_history/1");
+        let page = format!("from source hospital (instruction gc-{n})");
+        assert_eq!(
+            leaves_containing(&env.app, &named).await,
+            1,
+            "patient {n}'s Provenance is listed once"
+        );
+        let bodies: Vec<Vec<u8>> = sqlx::query_scalar("SELECT body FROM audit_leaves")
+            .fetch_all(env.app.gateway().state.db.read_pool())
+            .await
+            .expect("leaves");
+        assert!(
+            bodies.iter().any(|body| {
+                let body = String::from_utf8_lossy(body);
+                body.contains(&named) && body.contains(&page)
+            }),
+            "patient {n}'s Provenance is listed in its page's leaf"
+        );
         assert_eq!(
             job_status(&env.app, &env.instructions[n - 1]).await,
             "done",

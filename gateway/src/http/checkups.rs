@@ -23,7 +23,7 @@ use crate::error::Error;
 use crate::oauth::{AccessGrant, Scope};
 use crate::provenance::{provenance_for, Origin};
 use crate::store::reconciliation;
-use crate::store::resources::{NewResource, WriteOutcome};
+use crate::store::resources::{NewResource, ResourceMeta, WriteOutcome};
 use crate::uploads::UploadPermissions;
 use axum::Extension;
 
@@ -277,30 +277,6 @@ async fn store(
         state.resources.validate(new)?;
     }
     let keys = state.resources.data_keys_for(&batch).await?;
-    let mut tx = state.db.begin().await?;
-    let written = state
-        .resources
-        .put_batch_in(
-            &mut tx,
-            &agent,
-            batch,
-            &keys,
-            Some("特定健診 upload".into()),
-        )
-        .await?;
-    crate::notifications::announce_written_in(&mut tx, &uploader.patient_id, &written).await?;
-    // Each upload is a source of its checkups, even of those already received.
-    let targets: Vec<_> = written.iter().map(|(meta, _)| meta).collect();
-    for meta in &targets {
-        reconciliation::record_origin_in(
-            &mut tx,
-            &uploader.patient_id,
-            &meta.resource_type,
-            &meta.source_resource_id,
-            &uploader.source_id,
-        )
-        .await?;
-    }
     let origin = Origin {
         patient_id: &uploader.patient_id,
         source_id: &uploader.source_id,
@@ -311,11 +287,33 @@ async fn store(
             .map(|id| format!("urn:phr-gateway:upload-permission:{id}")),
         entity: None,
     };
-    if let Some(provenance) = provenance_for(&origin, &targets)? {
-        state
-            .resources
-            .put_batch_in(&mut tx, &agent, vec![provenance], &keys, None)
-            .await?;
+    // Each upload is a source of its checkups, even of those already received.
+    let provenance = |_page: usize, written: &[(ResourceMeta, WriteOutcome)]| {
+        let targets: Vec<&ResourceMeta> = written.iter().map(|(meta, _)| meta).collect();
+        provenance_for(&origin, &targets)
+    };
+    let mut tx = state.db.begin().await?;
+    let written = state
+        .resources
+        .put_batch_in(
+            &mut tx,
+            &agent,
+            batch,
+            &keys,
+            Some("特定健診 upload".into()),
+            Some(&provenance),
+        )
+        .await?;
+    crate::notifications::announce_written_in(&mut tx, &uploader.patient_id, &written).await?;
+    for (meta, _) in &written {
+        reconciliation::record_origin_in(
+            &mut tx,
+            &uploader.patient_id,
+            &meta.resource_type,
+            &meta.source_resource_id,
+            &uploader.source_id,
+        )
+        .await?;
     }
     if let (Some(permission), Actor::Client { id }) = (&uploader.permission, &agent.actor) {
         let detail = format!("{} checkup report(s)", written.len());

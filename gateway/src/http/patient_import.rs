@@ -18,7 +18,7 @@ use crate::audit::{Agent, AuditEvent, EventKind, Outcome};
 use crate::error::Error;
 use crate::import;
 use crate::provenance::{provenance_for, Origin};
-use crate::store::resources::{NewResource, SourceIdentity, WriteOutcome};
+use crate::store::resources::{NewResource, ResourceMeta, SourceIdentity, WriteOutcome};
 
 /// The source an imported resource's identity and Provenance name.
 const IMPORT_SOURCE: &str = "import";
@@ -112,17 +112,6 @@ pub async fn import_into(
     }
     let keys = state.resources.data_keys_for(&batch).await?;
     let agent = into.agent.clone();
-    let mut tx = state.db.begin().await?;
-    let written = state
-        .resources
-        .put_batch_in(&mut tx, &agent, batch, &keys, Some("import".into()))
-        .await?;
-    crate::notifications::announce_written_in(&mut tx, patient_id, &written).await?;
-    let targets: Vec<_> = written
-        .iter()
-        .filter(|(_, outcome)| *outcome != WriteOutcome::Unchanged)
-        .map(|(meta, _)| meta)
-        .collect();
     let origin = Origin {
         patient_id,
         source_id: into.source_id,
@@ -130,12 +119,27 @@ pub async fn import_into(
         policy: None,
         entity: None,
     };
-    if let Some(provenance) = provenance_for(&origin, &targets)? {
-        state
-            .resources
-            .put_batch_in(&mut tx, &agent, vec![provenance], &keys, None)
-            .await?;
-    }
+    let provenance = |_page: usize, written: &[(ResourceMeta, WriteOutcome)]| {
+        let targets: Vec<&ResourceMeta> = written
+            .iter()
+            .filter(|(_, outcome)| *outcome != WriteOutcome::Unchanged)
+            .map(|(meta, _)| meta)
+            .collect();
+        provenance_for(&origin, &targets)
+    };
+    let mut tx = state.db.begin().await?;
+    let written = state
+        .resources
+        .put_batch_in(
+            &mut tx,
+            &agent,
+            batch,
+            &keys,
+            Some("import".into()),
+            Some(&provenance),
+        )
+        .await?;
+    crate::notifications::announce_written_in(&mut tx, patient_id, &written).await?;
     tx.commit().await.map_err(Error::from)?;
     state.audit.notify();
     let count = |wanted: WriteOutcome| written.iter().filter(|(_, o)| *o == wanted).count();

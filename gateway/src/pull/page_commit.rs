@@ -232,9 +232,13 @@ async fn write_pages(worker: &PullWorker, mut pages: Vec<PendingPage>) -> Result
         );
         batches.push((std::mem::take(&mut page.accepted), Some(detail)));
     }
+    // Each page's Provenance goes into the same statements as the page, under its leaf.
+    let provenance = |page: usize, written: &[(ResourceMeta, WriteOutcome)]| {
+        provenance_of(&pages[page], written)
+    };
     let written = worker
         .resources
-        .put_sealed_pages_in(&mut tx, &agent, batches, &keys)
+        .put_sealed_pages_in(&mut tx, &agent, batches, &keys, Some(&provenance))
         .instrument(tracing::debug_span!("pull_tx_page"))
         .await?;
 
@@ -246,19 +250,6 @@ async fn write_pages(worker: &PullWorker, mut pages: Vec<PendingPage>) -> Result
     crate::notifications::announce_written_all(&mut tx, &announced)
         .instrument(tracing::debug_span!("pull_tx_announce"))
         .await?;
-    let mut provenances = Vec::new();
-    for (page, written) in pages.iter().zip(&written) {
-        if let Some(provenance) = provenance_of(page, written)? {
-            provenances.push((SealedBatch::seal(vec![provenance], &keys)?, None));
-        }
-    }
-    if !provenances.is_empty() {
-        worker
-            .resources
-            .put_sealed_pages_in(&mut tx, &agent, provenances, &keys)
-            .instrument(tracing::debug_span!("pull_tx_provenance"))
-            .await?;
-    }
 
     // The jobs' bookkeeping, one statement for all pages where it can be: with small jobs
     // (a page each) it was most of the group's statements.

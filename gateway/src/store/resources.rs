@@ -199,7 +199,7 @@ impl ResourceStore {
         let keys = self.data_keys_for(&batch).await?;
         let mut tx = self.db.begin().await?;
         let results = self
-            .put_batch_in(&mut tx, agent, batch, &keys, detail)
+            .put_batch_in(&mut tx, agent, batch, &keys, detail, None)
             .await?;
         if results
             .iter()
@@ -232,6 +232,7 @@ impl ResourceStore {
     /// The batch's writes and its audit leaf inside the caller's transaction, so a caller
     /// can commit them together with its own bookkeeping (e.g. a pull's progress). The
     /// caller has validated each resource (`validate`) and fetched the keys (`data_keys_for`).
+    /// `attach` (see `Attachment`) adds the batch's Provenance to the same statements.
     pub async fn put_batch_in(
         &self,
         tx: &mut AnyConnection,
@@ -239,35 +240,26 @@ impl ResourceStore {
         batch: Vec<NewResource>,
         keys: &HashMap<String, DataKey>,
         detail: Option<String>,
+        attach: Option<&Attachment<'_>>,
     ) -> Result<Vec<(ResourceMeta, WriteOutcome)>> {
         let sealed = SealedBatch::seal(batch, keys)?;
-        self.put_sealed_in(tx, agent, sealed, keys, detail).await
-    }
-
-    /// `put_batch_in` for a batch sealed before the transaction (see `SealedBatch`).
-    pub async fn put_sealed_in(
-        &self,
-        tx: &mut AnyConnection,
-        agent: &Agent,
-        batch: SealedBatch,
-        keys: &HashMap<String, DataKey>,
-        detail: Option<String>,
-    ) -> Result<Vec<(ResourceMeta, WriteOutcome)>> {
         let mut written = self
-            .put_sealed_pages_in(tx, agent, vec![(batch, detail)], keys)
+            .put_sealed_pages_in(tx, agent, vec![(sealed, detail)], keys, attach)
             .await?;
         Ok(written.pop().unwrap_or_default())
     }
 
     /// Several sealed batches (pages) written with the same few statements, each page still
     /// audited by a leaf of its own with its own note. This is how pages of several pull
-    /// jobs share one commit. The result holds each page's outcomes, in order.
+    /// jobs share one commit. The result holds each page's outcomes, in order (without
+    /// what `attach` added).
     pub async fn put_sealed_pages_in(
         &self,
         tx: &mut AnyConnection,
         agent: &Agent,
         pages: Vec<(SealedBatch, Option<String>)>,
         keys: &HashMap<String, DataKey>,
+        attach: Option<&Attachment<'_>>,
     ) -> Result<Vec<Vec<(ResourceMeta, WriteOutcome)>>> {
         let now = now_millis();
         let patients: Vec<&str> = keys.keys().map(String::as_str).collect();
@@ -292,64 +284,62 @@ impl ResourceStore {
         let mut seen = find_seen_versions(&mut *tx, &all, &digests, &known)
             .instrument(tracing::debug_span!("store_find_seen"))
             .await?;
+        let mut placing = Placing {
+            known: &mut known,
+            seen: &mut seen,
+            keys,
+            now,
+            rows: Vec::new(),
+            // Each page's rows, by their position in `rows`.
+            page_rows: vec![Vec::new(); page_ends.len()],
+        };
         let mut results = vec![Vec::new(); page_ends.len()];
-        // Each page's rows, by their position in `rows`.
-        let mut page_rows = vec![0..0; page_ends.len()];
-        let mut rows: Vec<VersionRow> = Vec::new();
         let mut page = 0;
         for (i, (new, ahead)) in all.into_iter().zip(ahead).enumerate() {
             while i >= page_ends[page] {
                 page += 1;
-                page_rows[page] = rows.len()..rows.len();
             }
-            let digest = ahead.digest;
-            let source_version = source_version_of(&new, &digest);
-            let identity = Identity::of(&new);
-            let (id, version, outcome, sealed) = match known.get(&identity) {
-                Some((id, current)) => match seen.get(&(id.clone(), source_version.clone())) {
-                    Some(earlier) => {
-                        let meta = meta_of(
-                            &new,
-                            id,
-                            earlier.version,
-                            &source_version,
-                            earlier.last_updated,
-                            earlier.digest,
-                        );
-                        results[page].push((meta, WriteOutcome::Unchanged));
-                        continue;
-                    }
-                    None => {
-                        // Sealed ahead as new; a new version is bound to its own id and
-                        // version, so it is sealed again here.
-                        let (id, version) = (id.clone(), current + 1);
-                        let key = keys
-                            .get(&new.patient_id)
-                            .ok_or(Error::Crypto("data key vanished during the batch"))?;
-                        let sealed =
-                            key.seal(&body_aad(&new.patient_id, &id, version), &new.body)?;
-                        (id, version, WriteOutcome::NewVersion, sealed)
-                    }
-                },
-                None => (ahead.id, 1, WriteOutcome::Created, ahead.sealed),
-            };
-            known.insert(identity, (id.clone(), version));
-            seen.insert(
-                (id.clone(), source_version.clone()),
-                SeenVersion {
-                    version,
-                    last_updated: now,
-                    digest,
-                },
-            );
-            let meta = meta_of(&new, &id, version, &source_version, now, digest);
-            rows.push(VersionRow {
-                meta: meta.clone(),
-                sealed,
-            });
-            page_rows[page].end = rows.len();
-            results[page].push((meta, outcome));
+            results[page].push(placing.place(page, new, ahead)?);
         }
+
+        // Each page's attachment. One attached to a page that wrote new versions is named
+        // after them, so it cannot exist yet and needs no lookup; the others are looked up
+        // together (a page of unchanged resources rarely has one).
+        let mut unresolved = Vec::new();
+        if let Some(attach) = attach {
+            for (page, outcomes) in results.iter().enumerate() {
+                let Some(new) = attach(page, outcomes)? else {
+                    continue;
+                };
+                if placing.page_rows[page].is_empty() {
+                    unresolved.push((page, new));
+                } else {
+                    let sealed = SealedBatch::seal(vec![new], keys)?;
+                    for (new, ahead) in sealed.resources.into_iter().zip(sealed.ahead) {
+                        placing.place(page, new, ahead)?;
+                    }
+                }
+            }
+        }
+        if !unresolved.is_empty() {
+            let (of_page, attached): (Vec<usize>, Vec<NewResource>) =
+                unresolved.into_iter().unzip();
+            let sealed = SealedBatch::seal(attached, keys)?;
+            let digests: Vec<[u8; 32]> = sealed.ahead.iter().map(|a| a.digest).collect();
+            let found = find_existing(&mut *tx, &sealed.resources).await?;
+            placing.known.extend(found);
+            let found =
+                find_seen_versions(&mut *tx, &sealed.resources, &digests, placing.known).await?;
+            placing.seen.extend(found);
+            for ((page, new), ahead) in of_page.into_iter().zip(sealed.resources).zip(sealed.ahead)
+            {
+                placing.place(page, new, ahead)?;
+            }
+        }
+
+        let Placing {
+            rows, page_rows, ..
+        } = placing;
         if rows.is_empty() {
             return Ok(results);
         }
@@ -366,8 +356,11 @@ impl ResourceStore {
             .into_iter()
             .zip(&results)
             .zip(details)
-            .filter(|((range, _), _)| !range.is_empty())
-            .map(|((range, outcomes), detail)| write_event(agent, &rows[range], outcomes, detail))
+            .filter(|((indices, _), _)| !indices.is_empty())
+            .map(|((indices, outcomes), detail)| {
+                let written: Vec<&VersionRow> = indices.iter().map(|&i| &rows[i]).collect();
+                write_event(agent, &written, outcomes, detail)
+            })
             .collect();
         audit::record_all(&mut *tx, &events)
             .instrument(tracing::debug_span!("store_audit"))
@@ -759,6 +752,82 @@ struct VersionRow {
     sealed: Vec<u8>,
 }
 
+/// A resource stored with each page of a write, in the same statements and under the
+/// page's audit leaf: given the page's number and outcomes (before anything is written),
+/// what to attach, e.g. the Provenance naming the versions the page wrote. A resource
+/// attached to a page that wrote new versions must be named after them (a Provenance's id
+/// is derived from its targets): it is then stored as new without being looked up.
+pub type Attachment<'a> =
+    dyn Fn(usize, &[(ResourceMeta, WriteOutcome)]) -> Result<Option<NewResource>> + Sync + 'a;
+
+/// Decides, resource by resource, what a write stores: nothing (a source version seen
+/// before), a new resource or its next version. Remembers what it placed, so a later copy
+/// of the same resource in the write is its next version or unchanged.
+struct Placing<'a> {
+    known: &'a mut HashMap<Identity, (String, i64)>,
+    seen: &'a mut HashMap<(String, String), SeenVersion>,
+    keys: &'a HashMap<String, DataKey>,
+    now: i64,
+    rows: Vec<VersionRow>,
+    page_rows: Vec<Vec<usize>>,
+}
+
+impl Placing<'_> {
+    fn place(
+        &mut self,
+        page: usize,
+        new: NewResource,
+        ahead: SealedAhead,
+    ) -> Result<(ResourceMeta, WriteOutcome)> {
+        let digest = ahead.digest;
+        let source_version = source_version_of(&new, &digest);
+        let identity = Identity::of(&new);
+        let (id, version, outcome, sealed) = match self.known.get(&identity) {
+            Some((id, current)) => match self.seen.get(&(id.clone(), source_version.clone())) {
+                Some(earlier) => {
+                    let meta = meta_of(
+                        &new,
+                        id,
+                        earlier.version,
+                        &source_version,
+                        earlier.last_updated,
+                        earlier.digest,
+                    );
+                    return Ok((meta, WriteOutcome::Unchanged));
+                }
+                None => {
+                    // Sealed ahead as new; a new version is bound to its own id and
+                    // version, so it is sealed again here.
+                    let (id, version) = (id.clone(), current + 1);
+                    let key = self
+                        .keys
+                        .get(&new.patient_id)
+                        .ok_or(Error::Crypto("data key vanished during the batch"))?;
+                    let sealed = key.seal(&body_aad(&new.patient_id, &id, version), &new.body)?;
+                    (id, version, WriteOutcome::NewVersion, sealed)
+                }
+            },
+            None => (ahead.id, 1, WriteOutcome::Created, ahead.sealed),
+        };
+        self.known.insert(identity, (id.clone(), version));
+        self.seen.insert(
+            (id.clone(), source_version.clone()),
+            SeenVersion {
+                version,
+                last_updated: self.now,
+                digest,
+            },
+        );
+        let meta = meta_of(&new, &id, version, &source_version, self.now, digest);
+        self.page_rows[page].push(self.rows.len());
+        self.rows.push(VersionRow {
+            meta: meta.clone(),
+            sealed,
+        });
+        Ok((meta, outcome))
+    }
+}
+
 /// Bind parameters per multi-row statement: a page of a pull fits in one or two
 /// statements, and SQLite's old default limit (999) is never reached.
 const PARAMS_PER_STATEMENT: usize = 960;
@@ -958,7 +1027,7 @@ async fn insert_versions(
 /// when the page holds one patient's data.
 fn write_event(
     agent: &Agent,
-    rows: &[VersionRow],
+    rows: &[&VersionRow],
     outcomes: &[(ResourceMeta, WriteOutcome)],
     detail: Option<String>,
 ) -> AuditEvent {
