@@ -27,6 +27,8 @@ use phr_consent::Consent;
 const CHUNK_LINES: usize = 1_000;
 /// Resources read per step.
 const PAGE: usize = 500;
+/// Pages served ahead of the writer.
+const SERVED_AHEAD: usize = 4;
 /// Patients between progress commits (and ownership checks).
 const PROGRESS_EVERY: usize = 100;
 /// The name of the file listing what was deleted or withdrawn since `_since`.
@@ -326,153 +328,52 @@ impl ExportJobs {
             .await?;
         let (key, _) = self.keys.data_key_or_create(&job_key_id(&job.id)).await?;
         let mut output = Output::new(&job.id);
-        let agent = Agent::client(&job.client_id);
-        let recipient = Recipient::client(&job.client_id);
+        let total = patients.len();
+        // Patients are read and served (decrypted, parsed, references resolved) on one
+        // task while their lines are written (serialised, sealed, stored) on this one, so
+        // the two halves run on two cores; a few pages ahead at most keeps memory bounded.
+        let (sender, mut served) = tokio::sync::mpsc::channel(SERVED_AHEAD);
+        let reader = AbortOnDrop(tokio::spawn(self.clone().read_patients(
+            job.clone(),
+            worker.to_string(),
+            patients,
+            sender,
+        )));
         // Audit leaves and progress go out every PROGRESS_EVERY patients (one commit each
         // time), always before the job is done, i.e. before any file can be fetched.
         let mut pending_events: Vec<AuditEvent> = Vec::new();
-        let mut run_consents = std::collections::HashMap::new();
-        let mut next_page: Option<FirstPage> = None;
-        for (done, patient_id) in patients.iter().enumerate() {
-            if done % PROGRESS_EVERY == 0 {
-                if !self.still_ours(&job.id, worker).await? {
-                    return Ok(ExportStatus::Cancelled);
+        while let Some(item) = served.recv().await {
+            match item {
+                Served::Lines {
+                    resource_type,
+                    resources,
+                } => {
+                    for resource in &resources {
+                        output
+                            .line(&resource_type, resource, &key, &self.db)
+                            .await?;
+                    }
                 }
-                // The consents of the next run of patients in one query. A withdrawal or
-                // an amendment after this read stops the whole job and deletes its files
-                // (see `stop_for_client_in`), so nothing it withholds can leave.
-                let run = &patients[done..(done + PROGRESS_EVERY).min(patients.len())];
-                if let (Some(first), Some(last)) = (run.first(), run.last()) {
-                    run_consents = self
-                        .consents
-                        .active_for_recipient_between(&job.client_id, first, last)
+                Served::PatientDone { index, event } => {
+                    pending_events.extend(event);
+                    if (index + 1) % PROGRESS_EVERY == 0 || index + 1 == total {
+                        self.record_progress(
+                            &job.id,
+                            worker,
+                            index as i64 + 1,
+                            &mut pending_events,
+                        )
                         .await?;
-                    // And their data keys, rather than one key store read per patient.
-                    let run: Vec<&str> = run.iter().map(String::as_str).collect();
-                    self.keys.warm(&run).await?;
-                }
-            }
-            // This patient's first page, if it was read while the previous one was served.
-            let mut ready = next_page.take();
-            let consents = run_consents.remove(patient_id).unwrap_or_default();
-            let now = OffsetDateTime::now_utc();
-            let permitted = |resource_type: &str| {
-                permitting_consent(&consents, patient_id, &recipient, resource_type, now)
-            };
-            // The next patient's first page is read (on the other core) while this one is
-            // served: with many small patients, that query's round trip was a third of the
-            // time. Only within a run, whose consents are read already, and only a type
-            // the next patient's consent permits.
-            if let Some(next) = patients
-                .get(done + 1)
-                .filter(|_| (done + 1) % PROGRESS_EVERY != 0)
-            {
-                let first_type = run_consents.get(next).and_then(|next_consents| {
-                    job.parameters.types.iter().find(|t| {
-                        t.as_str() != "Patient"
-                            && permitting_consent(next_consents, next, &recipient, t, now).is_some()
-                    })
-                });
-                if let Some(resource_type) = first_type {
-                    let updated = UpdatedRange {
-                        from: job.parameters.since,
-                        to: Some(job.transaction_time),
-                    };
-                    next_page = Some(FirstPage::read(
-                        &self.resources,
-                        next,
-                        resource_type,
-                        updated,
-                    ));
-                }
-            }
-            let mut exported = 0usize;
-            let mut exported_types: Vec<&str> = Vec::new();
-            let mut under = Vec::new();
-            for resource_type in &job.parameters.types {
-                let Some(consent_id) = permitted(resource_type) else {
-                    continue;
-                };
-                if !under.contains(&consent_id) {
-                    under.push(consent_id);
-                }
-                let filters = job.parameters.filters_of(resource_type);
-                let keep = |resource: &Value| {
-                    filters.is_empty()
-                        || filters.iter().any(|f| matches(resource_type, resource, f))
-                };
-                if resource_type == "Patient" {
-                    if let Some((patient, _)) = served_patient(&self.resources, patient_id).await? {
-                        if keep(&patient) {
-                            output.line("Patient", &patient, &key, &self.db).await?;
-                            exported += 1;
-                            exported_types.push("Patient");
-                        }
-                    }
-                    continue;
-                }
-                let updated = UpdatedRange {
-                    from: job.parameters.since,
-                    to: Some(job.transaction_time),
-                };
-                let mut after: Option<String> = None;
-                loop {
-                    let read_ahead = ready.take_if(|first| {
-                        after.is_none()
-                            && first.patient_id == *patient_id
-                            && first.resource_type == *resource_type
-                    });
-                    let page = match read_ahead {
-                        Some(first) => first.rows().await,
-                        None => {
-                            self.resources
-                                .page_current(
-                                    patient_id,
-                                    &[resource_type.as_str()],
-                                    &updated,
-                                    after.as_deref(),
-                                    PAGE,
-                                )
-                                .await
-                        }
-                    };
-                    let rows = match page {
-                        Ok(rows) => rows,
-                        Err(Error::KeyMissing(_)) => Vec::new(),
-                        Err(other) => return Err(other),
-                    };
-                    let Some(last) = rows.last() else { break };
-                    after = Some(last.meta.id.clone());
-                    let served = serve_all(&self.resources, patient_id, &rows).await?;
-                    for resource in served.iter().filter(|r| keep(r)) {
-                        output.line(resource_type, resource, &key, &self.db).await?;
-                        exported += 1;
-                        if !exported_types.contains(&resource_type.as_str()) {
-                            exported_types.push(resource_type);
-                        }
-                    }
-                    if rows.len() < PAGE {
-                        break;
                     }
                 }
             }
-            if exported > 0 {
-                let mut event = AuditEvent::new(EventKind::Export, agent.clone())
-                    .patient(patient_id)
-                    .detail(format!("bulk export {}: {exported} resources", job.id));
-                if let Some(consent_id) = under.first() {
-                    event = event.consent(consent_id.clone());
-                }
-                // The types disclosed (what the patient's access log shows as categories).
-                for resource_type in &exported_types {
-                    event = event.resource(resource_type.to_string());
-                }
-                pending_events.push(event);
-            }
-            if (done + 1) % PROGRESS_EVERY == 0 || done + 1 == patients.len() {
-                self.record_progress(&job.id, worker, done as i64 + 1, &mut pending_events)
-                    .await?;
-            }
+        }
+        let read = reader
+            .finish()
+            .await
+            .map_err(|e| Error::Invalid(format!("the export's reader did not finish: {e}")))??;
+        if read == Read::NotOurs {
+            return Ok(ExportStatus::Cancelled);
         }
         if let Some(since) = job.parameters.since {
             for patient_id in self.ended_since(&job.client_id, since).await? {
@@ -505,6 +406,166 @@ impl ExportJobs {
         } else {
             ExportStatus::Cancelled
         })
+    }
+
+    /// Reads and serves each patient's permitted resources, page by page, for `run` to
+    /// write; ends early when the job is no longer this worker's, or when `run` stopped.
+    async fn read_patients(
+        self,
+        job: ExportJob,
+        worker: String,
+        patients: Vec<String>,
+        out: tokio::sync::mpsc::Sender<Served>,
+    ) -> Result<Read> {
+        let agent = Agent::client(&job.client_id);
+        let recipient = Recipient::client(&job.client_id);
+        let updated = UpdatedRange {
+            from: job.parameters.since,
+            to: Some(job.transaction_time),
+        };
+        let mut run_consents = std::collections::HashMap::new();
+        let mut next_page: Option<FirstPage> = None;
+        for (done, patient_id) in patients.iter().enumerate() {
+            if done % PROGRESS_EVERY == 0 {
+                if !self.still_ours(&job.id, &worker).await? {
+                    return Ok(Read::NotOurs);
+                }
+                // The consents of the next run of patients in one query. A withdrawal or
+                // an amendment after this read stops the whole job and deletes its files
+                // (see `stop_for_client_in`), so nothing it withholds can leave.
+                let run = &patients[done..(done + PROGRESS_EVERY).min(patients.len())];
+                if let (Some(first), Some(last)) = (run.first(), run.last()) {
+                    run_consents = self
+                        .consents
+                        .active_for_recipient_between(&job.client_id, first, last)
+                        .await?;
+                    // And their data keys, rather than one key store read per patient.
+                    let run: Vec<&str> = run.iter().map(String::as_str).collect();
+                    self.keys.warm(&run).await?;
+                }
+            }
+            // This patient's first page, if it was read while the previous one was served.
+            let mut ready = next_page.take();
+            let consents = run_consents.remove(patient_id).unwrap_or_default();
+            let now = OffsetDateTime::now_utc();
+            let permitted = |resource_type: &str| {
+                permitting_consent(&consents, patient_id, &recipient, resource_type, now)
+            };
+            // The next patient's first page is read (on another task) while this one is
+            // served: with many small patients, that query's round trip was a third of the
+            // time. Only within a run, whose consents are read already, and only a type
+            // the next patient's consent permits.
+            if let Some(next) = patients
+                .get(done + 1)
+                .filter(|_| (done + 1) % PROGRESS_EVERY != 0)
+            {
+                let first_type = run_consents.get(next).and_then(|next_consents| {
+                    job.parameters.types.iter().find(|t| {
+                        t.as_str() != "Patient"
+                            && permitting_consent(next_consents, next, &recipient, t, now).is_some()
+                    })
+                });
+                if let Some(resource_type) = first_type {
+                    next_page = Some(FirstPage::read(
+                        &self.resources,
+                        next,
+                        resource_type,
+                        updated,
+                    ));
+                }
+            }
+            let mut exported = 0usize;
+            let mut exported_types: Vec<&str> = Vec::new();
+            let mut under = Vec::new();
+            for resource_type in &job.parameters.types {
+                let Some(consent_id) = permitted(resource_type) else {
+                    continue;
+                };
+                if !under.contains(&consent_id) {
+                    under.push(consent_id);
+                }
+                let filters = job.parameters.filters_of(resource_type);
+                let keep = |resource: &Value| {
+                    filters.is_empty()
+                        || filters.iter().any(|f| matches(resource_type, resource, f))
+                };
+                let mut lines = |resources: Vec<Value>| {
+                    let kept: Vec<Value> = resources.into_iter().filter(|r| keep(r)).collect();
+                    if !kept.is_empty() {
+                        exported += kept.len();
+                        if !exported_types.contains(&resource_type.as_str()) {
+                            exported_types.push(resource_type);
+                        }
+                    }
+                    Served::Lines {
+                        resource_type: resource_type.clone(),
+                        resources: kept,
+                    }
+                };
+                if resource_type == "Patient" {
+                    if let Some((patient, _)) = served_patient(&self.resources, patient_id).await? {
+                        if out.send(lines(vec![patient])).await.is_err() {
+                            return Ok(Read::Stopped);
+                        }
+                    }
+                    continue;
+                }
+                let mut after: Option<String> = None;
+                loop {
+                    let read_ahead = ready.take_if(|first| {
+                        after.is_none()
+                            && first.patient_id == *patient_id
+                            && first.resource_type == *resource_type
+                    });
+                    let page = match read_ahead {
+                        Some(first) => first.rows().await,
+                        None => {
+                            self.resources
+                                .page_current(
+                                    patient_id,
+                                    &[resource_type.as_str()],
+                                    &updated,
+                                    after.as_deref(),
+                                    PAGE,
+                                )
+                                .await
+                        }
+                    };
+                    let rows = match page {
+                        Ok(rows) => rows,
+                        Err(Error::KeyMissing(_)) => Vec::new(),
+                        Err(other) => return Err(other),
+                    };
+                    let Some(last) = rows.last() else { break };
+                    after = Some(last.meta.id.clone());
+                    let served = serve_all(&self.resources, patient_id, &rows).await?;
+                    if out.send(lines(served)).await.is_err() {
+                        return Ok(Read::Stopped);
+                    }
+                    if rows.len() < PAGE {
+                        break;
+                    }
+                }
+            }
+            let event = (exported > 0).then(|| {
+                let mut event = AuditEvent::new(EventKind::Export, agent.clone())
+                    .patient(patient_id)
+                    .detail(format!("bulk export {}: {exported} resources", job.id));
+                if let Some(consent_id) = under.first() {
+                    event = event.consent(consent_id.clone());
+                }
+                // The types disclosed (what the patient's access log shows as categories).
+                for resource_type in &exported_types {
+                    event = event.resource(resource_type.to_string());
+                }
+                event
+            });
+            let patient_done = Served::PatientDone { index: done, event };
+            if out.send(patient_done).await.is_err() {
+                return Ok(Read::Stopped);
+            }
+        }
+        Ok(Read::Finished)
     }
 
     /// Claims and runs one job; `None` when none was ready.
@@ -746,6 +807,31 @@ fn permitting_consent(
     })
 }
 
+/// What an export's reader hands its writer.
+enum Served {
+    /// Resources of one type, served and filtered, to be written as lines.
+    Lines {
+        resource_type: String,
+        resources: Vec<Value>,
+    },
+    /// The patient (the `index`th of the job) is complete; the audit leaf of what was
+    /// disclosed, if anything was.
+    PatientDone {
+        index: usize,
+        event: Option<AuditEvent>,
+    },
+}
+
+/// How an export's reader ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Read {
+    Finished,
+    /// The job is no longer this worker's (cancelled, or its lease lost).
+    NotOurs,
+    /// The writer stopped (it failed): its error is the job's.
+    Stopped,
+}
+
 /// A patient's first page of one type, being read ahead on a task of its own.
 struct FirstPage {
     patient_id: String,
@@ -778,8 +864,9 @@ impl FirstPage {
         }
     }
 
-    async fn rows(mut self) -> Result<Vec<StoredResource>> {
-        (&mut self.page.0)
+    async fn rows(self) -> Result<Vec<StoredResource>> {
+        self.page
+            .finish()
             .await
             .map_err(|e| Error::Invalid(format!("a page read ahead did not finish: {e}")))?
     }
