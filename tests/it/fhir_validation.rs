@@ -53,6 +53,10 @@ fn validator() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/validate_fhir.py")
 }
 
+fn jp_profile_validator() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/validate_jp_profiles.py")
+}
+
 const INSTALL: &str = "the FHIR validation test needs what .ci/run installs: \
     `python3 -m venv tests/python/.venv && tests/python/.venv/bin/pip install -r \
     tests/python/validation-requirements.txt` and `npm ci --prefix tests/python` \
@@ -483,6 +487,60 @@ async fn every_exported_resource_passes_external_r4_validation() {
     let total: u64 = summary.values().map(|(n, _)| n).sum();
     assert!(total as usize >= typed_checked, "{total} < {typed_checked}");
     println!("{stdout}");
+
+    // The JP profiles every exported resource claims in `meta.profile`, against the
+    // vendored JP Core and eCheckup StructureDefinitions (what that validator does and
+    // does not check is in its docstring).
+    let jp_summary_path = out.path().join("jp-profile-summary.json");
+    let jp = Command::new(python())
+        .arg(jp_profile_validator())
+        .arg(out.path().join("bulk"))
+        .arg(out.path().join("zip"))
+        .arg(out.path().join("bundle"))
+        .arg(out.path().join("api"))
+        .arg("--summary-json")
+        .arg(&jp_summary_path)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}; {INSTALL}", python().display()));
+    let jp_stdout = String::from_utf8_lossy(&jp.stdout);
+    let jp_stderr = String::from_utf8_lossy(&jp.stderr);
+    assert_ne!(
+        jp.status.code(),
+        Some(3),
+        "the JP profile validator's packages or definitions are missing: {jp_stderr}\n{INSTALL}"
+    );
+    assert!(
+        jp.status.success(),
+        "JP profile validation failed ({}):\n{jp_stdout}\n{jp_stderr}",
+        jp.status
+    );
+    let jp_summary: HashMap<String, Vec<u64>> =
+        serde_json::from_str(&std::fs::read_to_string(&jp_summary_path).expect("summary"))
+            .expect("summary JSON");
+    let jp_checked = |profile: &str| {
+        jp_summary
+            .get(&format!("{JP_CORE}{profile}"))
+            .and_then(|counts| counts.first().copied())
+            .unwrap_or(0)
+    };
+    for (profile, at_least) in [
+        ("JP_Patient", 4),
+        ("JP_Observation_LabResult", 40),
+        ("JP_Condition", 16),
+        ("JP_AllergyIntolerance", 16),
+        ("JP_Encounter", 16),
+        ("JP_MedicationRequest", 16),
+        ("JP_MedicationDispense", 16),
+        ("JP_Immunization", 16),
+    ] {
+        assert!(
+            jp_checked(profile) >= at_least,
+            "the JP profile validator checked {} {profile} (at least {at_least} expected): \
+             {jp_summary:?}",
+            jp_checked(profile)
+        );
+    }
+    println!("{jp_stdout}");
 
     // The validator does refuse: a code outside its required set (only the schema sees
     // it), an element R4 does not have, and a request in a collection Bundle.
