@@ -20,6 +20,14 @@ pub const HOT9_OID: &str = "urn:oid:1.2.392.200119.4.403.1";
 pub const HOT9_URL: &str = "http://medis.or.jp/CodeSystem/master-HOT9";
 pub const YJ_OID: &str = "urn:oid:1.2.392.100495.20.2.73";
 const ICD10_JP: &str = "http://jpfhir.jp/fhir/core/mhlw/CodeSystem/ICD10-2013-full";
+/// JP Core's identifier systems of a prescription's Rp (剤グループ) number and of a drug's
+/// place within its Rp.
+const RP_NUMBER: &str = "http://jpfhir.jp/fhir/core/mhlw/IdSystem/Medication-RPGroupNumber";
+const ORDER_IN_RP: &str = "http://jpfhir.jp/fhir/core/mhlw/IdSystem/MedicationAdministrationIndex";
+/// JLAC10 材料コード as JP Core names it, and HL7 v2 table 0487 (specimen type).
+const SAMPLE_MATERIAL: &str =
+    "http://jpfhir.jp/fhir/core/CodeSystem/JP_ObservationSampleMaterialCode_CS";
+const V2_SPECIMEN_TYPE: &str = "http://terminology.hl7.org/CodeSystem/v2-0487";
 
 const FAMILY_NAMES: &[(&str, &str)] = &[
     ("山田", "ヤマダ"),
@@ -34,7 +42,8 @@ const FAMILY_NAMES: &[(&str, &str)] = &[
 const MALE_GIVEN: &[(&str, &str)] = &[("太郎", "タロウ"), ("健一", "ケンイチ"), ("翔", "ショウ")];
 const FEMALE_GIVEN: &[(&str, &str)] = &[("花子", "ハナコ"), ("美咲", "ミサキ"), ("陽子", "ヨウコ")];
 
-/// (JLAC10 17-digit code, 項目名, UCUM unit, low, high) of a few common lab tests.
+/// (JLAC10 17-digit code, 項目名, UCUM unit, low, high) of a few common lab tests. Digits
+/// 10-12 of a JLAC10 code are its 材料コード (specimen material): see [`specimen_of`].
 const LAB_TESTS: &[(&str, &str, &str, f64, f64)] = &[
     ("3D010000001926101", "グルコース", "mg/dL", 70.0, 140.0),
     ("3C020000002327101", "尿酸", "mg/dL", 3.0, 8.0),
@@ -307,6 +316,11 @@ fn clinical_resource(
                     "resourceType": "MedicationRequest",
                     "id": id_for("medreq"),
                     "meta": meta(updated_ms, "http://jpfhir.jp/fhir/core/StructureDefinition/JP_MedicationRequest"),
+                    // Each order prescribes one drug: Rp 1, the first (only) drug in it.
+                    "identifier": [
+                        {"system": RP_NUMBER, "value": "1"},
+                        {"system": ORDER_IN_RP, "value": "1"}
+                    ],
                     "status": "active",
                     "intent": "order",
                     "medicationCodeableConcept": {"coding": [
@@ -382,7 +396,7 @@ fn lab_observation(
         JLAC10_URL
     };
     let value = ((low + (high - low) * rng.gen::<f64>()) * 10.0).round() / 10.0;
-    json!({
+    let mut observation = json!({
         "resourceType": "Observation",
         "id": id,
         "meta": meta(updated_ms, "http://jpfhir.jp/fhir/core/StructureDefinition/JP_Observation_LabResult"),
@@ -392,5 +406,50 @@ fn lab_observation(
         "subject": {"reference": format!("Patient/{patient_id}")},
         "effectiveDateTime": instant(updated_ms),
         "valueQuantity": {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit}
-    })
+    });
+    // JP_Observation_LabResult requires `specimen` (1..1). The specimen is no resource of
+    // its own at this server, so it travels contained, as JP-CLINS's lab results carry it.
+    if let Some((material, material_name, v2_code, v2_name)) = specimen_of(code) {
+        observation["contained"] = json!([{
+            "resourceType": "Specimen",
+            "id": "specimen",
+            "meta": {"profile": ["http://jpfhir.jp/fhir/core/StructureDefinition/JP_Specimen"]},
+            "type": {"coding": [
+                {"system": SAMPLE_MATERIAL, "code": material, "display": material_name},
+                {"system": V2_SPECIMEN_TYPE, "code": v2_code, "display": v2_name}
+            ], "text": material_name}
+        }]);
+        observation["specimen"] = json!({"reference": "#specimen", "display": material_name});
+    }
+    observation
+}
+
+/// The specimen a JLAC10 code names in its 材料コード (digits 10-12): (材料コード, 名称,
+/// HL7 v2-0487 code, its display), for the materials [`LAB_TESTS`] use.
+fn specimen_of(jlac10: &str) -> Option<(&'static str, &'static str, &'static str, &'static str)> {
+    match jlac10.get(9..12)? {
+        "019" => Some(("019", "全血（添加物入り）", "WB", "Whole blood")),
+        "023" => Some(("023", "血清", "SER", "Serum")),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_lab_test_names_a_known_specimen() {
+        for (code, name, ..) in LAB_TESTS {
+            assert_eq!(code.len(), 17, "{name}");
+            assert!(specimen_of(code).is_some(), "{code} {name}");
+        }
+        // HbA1c is measured in whole blood with an additive, cholesterol in serum.
+        assert_eq!(
+            specimen_of("3D046000001906202").map(|s| s.1),
+            Some("全血（添加物入り）")
+        );
+        assert_eq!(specimen_of("3F050000002327101").map(|s| s.1), Some("血清"));
+        assert_eq!(specimen_of("3F05000000"), None);
+    }
 }
