@@ -50,6 +50,10 @@ pub const PORTAL_ITEM_CODE_SYSTEM: &str = "urn:phr-gateway:self-info:item-code";
 const INSTITUTION_CODE_SYSTEM: &str =
     "http://jpfhir.jp/fhir/core/IdSystem/insurance-medical-institution-no";
 const UCUM: &str = "http://unitsofmeasure.org";
+/// JP Core's identifier systems of an Rp (剤グループ) number and of a drug's place in its Rp.
+const RP_NUMBER_SYSTEM: &str = "http://jpfhir.jp/fhir/core/mhlw/IdSystem/Medication-RPGroupNumber";
+const ORDER_IN_RP_SYSTEM: &str =
+    "http://jpfhir.jp/fhir/core/mhlw/IdSystem/MedicationAdministrationIndex";
 pub const CDA_CONTENT_TYPE: &str = "application/hl7-v3+xml";
 
 /// The canonical `system` for an OID, as the gateway's normaliser would store it.
@@ -266,6 +270,18 @@ fn drug_code_system(code_system: &str, code: &str) -> Result<&'static str, Strin
     }
 }
 
+/// JP_MedicationDispense's required Rp number (剤グループ) and place within the Rp of the
+/// `position`-th (1-based) item of a dispensing record. The portal lists a record's drugs
+/// in order but says nothing of how the prescription grouped them, so each item is written
+/// as an Rp of its own, numbered in the record's order, its only drug first: that keeps
+/// the order the record gives and claims no grouping it does not.
+fn rp_identifiers(position: usize) -> Value {
+    json!([
+        { "system": RP_NUMBER_SYSTEM, "value": position.to_string() },
+        { "system": ORDER_IN_RP_SYSTEM, "value": "1" },
+    ])
+}
+
 /// 薬剤情報: one MedicationDispense per item of the dispensing record.
 pub fn map_medication(record: &Value, patient_id: &str) -> Vec<Mapped> {
     let (header, object) = match open_record(record) {
@@ -315,6 +331,7 @@ pub fn map_medication(record: &Value, patient_id: &str) -> Vec<Mapped> {
                 "resourceType": "MedicationDispense",
                 "id": id,
                 "meta": meta(header.version, Some(PROFILE_MEDICATION_DISPENSE)),
+                "identifier": rp_identifiers(index + 1),
                 "status": status,
                 "medicationCodeableConcept": {
                     "coding": [{ "system": system, "code": code, "display": name }],
@@ -845,6 +862,13 @@ mod unit_tests {
                         "#prescription"
                     );
                     assert_eq!(body["meta"]["profile"][0], PROFILE_MEDICATION_DISPENSE);
+                    assert_eq!(
+                        body["identifier"],
+                        json!([
+                            {"system": "http://jpfhir.jp/fhir/core/mhlw/IdSystem/Medication-RPGroupNumber", "value": "1"},
+                            {"system": "http://jpfhir.jp/fhir/core/mhlw/IdSystem/MedicationAdministrationIndex", "value": "1"},
+                        ])
+                    );
                     assert_eq!(body["status"], "completed");
                 }
                 (Err(error), Err(reason)) => {
@@ -870,6 +894,18 @@ mod unit_tests {
             Err("drug_code is missing or empty")
         );
         assert_eq!(mapped[2].as_ref().map(|r| r.id.as_str()), Ok("med-rx1-3"));
+        // Each item is its own Rp, numbered by its place in the record (a failed item
+        // keeps its number), the only drug in it.
+        let rp_of = |mapped: &Mapped| {
+            mapped.as_ref().ok().map(|r| {
+                (
+                    r.body["identifier"][0]["value"].clone(),
+                    r.body["identifier"][1]["value"].clone(),
+                )
+            })
+        };
+        assert_eq!(rp_of(&mapped[0]), Some((json!("1"), json!("1"))));
+        assert_eq!(rp_of(&mapped[2]), Some((json!("3"), json!("1"))));
     }
 
     #[test]
