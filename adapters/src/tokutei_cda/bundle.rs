@@ -4,6 +4,14 @@
 //! Ids are deterministic: `urn:uuid:` + a UUID-shaped SHA-256 of the document key (its id,
 //! or the hash of the original bytes when the id is a nullFlavor) and the resource's local
 //! name, so the same document always gives the same Bundle.
+//!
+//! What the profiles require and hc08 does not state is derived, never guessed: every
+//! entry's `meta.lastUpdated` is the document's date (the Bundle's timestamp), the
+//! Composition is version "1" and identified like the Bundle, the Patient by its 被保険者
+//! 個人識別子, and the insurance Coverage's 保険種別 and 被保険者区分 come from the
+//! insurer's number. A resource that cannot be given what its profile requires (a Patient
+//! without a card, a Coverage whose 被保険者区分 the number does not tell) claims only what
+//! it meets.
 
 use base64::Engine;
 use serde_json::{json, Map, Value};
@@ -23,6 +31,20 @@ const CATEGORY_SYSTEM: &str =
 const SECTION_SYSTEM: &str = "http://jpfhir.jp/fhir/eCheckup/CodeSystem/section-code";
 const SECTION_CODE_OID: &str = "1.2.392.200119.6.1010";
 const INTERPRETATION_OID: &str = "2.16.840.1.113883.5.83";
+const RESOURCE_INSTANCE_ID: &str =
+    "http://jpfhir.jp/fhir/core/IdSystem/resourceInstance-identifier";
+const VERSION_NUMBER_EXTENSION: &str =
+    "http://hl7.org/fhir/StructureDefinition/composition-clinicaldocument-versionNumber";
+const PATIENT_PROFILE: &str = "http://jpfhir.jp/fhir/eCS/StructureDefinition/JP_Patient_eCS";
+/// JP-CLINS's system of the 被保険者個人識別子.
+const INSURANCE_MEMBER_ID: &str = "http://jpfhir.jp/fhir/clins/Idsystem/JP_Insurance_memberID";
+/// JP Core's Coverage profile: what an insurance Coverage claims when it cannot meet the
+/// eCheckup one (see [`insurance_scheme`]).
+const JP_CORE_COVERAGE_PROFILE: &str = "http://jpfhir.jp/fhir/core/StructureDefinition/JP_Coverage";
+/// 保険種別コード and 被保険者区分コード (電子処方箋 CDA 記述仕様 別表11, 別表12), the
+/// systems JP_CoverageInsurance_eCheckupGeneral fixes.
+const INSURANCE_CATEGORY_OID: &str = "urn:oid:1.2.392.100495.20.2.61";
+const INSURED_PERSON_CATEGORY_OID: &str = "urn:oid:1.2.392.100495.20.2.62";
 /// Media type of an HL7 v3 (CDA) document, used for the original in the DocumentReference.
 pub const CDA_CONTENT_TYPE: &str = "application/hl7-v3+xml";
 
@@ -136,6 +158,12 @@ impl<'a> Builder<'a> {
             "resourceType": "Composition",
             "meta": {"profile": [format!("{SD}JP_Composition_eCheckupGeneral")]},
             "language": "ja",
+            // The profile requires the document's version number. hc08 has none (its schema
+            // has no `versionNumber`) and nothing in a file says it is a later edition, so it
+            // is the first, "1" as the IG numbers a first edition.
+            "extension": [{"url": VERSION_NUMBER_EXTENSION, "valueString": "1"}],
+            // The same value as Bundle.identifier, as in the IG's sample.
+            "identifier": {"system": RESOURCE_INSTANCE_ID, "value": self.document_identifier()},
             "status": "final",
             "type": {"coding": [coding("http://jpfhir.jp/fhir/Common/CodeSystem/doc-typecodes", "53576-5", Some("検診・健診報告書"))]},
             "subject": {"reference": patient_url},
@@ -151,12 +179,6 @@ impl<'a> Builder<'a> {
         });
         // Assigned, not interpolated: `json!` would copy the whole value by re-serialising it.
         composition["section"] = Value::Array(section_json);
-        if let Some(id) = &doc.document_id {
-            composition["identifier"] = json!({
-                "system": "http://jpfhir.jp/fhir/core/IdSystem/resourceInstance-identifier",
-                "value": id.extension.clone().unwrap_or_else(|| id.root.clone()),
-            });
-        }
         if let Some(category) = &doc.report_category {
             composition["category"] = json!([{"coding": [coding(
                 "http://jpfhir.jp/fhir/eCheckup/CodeSystem/checkup-report-category",
@@ -174,7 +196,7 @@ impl<'a> Builder<'a> {
         let composition_url = self.url("Composition");
         self.entries.insert(0, (composition_url, composition));
 
-        self.push(patient_url.clone(), patient(&doc.patient));
+        self.push(patient_url.clone(), patient(&doc.patient, &doc.insurance));
         self.push(
             institution_url.clone(),
             organization(&doc.institution, "prov"),
@@ -243,6 +265,22 @@ impl<'a> Builder<'a> {
                 "beneficiary": {"reference": patient_url},
                 "payor": [{"reference": insurer_url}],
             });
+            // The profile requires the 保険種別 and the 被保険者区分, which hc08 does not
+            // state: both are read from the insurer's number where it tells them.
+            let scheme = ins.insurer_number.as_deref().and_then(insurance_scheme);
+            if let Some(scheme) = &scheme {
+                coverage["type"] = json!({"coding": [coding(INSURANCE_CATEGORY_OID, scheme.category, Some(scheme.category_name))]});
+            }
+            if scheme.as_ref().is_some_and(|scheme| scheme.no_dependants) {
+                coverage["relationship"] =
+                    json!({"coding": [coding(INSURED_PERSON_CATEGORY_OID, "1", Some("被保険者"))]});
+            } else {
+                // Whether the person is the insured or a dependant (被扶養者) is nowhere in
+                // the document, and guessing would misstate it: without the 被保険者区分 the
+                // Coverage cannot meet the eCheckup profile, so it claims JP Core's
+                // JP_Coverage, which it does meet.
+                coverage["meta"]["profile"] = json!([JP_CORE_COVERAGE_PROFILE]);
+            }
             let subscriber: Vec<&str> = [&ins.symbol, &ins.number]
                 .into_iter()
                 .flatten()
@@ -517,14 +555,34 @@ impl<'a> Builder<'a> {
         }
     }
 
+    /// The document's identifier value: its CDA id, or, when that is a nullFlavor (as the
+    /// MHLW template writes it), the key the Bundle's ids derive from (the hash of its bytes).
+    fn document_identifier(&self) -> String {
+        match &self.doc.document_id {
+            Some(id) => id.extension.clone().unwrap_or_else(|| id.root.clone()),
+            None => self.key.clone(),
+        }
+    }
+
     fn finish(&mut self) -> Value {
         let doc = self.doc;
+        let timestamp = format!("{}T00:00:00+09:00", doc.effective_date);
         let entries: Vec<Value> = self
             .entries
             .drain(..)
             .map(|(url, mut resource)| {
                 if let Some(id) = url.strip_prefix("urn:uuid:") {
                     resource["id"] = json!(id);
+                }
+                // The eCheckup profiles require `meta.lastUpdated`: every entry was made
+                // from the report as of its creation date, the Bundle's timestamp.
+                if let Some(map) = resource.as_object_mut() {
+                    let meta = map
+                        .entry("meta")
+                        .or_insert_with(|| Value::Object(Map::new()));
+                    if let Some(meta) = meta.as_object_mut() {
+                        meta.insert("lastUpdated".into(), Value::String(timestamp.clone()));
+                    }
                 }
                 let mut entry = Map::new();
                 entry.insert("fullUrl".into(), Value::String(url));
@@ -536,15 +594,12 @@ impl<'a> Builder<'a> {
             "resourceType": "Bundle",
             "meta": {"profile": [format!("{SD}JP_Bundle_eCheckupGeneral")]},
             "type": "document",
-            "timestamp": format!("{}T00:00:00+09:00", doc.effective_date),
+            "timestamp": timestamp,
         });
         bundle["entry"] = Value::Array(entries);
         bundle["identifier"] = json!({
             "system": "http://jpfhir.jp/fhir/core/IdSystem/documentInstance-identifier",
-            "value": match &doc.document_id {
-                Some(id) => id.extension.clone().unwrap_or_else(|| id.root.clone()),
-                None => self.key.clone(),
-            },
+            "value": self.document_identifier(),
         });
         bundle
     }
@@ -727,7 +782,68 @@ fn category_code(category_number: u32) -> &'static str {
     }
 }
 
-fn patient(p: &Patient) -> Value {
+/// What an insurer's number (保険者番号) tells of its scheme, through its 法別番号.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct InsuranceScheme {
+    /// 保険種別コード (別表11): 1 医保, 2 国保, 7 後期高齢者.
+    category: &'static str,
+    category_name: &'static str,
+    /// Everyone the scheme covers is insured in their own right (国民健康保険 and 後期高齢者
+    /// 医療 have no 被扶養者), so the person is the 被保険者 (被保険者区分 1).
+    no_dependants: bool,
+}
+
+/// The scheme of a 保険者番号: eight digits whose first two are the 法別番号, or six for
+/// 国民健康保険, which has none (特定健診 data zero-pads those to eight). `None` for any
+/// other number.
+fn insurance_scheme(insurer_number: &str) -> Option<InsuranceScheme> {
+    let number = insurer_number.trim();
+    if !number.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let scheme = |category, category_name, no_dependants| {
+        Some(InsuranceScheme {
+            category,
+            category_name,
+            no_dependants,
+        })
+    };
+    match (number.len(), number.get(..2)?) {
+        // 市町村国保 and 国保組合.
+        (6, _) | (8, "00") => scheme("2", "国保", true),
+        (8, "39") => scheme("7", "後期高齢者", true),
+        // 退職者医療 is run by 国保 but covers the retired person's 被扶養者 too.
+        (8, "67") => scheme("2", "国保", false),
+        // 協会けんぽ, 船員保険, 日雇特例, 健保組合, 自衛官等, 共済組合 and 特例退職被保険者.
+        (8, "01" | "02" | "03" | "04" | "06" | "07" | "31" | "32" | "33" | "34" | "63")
+        | (8, "72" | "73" | "74" | "75") => scheme("1", "医保", false),
+        _ => None,
+    }
+}
+
+/// The 被保険者個人識別子 (JP-CLINS; what JP_Patient_eCS identifies a person by): 保険者番号
+/// (zero-padded to eight digits), 記号, 番号 and 枝番 joined by `:`, an absent part empty.
+/// `None` without the insurer's or the card's number. The card's values are kept as the
+/// document writes them.
+fn insured_person_identifier(insurance: &Insurance) -> Option<String> {
+    let insurer = insurance.insurer_number.as_deref()?.trim();
+    let number = insurance.number.as_deref()?.trim();
+    if insurer.is_empty() || number.is_empty() {
+        return None;
+    }
+    let insurer = if insurer.bytes().all(|b| b.is_ascii_digit()) {
+        format!("{insurer:0>8}")
+    } else {
+        insurer.to_owned()
+    };
+    Some(format!(
+        "{insurer}:{}:{number}:{}",
+        insurance.symbol.as_deref().unwrap_or("").trim(),
+        insurance.branch.as_deref().unwrap_or("").trim(),
+    ))
+}
+
+fn patient(p: &Patient, insurance: &Insurance) -> Value {
     let mut names = Vec::new();
     for (text, representation) in [(&p.name, "IDE"), (&p.name_kana, "SYL")] {
         if let Some(text) = text {
@@ -749,12 +865,15 @@ fn patient(p: &Patient) -> Value {
         Some("2") => "female",
         _ => "unknown",
     };
-    let mut patient = json!({
-        "resourceType": "Patient",
-        "meta": {"profile": ["http://jpfhir.jp/fhir/eCS/StructureDefinition/JP_Patient_eCS"]},
-        "name": names,
-        "gender": gender,
-    });
+    let mut patient = json!({"resourceType": "Patient"});
+    // JP_Patient_eCS (like JP Core's JP_Patient) requires an identifier, and a document
+    // without the insurance card gives none: such a Patient claims no profile.
+    if let Some(value) = insured_person_identifier(insurance) {
+        patient["meta"] = json!({"profile": [PATIENT_PROFILE]});
+        patient["identifier"] = json!([{"system": INSURANCE_MEMBER_ID, "value": value}]);
+    }
+    patient["name"] = Value::Array(names);
+    patient["gender"] = Value::from(gender);
     if let Some(birth_date) = &p.birth_date {
         patient["birthDate"] = json!(birth_date);
     }
@@ -897,4 +1016,94 @@ fn push_hex(out: &mut String, byte: u8) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     out.push(char::from(DIGITS[usize::from(byte >> 4)]));
     out.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
+}
+
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+
+    #[test]
+    fn insurance_schemes_by_insurer_number() {
+        let cases: &[(&str, Option<(&str, bool)>)] = &[
+            ("138123", Some(("2", true))),
+            ("00138123", Some(("2", true))),
+            (" 00138123 ", Some(("2", true))),
+            ("39131234", Some(("7", true))),
+            ("67131234", Some(("2", false))),
+            ("01130012", Some(("1", false))),
+            ("06123456", Some(("1", false))),
+            ("31130012", Some(("1", false))),
+            ("63130012", Some(("1", false))),
+            ("75130012", Some(("1", false))),
+            // No such 法別番号, wrong lengths, not digits.
+            ("12130012", None),
+            ("8013001", None),
+            ("061234567", None),
+            ("0612345X", None),
+            ("", None),
+        ];
+        for (number, expected) in cases {
+            let got = insurance_scheme(number).map(|s| (s.category, s.no_dependants));
+            assert_eq!(got, *expected, "{number:?}");
+        }
+    }
+
+    #[test]
+    fn insured_person_identifier_joins_the_card() {
+        let card = |insurer: Option<&str>,
+                    symbol: Option<&str>,
+                    number: Option<&str>,
+                    branch: Option<&str>| Insurance {
+            insurer_number: insurer.map(str::to_owned),
+            symbol: symbol.map(str::to_owned),
+            number: number.map(str::to_owned),
+            branch: branch.map(str::to_owned),
+        };
+        // The JP-CLINS examples: 保険者番号 12345 padded to eight digits; an absent 記号
+        // or 枝番 leaves its place empty.
+        assert_eq!(
+            insured_person_identifier(&card(
+                Some("12345"),
+                Some("あいう"),
+                Some("１８７"),
+                Some("05")
+            )),
+            Some("00012345:あいう:１８７:05".to_owned())
+        );
+        assert_eq!(
+            insured_person_identifier(&card(Some("12345"), None, Some("１８７"), None)),
+            Some("00012345::１８７:".to_owned())
+        );
+        assert_eq!(
+            insured_person_identifier(&card(None, Some("a"), Some("1"), None)),
+            None
+        );
+        assert_eq!(
+            insured_person_identifier(&card(Some("06123456"), None, None, None)),
+            None
+        );
+        assert_eq!(
+            insured_person_identifier(&card(Some("06123456"), None, Some(" "), None)),
+            None
+        );
+    }
+
+    /// Without the card the Patient has no identifier, which JP_Patient_eCS requires, so it
+    /// claims no profile.
+    #[test]
+    fn a_patient_without_a_card_claims_no_profile() {
+        let bare = patient(&Patient::default(), &Insurance::default());
+        assert!(bare.get("identifier").is_none());
+        assert!(bare.get("meta").is_none());
+        let with_card = patient(
+            &Patient::default(),
+            &Insurance {
+                insurer_number: Some("06123456".into()),
+                number: Some("1".into()),
+                ..Insurance::default()
+            },
+        );
+        assert_eq!(with_card["meta"]["profile"][0], PATIENT_PROFILE);
+        assert_eq!(with_card["identifier"][0]["value"], "06123456::1:");
+    }
 }

@@ -613,6 +613,119 @@ fn bundle_is_a_document_with_the_original_attached() {
     assert_eq!(coverage["extension"][1]["valueString"], "６７８９０");
 }
 
+/// What the eCheckup profiles require of the header resources: `meta.lastUpdated` on every
+/// entry, the Composition's identifier and version number, the Patient's 被保険者個人識別子,
+/// and the insurance Coverage's 保険種別 and 被保険者区分, which only claims the eCheckup
+/// profile when the insurer's number tells both.
+#[test]
+fn header_resources_carry_what_the_echeckup_profiles_require() {
+    let observations = [GenObservation::typical("9N001000000000001", 1)];
+    let xml = valid_document(&Header::default(), &observations);
+    let bundle = convert(&xml).bundle;
+    assert_eq!(bundle["timestamp"], "2024-04-05T00:00:00+09:00");
+    for entry in bundle["entry"].as_array().into_iter().flatten() {
+        assert_eq!(
+            entry["resource"]["meta"]["lastUpdated"], bundle["timestamp"],
+            "{}",
+            entry["resource"]["resourceType"]
+        );
+    }
+    let composition = &bundle["entry"][0]["resource"];
+    assert_eq!(
+        composition["identifier"],
+        serde_json::json!({"system": "http://jpfhir.jp/fhir/core/IdSystem/resourceInstance-identifier", "value": "12345"})
+    );
+    assert_eq!(
+        composition["identifier"]["value"],
+        bundle["identifier"]["value"]
+    );
+    assert_eq!(
+        composition["extension"],
+        serde_json::json!([{"url": "http://hl7.org/fhir/StructureDefinition/composition-clinicaldocument-versionNumber", "valueString": "1"}])
+    );
+    let patient = resources(&bundle, "Patient").next().expect("Patient");
+    assert_eq!(
+        patient["meta"]["profile"][0],
+        "http://jpfhir.jp/fhir/eCS/StructureDefinition/JP_Patient_eCS"
+    );
+    assert_eq!(
+        patient["identifier"],
+        serde_json::json!([{"system": "http://jpfhir.jp/fhir/clins/Idsystem/JP_Insurance_memberID", "value": "06123456:１２３４５:６７８９０:01"}])
+    );
+    // 06: a 健康保険組合, whose members may be the insured or a dependant; the document
+    // does not say which, so the Coverage has no 被保険者区分 and claims JP Core's profile.
+    let insurance = resources(&bundle, "Coverage")
+        .find(|c| c.get("dependent").is_some())
+        .expect("insurance Coverage");
+    assert_eq!(
+        insurance["type"],
+        serde_json::json!({"coding": [{"system": "urn:oid:1.2.392.100495.20.2.61", "code": "1", "display": "医保"}]})
+    );
+    assert!(insurance.get("relationship").is_none());
+    assert_eq!(
+        insurance["meta"]["profile"],
+        serde_json::json!(["http://jpfhir.jp/fhir/core/StructureDefinition/JP_Coverage"])
+    );
+
+    // An id-less document: the Composition's identifier is the Bundle's, the key its ids
+    // derive from.
+    let anonymous = convert(&valid_document(
+        &Header {
+            document_id: None,
+            ..Header::default()
+        },
+        &observations,
+    ))
+    .bundle;
+    let value = anonymous["entry"][0]["resource"]["identifier"]["value"]
+        .as_str()
+        .unwrap_or("");
+    assert!(value.starts_with("sha256:"), "{value}");
+    assert_eq!(anonymous["identifier"]["value"], value);
+
+    // 市町村国保 (six digits, or zero-padded to eight) and 後期高齢者医療 (39) have no
+    // dependants: the person is the 被保険者 and the Coverage meets the eCheckup profile.
+    for (insurer, padded, category) in [
+        ("138123", "00138123", "2"),
+        ("00138123", "00138123", "2"),
+        ("39131234", "39131234", "7"),
+    ] {
+        let bundle = convert(&valid_document(
+            &Header {
+                insurer_number: insurer.into(),
+                ..Header::default()
+            },
+            &observations,
+        ))
+        .bundle;
+        let insurance = resources(&bundle, "Coverage")
+            .find(|c| c.get("dependent").is_some())
+            .expect("insurance Coverage");
+        assert_eq!(
+            insurance["type"]["coding"][0]["code"], category,
+            "{insurer}"
+        );
+        assert_eq!(
+            insurance["relationship"],
+            serde_json::json!({"coding": [{"system": "urn:oid:1.2.392.100495.20.2.62", "code": "1", "display": "被保険者"}]}),
+            "{insurer}"
+        );
+        assert_eq!(
+            insurance["meta"]["profile"],
+            serde_json::json!([
+                "http://jpfhir.jp/fhir/eCheckup/StructureDefinition/JP_CoverageInsurance_eCheckupGeneral"
+            ]),
+            "{insurer}"
+        );
+        let patient = resources(&bundle, "Patient").next().expect("Patient");
+        assert_eq!(
+            patient["identifier"][0]["value"],
+            format!("{padded}:１２３４５:６７８９０:01"),
+            "{insurer}"
+        );
+    }
+}
+
 #[test]
 fn reconciliation_key_ignores_document_id_and_author() {
     let observations = [GenObservation::typical("9N001000000000001", 1)];
