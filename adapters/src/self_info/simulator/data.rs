@@ -427,7 +427,9 @@ fn xml_escape(value: &str) -> String {
 /// A small hc08 document following the MHLW template, valid against the hc08 schema:
 /// header (報告区分 10 = 特定健診, the person's insurance card, 作成機関, 実施日 and
 /// 実施機関) and a 身体計測 section with 身長 and 体重. Not a complete report. Birth dates and
-/// card numbers are derived from the person's number.
+/// card numbers are derived from the person's number; persons 1, 5, 9, … are insured by a
+/// 市町村国保 (a six-digit 保険者番号, zero-padded to eight as 特定健診 data writes it), the
+/// other adults by a 健康保険組合 (法別番号 06).
 fn checkup_document(
     person: &PortalPerson,
     date: &str,
@@ -445,7 +447,11 @@ fn checkup_document(
     } else {
         "1"
     };
-    let insurer = format!("{:08}", 6_130_000 + person.number);
+    let insurer = if person.number % 4 == 1 {
+        format!("{:08}", 130_000 + person.number)
+    } else {
+        format!("{:08}", 6_130_000 + person.number)
+    };
     let card_number = format!("{}", 100_000 + person.number);
     format!(
         r#"<?xml version="1.0" encoding="UTF-8"?>
