@@ -828,9 +828,11 @@ impl Placing<'_> {
     }
 }
 
-/// Bind parameters per multi-row statement: a page of a pull fits in one or two
-/// statements, and SQLite's old default limit (999) is never reached.
-const PARAMS_PER_STATEMENT: usize = 960;
+/// Bind parameters per multi-row statement: a group commit of pull pages (several hundred
+/// resources) fits in one statement of each kind, since every statement is a hand-off to
+/// the connection's thread. Both limits are far off: SQLite's 32,766 (bundled 3.46, whose
+/// anonymous `?` cost nothing to resolve; see `row_placeholders`) and PostgreSQL's 65,535.
+const PARAMS_PER_STATEMENT: usize = 8_000;
 
 fn rows_per_statement(columns: usize) -> usize {
     (PARAMS_PER_STATEMENT / columns).max(1)
