@@ -18,7 +18,10 @@ use crate::fhir_api::{seed, token, PATIENT};
 use crate::helpers::{grant_consent, leaves_containing, Engine};
 use crate::oauth::{env_with, Env};
 
-both_engines!(a_backend_exports_only_what_each_patient_consented_to,);
+both_engines!(
+    a_backend_exports_only_what_each_patient_consented_to,
+    an_export_whose_output_cannot_be_stored_fails_and_serves_nothing,
+);
 
 pub(crate) async fn backend_token(
     env: &Env,
@@ -472,4 +475,76 @@ async fn a_backend_exports_only_what_each_patient_consented_to(engine: Engine) {
             >= 1
     );
     env.stop().await;
+}
+
+/// The export's reader serves patients while its writer stores their lines: when the writer
+/// fails, the job fails as a whole (its reader is stopped), the recipient is told, no file
+/// of it is served, and its partial output is deleted.
+async fn an_export_whose_output_cannot_be_stored_fails_and_serves_nothing(engine: Engine) {
+    let env = env_with(engine, |c| {
+        c.export.workers = 0;
+        c.notifications.deliver = false;
+    })
+    .await;
+    seed(&env).await;
+    let key = BackendKey::generate_es384();
+    let client_id = env.key_client(&key).await;
+    for patient in [PATIENT, "patient-2"] {
+        grant_consent(
+            &env.app,
+            patient,
+            Performer::patient(&PersonRef::new(patient)),
+            &client_id,
+            &["PATRQT"],
+            &[DataCategory::Observations],
+            30,
+        )
+        .await;
+    }
+    let all = backend_token(&env, &key, &client_id, "system/*.rs").await;
+    let group = format!("/fhir/Group/{client_id}/$export?_type=Observation");
+    let chunks = |job: &str| {
+        let (db, job) = (env.app.gateway().state.db.clone(), job.to_string());
+        async move {
+            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM export_chunks WHERE job_id = $1")
+                .bind(job)
+                .fetch_one(db.read_pool())
+                .await
+                .expect("chunks");
+            n
+        }
+    };
+
+    let failing = started(&env, &all, &group).await;
+    env.app
+        .gateway()
+        .state
+        .db
+        .inject_fault("export.write_lines");
+    assert_eq!(run(&env).await, Some(ExportStatus::Failed));
+    let response = poll(&env, &all, &failing).await;
+    let status = response.status();
+    let body = response.text().await.expect("body");
+    outcome_of(
+        status,
+        &body,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "a failed export",
+    );
+    assert!(body.contains("export.write_lines"), "says why: {body}");
+    let job = failing.rsplit('/').next().expect("job id");
+    env.app
+        .gateway()
+        .state
+        .exports
+        .forget_expired()
+        .await
+        .expect("forget");
+    assert_eq!(chunks(job).await, 0, "nothing of the failed export is kept");
+
+    // The fault was one-off: the same export runs to its end the next time.
+    let next = started(&env, &all, &group).await;
+    assert_eq!(run(&env).await, Some(ExportStatus::Done));
+    let done = manifest(&env, &all, &next).await;
+    assert_eq!(output_counts(&done), vec![("Observation".to_string(), 9)]);
 }

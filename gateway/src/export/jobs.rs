@@ -348,6 +348,7 @@ impl ExportJobs {
                     resource_type,
                     resources,
                 } => {
+                    self.db.fault_point("export.write_lines")?;
                     for resource in &resources {
                         output
                             .line(&resource_type, resource, &key, &self.db)
