@@ -573,6 +573,27 @@ async fn every_exported_resource_passes_external_r4_validation() {
     }
 }
 
+/// The JP profile validator itself: the publishers' examples pass, a broken variant of each
+/// (one rule its profile really states) fails with the element named, and its known gaps
+/// stay pinned (`tests/python/test_validate_jp_profiles.py`).
+#[test]
+fn the_jp_profile_validator_passes_the_examples_and_refuses_broken_variants() {
+    let tests =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/test_validate_jp_profiles.py");
+    let ran = Command::new(python())
+        .arg(&tests)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}; {INSTALL}", python().display()));
+    let said = String::from_utf8_lossy(&ran.stderr);
+    assert!(ran.status.success(), "{said}\n{INSTALL}");
+    // unittest reports on stderr: "Ran N tests" and "OK".
+    let ran_count: usize = said
+        .lines()
+        .find_map(|line| line.strip_prefix("Ran ")?.split(' ').next()?.parse().ok())
+        .expect("a unittest summary");
+    assert!(ran_count >= 30, "{said}");
+}
+
 /// The files under `dir`, sorted.
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut found = Vec::new();
