@@ -39,6 +39,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from export_files import inputs
+
 HERE = Path(__file__).resolve().parent
 SCHEMA = HERE / "node_modules" / "@medplum" / "definitions" / "dist" / "fhir" / "r4" / "fhir.schema.json"
 INSTALL_HINT = (
@@ -250,22 +252,6 @@ def bundle_invariants(bundle: dict) -> list[str]:
     return found
 
 
-def inputs(paths: list[str]) -> list[Path]:
-    found: list[Path] = []
-    for name in paths:
-        path = Path(name)
-        if path.is_dir():
-            found.extend(
-                sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".ndjson", ".json"))
-            )
-        elif path.is_file():
-            found.append(path)
-        else:
-            print(f"validate_fhir: no such file or directory: {name}", file=sys.stderr)
-            sys.exit(2)
-    return found
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", help="directories or .ndjson/.json files")
@@ -273,7 +259,7 @@ def main() -> int:
     args = parser.parse_args()
 
     checker = Checker(load_schema())
-    files = inputs(args.paths)
+    files = inputs(args.paths, "validate_fhir")
     if not files:
         print("validate_fhir: no .ndjson or .json files found", file=sys.stderr)
         return 2

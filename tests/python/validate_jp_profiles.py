@@ -58,6 +58,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from export_files import inputs
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 RUNNER = HERE / "jp_profile_check.cjs"
@@ -113,21 +115,6 @@ def load_profiles(profile_dirs: list[Path]) -> dict[str, str]:
             if definition.get("resourceType") == "StructureDefinition":
                 profiles[definition["url"]] = definition["type"]
     return profiles
-
-
-def inputs(paths: list[str]) -> list[Path]:
-    found: list[Path] = []
-    for name in paths:
-        path = Path(name)
-        if path.is_dir():
-            found.extend(
-                sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".ndjson", ".json"))
-            )
-        elif path.is_file():
-            found.append(path)
-        else:
-            bad_input(f"no such file or directory: {name}")
-    return found
 
 
 def read_resources(files: list[Path]):
@@ -195,7 +182,7 @@ def main() -> int:
     profile_dirs = [Path(d) for d in args.profiles] if args.profiles else PROFILE_DIRS
     node = check_environment(profile_dirs)
     known = load_profiles(profile_dirs)
-    files = inputs(args.paths)
+    files = inputs(args.paths, "validate_jp_profiles")
     if not files:
         bad_input("no .ndjson or .json files found")
 
