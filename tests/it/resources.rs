@@ -3,7 +3,8 @@
 
 use futures::TryStreamExt;
 use phr_gateway::audit::Agent;
-use phr_gateway::store::resources::{NewResource, SourceIdentity, WriteOutcome};
+use phr_gateway::provenance::{provenance_for, Origin};
+use phr_gateway::store::resources::{NewResource, ResourceMeta, SourceIdentity, WriteOutcome};
 use phr_gateway::{Error, Gateway};
 use sha2::{Digest, Sha256};
 use sqlx::Row;
@@ -21,6 +22,7 @@ both_engines!(
     failed_write_leaves_nothing_half_written,
     bad_resources_are_refused_and_nothing_is_written,
     batches_are_atomic_and_audited_once,
+    a_batch_and_its_provenance_are_one_write,
 );
 
 fn observation(source_id: &str, marker: &str) -> Vec<u8> {
@@ -577,4 +579,105 @@ async fn batches_are_atomic_and_audited_once(engine: Engine) {
         .expect("again");
     assert!(again.iter().all(|(_, o)| *o == WriteOutcome::Unchanged));
     assert_eq!(count(&gateway, "audit_leaves").await, leaves + 1);
+}
+
+/// A batch's Provenance is written in the batch's statements and named in its audit leaf:
+/// new when the batch wrote something (no lookup); looked up when the batch wrote nothing,
+/// so the same arrival again adds nothing, while another source of the same versions gets
+/// its own Provenance.
+async fn a_batch_and_its_provenance_are_one_write(engine: Engine) {
+    let env = TestEnv::new(engine).await;
+    let gateway = Gateway::build(env.config()).await.expect("build");
+    let store = &gateway.state.resources;
+    let agent = Agent::system();
+    let batch = || -> Vec<NewResource> {
+        ["a", "b"]
+            .iter()
+            .map(|id| new_resource("p1", "h", id, Some("1"), observation(id, id)))
+            .collect()
+    };
+    let write = |source_id: &'static str| {
+        let gateway = &gateway;
+        let agent = agent.clone();
+        async move {
+            let store = &gateway.state.resources;
+            let origin = Origin {
+                patient_id: "p1",
+                source_id,
+                source_display: source_id,
+                policy: None,
+                entity: None,
+            };
+            let provenance = |_page: usize, written: &[(ResourceMeta, WriteOutcome)]| {
+                let targets: Vec<&ResourceMeta> = written.iter().map(|(meta, _)| meta).collect();
+                provenance_for(&origin, &targets)
+            };
+            let keys = store.data_keys_for(&batch()).await.expect("keys");
+            let mut tx = gateway.state.db.begin().await.expect("begin");
+            let written = store
+                .put_batch_in(&mut tx, &agent, batch(), &keys, None, Some(&provenance))
+                .await
+                .expect("write");
+            tx.commit().await.expect("commit");
+            written
+        }
+    };
+    let provenances = || async {
+        sqlx::query("SELECT COUNT(*) FROM resources WHERE resource_type = 'Provenance'")
+            .fetch_one(gateway.state.db.read_pool())
+            .await
+            .expect("count")
+            .get::<i64, _>(0)
+    };
+    let newest_leaf = || async {
+        let body: Vec<u8> = sqlx::query("SELECT body FROM audit_leaves ORDER BY id DESC LIMIT 1")
+            .fetch_one(gateway.state.db.read_pool())
+            .await
+            .expect("leaf")
+            .get(0);
+        String::from_utf8(body).expect("utf-8")
+    };
+
+    // The patient's data key first: its creation is audited on its own.
+    store.data_keys_for(&batch()).await.expect("keys");
+    let leaves = count(&gateway, "audit_leaves").await;
+    let written = write("s1").await;
+    assert!(written.iter().all(|(_, o)| *o == WriteOutcome::Created));
+    assert_eq!(written.len(), 2, "the outcomes are the batch's own");
+    assert_eq!(provenances().await, 1);
+    assert_eq!(count(&gateway, "resources").await, 3);
+    assert_eq!(
+        count(&gateway, "audit_leaves").await,
+        leaves + 1,
+        "one leaf"
+    );
+    let id: String =
+        sqlx::query_scalar("SELECT id FROM resources WHERE resource_type = 'Provenance'")
+            .fetch_one(gateway.state.db.read_pool())
+            .await
+            .expect("provenance");
+    let leaf = newest_leaf().await;
+    assert!(
+        leaf.contains(&format!("Provenance/{id}/_history/1")),
+        "{leaf}"
+    );
+    for (meta, _) in &written {
+        assert!(leaf.contains(&meta.history_reference()), "{leaf}");
+    }
+    let body = store.read("p1", &id).await.expect("read provenance").body;
+    let body: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(body["target"].as_array().map(Vec::len), Some(2));
+
+    // The same arrival again: nothing new, its Provenance is found, nothing written.
+    let again = write("s1").await;
+    assert!(again.iter().all(|(_, o)| *o == WriteOutcome::Unchanged));
+    assert_eq!(provenances().await, 1);
+    assert_eq!(count(&gateway, "audit_leaves").await, leaves + 1);
+
+    // Another source of the same versions: nothing new but its own Provenance.
+    let other = write("s2").await;
+    assert!(other.iter().all(|(_, o)| *o == WriteOutcome::Unchanged));
+    assert_eq!(provenances().await, 2);
+    assert_eq!(count(&gateway, "audit_leaves").await, leaves + 2);
+    assert_eq!(count(&gateway, "resources").await, 4);
 }

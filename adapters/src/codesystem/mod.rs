@@ -27,6 +27,13 @@ use serde_json::Value;
 
 pub use table::{known_code_systems, CodeSystemName, SystemKind};
 
+/// JP Core's identifier systems of a prescription's Rp (剤グループ) number and of a drug's
+/// place within its Rp, which JP_MedicationRequest and JP_MedicationDispense require.
+pub const RP_NUMBER_SYSTEM: &str =
+    "http://jpfhir.jp/fhir/core/mhlw/IdSystem/Medication-RPGroupNumber";
+pub const ORDER_IN_RP_SYSTEM: &str =
+    "http://jpfhir.jp/fhir/core/mhlw/IdSystem/MedicationAdministrationIndex";
+
 /// The member name whose string value is a code-system (or identifier-system) reference.
 const SYSTEM_MEMBER: &str = "system";
 

@@ -376,12 +376,12 @@ static KNOWN_CODE_SYSTEMS: &[CodeSystemName] = &[
         "公費受給者番号",
     ),
     identifier_system(
-        "http://jpfhir.jp/fhir/core/mhlw/IdSystem/Medication-RPGroupNumber",
+        super::RP_NUMBER_SYSTEM,
         &["1.2.392.100495.20.3.81"],
         "RP番号",
     ),
     identifier_system(
-        "http://jpfhir.jp/fhir/core/mhlw/IdSystem/MedicationAdministrationIndex",
+        super::ORDER_IN_RP_SYSTEM,
         &["1.2.392.100495.20.3.82"],
         "RP内の順序を示す連番",
     ),

@@ -25,7 +25,7 @@ use base64::Engine as _;
 use serde_json::{json, Map, Value};
 
 use super::Category;
-use crate::codesystem::url_for_oid;
+use crate::codesystem::{url_for_oid, ORDER_IN_RP_SYSTEM, RP_NUMBER_SYSTEM};
 
 pub const PROFILE_MEDICATION_DISPENSE: &str =
     "http://jpfhir.jp/fhir/core/StructureDefinition/JP_MedicationDispense";
@@ -50,10 +50,6 @@ pub const PORTAL_ITEM_CODE_SYSTEM: &str = "urn:phr-gateway:self-info:item-code";
 const INSTITUTION_CODE_SYSTEM: &str =
     "http://jpfhir.jp/fhir/core/IdSystem/insurance-medical-institution-no";
 const UCUM: &str = "http://unitsofmeasure.org";
-/// JP Core's identifier systems of an Rp (剤グループ) number and of a drug's place in its Rp.
-const RP_NUMBER_SYSTEM: &str = "http://jpfhir.jp/fhir/core/mhlw/IdSystem/Medication-RPGroupNumber";
-const ORDER_IN_RP_SYSTEM: &str =
-    "http://jpfhir.jp/fhir/core/mhlw/IdSystem/MedicationAdministrationIndex";
 pub const CDA_CONTENT_TYPE: &str = "application/hl7-v3+xml";
 
 /// The canonical `system` for an OID, as the gateway's normaliser would store it.

@@ -490,7 +490,9 @@ impl ExportJobs {
                     filters.is_empty()
                         || filters.iter().any(|f| matches(resource_type, resource, f))
                 };
-                let mut lines = |resources: Vec<Value>| {
+                // A page as the writer gets it: only what the type's filters keep, counted
+                // for the patient's audit leaf.
+                let mut kept_page = |resources: Vec<Value>| {
                     let kept: Vec<Value> = resources.into_iter().filter(|r| keep(r)).collect();
                     if !kept.is_empty() {
                         exported += kept.len();
@@ -505,7 +507,7 @@ impl ExportJobs {
                 };
                 if resource_type == "Patient" {
                     if let Some((patient, _)) = served_patient(&self.resources, patient_id).await? {
-                        if out.send(lines(vec![patient])).await.is_err() {
+                        if out.send(kept_page(vec![patient])).await.is_err() {
                             return Ok(Read::Stopped);
                         }
                     }
@@ -540,7 +542,7 @@ impl ExportJobs {
                     let Some(last) = rows.last() else { break };
                     after = Some(last.meta.id.clone());
                     let served = serve_all(&self.resources, patient_id, &rows).await?;
-                    if out.send(lines(served)).await.is_err() {
+                    if out.send(kept_page(served)).await.is_err() {
                         return Ok(Read::Stopped);
                     }
                     if rows.len() < PAGE {

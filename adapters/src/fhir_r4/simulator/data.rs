@@ -10,6 +10,8 @@ use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use crate::codesystem::{ORDER_IN_RP_SYSTEM, RP_NUMBER_SYSTEM};
+
 /// 2024-04-01T00:00:00Z: every generated `meta.lastUpdated` is this plus a few seconds.
 const EPOCH_MS: i64 = 1_711_929_600_000;
 
@@ -20,10 +22,6 @@ pub const HOT9_OID: &str = "urn:oid:1.2.392.200119.4.403.1";
 pub const HOT9_URL: &str = "http://medis.or.jp/CodeSystem/master-HOT9";
 pub const YJ_OID: &str = "urn:oid:1.2.392.100495.20.2.73";
 const ICD10_JP: &str = "http://jpfhir.jp/fhir/core/mhlw/CodeSystem/ICD10-2013-full";
-/// JP Core's identifier systems of a prescription's Rp (剤グループ) number and of a drug's
-/// place within its Rp.
-const RP_NUMBER: &str = "http://jpfhir.jp/fhir/core/mhlw/IdSystem/Medication-RPGroupNumber";
-const ORDER_IN_RP: &str = "http://jpfhir.jp/fhir/core/mhlw/IdSystem/MedicationAdministrationIndex";
 /// JLAC10 材料コード as JP Core names it, and HL7 v2 table 0487 (specimen type).
 const SAMPLE_MATERIAL: &str =
     "http://jpfhir.jp/fhir/core/CodeSystem/JP_ObservationSampleMaterialCode_CS";
@@ -318,8 +316,8 @@ fn clinical_resource(
                     "meta": meta(updated_ms, "http://jpfhir.jp/fhir/core/StructureDefinition/JP_MedicationRequest"),
                     // Each order prescribes one drug: Rp 1, the first (only) drug in it.
                     "identifier": [
-                        {"system": RP_NUMBER, "value": "1"},
-                        {"system": ORDER_IN_RP, "value": "1"}
+                        {"system": RP_NUMBER_SYSTEM, "value": "1"},
+                        {"system": ORDER_IN_RP_SYSTEM, "value": "1"}
                     ],
                     "status": "active",
                     "intent": "order",
