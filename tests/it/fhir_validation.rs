@@ -540,6 +540,22 @@ async fn every_exported_resource_passes_external_r4_validation() {
             jp_checked(profile)
         );
     }
+    // The checkup reports' Bundle profile too (its entry slices counted by the script).
+    let bundle_counts = jp_summary.get(ECHECKUP_BUNDLE).cloned().unwrap_or_default();
+    assert!(
+        bundle_counts.first().is_some_and(|checked| *checked >= 1)
+            && bundle_counts.get(1) == Some(&0),
+        "the checkup report Bundles are checked against {ECHECKUP_BUNDLE}: {jp_summary:?}"
+    );
+    let not_checked: Vec<&String> = jp_summary
+        .iter()
+        .filter(|(_, counts)| counts.get(2).is_some_and(|n| *n > 0))
+        .map(|(profile, _)| profile)
+        .collect();
+    assert!(
+        not_checked.is_empty(),
+        "profiles not checked: {not_checked:?}"
+    );
     println!("{jp_stdout}");
 
     // The validator does refuse: a code outside its required set (only the schema sees

@@ -7,6 +7,7 @@
 // Standard output: one JSON object:
 //   {"medplum": version,
 //    "unloadable": {url: reason},     // definitions the validator could not take in
+//    "profile_sliced": {url: [element id, ...]}, // loaded without these elements' slices
 //    "results": [issues | null, ...]} // per task; null when its profile is unloadable
 // where each issue is {"severity", "path", "message"}.
 "use strict";
@@ -28,13 +29,56 @@ core.indexStructureDefinitionBundle(readJson(path.join(definitions, "profiles-ty
 core.indexStructureDefinitionBundle(readJson(path.join(definitions, "profiles-resources.json")));
 const unloadable = {};
 const profiles = {};
+// Profiles loaded without their slices told apart by the `profile` discriminator, which the
+// validator does not support (JP_Bundle_eCheckupGeneral's Bundle.entry): the rest of such a
+// profile is checked here and the Python half counts those slices itself.
+const profileSliced = {};
+
+function isProfileSlicing(element) {
+  return (element.slicing?.discriminator ?? []).some((d) => d.type === "profile");
+}
+
+// A copy of `sd` with each profile-discriminated slicing taken out (the slicing and its slices;
+// the sliced element itself, with its own cardinality, stays), and the ids of those elements.
+function withoutProfileSlices(sd) {
+  const copy = JSON.parse(JSON.stringify(sd));
+  const sliced = new Set();
+  for (const part of [copy.snapshot, copy.differential]) {
+    for (const element of part?.element ?? []) {
+      if (isProfileSlicing(element)) sliced.add(element.id);
+    }
+  }
+  for (const part of [copy.snapshot, copy.differential]) {
+    if (!part?.element) continue;
+    part.element = part.element
+      .filter((element) => ![...sliced].some((id) => element.id.startsWith(`${id}:`)))
+      .map((element) => {
+        if (sliced.has(element.id)) delete element.slicing;
+        return element;
+      });
+  }
+  return { copy, sliced: [...sliced] };
+}
+
 function load(sd) {
   try {
     core.loadDataType(sd);
-    return true;
+    return sd;
   } catch (error) {
+    const hasProfileSlicing = (sd.snapshot?.element ?? []).some(isProfileSlicing);
+    if (hasProfileSlicing) {
+      const { copy, sliced } = withoutProfileSlices(sd);
+      try {
+        core.loadDataType(copy);
+        profileSliced[sd.url] = sliced;
+        return copy;
+      } catch (again) {
+        unloadable[sd.url] = `${error.message}; without its profile slices: ${again.message}`;
+        return null;
+      }
+    }
     unloadable[sd.url] = error.message;
-    return false;
+    return null;
   }
 }
 for (const entry of readJson(path.join(definitions, "extension-definitions.json")).entry ?? []) {
@@ -47,7 +91,8 @@ for (const dir of profileDirs) {
     if (!name.endsWith(".json")) continue;
     const sd = readJson(path.join(dir, name));
     if (sd.resourceType !== "StructureDefinition") continue;
-    if (load(sd)) profiles[sd.url] = sd;
+    const loaded = load(sd);
+    if (loaded) profiles[sd.url] = loaded;
   }
 }
 
@@ -71,4 +116,6 @@ const results = tasks.map(({ profile, resource }) => {
   }
 });
 
-process.stdout.write(JSON.stringify({ medplum: version, unloadable, results }));
+process.stdout.write(
+  JSON.stringify({ medplum: version, unloadable, profile_sliced: profileSliced, results }),
+);

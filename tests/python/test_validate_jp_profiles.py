@@ -112,16 +112,54 @@ class ValidateJpProfiles(unittest.TestCase):
             self.assertRegex(line, r"Medication(Request|Dispense)\.identifier: .*slice '(rpNumber|orderInRp)'")
         self.assertIn("18 profile checks in 16 files, 2 failed", result.stdout)
 
-    def test_echeckup_sample_report_passes_with_its_bundle_profile_not_checked(self) -> None:
+    def test_echeckup_sample_report_passes_with_its_bundle_profile(self) -> None:
         result = run(ECHECKUP_SAMPLE)
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         self.assertIn("JP_Observation_eCheckupGeneral: 44, 0", result.stdout)
         self.assertIn("JP_Composition_eCheckupGeneral: 1, 0", result.stdout)
-        self.assertRegex(
-            result.stdout,
-            r"NOT CHECKED .* Bundle/Bundle-eCheckupReport-Sample-01 .*JP_Bundle_eCheckupGeneral: "
-            r"the validator cannot load this profile \(Unsupported slicing discriminator type: profile\)",
-        )
+        self.assertIn("JP_Bundle_eCheckupGeneral: 1, 0\n", result.stdout)
+        self.assertNotIn("NOT CHECKED", result.stdout)
+        # The validator's warnings about the Bundle's own urn:uuid: references are counted,
+        # not listed.
+        self.assertRegex(result.stdout, r"\(\d+ warnings left out: references to urn:uuid: entries")
+        self.assertNotIn('Invalid reference: got "urn:uuid:', result.stdout)
+
+    # JP_Bundle_eCheckupGeneral slices Bundle.entry by the profile each entry's resource
+    # claims, which this script counts (the validator cannot), and the rest of the profile is
+    # still the validator's.
+
+    def echeckup_sample(self) -> dict:
+        return json.loads(ECHECKUP_SAMPLE.read_text(encoding="utf-8"))
+
+    def test_echeckup_bundle_without_its_practitioner(self) -> None:  # entry:practitioner 1..2
+        bundle = self.echeckup_sample()
+        bundle["entry"] = [e for e in bundle["entry"] if e["resource"]["resourceType"] != "Practitioner"]
+        self.fails(bundle, "JP_Bundle_eCheckupGeneral", "Bundle.entry:practitioner", "0 items", "1..2")
+
+    def test_echeckup_bundle_with_three_practitioners(self) -> None:
+        bundle = self.echeckup_sample()
+        doctor = next(e for e in bundle["entry"] if e["resource"]["resourceType"] == "Practitioner")
+        bundle["entry"] += [json.loads(json.dumps(doctor)), json.loads(json.dumps(doctor))]
+        for index, entry in enumerate(bundle["entry"][-2:]):
+            entry["fullUrl"] = f"urn:uuid:6f1c2a1e-0000-4000-8000-00000000000{index}"
+        self.fails(bundle, "Bundle.entry:practitioner", "3 items", "1..2")
+
+    def test_echeckup_bundle_whose_practitioner_claims_no_profile(self) -> None:
+        # Membership is by the claimed profile: an entry that does not claim it is not counted.
+        bundle = self.echeckup_sample()
+        doctor = next(e for e in bundle["entry"] if e["resource"]["resourceType"] == "Practitioner")
+        del doctor["resource"]["meta"]["profile"]
+        self.fails(bundle, "Bundle.entry:practitioner", "0 items")
+
+    def test_echeckup_bundle_without_its_patient(self) -> None:  # entry:patient 1..1
+        bundle = self.echeckup_sample()
+        bundle["entry"] = [e for e in bundle["entry"] if e["resource"]["resourceType"] != "Patient"]
+        self.fails(bundle, "Bundle.entry:patient", "0 items", "1..1")
+
+    def test_echeckup_bundle_without_identifier(self) -> None:  # Bundle.identifier 1..1, still checked
+        bundle = self.echeckup_sample()
+        del bundle["identifier"]
+        self.fails(bundle, "JP_Bundle_eCheckupGeneral", "Bundle.identifier")
 
     # Broken variants: each breaks a rule the profile states.
 

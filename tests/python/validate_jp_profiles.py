@@ -33,10 +33,15 @@ even a required one); extension slices (`extension:birthPlace` 0..1 is not count
 extension's value type is not held to its definition); slices discriminated on `$this` whose
 values are fixed on their children (so JP_Observation_LabResult's `category:laboratory` matches
 any category); fixed values below a complex datatype inside a backbone element (e.g.
-`MedicationRequest.dispenseRequest.expectedSupplyDuration.code` = `d`); and it cannot load a
+`MedicationRequest.dispenseRequest.expectedSupplyDuration.code` = `d`). It cannot load a
 profile that slices by the `profile` discriminator, which JP_Bundle_eCheckupGeneral does on
-`Bundle.entry`: such a profile is reported as NOT CHECKED (its resources' entries are still
-checked against their own profiles). `test_validate_jp_profiles.py` pins each of these gaps.
+`Bundle.entry`; such a profile is loaded without those slices (the runner says which), so the
+rest of it is still checked, and this script counts the slices itself: an entry belongs to a
+slice when its resource claims one of the slice's profiles (and that claim is checked against
+the entry like any other), each slice's min..max is held, and a closed slicing refuses entries
+in no slice. An entry that would conform to a slice's profile without claiming it is not
+counted (stricter than FHIR, which would test conformance). A profile the validator cannot load
+even so is reported as NOT CHECKED. `test_validate_jp_profiles.py` pins each of these gaps.
 
 A `meta.profile` URL (any `|version` stripped) for which no StructureDefinition is vendored
 fails: a profile the export claims but nobody can check is as wrong as one it breaks, and the
@@ -73,6 +78,11 @@ PROFILE_DIRS = [
 INSTALL_HINT = ".ci/run installs them: npm ci --prefix tests/python (and Node.js 20.19 or later)"
 
 
+# The validator warns of every reference to a `urn:uuid:` fullUrl inside a Bundle (it does not
+# resolve them against the Bundle's entries); those warnings say nothing about the resource.
+INTERNAL_REFERENCE = 'Invalid reference: got "urn:uuid:'
+
+
 def missing(what: str) -> None:
     print(f"validate_jp_profiles: {what} is missing or the wrong version. {INSTALL_HINT}", file=sys.stderr)
     sys.exit(3)
@@ -106,15 +116,98 @@ def check_environment(profile_dirs: list[Path]) -> str:
     return node
 
 
-def load_profiles(profile_dirs: list[Path]) -> dict[str, str]:
-    """Canonical URL → the resource type (or datatype) it constrains."""
-    profiles: dict[str, str] = {}
+def load_profiles(profile_dirs: list[Path]) -> dict[str, dict]:
+    """Canonical URL → its StructureDefinition."""
+    profiles: dict[str, dict] = {}
     for directory in profile_dirs:
         for path in sorted(directory.glob("*.json")):
             definition = json.loads(path.read_text(encoding="utf-8"))
             if definition.get("resourceType") == "StructureDefinition":
-                profiles[definition["url"]] = definition["type"]
+                profiles[definition["url"]] = definition
     return profiles
+
+
+def profile_slicings(definition: dict) -> list[dict]:
+    """The definition's slicings told apart by the `profile` discriminator: for each, the
+    sliced element's path, the discriminator's path, whether unmatched items are allowed, and
+    each slice's name, cardinality and the profiles its discriminator path takes."""
+    elements = (definition.get("snapshot") or definition.get("differential") or {}).get("element", [])
+    by_id = {element.get("id"): element for element in elements}
+    slicings = []
+    for element in elements:
+        slicing = element.get("slicing") or {}
+        discriminators = slicing.get("discriminator") or []
+        if not any(d.get("type") == "profile" for d in discriminators):
+            continue
+        if len(discriminators) != 1:
+            continue  # not met in the vendored profiles; left to the validator
+        at = discriminators[0].get("path", "$this")
+        slices = []
+        for candidate in elements:
+            name = candidate.get("sliceName")
+            if not name or candidate.get("id") != f"{element['id']}:{name}":
+                continue
+            target = candidate if at == "$this" else by_id.get(f"{candidate['id']}.{at}", {})
+            profiles = [p.split("|", 1)[0] for t in target.get("type", []) for p in t.get("profile", [])]
+            maximum = candidate.get("max", "*")
+            slices.append(
+                {
+                    "name": name,
+                    "min": int(candidate.get("min", 0)),
+                    "max": None if maximum == "*" else int(maximum),
+                    "profiles": profiles,
+                }
+            )
+        slicings.append({"path": element["path"], "at": at, "closed": slicing.get("rules") == "closed", "slices": slices})
+    return slicings
+
+
+def items_at(resource: dict, path: str) -> list:
+    """The values at an element path (`Bundle.entry`) of a resource, lists flattened."""
+    values: list = [resource]
+    for name in path.split(".")[1:]:
+        found = []
+        for value in values:
+            child = value.get(name) if isinstance(value, dict) else None
+            if isinstance(child, list):
+                found.extend(child)
+            elif child is not None:
+                found.append(child)
+        values = found
+    return values
+
+
+def profile_slice_errors(resource: dict, slicings: list[dict]) -> list[tuple[str, str]]:
+    """(element, message) for each profile-discriminated slice `resource` does not fill. An
+    item belongs to a slice when what is at the discriminator path claims one of the slice's
+    profiles (each claimed profile is itself checked against that item), so an item that
+    would conform without claiming the profile is not counted."""
+    errors = []
+    for slicing in slicings:
+        items = items_at(resource, slicing["path"])
+        matched = [False] * len(items)
+        for piece in slicing["slices"]:
+            count = 0
+            for index, item in enumerate(items):
+                # The item itself, or what is at the discriminator path below it.
+                targets = [item] if slicing["at"] == "$this" else items_at(item, f"item.{slicing['at']}")
+                if any(set(claimed_profiles(t)) & set(piece["profiles"]) for t in targets if isinstance(t, dict)):
+                    count += 1
+                    matched[index] = True
+            high = "*" if piece["max"] is None else piece["max"]
+            if count < piece["min"] or (piece["max"] is not None and count > piece["max"]):
+                errors.append(
+                    (
+                        f"{slicing['path']}:{piece['name']}",
+                        f"{count} items in slice '{piece['name']}' (claiming {', '.join(piece['profiles'])}), "
+                        f"the profile allows {piece['min']}..{high}",
+                    )
+                )
+        if slicing["closed"]:
+            for index, item_matched in enumerate(matched):
+                if not item_matched:
+                    errors.append((f"{slicing['path']}[{index}]", "matches no slice and the slicing is closed"))
+    return errors
 
 
 def read_resources(files: list[Path]):
@@ -194,6 +287,14 @@ def main() -> int:
     skipped_by_sample = 0
     tasks: list[dict] = []
     labels: list[tuple[str, str, str]] = []
+    # Per task: what the profile-discriminated slices, which this script counts, found.
+    slice_errors: list[list[tuple[str, str]]] = []
+    slicings: dict[str, list[dict]] = {}
+
+    def slicings_of(profile: str) -> list[dict]:
+        if profile not in slicings:
+            slicings[profile] = profile_slicings(known[profile])
+        return slicings[profile]
 
     for where, top in read_resources(files):
         for entry_path, resource in with_nested(top):
@@ -213,14 +314,18 @@ def main() -> int:
                 if profile not in known:
                     failed[profile] += 1
                     failures.append(f"FAIL {site} {label} {profile}: no StructureDefinition for this profile is vendored")
-                elif known[profile] != resource_type:
+                elif known[profile]["type"] != resource_type:
                     failed[profile] += 1
-                    failures.append(f"FAIL {site} {label} {profile}: the profile constrains {known[profile]}, not {resource_type}")
+                    failures.append(
+                        f"FAIL {site} {label} {profile}: the profile constrains {known[profile]['type']}, not {resource_type}"
+                    )
                 else:
                     tasks.append({"profile": profile, "resource": resource})
                     labels.append((site, label, profile))
+                    slice_errors.append(profile_slice_errors(resource, slicings_of(profile)))
 
     warnings: list[str] = []
+    internal_references = 0
     if tasks:
         command = [node, str(RUNNER), str(DEFINITIONS), *(str(d) for d in profile_dirs)]
         run = subprocess.run(command, input=json.dumps(tasks), capture_output=True, text=True, check=False)
@@ -229,7 +334,10 @@ def main() -> int:
             missing(f"a working validator (node exited {run.returncode})")
         answer = json.loads(run.stdout)
         unloadable = answer["unloadable"]
-        for (site, label, profile), issues in zip(labels, answer["results"], strict=True):
+        counted_here = answer["profile_sliced"]
+        for (site, label, profile), issues, own in zip(labels, answer["results"], slice_errors, strict=True):
+            if issues is not None and profile in counted_here:
+                issues = issues + [{"severity": "error", "path": path, "message": message} for path, message in own]
             if issues is None:
                 checked[profile] -= 1
                 not_checked[profile] += 1
@@ -241,6 +349,8 @@ def main() -> int:
                 line = f"{site} {label} {profile} {issue['path'] or '(resource)'}: {issue['message']}"
                 if issue in errors:
                     failures.append(f"FAIL {line}")
+                elif INTERNAL_REFERENCE in issue["message"]:
+                    internal_references += 1
                 else:
                     warnings.append(f"{issue['severity'].upper()} {line}")
             if errors:
@@ -250,6 +360,11 @@ def main() -> int:
         print(line)
     for line in warnings:
         print(line)
+    if internal_references:
+        print(
+            f"({internal_references} warnings left out: references to urn:uuid: entries of the same Bundle, "
+            "which the validator does not resolve)"
+        )
     print("summary (profile: checked, failed[, not checked]):")
     for profile in sorted(set(checked) | set(not_checked)):
         extra = f", {not_checked[profile]} not checked" if not_checked[profile] else ""

@@ -9,9 +9,12 @@
 //! entry's `meta.lastUpdated` is the document's date (the Bundle's timestamp), the
 //! Composition is version "1" and identified like the Bundle, the Patient by its 被保険者
 //! 個人識別子, and the insurance Coverage's 保険種別 and 被保険者区分 come from the
-//! insurer's number. A resource that cannot be given what its profile requires (a Patient
-//! without a card, a Coverage whose 被保険者区分 the number does not tell) claims only what
-//! it meets.
+//! insurer's number, and the Practitioner the profile requires is the doctor the report
+//! names (9N516000000000049 健康診断を実施した医師の氏名). A resource that cannot be given
+//! what its profile requires (a Patient without a card, a Coverage whose 被保険者区分 the
+//! number does not tell, a 受診券 without its number) claims only what it meets, and so does
+//! the Bundle: it claims JP_Bundle_eCheckupGeneral only when its entries fill that profile's
+//! slices (see [`bundle_profile_gaps`]).
 
 use base64::Engine;
 use serde_json::{json, Map, Value};
@@ -45,6 +48,25 @@ const JP_CORE_COVERAGE_PROFILE: &str = "http://jpfhir.jp/fhir/core/StructureDefi
 /// systems JP_CoverageInsurance_eCheckupGeneral fixes.
 const INSURANCE_CATEGORY_OID: &str = "urn:oid:1.2.392.100495.20.2.61";
 const INSURED_PERSON_CATEGORY_OID: &str = "urn:oid:1.2.392.100495.20.2.62";
+const PRACTITIONER_PROFILE: &str =
+    "http://jpfhir.jp/fhir/eCheckup/StructureDefinition/JP_Practitioner_eCheckupGeneral";
+const BUNDLE_PROFILE: &str =
+    "http://jpfhir.jp/fhir/eCheckup/StructureDefinition/JP_Bundle_eCheckupGeneral";
+const COMPOSITION_PROFILE: &str =
+    "http://jpfhir.jp/fhir/eCheckup/StructureDefinition/JP_Composition_eCheckupGeneral";
+const ORGANIZATION_PROFILE: &str =
+    "http://jpfhir.jp/fhir/eCheckup/StructureDefinition/JP_Organization_eCheckupGeneral";
+const ENCOUNTER_PROFILE: &str =
+    "http://jpfhir.jp/fhir/eCheckup/StructureDefinition/JP_Encounter_eCheckupGeneral";
+const COVERAGE_SERVICE_PROFILE: &str =
+    "http://jpfhir.jp/fhir/eCheckup/StructureDefinition/JP_CoverageService_eCheckupGeneral";
+const COVERAGE_INSURANCE_PROFILE: &str =
+    "http://jpfhir.jp/fhir/eCheckup/StructureDefinition/JP_CoverageInsurance_eCheckupGeneral";
+/// 健康診断を実施した医師の氏名 (ST, 64 characters): the one person the report names.
+const DOCTOR_NAME_ITEM: &str = "9N516000000000049";
+/// How a name is written (ideographic, syllabic), as JP Core and the IG's sample mark it.
+const NAME_REPRESENTATION_EXTENSION: &str =
+    "http://hl7.org/fhir/StructureDefinition/iso21090-EN-representation";
 /// Media type of an HL7 v3 (CDA) document, used for the original in the DocumentReference.
 pub const CDA_CONTENT_TYPE: &str = "application/hl7-v3+xml";
 
@@ -108,6 +130,16 @@ impl<'a> Builder<'a> {
         } else {
             self.url("Organization/author")
         };
+        let doctors: Vec<(String, Value)> = doctor_names(doc)
+            .into_iter()
+            .enumerate()
+            .map(|(index, name)| {
+                (
+                    self.url(&format!("Practitioner/{index}")),
+                    practitioner(name),
+                )
+            })
+            .collect();
         let encounter_url = self.url("Encounter");
         let document_reference_url = self.url("DocumentReference");
         let checkup_date = doc
@@ -154,9 +186,15 @@ impl<'a> Builder<'a> {
             "entry": [{"reference": document_reference_url}],
         }));
 
+        // The doctor first, then the organisation, as in the IG's sample.
+        let mut authors: Vec<Value> = doctors
+            .iter()
+            .map(|(url, _)| json!({"reference": url}))
+            .collect();
+        authors.push(json!({"reference": author_url}));
         let mut composition = json!({
             "resourceType": "Composition",
-            "meta": {"profile": [format!("{SD}JP_Composition_eCheckupGeneral")]},
+            "meta": {"profile": [COMPOSITION_PROFILE]},
             "language": "ja",
             // The profile requires the document's version number. hc08 has none (its schema
             // has no `versionNumber`) and nothing in a file says it is a later edition, so it
@@ -169,7 +207,7 @@ impl<'a> Builder<'a> {
             "subject": {"reference": patient_url},
             "encounter": {"reference": encounter_url},
             "date": doc.effective_date,
-            "author": [{"reference": author_url}],
+            "author": authors,
             "title": "健康診断結果報告書",
             "custodian": {"reference": author_url},
             "event": [{
@@ -193,6 +231,10 @@ impl<'a> Builder<'a> {
                 program.display.as_deref(),
             )]}]);
         }
+        // The profile requires both; a document without them gets a plain Composition.
+        if doc.report_category.is_none() || doc.program.is_none() {
+            composition["meta"] = json!({});
+        }
         let composition_url = self.url("Composition");
         self.entries.insert(0, (composition_url, composition));
 
@@ -204,9 +246,12 @@ impl<'a> Builder<'a> {
         if !author_same_as_institution {
             self.push(author_url, organization(&doc.author.organization, "prov"));
         }
+        for (url, practitioner) in doctors {
+            self.push(url, practitioner);
+        }
         self.push(encounter_url, json!({
             "resourceType": "Encounter",
-            "meta": {"profile": [format!("{SD}JP_Encounter_eCheckupGeneral")]},
+            "meta": {"profile": [ENCOUNTER_PROFILE]},
             "status": "finished",
             "class": {"system": "http://jpfhir.jp/fhir/eCheckup/CodeSystem/encounter-category", "code": "checkup", "display": "健診"},
             "subject": {"reference": patient_url},
@@ -259,7 +304,7 @@ impl<'a> Builder<'a> {
             }
             let mut coverage = json!({
                 "resourceType": "Coverage",
-                "meta": {"profile": [format!("{SD}JP_CoverageInsurance_eCheckupGeneral")]},
+                "meta": {"profile": [COVERAGE_INSURANCE_PROFILE]},
                 "extension": extension,
                 "status": "active",
                 "beneficiary": {"reference": patient_url},
@@ -298,14 +343,16 @@ impl<'a> Builder<'a> {
         if let Some(voucher) = &doc.voucher {
             let mut coverage = json!({
                 "resourceType": "Coverage",
-                "meta": {"profile": [format!("{SD}JP_CoverageService_eCheckupGeneral")]},
+                "meta": {"profile": [COVERAGE_SERVICE_PROFILE]},
                 "status": "active",
                 "type": {"coding": [coding("urn:oid:1.2.392.200119.6.208", "1", None)]},
                 "beneficiary": {"reference": patient_url},
                 "payor": [{"reference": insurer_url}],
             });
-            if let Some(number) = &voucher.number {
-                coverage["subscriberId"] = json!(number);
+            match &voucher.number {
+                Some(number) => coverage["subscriberId"] = json!(number),
+                // The profile requires the 受診券番号; without it the Coverage is plain.
+                None => coverage["meta"] = json!({}),
             }
             if let Some(end) = &voucher.valid_until {
                 coverage["period"] = json!({"end": end});
@@ -592,10 +639,12 @@ impl<'a> Builder<'a> {
             .collect();
         let mut bundle = json!({
             "resourceType": "Bundle",
-            "meta": {"profile": [format!("{SD}JP_Bundle_eCheckupGeneral")]},
             "type": "document",
             "timestamp": timestamp,
         });
+        if bundle_profile_gaps(&entries).is_empty() {
+            bundle["meta"] = json!({"profile": [BUNDLE_PROFILE]});
+        }
         bundle["entry"] = Value::Array(entries);
         bundle["identifier"] = json!({
             "system": "http://jpfhir.jp/fhir/core/IdSystem/documentInstance-identifier",
@@ -603,6 +652,102 @@ impl<'a> Builder<'a> {
         });
         bundle
     }
+}
+
+/// The doctors the document names (9N516000000000049), each once, in document order.
+fn doctor_names(doc: &CheckupDocument) -> Vec<&str> {
+    let mut names: Vec<&str> = Vec::new();
+    for o in doc.observations() {
+        if o.code.code != DOCTOR_NAME_ITEM || o.null_flavor.is_some() {
+            continue;
+        }
+        if let Some(ObservationValue::Text(text)) = &o.value {
+            let name = text.trim();
+            if !name.is_empty() && !names.contains(&name) {
+                names.push(name);
+            }
+        }
+    }
+    names
+}
+
+/// A doctor as the IG's sample writes one: the name as written (ideographic).
+fn practitioner(name: &str) -> Value {
+    json!({
+        "resourceType": "Practitioner",
+        "meta": {"profile": [PRACTITIONER_PROFILE]},
+        "name": [written_name(name, "IDE")],
+    })
+}
+
+/// A HumanName as written (`IDE` ideographic, `SYL` kana), split into family and given
+/// names only where the document separates them with a (full- or half-width) space.
+fn written_name(text: &str, representation: &str) -> Value {
+    let mut name = json!({
+        "extension": [{"url": NAME_REPRESENTATION_EXTENSION, "valueCode": representation}],
+        "text": text,
+    });
+    if let Some((family, given)) = text.split_once([' ', '\u{3000}']) {
+        let (family, given) = (family.trim(), given.trim());
+        if !family.is_empty() && !given.is_empty() {
+            name["family"] = json!(family);
+            name["given"] = json!([given]);
+        }
+    }
+    name
+}
+
+/// JP_Bundle_eCheckupGeneral's slices of `Bundle.entry`, told apart by the profile the
+/// entry's resource claims: (slice, the profiles it takes, min, max).
+const BUNDLE_SLICES: &[(&str, &[&str], usize, usize)] = &[
+    ("composition", &[COMPOSITION_PROFILE], 1, 1),
+    ("patient", &[PATIENT_PROFILE], 1, 1),
+    ("organization", &[ORGANIZATION_PROFILE], 1, 4),
+    ("practitioner", &[PRACTITIONER_PROFILE], 1, 2),
+    ("encounter", &[ENCOUNTER_PROFILE], 1, 1),
+    (
+        "coverage",
+        &[COVERAGE_SERVICE_PROFILE, COVERAGE_INSURANCE_PROFILE],
+        0,
+        2,
+    ),
+];
+/// The profile's least number of entries.
+const BUNDLE_MIN_ENTRIES: usize = 5;
+
+/// What keeps entries (`{fullUrl, resource}`, Composition first) from filling
+/// JP_Bundle_eCheckupGeneral: each slice whose count is out of bounds, with the count. Empty
+/// when the Bundle may claim the profile. Each entry is held to its own profile apart; this
+/// counts only what the Bundle profile adds.
+pub(crate) fn bundle_profile_gaps(entries: &[Value]) -> Vec<String> {
+    let claims = |entry: &Value, profile: &str| {
+        entry["resource"]["meta"]["profile"]
+            .as_array()
+            .is_some_and(|claimed| claimed.iter().any(|p| p == profile))
+    };
+    let mut gaps = Vec::new();
+    if entries.len() < BUNDLE_MIN_ENTRIES {
+        gaps.push(format!(
+            "{} entries, fewer than {BUNDLE_MIN_ENTRIES}",
+            entries.len()
+        ));
+    }
+    if !entries
+        .first()
+        .is_some_and(|first| claims(first, COMPOSITION_PROFILE))
+    {
+        gaps.push("the first entry is not the profiled Composition".to_owned());
+    }
+    for (slice, profiles, min, max) in BUNDLE_SLICES {
+        let count = entries
+            .iter()
+            .filter(|entry| profiles.iter().any(|p| claims(entry, p)))
+            .count();
+        if count < *min || count > *max {
+            gaps.push(format!("entry:{slice} has {count}, needs {min}..{max}"));
+        }
+    }
+    gaps
 }
 
 /// The value part (`value[x]` or `dataAbsentReason`) of a result, checked against its item.
@@ -847,16 +992,8 @@ fn patient(p: &Patient, insurance: &Insurance) -> Value {
     let mut names = Vec::new();
     for (text, representation) in [(&p.name, "IDE"), (&p.name_kana, "SYL")] {
         if let Some(text) = text {
-            let mut name = json!({
-                "extension": [{"url": "http://hl7.org/fhir/StructureDefinition/iso21090-EN-representation", "valueCode": representation}],
-                "use": "official",
-                "text": text,
-            });
-            // 姓 名 separated by a (full- or half-width) space.
-            if let Some((family, given)) = text.split_once([' ', '\u{3000}']) {
-                name["family"] = json!(family.trim());
-                name["given"] = json!([given.trim()]);
-            }
+            let mut name = written_name(text, representation);
+            name["use"] = json!("official");
             names.push(name);
         }
     }
@@ -886,7 +1023,7 @@ fn patient(p: &Patient, insurance: &Insurance) -> Value {
 fn organization(o: &Organization, kind: &str) -> Value {
     let mut org = json!({
         "resourceType": "Organization",
-        "meta": {"profile": [format!("{SD}JP_Organization_eCheckupGeneral")]},
+        "meta": {"profile": [ORGANIZATION_PROFILE]},
         "type": [{"coding": [coding("http://terminology.hl7.org/CodeSystem/organization-type", kind, None)]}],
     });
     if let Some(number) = &o.number {

@@ -95,8 +95,11 @@ pub(crate) fn parse_document(xml: &str) -> Result<CheckupDocument, CdaError> {
             })
         })
         .map(|p| Voucher {
+            // An empty number is no number (a 受診券番号 is required wherever one is given).
             number: path(p, &["associatedEntity", "id"])
                 .and_then(|id| id.attribute("extension"))
+                .map(str::trim)
+                .filter(|number| !number.is_empty())
                 .map(str::to_owned),
             valid_until: path(p, &["time", "high"]).and_then(ts_date),
         });

@@ -726,6 +726,181 @@ fn header_resources_carry_what_the_echeckup_profiles_require() {
     }
 }
 
+const BUNDLE_PROFILE: &str =
+    "http://jpfhir.jp/fhir/eCheckup/StructureDefinition/JP_Bundle_eCheckupGeneral";
+
+fn bundle_profile(bundle: &Value) -> Vec<&str> {
+    bundle["meta"]["profile"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect()
+}
+
+/// The doctor the report names (健康診断を実施した医師の氏名) is the Practitioner that
+/// JP_Bundle_eCheckupGeneral requires and the Composition's first author; the result itself
+/// stays an Observation.
+#[test]
+fn the_doctor_who_carried_out_the_checkup_is_the_practitioner_and_author() {
+    let observations = [
+        GenObservation::typical("9N001000000000001", 1),
+        GenObservation::new("9N511000000000049", GenValue::St("異常なし".into())),
+        GenObservation::new("9N516000000000049", GenValue::St("健診　太郎".into())),
+    ];
+    let bundle = convert(&valid_document(&Header::default(), &observations)).bundle;
+    let practitioners: Vec<&Value> = resources(&bundle, "Practitioner").collect();
+    assert_eq!(practitioners.len(), 1, "{bundle:#}");
+    let practitioner = practitioners[0];
+    assert_eq!(
+        practitioner["meta"]["profile"],
+        serde_json::json!([
+            "http://jpfhir.jp/fhir/eCheckup/StructureDefinition/JP_Practitioner_eCheckupGeneral"
+        ])
+    );
+    assert_eq!(
+        practitioner["name"],
+        serde_json::json!([{
+            "extension": [{"url": "http://hl7.org/fhir/StructureDefinition/iso21090-EN-representation", "valueCode": "IDE"}],
+            "text": "健診　太郎",
+            "family": "健診",
+            "given": ["太郎"],
+        }])
+    );
+    let practitioner_url = bundle["entry"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["resource"]["resourceType"] == "Practitioner")
+        .map(|e| e["fullUrl"].clone())
+        .expect("fullUrl");
+    let composition = &bundle["entry"][0]["resource"];
+    assert_eq!(composition["author"][0]["reference"], practitioner_url);
+    assert_eq!(composition["author"].as_array().map(Vec::len), Some(2));
+    assert!(observations_by_code(&bundle).contains_key("9N516000000000049"));
+    assert_eq!(bundle_profile(&bundle), [BUNDLE_PROFILE]);
+
+    // A name written without a space is kept whole, and the same doctor twice is one
+    // Practitioner.
+    let once = [
+        GenObservation::new("9N516000000000049", GenValue::St("健診太郎".into())),
+        GenObservation::new("9N516000000000049", GenValue::St(" 健診太郎 ".into())),
+    ];
+    let bundle = convert(&valid_document(&Header::default(), &once)).bundle;
+    let practitioners: Vec<&Value> = resources(&bundle, "Practitioner").collect();
+    assert_eq!(practitioners.len(), 1);
+    assert_eq!(
+        practitioners[0]["name"][0]["text"], "健診太郎",
+        "{:#}",
+        practitioners[0]
+    );
+    assert!(practitioners[0]["name"][0].get("family").is_none());
+}
+
+/// The Bundle claims JP_Bundle_eCheckupGeneral only when its entries fill the profile's
+/// slices: a report that names no doctor, names three, or whose Patient cannot claim
+/// JP_Patient_eCS is a plain document Bundle (its entries still claim what they meet).
+#[test]
+fn the_bundle_claims_its_profile_only_when_its_entries_fill_it() {
+    let doctor = |name: &str| GenObservation::new("9N516000000000049", GenValue::St(name.into()));
+    let height = GenObservation::typical("9N001000000000001", 1);
+    let cases: Vec<(&str, Header, Vec<GenObservation>, bool)> = vec![
+        (
+            "one doctor",
+            Header::default(),
+            vec![height.clone(), doctor("健診 太郎")],
+            true,
+        ),
+        (
+            "two doctors",
+            Header::default(),
+            vec![doctor("健診 太郎"), doctor("検査 花子")],
+            true,
+        ),
+        ("no doctor", Header::default(), vec![height.clone()], false),
+        (
+            "three doctors",
+            Header::default(),
+            vec![
+                doctor("健診 太郎"),
+                doctor("検査 花子"),
+                doctor("保健 一郎"),
+            ],
+            false,
+        ),
+    ];
+    for (label, header, observations, claims) in cases {
+        let bundle = convert(&valid_document(&header, &observations)).bundle;
+        let entries = bundle["entry"].as_array().cloned().unwrap_or_default();
+        let gaps = super::bundle::bundle_profile_gaps(&entries);
+        assert_eq!(gaps.is_empty(), claims, "{label}: {gaps:?}");
+        assert_eq!(!bundle_profile(&bundle).is_empty(), claims, "{label}");
+        if !claims {
+            assert!(
+                gaps.iter().any(|g| g.contains("entry:practitioner")),
+                "{label}: {gaps:?}"
+            );
+        }
+    }
+    // Without the card the Patient claims no profile, and so neither can the Bundle.
+    let xml = valid_document(&Header::default(), &[doctor("健診 太郎")]);
+    let mut doc = parse(&xml).expect("parses");
+    doc.insurance = Insurance::default();
+    let bundle = to_fhir_bundle(&doc, &xml).bundle;
+    let entries = bundle["entry"].as_array().cloned().unwrap_or_default();
+    let gaps = super::bundle::bundle_profile_gaps(&entries);
+    assert_eq!(gaps, ["entry:patient has 0, needs 1..1"]);
+    assert!(bundle_profile(&bundle).is_empty());
+}
+
+/// JP_CoverageService_eCheckupGeneral requires the 受診券番号: a voucher without one is a
+/// plain Coverage (its validity kept), never a profile claim it breaks.
+#[test]
+fn a_voucher_without_its_number_claims_no_profile() {
+    let observations = [GenObservation::new(
+        "9N516000000000049",
+        GenValue::St("健診 太郎".into()),
+    )];
+    let header = Header::default();
+    let (number, _) = header
+        .voucher
+        .clone()
+        .expect("the default header has a voucher");
+    let with_number = convert(&valid_document(&header, &observations)).bundle;
+    let voucher = |bundle: &Value| {
+        resources(bundle, "Coverage")
+            .find(|c| c["type"]["coding"][0]["system"] == "urn:oid:1.2.392.200119.6.208")
+            .cloned()
+            .expect("voucher Coverage")
+    };
+    let numbered = voucher(&with_number);
+    assert_eq!(numbered["subscriberId"], number.as_str());
+    assert_eq!(
+        numbered["meta"]["profile"],
+        serde_json::json!([
+            "http://jpfhir.jp/fhir/eCheckup/StructureDefinition/JP_CoverageService_eCheckupGeneral"
+        ])
+    );
+
+    for without in [
+        String::from_utf8_lossy(&valid_document(&header, &observations))
+            .replace(&format!("extension=\"{number}\""), "extension=\"\""),
+        String::from_utf8_lossy(&valid_document(&header, &observations))
+            .replace(&format!("extension=\"{number}\""), "extension=\"  \""),
+    ] {
+        assert!(!without.contains(&number));
+        let bundle = convert(without.as_bytes()).bundle;
+        let plain = voucher(&bundle);
+        assert!(plain.get("subscriberId").is_none(), "{plain:#}");
+        assert!(plain["meta"].get("profile").is_none(), "{plain:#}");
+        assert_eq!(plain["period"], numbered["period"]);
+        assert_eq!(
+            plain["meta"]["lastUpdated"],
+            numbered["meta"]["lastUpdated"]
+        );
+    }
+}
+
 #[test]
 fn reconciliation_key_ignores_document_id_and_author() {
     let observations = [GenObservation::typical("9N001000000000001", 1)];

@@ -426,7 +426,8 @@ fn xml_escape(value: &str) -> String {
 
 /// A small hc08 document following the MHLW template, valid against the hc08 schema:
 /// header (報告区分 10 = 特定健診, the person's insurance card, 作成機関, 実施日 and
-/// 実施機関) and a 身体計測 section with 身長 and 体重. Not a complete report. Birth dates and
+/// 実施機関) and one section with 身長, 体重, 医師の診断(判定) and 健康診断を実施した医師の氏名.
+/// Not a complete report. Birth dates and
 /// card numbers are derived from the person's number; persons 1, 5, 9, … are insured by a
 /// 市町村国保 (a six-digit 保険者番号, zero-padded to eight as 特定健診 data writes it), the
 /// other adults by a 健康保険組合 (法別番号 06).
@@ -453,6 +454,7 @@ fn checkup_document(
         format!("{:08}", 6_130_000 + person.number)
     };
     let card_number = format!("{}", 100_000 + person.number);
+    let doctor = ["健診 太郎", "検査 花子", "保健 一郎"][person.number % 3];
     format!(
         r#"<?xml version="1.0" encoding="UTF-8"?>
 <ClinicalDocument xmlns="urn:hl7-org:v3" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xsi:schemaLocation="urn:hl7-org:v3 ../XSD/hc08_V08.xsd">
@@ -477,9 +479,11 @@ fn checkup_document(
   <component><structuredBody><component><section>
     <code code="01010" codeSystem="1.2.392.200119.6.1010" displayName="身体計測"/>
     <title>身体計測</title>
-    <text><list><item>身長 {height:.1} cm</item><item>体重 {weight:.1} kg</item></list></text>
+    <text><list><item>身長 {height:.1} cm</item><item>体重 {weight:.1} kg</item><item>医師の診断 異常なし</item><item>医師の氏名 {doctor}</item></list></text>
     <entry><observation classCode="OBS" moodCode="EVN"><code code="9N001000000000001" codeSystem="1.2.392.200119.6.1005" displayName="身長"/><value xsi:type="PQ" value="{height:.1}" unit="cm"/></observation></entry>
     <entry><observation classCode="OBS" moodCode="EVN"><code code="9N006000000000001" codeSystem="1.2.392.200119.6.1005" displayName="体重"/><value xsi:type="PQ" value="{weight:.1}" unit="kg"/></observation></entry>
+    <entry><observation classCode="OBS" moodCode="EVN"><code code="9N511000000000049" codeSystem="1.2.392.200119.6.1005" displayName="医師の診断(判定)"/><value xsi:type="ST">異常なし</value></observation></entry>
+    <entry><observation classCode="OBS" moodCode="EVN"><code code="9N516000000000049" codeSystem="1.2.392.200119.6.1005" displayName="健康診断を実施した医師の氏名"/><value xsi:type="ST">{doctor}</value></observation></entry>
   </section></component></structuredBody></component>
 </ClinicalDocument>
 "#,
