@@ -851,6 +851,32 @@ fn the_bundle_claims_its_profile_only_when_its_entries_fill_it() {
     let gaps = super::bundle::bundle_profile_gaps(&entries);
     assert_eq!(gaps, ["entry:patient has 0, needs 1..1"]);
     assert!(bundle_profile(&bundle).is_empty());
+
+    // JP_Composition_eCheckupGeneral requires the report's category and its program: a
+    // document without one has a plain Composition, and the Bundle no profile.
+    for strip in [
+        (|doc: &mut CheckupDocument| doc.program = None) as fn(&mut CheckupDocument),
+        |doc: &mut CheckupDocument| doc.report_category = None,
+    ] {
+        let mut doc = parse(&xml).expect("parses");
+        strip(&mut doc);
+        let bundle = to_fhir_bundle(&doc, &xml).bundle;
+        let composition = &bundle["entry"][0]["resource"];
+        assert_eq!(composition["resourceType"], "Composition");
+        assert!(
+            composition["meta"].get("profile").is_none(),
+            "{composition:#}"
+        );
+        let entries = bundle["entry"].as_array().cloned().unwrap_or_default();
+        assert_eq!(
+            super::bundle::bundle_profile_gaps(&entries),
+            [
+                "the first entry is not the profiled Composition",
+                "entry:composition has 0, needs 1..1"
+            ]
+        );
+        assert!(bundle_profile(&bundle).is_empty());
+    }
 }
 
 /// JP_CoverageService_eCheckupGeneral requires the 受診券番号: a voucher without one is a
