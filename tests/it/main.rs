@@ -44,6 +44,7 @@ mod representations;
 mod resources;
 mod second_factors;
 mod security;
+mod sqlite_wal;
 mod step_up;
 mod supply_chain;
 mod transfers;

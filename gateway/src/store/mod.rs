@@ -180,10 +180,13 @@ impl Database {
             }
         };
         let native = match (engine, &setup) {
-            (Engine::Sqlite, SessionSetup::Main) => Some(point_reads::NativeReads::for_url(
-                url,
-                Duration::from_millis(SQLITE_BUSY_TIMEOUT_MS),
-            )?),
+            (Engine::Sqlite, SessionSetup::Main) => {
+                spawn_wal_checkpointer(read.clone());
+                Some(point_reads::NativeReads::for_url(
+                    url,
+                    Duration::from_millis(SQLITE_BUSY_TIMEOUT_MS),
+                )?)
+            }
             _ => None,
         };
         Ok(Database(Arc::new(Pools {
@@ -260,6 +263,37 @@ impl Database {
 /// How long a SQLite statement waits for a lock before it fails.
 const SQLITE_BUSY_TIMEOUT_MS: u64 = 10_000;
 
+/// How often SQLite's write-ahead log is copied back into the database, off the writer.
+const WAL_CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+/// The writer's own checkpoint, a backstop should the checkpointer fall behind: at 64 MiB
+/// of log (4 KiB pages) rather than SQLite's 4 MiB.
+const WRITER_AUTOCHECKPOINT_PAGES: u32 = 16_384;
+
+/// Checkpoints SQLite's WAL from a reading connection every [`WAL_CHECKPOINT_EVERY`] until
+/// the database is closed. By default the committing connection checkpoints whenever the log
+/// passes 4 MiB, so a bulk pull's writer stopped every few group commits to copy and sync
+/// megabytes; a PASSIVE checkpoint here runs beside it (it never blocks a writer or a
+/// reader, and does what it can). Every commit is still synced to the log first
+/// (`synchronous = FULL`), so durability is unchanged.
+fn spawn_wal_checkpointer(pool: AnyPool) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(WAL_CHECKPOINT_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if pool.is_closed() {
+                break;
+            }
+            if let Err(error) = pool.execute("PRAGMA wal_checkpoint(PASSIVE)").await {
+                if pool.is_closed() {
+                    break;
+                }
+                tracing::warn!(%error, "WAL checkpoint failed; the writer's own still runs");
+            }
+        }
+    });
+}
+
 fn session_statements(engine: Engine, setup: &SessionSetup) -> Vec<String> {
     match (engine, setup) {
         (Engine::Sqlite, setup) => {
@@ -269,6 +303,11 @@ fn session_statements(engine: Engine, setup: &SessionSetup) -> Vec<String> {
                 "PRAGMA foreign_keys = ON".to_string(),
                 format!("PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}"),
             ];
+            if matches!(setup, SessionSetup::Main) {
+                statements.push(format!(
+                    "PRAGMA wal_autocheckpoint = {WRITER_AUTOCHECKPOINT_PAGES}"
+                ));
+            }
             if matches!(setup, SessionSetup::KeyStore { .. }) {
                 statements.push("PRAGMA secure_delete = ON".to_string());
             }
