@@ -156,6 +156,27 @@ class ValidateJpProfiles(unittest.TestCase):
         bundle["entry"] = [e for e in bundle["entry"] if e["resource"]["resourceType"] != "Patient"]
         self.fails(bundle, "Bundle.entry:patient", "0 items", "1..1")
 
+    def test_a_profile_slicing_with_two_discriminators_fails_rather_than_pass_unchecked(self) -> None:
+        # A copy of the eCheckup profiles whose Bundle slices Bundle.entry by profile and by a
+        # value: the script cannot count that, so the sample must fail, naming the element.
+        profiles = Path(self.tmp.name) / "two-discriminators"
+        profiles.mkdir(exist_ok=True)
+        source = ROOT / "fixtures" / "echeckup-report" / "profiles"
+        for path in source.glob("*.json"):
+            definition = json.loads(path.read_text(encoding="utf-8"))
+            if definition.get("name") == "JP_Bundle_eCheckupGeneral":
+                for part in ("snapshot", "differential"):
+                    for element in definition.get(part, {}).get("element", []):
+                        if element.get("id") == "Bundle.entry" and "slicing" in element:
+                            element["slicing"]["discriminator"].append({"type": "value", "path": "fullUrl"})
+            (profiles / path.name).write_text(json.dumps(definition, ensure_ascii=False), encoding="utf-8")
+        result = run(
+            ECHECKUP_SAMPLE,
+            args=("--profiles", str(ROOT / "fixtures" / "jp-core-1.1.2" / "profiles"), "--profiles", str(profiles)),
+        )
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertRegex(result.stdout, r"FAIL .*JP_Bundle_eCheckupGeneral Bundle\.entry: sliced by 2 discriminators")
+
     def test_echeckup_bundle_without_identifier(self) -> None:  # Bundle.identifier 1..1, still checked
         bundle = self.echeckup_sample()
         del bundle["identifier"]

@@ -39,7 +39,8 @@ profile that slices by the `profile` discriminator, which JP_Bundle_eCheckupGene
 rest of it is still checked, and this script counts the slices itself: an entry belongs to a
 slice when its resource claims one of the slice's profiles (and that claim is checked against
 the entry like any other), each slice's min..max is held, and a closed slicing refuses entries
-in no slice. An entry that would conform to a slice's profile without claiming it is not
+in no slice; a slicing with more discriminators than `profile` alone is not counted and
+fails. An entry that would conform to a slice's profile without claiming it is not
 counted (stricter than FHIR, which would test conformance). A profile the validator cannot load
 even so is reported as NOT CHECKED. `test_validate_jp_profiles.py` pins each of these gaps.
 
@@ -140,7 +141,10 @@ def profile_slicings(definition: dict) -> list[dict]:
         if not any(d.get("type") == "profile" for d in discriminators):
             continue
         if len(discriminators) != 1:
-            continue  # not met in the vendored profiles; left to the validator
+            # The runner takes such a slicing out as well, and this script does not count
+            # it (no vendored profile has one): it must fail, never pass unchecked.
+            slicings.append({"path": element["path"], "unsupported": len(discriminators)})
+            continue
         at = discriminators[0].get("path", "$this")
         slices = []
         for candidate in elements:
@@ -184,6 +188,15 @@ def profile_slice_errors(resource: dict, slicings: list[dict]) -> list[tuple[str
     would conform without claiming the profile is not counted."""
     errors = []
     for slicing in slicings:
+        if "unsupported" in slicing:
+            errors.append(
+                (
+                    slicing["path"],
+                    f"sliced by {slicing['unsupported']} discriminators, one of them `profile`: "
+                    "neither the validator nor this script counts such slices",
+                )
+            )
+            continue
         items = items_at(resource, slicing["path"])
         matched = [False] * len(items)
         for piece in slicing["slices"]:

@@ -24,7 +24,6 @@ use super::error::{ItemError, ItemErrorReason};
 use super::items::{ItemDefinition, ItemTable, ValueType, ITEM_CODE_OID, METHOD_CODE_OID};
 use super::model::*;
 
-const SD: &str = "http://jpfhir.jp/fhir/eCheckup/StructureDefinition/";
 const UCUM: &str = "http://unitsofmeasure.org";
 const OBSERVATION_PROFILE: &str =
     "http://jpfhir.jp/fhir/eCheckup/StructureDefinition/JP_Observation_eCheckupGeneral";
@@ -54,6 +53,8 @@ const BUNDLE_PROFILE: &str =
     "http://jpfhir.jp/fhir/eCheckup/StructureDefinition/JP_Bundle_eCheckupGeneral";
 const COMPOSITION_PROFILE: &str =
     "http://jpfhir.jp/fhir/eCheckup/StructureDefinition/JP_Composition_eCheckupGeneral";
+const ORGANIZATION_INSURER_PROFILE: &str =
+    "http://jpfhir.jp/fhir/eCheckup/StructureDefinition/JP_OrganizationInsurer_eCheckupGeneral";
 const ORGANIZATION_PROFILE: &str =
     "http://jpfhir.jp/fhir/eCheckup/StructureDefinition/JP_Organization_eCheckupGeneral";
 const ENCOUNTER_PROFILE: &str =
@@ -283,7 +284,7 @@ impl<'a> Builder<'a> {
         if let Some(insurer_number) = &ins.insurer_number {
             self.push(insurer_url.clone(), json!({
                 "resourceType": "Organization",
-                "meta": {"profile": [format!("{SD}JP_OrganizationInsurer_eCheckupGeneral")]},
+                "meta": {"profile": [ORGANIZATION_INSURER_PROFILE]},
                 "identifier": [{"system": "urn:oid:1.2.392.100495.20.3.61", "value": insurer_number}],
                 "type": [{"coding": [coding("http://terminology.hl7.org/CodeSystem/organization-type", "ins", None)]}],
             }));
@@ -697,9 +698,10 @@ fn written_name(text: &str, representation: &str) -> Value {
     name
 }
 
-/// JP_Bundle_eCheckupGeneral's slices of `Bundle.entry`, told apart by the profile the
-/// entry's resource claims: (slice, the profiles it takes, min, max).
-const BUNDLE_SLICES: &[(&str, &[&str], usize, usize)] = &[
+/// JP_Bundle_eCheckupGeneral's slices of `Bundle.entry` that bound their count, told apart by
+/// the profile the entry's resource claims: (slice, the profiles it takes, min, max). The
+/// profile's other slices are 0..*. A test holds this table to the vendored profile.
+pub(crate) const BUNDLE_SLICES: &[(&str, &[&str], usize, usize)] = &[
     ("composition", &[COMPOSITION_PROFILE], 1, 1),
     ("patient", &[PATIENT_PROFILE], 1, 1),
     ("organization", &[ORGANIZATION_PROFILE], 1, 4),
@@ -713,7 +715,7 @@ const BUNDLE_SLICES: &[(&str, &[&str], usize, usize)] = &[
     ),
 ];
 /// The profile's least number of entries.
-const BUNDLE_MIN_ENTRIES: usize = 5;
+pub(crate) const BUNDLE_MIN_ENTRIES: usize = 5;
 
 /// What keeps entries (`{fullUrl, resource}`, Composition first) from filling
 /// JP_Bundle_eCheckupGeneral: each slice whose count is out of bounds, with the count. Empty

@@ -879,6 +879,65 @@ fn the_bundle_claims_its_profile_only_when_its_entries_fill_it() {
     }
 }
 
+/// The slice table the Bundle's claim is decided by says what the vendored
+/// JP_Bundle_eCheckupGeneral says: every slice of `Bundle.entry` that bounds its count, with
+/// its profiles, and the least number of entries.
+#[test]
+fn the_bundle_slice_table_matches_the_vendored_profile() {
+    let definition: Value = serde_json::from_str(include_str!(
+        "../../../fixtures/echeckup-report/profiles/StructureDefinition-JP-Bundle-eCheckupGeneral.json"
+    ))
+    .expect("the vendored profile parses");
+    let elements = definition["snapshot"]["element"]
+        .as_array()
+        .expect("a snapshot");
+    let element = |id: &str| elements.iter().find(|e| e["id"] == id);
+    let bounded: Vec<(String, Vec<String>, usize, usize)> = elements
+        .iter()
+        // The slices themselves (`Bundle.entry:patient`), not their elements.
+        .filter(|e| {
+            e["id"]
+                .as_str()
+                .and_then(|id| id.strip_prefix("Bundle.entry:"))
+                .is_some_and(|slice| !slice.contains('.'))
+        })
+        .filter(|e| e["min"].as_u64().unwrap_or(0) > 0 || e["max"] != "*")
+        .map(|e| {
+            let name = e["sliceName"].as_str().unwrap_or_default().to_owned();
+            let resource = element(&format!("Bundle.entry:{name}.resource")).expect("resource");
+            let profiles = resource["type"][0]["profile"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect();
+            let max = e["max"]
+                .as_str()
+                .and_then(|m| m.parse().ok())
+                .expect("a bounded max");
+            (name, profiles, e["min"].as_u64().unwrap_or(0) as usize, max)
+        })
+        .collect();
+    let ours: Vec<(String, Vec<String>, usize, usize)> = super::bundle::BUNDLE_SLICES
+        .iter()
+        .map(|(name, profiles, min, max)| {
+            (
+                (*name).to_owned(),
+                profiles.iter().map(|p| (*p).to_owned()).collect(),
+                *min,
+                *max,
+            )
+        })
+        .collect();
+    assert_eq!(ours, bounded);
+    let entry = element("Bundle.entry").expect("Bundle.entry");
+    assert_eq!(
+        entry["min"].as_u64(),
+        Some(super::bundle::BUNDLE_MIN_ENTRIES as u64)
+    );
+}
+
 /// JP_CoverageService_eCheckupGeneral requires the 受診券番号: a voucher without one is a
 /// plain Coverage (its validity kept), never a profile claim it breaks.
 #[test]
