@@ -21,6 +21,7 @@ use crate::oauth::{env_with, Env};
 both_engines!(
     a_backend_exports_only_what_each_patient_consented_to,
     an_export_whose_output_cannot_be_stored_fails_and_serves_nothing,
+    a_patient_of_many_pages_is_exported_whole_and_once,
 );
 
 pub(crate) async fn backend_token(
@@ -547,4 +548,102 @@ async fn an_export_whose_output_cannot_be_stored_fails_and_serves_nothing(engine
     assert_eq!(run(&env).await, Some(ExportStatus::Done));
     let done = manifest(&env, &all, &next).await;
     assert_eq!(output_counts(&done), vec![("Observation".to_string(), 9)]);
+}
+
+/// More than two of the export's pages of one patient (the next page is read while the
+/// last is served): every resource once, in id order, none left out at a page's edge.
+async fn a_patient_of_many_pages_is_exported_whole_and_once(engine: Engine) {
+    use phr_gateway::audit::Agent;
+    use phr_gateway::store::resources::{NewResource, SourceIdentity};
+
+    let env = env_with(engine, |c| {
+        c.export.workers = 0;
+        c.notifications.deliver = false;
+    })
+    .await;
+    // Two full pages of 500 and a part page, and a second patient after the first.
+    const MANY: usize = 1_234;
+    let store = &env.app.gateway().state.resources;
+    let observation = |patient: &str, n: usize| NewResource {
+        patient_id: patient.into(),
+        category: "observations".into(),
+        source: SourceIdentity {
+            source: "hospital".into(),
+            resource_type: "Observation".into(),
+            source_resource_id: format!("obs-{n}"),
+            version_id: Some("1".into()),
+        },
+        body: serde_json::json!({
+            "resourceType": "Observation",
+            "id": format!("obs-{n}"),
+            "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "29463-7"}]},
+            "subject": {"reference": "Patient/hosp-1"},
+            "valueQuantity": {"value": n, "unit": "kg"}
+        })
+        .to_string()
+        .into_bytes(),
+    };
+    for (patient, count) in [(PATIENT, MANY), ("patient-2", 3)] {
+        let batch: Vec<NewResource> = (0..count).map(|n| observation(patient, n)).collect();
+        store
+            .put_batch(&Agent::system(), batch)
+            .await
+            .expect("seed");
+    }
+    let key = BackendKey::generate_es384();
+    let client_id = env.key_client(&key).await;
+    for patient in [PATIENT, "patient-2"] {
+        grant_consent(
+            &env.app,
+            patient,
+            Performer::patient(&PersonRef::new(patient)),
+            &client_id,
+            &["PATRQT"],
+            &[DataCategory::Observations],
+            30,
+        )
+        .await;
+    }
+    let all = backend_token(&env, &key, &client_id, "system/*.rs").await;
+    let status_url = started(
+        &env,
+        &all,
+        &format!("/fhir/Group/{client_id}/$export?_type=Observation"),
+    )
+    .await;
+    assert_eq!(run(&env).await, Some(ExportStatus::Done));
+    let done = manifest(&env, &all, &status_url).await;
+    assert_eq!(
+        output_counts(&done),
+        vec![("Observation".to_string(), MANY as i64 + 3)]
+    );
+    let mut lines = Vec::new();
+    for output in done["output"].as_array().expect("output") {
+        lines.extend(fetch_lines(&env, &all, output["url"].as_str().expect("url")).await);
+    }
+    let of_patient: Vec<&Value> = lines
+        .iter()
+        .filter(|line| line["subject"]["reference"] == format!("Patient/{PATIENT}"))
+        .collect();
+    assert_eq!(of_patient.len(), MANY, "every resource of the patient");
+    let ids: Vec<&str> = of_patient
+        .iter()
+        .map(|line| line["id"].as_str().expect("id"))
+        .collect();
+    let mut sorted = ids.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), MANY, "none twice");
+    assert_eq!(ids, sorted, "in id order, page after page");
+    let mut values: Vec<i64> = of_patient
+        .iter()
+        .map(|line| line["valueQuantity"]["value"].as_i64().expect("value"))
+        .collect();
+    values.sort_unstable();
+    assert_eq!(
+        values,
+        (0..MANY as i64).collect::<Vec<_>>(),
+        "each as stored"
+    );
 }

@@ -425,7 +425,7 @@ impl ExportJobs {
             to: Some(job.transaction_time),
         };
         let mut run_consents = std::collections::HashMap::new();
-        let mut next_page: Option<FirstPage> = None;
+        let mut next_page: Option<PageAhead> = None;
         for (done, patient_id) in patients.iter().enumerate() {
             if done % PROGRESS_EVERY == 0 {
                 if !self.still_ours(&job.id, &worker).await? {
@@ -467,10 +467,11 @@ impl ExportJobs {
                     })
                 });
                 if let Some(resource_type) = first_type {
-                    next_page = Some(FirstPage::read(
+                    next_page = Some(PageAhead::read(
                         &self.resources,
                         next,
                         resource_type,
+                        None,
                         updated,
                     ));
                 }
@@ -514,14 +515,19 @@ impl ExportJobs {
                     continue;
                 }
                 let mut after: Option<String> = None;
+                // The patient's next page of the type is read (on another task) while this
+                // one is served, so the database and the serving overlap.
+                let mut page_ahead: Option<PageAhead> = None;
                 loop {
-                    let read_ahead = ready.take_if(|first| {
-                        after.is_none()
-                            && first.patient_id == *patient_id
-                            && first.resource_type == *resource_type
+                    let read_ahead = page_ahead.take().or_else(|| {
+                        ready.take_if(|first| {
+                            after.is_none()
+                                && first.patient_id == *patient_id
+                                && first.resource_type == *resource_type
+                        })
                     });
                     let page = match read_ahead {
-                        Some(first) => first.rows().await,
+                        Some(ahead) => ahead.rows().await,
                         None => {
                             self.resources
                                 .page_current(
@@ -541,11 +547,21 @@ impl ExportJobs {
                     };
                     let Some(last) = rows.last() else { break };
                     after = Some(last.meta.id.clone());
+                    let full = rows.len() >= PAGE;
+                    if full {
+                        page_ahead = Some(PageAhead::read(
+                            &self.resources,
+                            patient_id,
+                            resource_type,
+                            after.clone(),
+                            updated,
+                        ));
+                    }
                     let served = serve_all(&self.resources, patient_id, &rows).await?;
                     if out.send(kept_page(served)).await.is_err() {
                         return Ok(Read::Stopped);
                     }
-                    if rows.len() < PAGE {
+                    if !full {
                         break;
                     }
                 }
@@ -835,21 +851,23 @@ enum Read {
     Stopped,
 }
 
-/// A patient's first page of one type, being read ahead on a task of its own.
-struct FirstPage {
+/// A patient's page of one type (after `after`, or the first), being read ahead on a task
+/// of its own.
+struct PageAhead {
     patient_id: String,
     resource_type: String,
     page: AbortOnDrop<Result<Vec<StoredResource>>>,
 }
 
-impl FirstPage {
-    /// Starts reading the patient's first page of the type.
+impl PageAhead {
+    /// Starts reading the patient's page of the type.
     fn read(
         resources: &ResourceStore,
         patient_id: &str,
         resource_type: &str,
+        after: Option<String>,
         updated: UpdatedRange,
-    ) -> FirstPage {
+    ) -> PageAhead {
         let (resources, patient, wanted) = (
             resources.clone(),
             patient_id.to_string(),
@@ -857,10 +875,10 @@ impl FirstPage {
         );
         let page = tokio::spawn(async move {
             resources
-                .page_current(&patient, &[&wanted], &updated, None, PAGE)
+                .page_current(&patient, &[&wanted], &updated, after.as_deref(), PAGE)
                 .await
         });
-        FirstPage {
+        PageAhead {
             patient_id: patient_id.to_string(),
             resource_type: resource_type.to_string(),
             page: AbortOnDrop(page),

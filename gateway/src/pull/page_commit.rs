@@ -104,7 +104,17 @@ impl PageCommits {
         let (worker, counts) = (worker.clone(), self.counts.clone());
         self.group
             .submit(page, move |pages| async move {
-                write_group(&worker, &counts, pages).await
+                let db = worker.resources.database().clone();
+                let size = pages.len();
+                let written = db
+                    .run_group_commit(async move { write_group(&worker, &counts, pages).await })
+                    .await;
+                // Only when the writer thread itself failed: nothing was committed.
+                written.unwrap_or_else(|_| {
+                    (0..size)
+                        .map(|_| Err(Error::Database(sqlx::Error::WorkerCrashed)))
+                        .collect()
+                })
             })
             .instrument(tracing::debug_span!("pull_wait_writer"))
             .await

@@ -10,6 +10,7 @@ pub mod point_reads;
 pub mod reconciliation;
 pub mod representations;
 pub mod resources;
+mod writer_thread;
 
 use std::fmt;
 use std::str::FromStr;
@@ -122,6 +123,8 @@ struct Pools {
     write: AnyPool,
     /// SQLite's point reads, off sqlx's connection threads (see `point_reads`).
     native: Option<point_reads::NativeReads>,
+    /// SQLite's group commits run here (see `writer_thread`).
+    writer_thread: Option<writer_thread::WriterThread>,
     faults: FaultPoints,
 }
 
@@ -189,12 +192,17 @@ impl Database {
             }
             _ => None,
         };
+        let writer_thread = match (engine, &setup) {
+            (Engine::Sqlite, SessionSetup::Main) => Some(writer_thread::WriterThread::start()?),
+            _ => None,
+        };
         Ok(Database(Arc::new(Pools {
             engine,
             url: Arc::from(url),
             read,
             write,
             native,
+            writer_thread,
             faults: FaultPoints::default(),
         })))
     }
@@ -229,6 +237,20 @@ impl Database {
 
     pub fn write_pool(&self) -> &AnyPool {
         &self.0.write
+    }
+
+    /// Runs a group commit's work: on SQLite on the writer's own thread, so the chain of
+    /// statements never waits for a runtime worker busy with other work; on PostgreSQL
+    /// here. It runs to its end even if the caller goes away.
+    pub(crate) async fn run_group_commit<F>(&self, work: F) -> Result<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match &self.0.writer_thread {
+            Some(thread) => thread.run(work).await,
+            None => Ok(work.await),
+        }
     }
 
     /// Starts a write transaction.
