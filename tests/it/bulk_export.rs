@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use crate::both_engines;
 use crate::fhir_api::{seed, token, PATIENT};
-use crate::helpers::{grant_consent, leaves_containing, Engine};
+use crate::helpers::{grant_consent, leaves_containing, numbered_observation, Engine};
 use crate::oauth::{env_with, Env};
 
 both_engines!(
@@ -136,6 +136,22 @@ async fn fetch_lines(env: &Env, token: &str, url: &str) -> Vec<Value> {
 
 /// The export at `status_url` was stopped by a patient's consent change: it is not run
 /// again, and its status answers with an OperationOutcome saying why.
+/// Each patient consents to the client's receiving their Observations.
+async fn consent_to_observations(env: &Env, client_id: &str, patients: &[&str]) {
+    for &patient in patients {
+        grant_consent(
+            &env.app,
+            patient,
+            Performer::patient(&PersonRef::new(patient)),
+            client_id,
+            &["PATRQT"],
+            &[DataCategory::Observations],
+            30,
+        )
+        .await;
+    }
+}
+
 async fn assert_stopped(env: &Env, token: &str, status_url: &str, case: &str) {
     assert_eq!(run(env).await, None, "{case}: the stopped job is not run");
     let stopped = poll(env, token, status_url).await;
@@ -490,18 +506,7 @@ async fn an_export_whose_output_cannot_be_stored_fails_and_serves_nothing(engine
     seed(&env).await;
     let key = BackendKey::generate_es384();
     let client_id = env.key_client(&key).await;
-    for patient in [PATIENT, "patient-2"] {
-        grant_consent(
-            &env.app,
-            patient,
-            Performer::patient(&PersonRef::new(patient)),
-            &client_id,
-            &["PATRQT"],
-            &[DataCategory::Observations],
-            30,
-        )
-        .await;
-    }
+    consent_to_observations(&env, &client_id, &[PATIENT, "patient-2"]).await;
     let all = backend_token(&env, &key, &client_id, "system/*.rs").await;
     let group = format!("/fhir/Group/{client_id}/$export?_type=Observation");
     let chunks = |job: &str| {
@@ -554,7 +559,7 @@ async fn an_export_whose_output_cannot_be_stored_fails_and_serves_nothing(engine
 /// last is served): every resource once, in id order, none left out at a page's edge.
 async fn a_patient_of_many_pages_is_exported_whole_and_once(engine: Engine) {
     use phr_gateway::audit::Agent;
-    use phr_gateway::store::resources::{NewResource, SourceIdentity};
+    use phr_gateway::store::resources::NewResource;
 
     let env = env_with(engine, |c| {
         c.export.workers = 0;
@@ -564,28 +569,10 @@ async fn a_patient_of_many_pages_is_exported_whole_and_once(engine: Engine) {
     // Two full pages of 500 and a part page, and a second patient after the first.
     const MANY: usize = 1_234;
     let store = &env.app.gateway().state.resources;
-    let observation = |patient: &str, n: usize| NewResource {
-        patient_id: patient.into(),
-        category: "observations".into(),
-        source: SourceIdentity {
-            source: "hospital".into(),
-            resource_type: "Observation".into(),
-            source_resource_id: format!("obs-{n}"),
-            version_id: Some("1".into()),
-        },
-        body: serde_json::json!({
-            "resourceType": "Observation",
-            "id": format!("obs-{n}"),
-            "status": "final",
-            "code": {"coding": [{"system": "http://loinc.org", "code": "29463-7"}]},
-            "subject": {"reference": "Patient/hosp-1"},
-            "valueQuantity": {"value": n, "unit": "kg"}
-        })
-        .to_string()
-        .into_bytes(),
-    };
     for (patient, count) in [(PATIENT, MANY), ("patient-2", 3)] {
-        let batch: Vec<NewResource> = (0..count).map(|n| observation(patient, n)).collect();
+        let batch: Vec<NewResource> = (0..count)
+            .map(|n| numbered_observation(patient, n))
+            .collect();
         store
             .put_batch(&Agent::system(), batch)
             .await
@@ -593,18 +580,7 @@ async fn a_patient_of_many_pages_is_exported_whole_and_once(engine: Engine) {
     }
     let key = BackendKey::generate_es384();
     let client_id = env.key_client(&key).await;
-    for patient in [PATIENT, "patient-2"] {
-        grant_consent(
-            &env.app,
-            patient,
-            Performer::patient(&PersonRef::new(patient)),
-            &client_id,
-            &["PATRQT"],
-            &[DataCategory::Observations],
-            30,
-        )
-        .await;
-    }
+    consent_to_observations(&env, &client_id, &[PATIENT, "patient-2"]).await;
     let all = backend_token(&env, &key, &client_id, "system/*.rs").await;
     let status_url = started(
         &env,

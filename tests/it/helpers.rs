@@ -521,3 +521,29 @@ pub async fn post_json(
         serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
     )
 }
+
+/// The patient's Observation number `n` from the source "hospital" (source id `obs-{n}`,
+/// its value `n` kg, its subject the hospital's patient), for seeding the store directly.
+pub fn numbered_observation(patient: &str, n: usize) -> phr_gateway::store::resources::NewResource {
+    use phr_gateway::store::resources::{NewResource, SourceIdentity};
+    NewResource {
+        patient_id: patient.into(),
+        category: "observations".into(),
+        source: SourceIdentity {
+            source: "hospital".into(),
+            resource_type: "Observation".into(),
+            source_resource_id: format!("obs-{n}"),
+            version_id: Some("1".into()),
+        },
+        body: serde_json::json!({
+            "resourceType": "Observation",
+            "id": format!("obs-{n}"),
+            "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "29463-7"}]},
+            "subject": {"reference": "Patient/hosp-1"},
+            "valueQuantity": {"value": n, "unit": "kg"}
+        })
+        .to_string()
+        .into_bytes(),
+    }
+}

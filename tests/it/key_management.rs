@@ -13,14 +13,16 @@ use phr_gateway::audit::Agent;
 use phr_gateway::crypto::{escrow, FileKek, KekProvider};
 use phr_gateway::keystore::KeyStore;
 use phr_gateway::oauth::jws_keys;
-use phr_gateway::store::resources::{NewResource, ResourceStore, SourceIdentity};
+use phr_gateway::store::resources::ResourceStore;
 use phr_gateway::{Error, Gateway};
 use rustls::pki_types::ServerName;
 use sqlx::Row;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::both_engines;
-use crate::helpers::{leaves_containing, spawn_app, spawn_app_with, Engine, TestEnv};
+use crate::helpers::{
+    leaves_containing, numbered_observation, spawn_app, spawn_app_with, Engine, TestEnv,
+};
 
 both_engines!(
     a_lost_kek_is_recovered_from_escrow_and_the_data_reads_again,
@@ -28,24 +30,9 @@ both_engines!(
     the_audit_key_rotates_and_every_checkpoint_still_verifies,
 );
 
-fn observation(patient: &str, n: usize) -> NewResource {
-    NewResource {
-        patient_id: patient.into(),
-        category: "observations".into(),
-        source: SourceIdentity {
-            source: "hospital".into(),
-            resource_type: "Observation".into(),
-            source_resource_id: format!("obs-{n}"),
-            version_id: Some("1".into()),
-        },
-        body: format!(r#"{{"resourceType":"Observation","id":"obs-{n}","status":"final"}}"#)
-            .into_bytes(),
-    }
-}
-
 async fn put(resources: &ResourceStore, patient: &str, n: usize) -> String {
     resources
-        .put(&Agent::system(), observation(patient, n))
+        .put(&Agent::system(), numbered_observation(patient, n))
         .await
         .expect("store")
         .0
