@@ -7,12 +7,11 @@ use std::os::unix::fs::PermissionsExt;
 
 use phr_gateway::audit::Agent;
 use phr_gateway::crypto::kek_rotation;
-use phr_gateway::store::resources::{NewResource, SourceIdentity};
 use phr_gateway::Gateway;
 use sqlx::Row;
 
 use crate::both_engines;
-use crate::helpers::{spawn_app, Engine, TestApp};
+use crate::helpers::{numbered_observation, spawn_app, Engine, TestApp};
 
 both_engines!(the_kek_rotates_without_re_encrypting_data_and_survives_a_crash,);
 
@@ -63,23 +62,7 @@ async fn the_kek_rotates_without_re_encrypting_data_and_survives_a_crash(engine:
     for n in 0..3 {
         let (meta, _) = state
             .resources
-            .put(
-                &Agent::system(),
-                NewResource {
-                    patient_id: "p-kek".into(),
-                    category: "observations".into(),
-                    source: SourceIdentity {
-                        source: "hospital".into(),
-                        resource_type: "Observation".into(),
-                        source_resource_id: format!("obs-{n}"),
-                        version_id: Some("1".into()),
-                    },
-                    body: format!(
-                        r#"{{"resourceType":"Observation","id":"obs-{n}","status":"final"}}"#
-                    )
-                    .into_bytes(),
-                },
-            )
+            .put(&Agent::system(), numbered_observation("p-kek", n))
             .await
             .expect("store");
         ids.push(meta.id);
