@@ -8,8 +8,9 @@
 
 use phr_adapters::fhir_r4::BackendKey;
 use phr_consent::{DataCategory, Performer, PersonRef};
-use phr_gateway::audit::AccountRole;
+use phr_gateway::audit::{AccountRole, Agent};
 use phr_gateway::export::ExportStatus;
+use phr_gateway::store::resources::NewResource;
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -558,9 +559,6 @@ async fn an_export_whose_output_cannot_be_stored_fails_and_serves_nothing(engine
 /// More than two of the export's pages of one patient (the next page is read while the
 /// last is served): every resource once, in id order, none left out at a page's edge.
 async fn a_patient_of_many_pages_is_exported_whole_and_once(engine: Engine) {
-    use phr_gateway::audit::Agent;
-    use phr_gateway::store::resources::NewResource;
-
     let env = env_with(engine, |c| {
         c.export.workers = 0;
         c.notifications.deliver = false;

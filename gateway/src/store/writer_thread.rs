@@ -103,10 +103,23 @@ mod tests {
             None => panic!("running"),
         };
         handle.spawn(async move {
-            let _ = sender.send(());
+            // A panic here would drop the sender unsent, and the wait below would fail.
             drop(held);
+            let _ = sender.send(());
         });
-        received.await.expect("the write ran");
+        received
+            .await
+            .expect("dropped on its own thread without a panic");
+        // And it stopped: its handle takes no more work.
+        let mut stopped = false;
+        for _ in 0..200 {
+            if handle.spawn(async {}).await.is_err() {
+                stopped = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(stopped, "the writer thread stopped once dropped");
         // And one dropped here, in async code.
         drop(WriterThread::start().expect("start"));
     }
