@@ -16,7 +16,7 @@ use crate::fhir_api::{seed, PATIENT};
 use crate::helpers::{
     count, leaves_containing, receipt_claims, spawn_app_with, Engine, TestApp, TestEnv,
 };
-use crate::oauth::{env, Env};
+use crate::oauth::{env_with, Env};
 
 both_engines!(a_transfer_lands_in_the_right_account_once,);
 
@@ -67,7 +67,9 @@ async fn push(receiver: &TestApp, token: &str, bundle: &Value) -> reqwest::Respo
 }
 
 async fn a_transfer_lands_in_the_right_account_once(engine: Engine) {
-    let sender = env(engine).await;
+    // The test drives the retries itself (`deliver_due`): the background deliverer would
+    // race it for the same transfer.
+    let sender = env_with(engine, |c| c.notifications.deliver = false).await;
     seed(&sender).await;
     // The receiving service: plain HTTP on loopback, so the sender's client reaches it.
     let receiver = spawn_app_with(TestEnv::new(engine).await, |c| {
