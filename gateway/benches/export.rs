@@ -5,7 +5,8 @@
 //! while the export ran.
 //!
 //! `cargo bench -p phr-gateway --bench export` (PHR_BENCH_ENGINES=sqlite|postgres,
-//! PHR_BENCH_EXPORT=small for 1 × 10,000 and 1,000 × 10, =one-patient for 1 × 100,000 only).
+//! PHR_BENCH_EXPORT=small for 1 × 10,000 and 1,000 × 10, =one-patient for 1 × 100,000 only;
+//! PHR_BENCH_EXPORT_ROUNDS=n exports n times over one seeding).
 
 #[path = "support.rs"]
 mod support;
@@ -102,50 +103,64 @@ async fn run(engine: phr_gateway::store::Engine, patients: usize, per_patient: u
         since: None,
         type_filters: Vec::new(),
     };
-    state
-        .exports
-        .kick_off(
-            &Agent::system(),
-            &client.id,
-            "group",
-            Some(&client.id),
-            "bench",
-            &parameters,
+    // Each round is a new job over the same rows, so one seeding serves several figures.
+    for _ in 0..rounds() {
+        let job_id = state
+            .exports
+            .kick_off(
+                &Agent::system(),
+                &client.id,
+                "group",
+                Some(&client.id),
+                "bench",
+                &parameters,
+            )
+            .await
+            .expect("kick-off");
+        let baseline = rss_kib();
+        let peak = Arc::new(AtomicU64::new(baseline));
+        let running = Arc::new(AtomicBool::new(true));
+        let sampler = {
+            let (peak, running) = (peak.clone(), running.clone());
+            tokio::spawn(async move {
+                while running.load(Ordering::Relaxed) {
+                    peak.fetch_max(rss_kib(), Ordering::Relaxed);
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+            })
+        };
+        let started = Instant::now();
+        let status = state.exports.run_once("bench").await.expect("run");
+        let seconds = started.elapsed().as_secs_f64();
+        running.store(false, Ordering::Relaxed);
+        let _ = sampler.await;
+        assert_eq!(status, Some(ExportStatus::Done));
+        let exported: i64 = sqlx::query_scalar(
+            "SELECT CAST(SUM(lines) AS BIGINT) FROM export_chunks WHERE job_id = $1",
         )
-        .await
-        .expect("kick-off");
-    let baseline = rss_kib();
-    let peak = Arc::new(AtomicU64::new(baseline));
-    let running = Arc::new(AtomicBool::new(true));
-    let sampler = {
-        let (peak, running) = (peak.clone(), running.clone());
-        tokio::spawn(async move {
-            while running.load(Ordering::Relaxed) {
-                peak.fetch_max(rss_kib(), Ordering::Relaxed);
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
-        })
-    };
-    let started = Instant::now();
-    let status = state.exports.run_once("bench").await.expect("run");
-    let seconds = started.elapsed().as_secs_f64();
-    running.store(false, Ordering::Relaxed);
-    let _ = sampler.await;
-    assert_eq!(status, Some(ExportStatus::Done));
-    let exported: i64 = sqlx::query_scalar("SELECT CAST(SUM(lines) AS BIGINT) FROM export_chunks")
+        .bind(&job_id)
         .fetch_one(state.db.read_pool())
         .await
         .expect("lines");
-    assert_eq!(exported as f64, total, "every resource exported once");
-    println!(
-        "{engine}: export {patients} patient(s) × {per_patient}: {exported} resources in {seconds:.1} s = {:>8.0} resources/s; raw scan {:>8.0} rows/s; RSS {} MiB before, peak +{} MiB",
-        total / seconds,
-        raw_rate,
-        baseline / 1024,
-        (peak.load(Ordering::Relaxed).saturating_sub(baseline)) / 1024,
-    );
+        assert_eq!(exported as f64, total, "every resource exported once");
+        println!(
+            "{engine}: export {patients} patient(s) × {per_patient}: {exported} resources in {seconds:.1} s = {:>8.0} resources/s; raw scan {:>8.0} rows/s; RSS {} MiB before, peak +{} MiB",
+            total / seconds,
+            raw_rate,
+            baseline / 1024,
+            (peak.load(Ordering::Relaxed).saturating_sub(baseline)) / 1024,
+        );
+    }
     state.db.close().await;
     env.cleanup().await;
+}
+
+/// Exports run over one seeding (PHR_BENCH_EXPORT_ROUNDS, default 1).
+fn rounds() -> usize {
+    std::env::var("PHR_BENCH_EXPORT_ROUNDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1)
 }
 
 /// Patients seeded at once.

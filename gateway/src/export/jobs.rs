@@ -16,7 +16,7 @@ use crate::audit::{self, Agent, AuditEvent, EventKind};
 use crate::consents::{decide_under_consent, ConsentOutcome, Consents};
 use crate::error::{Error, Result};
 use crate::fhir::matching::matches;
-use crate::fhir::serve::{serve_all, served_patient};
+use crate::fhir::serve::{serve_all, serve_lines, served_patient};
 use crate::keystore::KeyStore;
 use crate::store::resources::{ResourceStore, StoredResource, UpdatedRange};
 use crate::store::{now_millis, Database, Engine};
@@ -27,6 +27,8 @@ use phr_consent::Consent;
 const CHUNK_LINES: usize = 1_000;
 /// Resources read per step.
 const PAGE: usize = 500;
+/// Room for what serving adds to a stored body (id, meta), so a page's buffer is sized once.
+const SERVED_EXTRA: usize = 160;
 /// Pages served ahead of the writer.
 const SERVED_AHEAD: usize = 4;
 /// Patients between progress commits (and ownership checks).
@@ -346,14 +348,13 @@ impl ExportJobs {
             match item {
                 Served::Lines {
                     resource_type,
-                    resources,
+                    ndjson,
+                    lines,
                 } => {
                     self.db.fault_point("export.write_lines")?;
-                    for resource in &resources {
-                        output
-                            .line(&resource_type, resource, &key, &self.db)
-                            .await?;
-                    }
+                    output
+                        .lines(&resource_type, &ndjson, lines, &key, &self.db)
+                        .await?;
                 }
                 Served::PatientDone { index, event } => {
                     pending_events.extend(event);
@@ -491,24 +492,35 @@ impl ExportJobs {
                     filters.is_empty()
                         || filters.iter().any(|f| matches(resource_type, resource, f))
                 };
-                // A page as the writer gets it: only what the type's filters keep, counted
-                // for the patient's audit leaf.
-                let mut kept_page = |resources: Vec<Value>| {
-                    let kept: Vec<Value> = resources.into_iter().filter(|r| keep(r)).collect();
-                    if !kept.is_empty() {
-                        exported += kept.len();
+                // Resources served as trees, as lines: only what the type's filters keep.
+                let kept_lines = |resources: Vec<Value>| -> Result<(Vec<u8>, usize)> {
+                    let mut ndjson = Vec::new();
+                    let mut lines = 0;
+                    for resource in resources.iter().filter(|r| keep(r)) {
+                        serde_json::to_writer(&mut ndjson, resource)
+                            .map_err(|e| Error::Invalid(e.to_string()))?;
+                        ndjson.push(b'\n');
+                        lines += 1;
+                    }
+                    Ok((ndjson, lines))
+                };
+                // A page as the writer gets it, counted for the patient's audit leaf.
+                let mut page_of = |(ndjson, lines): (Vec<u8>, usize)| {
+                    if lines > 0 {
+                        exported += lines;
                         if !exported_types.contains(&resource_type.as_str()) {
                             exported_types.push(resource_type);
                         }
                     }
                     Served::Lines {
                         resource_type: resource_type.clone(),
-                        resources: kept,
+                        ndjson,
+                        lines,
                     }
                 };
                 if resource_type == "Patient" {
                     if let Some((patient, _)) = served_patient(&self.resources, patient_id).await? {
-                        if out.send(kept_page(vec![patient])).await.is_err() {
+                        if out.send(page_of(kept_lines(vec![patient])?)).await.is_err() {
                             return Ok(Read::Stopped);
                         }
                     }
@@ -557,8 +569,17 @@ impl ExportJobs {
                             updated,
                         ));
                     }
-                    let served = serve_all(&self.resources, patient_id, &rows).await?;
-                    if out.send(kept_page(served)).await.is_err() {
+                    // Without filters, nothing needs the resources as trees: they are
+                    // served straight from their stored bytes.
+                    let page = if filters.is_empty() {
+                        let room = rows.iter().map(|r| r.body.len() + SERVED_EXTRA).sum();
+                        let mut ndjson = Vec::with_capacity(room);
+                        serve_lines(&self.resources, patient_id, &rows, &mut ndjson).await?;
+                        (ndjson, rows.len())
+                    } else {
+                        kept_lines(serve_all(&self.resources, patient_id, &rows).await?)?
+                    };
+                    if out.send(page_of(page)).await.is_err() {
                         return Ok(Read::Stopped);
                     }
                     if !full {
@@ -720,7 +741,8 @@ fn chunk_aad(job_id: &str, file: &str, seq: i64) -> Vec<u8> {
     format!("phr-gateway/export/v1/{job_id}/{file}/{seq}").into_bytes()
 }
 
-/// NDJSON being written: a buffer per file, sealed and stored every [`CHUNK_LINES`].
+/// NDJSON being written: a buffer per file, sealed and stored once it holds [`CHUNK_LINES`]
+/// lines (a chunk ends at a page's end).
 struct Output {
     job_id: String,
     files: BTreeMap<String, (Vec<u8>, usize, i64)>,
@@ -741,10 +763,24 @@ impl Output {
         key: &crate::crypto::DataKey,
         db: &Database,
     ) -> Result<()> {
+        let mut line = serde_json::to_vec(resource).map_err(|e| Error::Invalid(e.to_string()))?;
+        line.push(b'\n');
+        self.lines(file, &line, 1, key, db).await
+    }
+
+    /// `lines` whole lines (each ended by a line break); a chunk is sealed once it holds
+    /// at least [`CHUNK_LINES`].
+    async fn lines(
+        &mut self,
+        file: &str,
+        ndjson: &[u8],
+        lines: usize,
+        key: &crate::crypto::DataKey,
+        db: &Database,
+    ) -> Result<()> {
         let entry = self.files.entry(file.to_string()).or_default();
-        serde_json::to_writer(&mut entry.0, resource).map_err(|e| Error::Invalid(e.to_string()))?;
-        entry.0.push(b'\n');
-        entry.1 += 1;
+        entry.0.extend_from_slice(ndjson);
+        entry.1 += lines;
         if entry.1 >= CHUNK_LINES {
             let (buffer, lines, seq) = std::mem::take(entry);
             entry.2 = seq + 1;
@@ -828,10 +864,11 @@ fn permitting_consent(
 
 /// What an export's reader hands its writer.
 enum Served {
-    /// Resources of one type, served and filtered, to be written as lines.
+    /// Resources of one type, served and filtered, as NDJSON lines.
     Lines {
         resource_type: String,
-        resources: Vec<Value>,
+        ndjson: Vec<u8>,
+        lines: usize,
     },
     /// The patient (the `index`th of the job) is complete; the audit leaf of what was
     /// disclosed, if anything was.

@@ -27,17 +27,27 @@ pub type ReferenceMap = HashMap<(String, String), String>;
 /// `Patient`, each once, for resolving.
 pub fn references_in(resource: &Value) -> Vec<(String, String)> {
     let mut found = Vec::new();
-    walk(resource, &mut |reference| {
-        if let Some((resource_type, id)) = relative_reference(reference) {
-            if resource_type != "Patient" {
-                let key = (resource_type.to_string(), id.to_string());
-                if !found.contains(&key) {
-                    found.push(key);
-                }
-            }
-        }
-    });
+    collect_references(resource, &mut found);
     found
+}
+
+/// `references_in`, added to `found` (each once).
+pub(super) fn collect_references(value: &Value, found: &mut Vec<(String, String)>) {
+    walk(value, &mut |reference| note_reference(reference, found));
+}
+
+/// One reference string, added to `found` unless it is to `Patient`, not relative, or
+/// there already.
+pub(super) fn note_reference(reference: &str, found: &mut Vec<(String, String)>) {
+    if let Some((resource_type, id)) = relative_reference(reference) {
+        if resource_type != "Patient"
+            && !found
+                .iter()
+                .any(|(t, i)| t.as_str() == resource_type && i.as_str() == id)
+        {
+            found.push((resource_type.to_string(), id.to_string()));
+        }
+    }
 }
 
 fn walk(value: &Value, visit: &mut impl FnMut(&str)) {
@@ -89,6 +99,13 @@ pub fn present(mut resource: Value, served: &Served<'_>, references: &ReferenceM
     let meta = map
         .entry("meta")
         .or_insert_with(|| Value::Object(Map::new()));
+    stamp_meta(meta, served);
+    resource
+}
+
+/// The gateway's version, last update and (unless the source gave one) source in `meta`;
+/// a `meta` that is not an object is replaced.
+pub(super) fn stamp_meta(meta: &mut Value, served: &Served<'_>) {
     if !meta.is_object() {
         *meta = Value::Object(Map::new());
     }
@@ -104,25 +121,14 @@ pub fn present(mut resource: Value, served: &Served<'_>, references: &ReferenceM
         meta.entry("source")
             .or_insert_with(|| Value::String(format!("urn:phr-gateway:source:{}", served.source)));
     }
-    resource
 }
 
-fn rewrite_references(value: &mut Value, patient_id: &str, references: &ReferenceMap) {
+/// Every `reference` string in `value` (and below) pointed at the gateway's ids.
+pub(super) fn rewrite_references(value: &mut Value, patient_id: &str, references: &ReferenceMap) {
     match value {
         Value::Object(map) => {
             if let Some(Value::String(reference)) = map.get_mut("reference") {
-                if let Some((resource_type, id)) = relative_reference(reference) {
-                    let rewritten = if resource_type == "Patient" {
-                        Some(format!("Patient/{patient_id}"))
-                    } else {
-                        references
-                            .get(&(resource_type.to_string(), id.to_string()))
-                            .map(|gateway_id| format!("{resource_type}/{gateway_id}"))
-                    };
-                    if let Some(rewritten) = rewritten {
-                        *reference = rewritten;
-                    }
-                }
+                rewrite_reference(reference, patient_id, references);
             }
             for child in map.values_mut() {
                 rewrite_references(child, patient_id, references);
@@ -132,6 +138,28 @@ fn rewrite_references(value: &mut Value, patient_id: &str, references: &Referenc
             .iter_mut()
             .for_each(|item| rewrite_references(item, patient_id, references)),
         _ => {}
+    }
+}
+
+/// One reference pointed at the gateway's id: the patient's at the patient, another
+/// resource's where it is held; anything else is left as it is.
+pub(super) fn rewrite_reference(
+    reference: &mut String,
+    patient_id: &str,
+    references: &ReferenceMap,
+) {
+    let Some((resource_type, id)) = relative_reference(reference) else {
+        return;
+    };
+    let rewritten = if resource_type == "Patient" {
+        Some(format!("Patient/{patient_id}"))
+    } else {
+        references
+            .get(&(resource_type.to_string(), id.to_string()))
+            .map(|gateway_id| format!("{resource_type}/{gateway_id}"))
+    };
+    if let Some(rewritten) = rewritten {
+        *reference = rewritten;
     }
 }
 

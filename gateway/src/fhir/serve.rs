@@ -1,26 +1,31 @@
 //! Serving stored resources: parsed, their references resolved to the gateway's ids in
 //! the store, and presented (see `present`). Shared by the FHIR API and exports.
 
+use std::collections::HashSet;
+
 use serde_json::Value;
 
 use super::present::{present, references_in, ReferenceMap, Served};
+use super::stored_json::StoredJson;
 use crate::error::{Error, Result};
 use crate::store::millis_to_rfc3339;
 use crate::store::resources::{ResourceStore, StoredResource};
 
-/// Resolves the relative references of `stored` resources to the gateway's ids (same
-/// patient, same source).
+/// Resolves relative references to the gateway's ids (same patient, same source): each
+/// resource's source id with the references found in it.
 async fn resolve_references(
     store: &ResourceStore,
     patient_id: &str,
-    stored: &[(&StoredResource, &Value)],
+    found: impl IntoIterator<Item = (&str, Vec<(String, String)>)>,
 ) -> Result<ReferenceMap> {
     // Each reference once, looked up together: a page of search results is one query.
     let mut wanted = Vec::new();
-    for (resource, body) in stored {
-        for (resource_type, id) in references_in(body) {
-            let key = (resource.meta.source.clone(), resource_type, id);
-            if !wanted.contains(&key) {
+    let mut seen = HashSet::new();
+    for (source, references) in found {
+        for (resource_type, id) in references {
+            let key = (source.to_string(), resource_type, id);
+            if !seen.contains(&key) {
+                seen.insert(key.clone());
                 wanted.push(key);
             }
         }
@@ -38,6 +43,27 @@ async fn resolve_references(
     Ok(map)
 }
 
+fn not_json(resource: &StoredResource, e: serde_json::Error) -> Error {
+    Error::Invalid(format!(
+        "stored {} {} is not JSON: {e}",
+        resource.meta.resource_type, resource.meta.id
+    ))
+}
+
+fn served<'a>(
+    resource: &'a StoredResource,
+    patient_id: &'a str,
+    last_updated: &'a str,
+) -> Served<'a> {
+    Served {
+        id: &resource.meta.id,
+        version: resource.meta.version,
+        last_updated,
+        source: &resource.meta.source,
+        patient_id,
+    }
+}
+
 /// Stored resources as served (gateway ids, meta, references).
 pub async fn serve_all(
     store: &ResourceStore,
@@ -46,17 +72,13 @@ pub async fn serve_all(
 ) -> Result<Vec<Value>> {
     let parsed: Vec<Value> = stored
         .iter()
-        .map(|resource| {
-            serde_json::from_slice(&resource.body).map_err(|e| {
-                Error::Invalid(format!(
-                    "stored {} {} is not JSON: {e}",
-                    resource.meta.resource_type, resource.meta.id
-                ))
-            })
-        })
+        .map(|resource| serde_json::from_slice(&resource.body).map_err(|e| not_json(resource, e)))
         .collect::<Result<_, _>>()?;
-    let pairs: Vec<(&StoredResource, &Value)> = stored.iter().zip(parsed.iter()).collect();
-    let references = resolve_references(store, patient_id, &pairs).await?;
+    let found = stored
+        .iter()
+        .zip(&parsed)
+        .map(|(resource, body)| (resource.meta.source.as_str(), references_in(body)));
+    let references = resolve_references(store, patient_id, found).await?;
     Ok(stored
         .iter()
         .zip(parsed)
@@ -64,17 +86,41 @@ pub async fn serve_all(
             let last_updated = millis_to_rfc3339(resource.meta.last_updated);
             present(
                 body,
-                &Served {
-                    id: &resource.meta.id,
-                    version: resource.meta.version,
-                    last_updated: &last_updated,
-                    source: &resource.meta.source,
-                    patient_id,
-                },
+                &served(resource, patient_id, &last_updated),
                 &references,
             )
         })
         .collect())
+}
+
+/// What `serve_all` serves, as NDJSON lines (each ended by a line break) onto `out`,
+/// without building each resource's JSON tree (see `stored_json`).
+pub async fn serve_lines(
+    store: &ResourceStore,
+    patient_id: &str,
+    stored: &[StoredResource],
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    let parsed: Vec<StoredJson> = stored
+        .iter()
+        .map(|resource| StoredJson::parse(&resource.body).map_err(|e| not_json(resource, e)))
+        .collect::<Result<_, _>>()?;
+    let found = stored
+        .iter()
+        .zip(&parsed)
+        .map(|(resource, body)| (resource.meta.source.as_str(), body.references()));
+    let references = resolve_references(store, patient_id, found).await?;
+    for (resource, body) in stored.iter().zip(parsed) {
+        let last_updated = millis_to_rfc3339(resource.meta.last_updated);
+        body.write_served(
+            &served(resource, patient_id, &last_updated),
+            &references,
+            out,
+        )
+        .map_err(|e| not_json(resource, e))?;
+        out.push(b'\n');
+    }
+    Ok(())
 }
 
 /// The patient as served: their newest `Patient` from any source, under the gateway's
