@@ -5,11 +5,13 @@ use std::time::Duration;
 
 use fantoccini::{Client, ClientBuilder};
 
+const DOWNLOADS: &str = "downloads";
+
 /// A chromedriver process and a session in it; both end when dropped or closed.
 pub struct Browser {
     pub client: Client,
     driver: Child,
-    _profile: tempfile::TempDir,
+    profile: tempfile::TempDir,
 }
 
 impl Browser {
@@ -35,7 +37,12 @@ impl Browser {
                     // The gateway's test certificate is self-signed.
                     "--ignore-certificate-errors",
                     format!("--user-data-dir={}", profile.path().display()),
-                ]
+                ],
+                // Files the pages offer for download land in `downloads()`, unasked.
+                "prefs": {
+                    "download.default_directory": profile.path().join(DOWNLOADS),
+                    "download.prompt_for_download": false,
+                }
             }),
         );
         let url = format!("http://127.0.0.1:{port}");
@@ -51,7 +58,7 @@ impl Browser {
                     return Browser {
                         client,
                         driver,
-                        _profile: profile,
+                        profile,
                     }
                 }
                 Err(e) => {
@@ -61,6 +68,11 @@ impl Browser {
             }
         }
         panic!("chromedriver did not start: {last_error:?}");
+    }
+
+    /// Where downloaded files land.
+    pub fn downloads(&self) -> std::path::PathBuf {
+        self.profile.path().join(DOWNLOADS)
     }
 
     pub async fn close(mut self) {

@@ -45,7 +45,7 @@ fn resource(resource_type: &str, id: &str, version: &str, body: Value) -> NewRes
     }
 }
 
-fn observation(id: &str, loinc: &str, category: &str, date: &str) -> NewResource {
+pub(crate) fn observation(id: &str, loinc: &str, category: &str, date: &str) -> NewResource {
     resource(
         "Observation",
         id,

@@ -389,3 +389,117 @@ async fn deleting_my_data_from_the_portal_asks_for_the_password_again() {
     browser.close().await;
     app.stop().await;
 }
+
+/// The patient's own export in the browser: the readable Japanese summary (its tables and a
+/// chart drawn), then the export form (nothing chosen in advance) filled in and sent, and the
+/// whole record downloaded as a ZIP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_patient_reads_the_summary_and_takes_everything_out_in_the_browser() {
+    let env = crate::oauth::env(Engine::Sqlite).await;
+    crate::fhir_api::seed(&env).await;
+    let app = &env.app;
+    let state = &app.gateway().state;
+    // Two more systolic readings, so blood pressure over time has a chart.
+    let mut readings = Vec::new();
+    for (id, date, value) in [("o-bp-1", "2023-05-01", 131), ("o-bp-2", "2025-05-01", 124)] {
+        let mut reading = crate::fhir_api::observation(id, "8480-6", "vital-signs", date);
+        let mut body: serde_json::Value = serde_json::from_slice(&reading.body).expect("json");
+        body["valueQuantity"]["value"] = serde_json::json!(value);
+        reading.body = body.to_string().into_bytes();
+        readings.push(reading);
+    }
+    state
+        .resources
+        .put_batch(&phr_gateway::audit::Agent::system(), readings)
+        .await
+        .expect("readings");
+    let password = "correct horse battery staple";
+    state
+        .accounts
+        .create(AccountRole::Patient, "hanako", password, Some("patient-1"))
+        .await
+        .expect("account");
+    let browser = Browser::start().await;
+    let c = &browser.client;
+    sign_in(c, app, "hanako", password).await;
+    c.wait()
+        .for_element(Locator::Css("select[name=source_id]"))
+        .await
+        .expect("portal home");
+
+    c.goto(&app.url("/portal/export"))
+        .await
+        .expect("export page");
+    let formats = c
+        .find_all(Locator::Css("input[name=format]"))
+        .await
+        .expect("formats");
+    assert_eq!(formats.len(), 2);
+    for format in formats {
+        assert!(
+            !format.is_selected().await.expect("state"),
+            "a format is chosen in advance"
+        );
+    }
+
+    click(c, "a#summary-link").await;
+    wait_text(c, "h1", "健康記録のまとめ").await;
+    let page = text_of(c, "main").await;
+    for expected in ["収縮期血圧", "131", "118", "124", "高血圧症", "病名"] {
+        assert!(page.contains(expected), "{expected:?} missing from: {page}");
+    }
+    // The chart is drawn: three points, laid out at a visible size.
+    let drawn = c
+        .execute(
+            "const chart = document.querySelector('section.measure svg.chart');
+             const box = chart.getBoundingClientRect();
+             return [chart.querySelectorAll('circle').length, box.width, box.height];",
+            vec![],
+        )
+        .await
+        .expect("chart");
+    assert_eq!(drawn[0], 3, "{drawn}");
+    assert!(
+        drawn[1].as_f64() > Some(100.0) && drawn[2].as_f64() > Some(50.0),
+        "{drawn}"
+    );
+
+    // The form as the patient fills it in; the browser downloads the ZIP.
+    c.goto(&app.url("/portal/export"))
+        .await
+        .expect("export page");
+    click(c, "input[name=format][value=ndjson-zip]").await;
+    fill(c, "input[name=password]", password).await;
+    click(c, "button#export").await;
+    let mut downloaded = None;
+    for _ in 0..100 {
+        let done = std::fs::read_dir(browser.downloads())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| entry.path())
+            .find(|path| path.extension().is_some_and(|e| e == "zip"));
+        if done.is_some() {
+            downloaded = done;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let downloaded = downloaded.expect("the ZIP was downloaded");
+    let bytes = std::fs::read(&downloaded).expect("read the download");
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes)).expect("a ZIP");
+    let names: Vec<String> = archive.file_names().map(str::to_string).collect();
+    assert!(names.iter().any(|n| n == "summary.html"), "{names:?}");
+    let mut observations = String::new();
+    std::io::Read::read_to_string(
+        &mut archive
+            .by_name("Observation.ndjson")
+            .unwrap_or_else(|e| panic!("{e}: {names:?}")),
+        &mut observations,
+    )
+    .expect("read");
+    // The seeded eight and the two readings, each once.
+    assert_eq!(observations.lines().count(), 10, "{observations}");
+    browser.close().await;
+    env.stop().await;
+}
