@@ -160,6 +160,7 @@ fn rounds() -> usize {
     std::env::var("PHR_BENCH_EXPORT_ROUNDS")
         .ok()
         .and_then(|n| n.parse().ok())
+        .filter(|&n| n > 0)
         .unwrap_or(1)
 }
 

@@ -70,9 +70,26 @@ impl Browser {
         panic!("chromedriver did not start: {last_error:?}");
     }
 
-    /// Where downloaded files land.
-    pub fn downloads(&self) -> std::path::PathBuf {
-        self.profile.path().join(DOWNLOADS)
+    /// The first file with extension `extension` to finish downloading (Chromium names a
+    /// file in progress `.crdownload`); panics after ten seconds without one.
+    pub async fn downloaded(&self, extension: &str) -> std::path::PathBuf {
+        let downloads = self.profile.path().join(DOWNLOADS);
+        for _ in 0..100 {
+            let done = std::fs::read_dir(&downloads)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|entry| entry.path())
+                .find(|path| path.extension().is_some_and(|e| e == extension));
+            if let Some(done) = done {
+                return done;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "no .{extension} file was downloaded into {}",
+            downloads.display()
+        );
     }
 
     pub async fn close(mut self) {

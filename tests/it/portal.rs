@@ -1,6 +1,6 @@
 //! The patient portal in real headless Chromium: sign-in, nothing chosen in advance, and
 //! the whole flow — instruct, sign in at the (simulated) hospital, watch data arrive,
-//! withdraw in one click.
+//! withdraw in one click — and taking one's record out: the summary read, the ZIP downloaded.
 
 use std::time::Duration;
 
@@ -59,16 +59,15 @@ pub(crate) async fn wait_text(c: &Client, css: &str, expected: &str) -> String {
     panic!("{css} never showed {expected:?}; last text: {last:?}");
 }
 
-async fn patient_account(app: &TestApp) {
+/// The password of the portal's patient in these tests.
+const PASSWORD: &str = "correct horse battery staple";
+
+/// The portal's patient in these tests: "hanako", for `patient_id`.
+async fn patient_account(app: &TestApp, patient_id: &str) {
     app.gateway()
         .state
         .accounts
-        .create(
-            AccountRole::Patient,
-            "hanako",
-            "correct horse battery staple",
-            Some("p-portal"),
-        )
+        .create(AccountRole::Patient, "hanako", PASSWORD, Some(patient_id))
         .await
         .expect("account");
 }
@@ -83,7 +82,7 @@ async fn sign_in(c: &Client, app: &TestApp, username: &str, password: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sign_in_and_nothing_is_chosen_in_advance() {
     let app = spawn_app_with(TestEnv::new(Engine::Sqlite).await, |_| {}).await;
-    patient_account(&app).await;
+    patient_account(&app, "p-portal").await;
     let browser = Browser::start().await;
     let c = &browser.client;
     sign_in(c, &app, "hanako", "wrong password!!").await;
@@ -91,7 +90,7 @@ async fn sign_in_and_nothing_is_chosen_in_advance() {
     assert!(alert.contains("パスワードが違います"), "{alert}");
 
     fill(c, "input[name=username]", "hanako").await;
-    fill(c, "input[name=password]", "correct horse battery staple").await;
+    fill(c, "input[name=password]", PASSWORD).await;
     click(c, "button[type=submit]").await;
     // The signed-in page: wait for its instruction form.
     c.wait()
@@ -140,10 +139,10 @@ async fn instruct_link_watch_and_withdraw_in_the_browser() {
         c.sources = vec![hospital_source(base_url, 10)];
     })
     .await;
-    patient_account(&app).await;
+    patient_account(&app, "p-portal").await;
     let browser = Browser::start().await;
     let c = &browser.client;
-    sign_in(c, &app, "hanako", "correct horse battery staple").await;
+    sign_in(c, &app, "hanako", PASSWORD).await;
 
     // Instruct: choose the source and two categories.
     c.wait()
@@ -230,10 +229,10 @@ async fn a_checkup_file_is_added_from_the_portal_once() {
     std::fs::write(&file, cda).expect("write file");
 
     let app = spawn_app_with(TestEnv::new(Engine::Sqlite).await, |_| {}).await;
-    patient_account(&app).await;
+    patient_account(&app, "p-portal").await;
     let browser = Browser::start().await;
     let c = &browser.client;
-    sign_in(c, &app, "hanako", "correct horse battery staple").await;
+    sign_in(c, &app, "hanako", PASSWORD).await;
     // Signed in (the session cookie is set) before the next navigation.
     c.wait()
         .for_element(Locator::Css("#nav-consents"))
@@ -262,7 +261,7 @@ async fn a_checkup_institution_is_allowed_and_withdrawn_in_the_portal() {
     use phr_gateway::oauth::clients::{self, ComplianceDeclaration, NewClient, Recipient};
 
     let app = spawn_app_with(TestEnv::new(Engine::Sqlite).await, |_| {}).await;
-    patient_account(&app).await;
+    patient_account(&app, "p-portal").await;
     let key = phr_adapters::fhir_r4::BackendKey::generate_es384();
     let (institution, _) = clients::register(
         &app.gateway().state.db,
@@ -286,7 +285,7 @@ async fn a_checkup_institution_is_allowed_and_withdrawn_in_the_portal() {
     .expect("institution");
     let browser = Browser::start().await;
     let c = &browser.client;
-    sign_in(c, &app, "hanako", "correct horse battery staple").await;
+    sign_in(c, &app, "hanako", PASSWORD).await;
     c.wait()
         .for_element(Locator::Css("#nav-consents"))
         .await
@@ -332,7 +331,7 @@ async fn deleting_my_data_from_the_portal_asks_for_the_password_again() {
     use phr_gateway::store::resources::{NewResource, SourceIdentity};
 
     let app = spawn_app_with(TestEnv::new(Engine::Sqlite).await, |_| {}).await;
-    patient_account(&app).await;
+    patient_account(&app, "p-portal").await;
     app.gateway()
         .state
         .resources
@@ -356,7 +355,7 @@ async fn deleting_my_data_from_the_portal_asks_for_the_password_again() {
         .expect("resource");
     let browser = Browser::start().await;
     let c = &browser.client;
-    sign_in(c, &app, "hanako", "correct horse battery staple").await;
+    sign_in(c, &app, "hanako", PASSWORD).await;
     click(c, "#erasure-link").await;
     // A wrong password deletes nothing and says so.
     fill(c, "input[name=password]", "not my password").await;
@@ -374,7 +373,7 @@ async fn deleting_my_data_from_the_portal_asks_for_the_password_again() {
     c.goto(&app.url("/portal/erasure"))
         .await
         .expect("erasure page");
-    fill(c, "input[name=password]", "correct horse battery staple").await;
+    fill(c, "input[name=password]", PASSWORD).await;
     click(c, "#erase").await;
     wait_text(c, "#erased", "1 件").await;
     assert_eq!(
@@ -413,15 +412,10 @@ async fn the_patient_reads_the_summary_and_takes_everything_out_in_the_browser()
         .put_batch(&phr_gateway::audit::Agent::system(), readings)
         .await
         .expect("readings");
-    let password = "correct horse battery staple";
-    state
-        .accounts
-        .create(AccountRole::Patient, "hanako", password, Some("patient-1"))
-        .await
-        .expect("account");
+    patient_account(app, "patient-1").await;
     let browser = Browser::start().await;
     let c = &browser.client;
-    sign_in(c, app, "hanako", password).await;
+    sign_in(c, app, "hanako", PASSWORD).await;
     c.wait()
         .for_element(Locator::Css("select[name=source_id]"))
         .await
@@ -469,23 +463,9 @@ async fn the_patient_reads_the_summary_and_takes_everything_out_in_the_browser()
         .await
         .expect("export page");
     click(c, "input[name=format][value=ndjson-zip]").await;
-    fill(c, "input[name=password]", password).await;
+    fill(c, "input[name=password]", PASSWORD).await;
     click(c, "button#export").await;
-    let mut downloaded = None;
-    for _ in 0..100 {
-        let done = std::fs::read_dir(browser.downloads())
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|entry| entry.path())
-            .find(|path| path.extension().is_some_and(|e| e == "zip"));
-        if done.is_some() {
-            downloaded = done;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let downloaded = downloaded.expect("the ZIP was downloaded");
+    let downloaded = browser.downloaded("zip").await;
     let bytes = std::fs::read(&downloaded).expect("read the download");
     let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes)).expect("a ZIP");
     let names: Vec<String> = archive.file_names().map(str::to_string).collect();

@@ -24,8 +24,7 @@ async fn resolve_references(
     for (source, references) in found {
         for (resource_type, id) in references {
             let key = (source.to_string(), resource_type, id);
-            if !seen.contains(&key) {
-                seen.insert(key.clone());
+            if seen.insert(key.clone()) {
                 wanted.push(key);
             }
         }

@@ -255,7 +255,7 @@ mod tests {
 
     #[test]
     fn each_shape_is_served_as_present_serves_it() {
-        let table: [(&str, &str); 12] = [
+        let table: [(&str, &str); 13] = [
             (
                 "references, meta kept and stamped",
                 r#"{"resourceType":"MedicationRequest","id":"src","meta":{"versionId":"9","profile":["x"]},"subject":{"reference":"Patient/h-42","display":"kept"},"medicationReference":{"reference":"Medication/m-1"},"basedOn":[{"reference":"https://x/ServiceRequest/1"}]}"#,
@@ -266,6 +266,10 @@ mod tests {
             (
                 "meta with its own source",
                 r#"{"meta":{"source":"urn:theirs","extension":[{"valueReference":{"reference":"Observation/o-2"}}]}}"#,
+            ),
+            (
+                "a reference one level down in a member of any name",
+                r#"{"source":{"reference":"Patient/h-1"}}"#,
             ),
             ("a top-level reference", r#"{"reference":"Observation/o-2","id":"x"}"#),
             (
